@@ -1,0 +1,7 @@
+"""flexmoe: fast, exact Mixture-of-Experts layers for PyTorch."""
+
+from .config import MoEConfig
+from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
+
+__all__ = ["MoEConfig", "MoELayer", "aux_loss", "moe_layers", "update_router_bias"]
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""MoEConfig: the validated description of one MoE layer.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+Activation = Literal["swiglu", "gelu", "relu"]
+RouterKind = Literal["softmax", "sigmoid"]
+KernelChoice = Literal["auto", "triton", "torch"]
+
+_ACTIVATIONS = ("swiglu", "gelu", "relu")
+_ROUTERS = ("softmax", "sigmoid")
+_KERNELS = ("auto", "triton", "torch")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """One MoE feed-forward layer.
+
+    d_model, d_ff: model width and per-expert hidden width.
+    num_experts, top_k: routed experts and experts chosen per token (1 <= top_k <= num_experts).
+    activation: "swiglu" (gated; ``gate_up_proj`` is ``[E, 2F, D]``), "gelu" or "relu"
+        (``gate_up_proj`` is ``[E, F, D]``).
+    router: "softmax" or "sigmoid" scores; top-k selection on score + balancing bias.
+    norm_topk_prob: renormalise the k chosen weights to sum to one.
+    capacity_factor: None = dropless. A float gives each expert
+        ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots; overflow pairs are dropped
+        lowest router probability first and contribute zero.
+    aux_loss_coef: Switch-Transformer load-balancing loss coefficient (0 disables it).
+    z_loss_coef: router z-loss coefficient (ST-MoE; 0 disables it).
+    bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
+        scores for top-k selection only; ``flexmoe.update_router_bias(model)`` (call it once after
+        each ``optimizer.step()``) moves it by ``rate * sign(mean load - load)`` using the loads
+        accumulated since the previous call. 0 disables it.
+    num_shared_experts: dense experts of width ``d_ff`` every token passes through.
+    shared_expert_gate: scale the shared experts by ``sigmoid(x @ w)`` (Qwen2-MoE style).
+    router_dtype: dtype of router logits and probabilities (float32 by default).
+    kernels: "auto" uses Triton kernels on CUDA and plain torch elsewhere; "triton" forces them
+        (on CPU only under ``TRITON_INTERPRET=1``); "torch" never uses them.
+    validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
+        The finiteness check costs one host synchronisation on GPU; it is skipped under
+        ``torch.compile``.
+    init_std: standard deviation of the normal initialisation of all weights.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    activation: Activation = "swiglu"
+    router: RouterKind = "softmax"
+    norm_topk_prob: bool = True
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    num_shared_experts: int = 0
+    shared_expert_gate: bool = False
+    router_dtype: torch.dtype = torch.float32
+    kernels: KernelChoice = "auto"
+    validate_inputs: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            _require_int(self, name, minimum=1)
+        _require_int(self, "num_shared_experts", minimum=0)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} must not exceed num_experts={self.num_experts}"
+            )
+        _require_choice(self, "activation", _ACTIVATIONS)
+        _require_choice(self, "router", _ROUTERS)
+        _require_choice(self, "kernels", _KERNELS)
+        if self.capacity_factor is not None:
+            _require_float(self, "capacity_factor", positive=True)
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            _require_float(self, name, positive=False)
+        _require_float(self, "init_std", positive=True)
+        for name in ("norm_topk_prob", "shared_expert_gate", "validate_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("MoEConfig.shared_expert_gate=True needs num_shared_experts >= 1")
+        if not isinstance(self.router_dtype, torch.dtype) or not self.router_dtype.is_floating_point:
+            raise ValueError(
+                f"MoEConfig.router_dtype must be a floating torch.dtype, got {self.router_dtype!r}"
+            )
+
+    @property
+    def is_gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for ``num_tokens`` tokens, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+
+def _require_int(cfg: MoEConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"MoEConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _require_float(cfg: MoEConfig, name: str, positive: bool) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"MoEConfig.{name} must be > 0, got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"MoEConfig.{name} must be >= 0, got {value}")
+
+
+def _require_choice(cfg: MoEConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"MoEConfig.{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,103 @@
+"""MoELayer: route -> plan -> permute -> experts -> un-permute + combine.
+
+Legend: T tokens, D model width, E experts, K experts per token, N = T*K grouped rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .experts import DenseFFN, GroupedExperts
+from .ops import permute, unpermute_sum
+from .ops._backend import use_triton as resolve_use_triton
+from .plan import DispatchPlan, make_dispatch_plan
+from .routing import Routing, load_balancing_loss, make_router, router_z_loss
+
+
+class MoELayer(nn.Module):
+    """A drop-in MoE feed-forward block: ``y = layer(x)`` for ``x`` of shape ``[..., d_model]``.
+
+    After each forward, ``aux_loss`` holds the differentiable weighted sum of the configured
+    router losses (zero when none is configured) and ``last_counts`` the tokens dispatched to
+    each expert (a device tensor; reading it does not synchronise until you use its values).
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = make_router(config)
+        self.experts = GroupedExperts(config)
+        self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.config.d_model)
+        use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
+
+        routing = self.router(x_TD)
+        plan = make_dispatch_plan(routing)
+        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
+        y_ND = self.run_experts(x_ND, plan, use_triton)
+        y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        self.aux_loss = self.router_loss(routing)
+        self.last_counts = plan.counts_E
+        return y_TD.view(x.shape)
+
+    def run_experts(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """The expert stage: grouped rows in, weighted expert outputs out, same row order."""
+        return self.experts(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+
+    def router_loss(self, routing: Routing) -> torch.Tensor:
+        cfg = self.config
+        loss = routing.logits_TE.new_zeros(())
+        if cfg.aux_loss_coef:
+            loss = loss + cfg.aux_loss_coef * load_balancing_loss(routing)
+        if cfg.z_loss_coef:
+            loss = loss + cfg.z_loss_coef * router_z_loss(routing)
+        return loss
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoELayer input must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer input must have last dimension d_model={cfg.d_model}, got shape {tuple(x.shape)}")
+        weight_dtype = self.experts.gate_up_proj.dtype
+        if x.dtype != weight_dtype:
+            raise TypeError(
+                f"MoELayer input dtype {x.dtype} differs from its parameters' dtype {weight_dtype}; "
+                "cast one of them (e.g. layer.to(x.dtype))"
+            )
+        if cfg.validate_inputs and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError("MoELayer input contains NaN or Inf")
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """All MoE layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over the MoE layers of ``model`` (from their last forward)."""
+    losses = [layer.aux_loss for layer in moe_layers(model)]
+    if not losses:
+        return torch.zeros(())
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss.to(total.device)
+    return total
+
+
+def update_router_bias(model: nn.Module) -> None:
+    """Apply the auxiliary-loss-free bias update of every MoE layer; call after ``optimizer.step()``."""
+    for layer in moe_layers(model):
+        layer.router.update_bias()

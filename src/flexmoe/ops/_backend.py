@@ -1,0 +1,38 @@
+"""Which kernel implementation runs: Triton where asked for and possible, plain torch otherwise."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+
+@functools.cache
+def triton_is_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_kernels() -> ModuleType:
+    from . import triton_kernels as module
+
+    return module
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Resolve a ``MoEConfig.kernels`` choice for tensors on ``device``.
+
+    "auto": Triton on CUDA when installed. "triton": always (CPU tensors need
+    ``TRITON_INTERPRET=1``). "torch": never.
+    """
+    if kernels == "torch":
+        return False
+    if kernels == "triton":
+        if not triton_is_installed():
+            raise RuntimeError("MoEConfig.kernels='triton' but triton is not installed")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("MoEConfig.kernels='triton' on CPU tensors needs TRITON_INTERPRET=1")
+        return True
+    return device.type == "cuda" and triton_is_installed()

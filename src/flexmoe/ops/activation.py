@@ -1,0 +1,91 @@
+"""Expert activations with the combine weight folded in: ``act(h) * scale`` per grouped row.
+
+Legend: N grouped rows, F expert hidden width (2F for gated inputs).
+Scaling the activation by the routing weight before the down projection lets the final combine
+be a plain un-permute + sum, and its backward yields the weight gradient from tensors the
+activation backward already reads. Rows at or past ``valid_1[0]`` (not filled by the grouped
+GEMM) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import triton_kernels
+
+
+def _row_mask(num_rows: int, valid_1: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(num_rows, device=valid_1.device) < valid_1.to(torch.int64)).unsqueeze(-1)
+
+
+def _torch_swiglu_scaled(h_N2F, scale_N, valid_1):
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    out = F.silu(gate_NF) * up_NF * scale_N.to(h_N2F.dtype).unsqueeze(-1)
+    return torch.where(_row_mask(h_N2F.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _torch_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF):
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    grad_NF = torch.where(_row_mask(h_N2F.shape[0], valid_1), grad_NF, torch.zeros((), dtype=grad_NF.dtype, device=grad_NF.device))
+    sig_NF = torch.sigmoid(gate_NF)
+    silu_NF = gate_NF * sig_NF
+    scale_N1 = scale_N.to(h_N2F.dtype).unsqueeze(-1)
+    dgate_NF = grad_NF * scale_N1 * up_NF * sig_NF * (1 + gate_NF * (1 - sig_NF))
+    dup_NF = grad_NF * scale_N1 * silu_NF
+    acc = torch.float32 if h_N2F.dtype in (torch.bfloat16, torch.float16) else h_N2F.dtype
+    dscale_N = (silu_NF.to(acc) * up_NF.to(acc) * grad_NF.to(acc)).sum(-1).to(scale_N.dtype)
+    return torch.cat([dgate_NF, dup_NF], dim=-1), dscale_N
+
+
+@torch.library.custom_op("flexmoe::swiglu_scaled", mutates_args=())
+def swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """``silu(gate) * up * scale`` with gate = first F columns, up = last F columns."""
+    if use_triton:
+        return triton_kernels().swiglu_scaled_fwd(h_N2F, scale_N, valid_1)
+    return _torch_swiglu_scaled(h_N2F, scale_N, valid_1)
+
+
+@torch.library.custom_op("flexmoe::swiglu_scaled_backward", mutates_args=())
+def swiglu_scaled_backward(
+    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton:
+        return triton_kernels().swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF)
+    return _torch_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF)
+
+
+@swiglu_scaled.register_fake
+def _(h_N2F, scale_N, valid_1, use_triton):
+    return h_N2F.new_empty((h_N2F.shape[0], h_N2F.shape[1] // 2))
+
+
+@swiglu_scaled_backward.register_fake
+def _(h_N2F, scale_N, valid_1, grad_NF, use_triton):
+    return torch.empty_like(h_N2F), torch.empty_like(scale_N)
+
+
+def _setup(ctx, inputs, output):
+    h_N2F, scale_N, valid_1, use_triton = inputs
+    ctx.save_for_backward(h_N2F, scale_N, valid_1)
+    ctx.use_triton = use_triton
+
+
+def _backward(ctx, grad_NF):
+    h_N2F, scale_N, valid_1 = ctx.saved_tensors
+    dh, ds = swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, ctx.use_triton)
+    return dh, ds, None, None
+
+
+swiglu_scaled.register_autograd(_backward, setup_context=_setup)
+
+
+def scaled_activation(
+    h_NF: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, activation: str, use_triton: bool
+) -> torch.Tensor:
+    """Apply ``activation`` to the expert hidden rows and scale each row by its weight."""
+    if activation == "swiglu":
+        return swiglu_scaled(h_NF, scale_N, valid_1, use_triton)
+    act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
+    out = act * scale_N.to(h_NF.dtype).unsqueeze(-1)
+    return torch.where(_row_mask(h_NF.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))

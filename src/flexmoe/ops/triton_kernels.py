@@ -1,0 +1,135 @@
+"""Triton kernels for the memory-bound steps: row gather, gather + sum, fused scaled SwiGLU.
+
+Legend: T tokens, K slots, N grouped rows, D row width, F expert hidden width.
+Each program handles one output row and walks it in BLOCK-wide pieces; sums accumulate in float32
+(float64 for float64 data).
+They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _acc(dtype: torch.dtype):
+    """Accumulation type: float64 for float64 data, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block(width: int) -> int:
+    return min(1024, triton.next_power_of_2(max(width, 16)))
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, index_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    src_row = tl.load(index_ptr + row).to(tl.int64)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < D
+        values = tl.load(src_ptr + src_row * D + cols, mask=in_row & (cols * 0 + src_row >= 0), other=0.0)
+        tl.store(out_ptr + row * D + cols, values, mask=in_row)
+
+
+@triton.jit
+def _gather_sum_kernel(src_ptr, index_ptr, out_ptr, D, K, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < D
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for k in range(K):
+            src_row = tl.load(index_ptr + row * K + k).to(tl.int64)
+            values = tl.load(src_ptr + src_row * D + cols, mask=in_row & (cols * 0 + src_row >= 0), other=0.0)
+            acc += values.to(ACC)
+        tl.store(out_ptr + row * D + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def gather_rows(src_TD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+    """``out[i] = src[index[i]]``, zero where ``index[i] < 0``."""
+    src_TD = src_TD.contiguous()
+    N, D = index_N.shape[0], src_TD.shape[1]
+    out_ND = torch.empty((N, D), dtype=src_TD.dtype, device=src_TD.device)
+    if N and D:
+        _gather_rows_kernel[(N,)](src_TD, index_N.contiguous(), out_ND, D, BLOCK=_block(D))
+    return out_ND
+
+
+def gather_sum(src_ND: torch.Tensor, index_TK: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k src[index[t, k]]`` over ``index >= 0``."""
+    src_ND = src_ND.contiguous()
+    (T, K), D = index_TK.shape, src_ND.shape[1]
+    out_TD = torch.empty((T, D), dtype=src_ND.dtype, device=src_ND.device)
+    if T and D:
+        _gather_sum_kernel[(T,)](src_ND, index_TK.contiguous(), out_TD, D, K, BLOCK=_block(D), ACC=_acc(src_ND.dtype))
+    return out_TD
+
+
+@triton.jit
+def _silu(g):
+    return g / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _swiglu_fwd_kernel(h_ptr, scale_ptr, valid_ptr, out_ptr, F, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(valid_ptr).to(tl.int64)
+    scale = tl.load(scale_ptr + row).to(ACC)
+    for start in range(0, F, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < F
+        load_mask = in_row & (cols * 0 + row < n_valid)
+        g = tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC)
+        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
+        a = _silu(g) * u * scale
+        tl.store(out_ptr + row * F + cols, a.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(h_ptr, scale_ptr, valid_ptr, grad_ptr, dh_ptr, dscale_ptr, F, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(valid_ptr).to(tl.int64)
+    scale = tl.load(scale_ptr + row).to(ACC)
+    dscale = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, F, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < F
+        load_mask = in_row & (cols * 0 + row < n_valid)
+        g = tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC)
+        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
+        da = tl.load(grad_ptr + row * F + cols, mask=load_mask, other=0.0).to(ACC)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        silu = g * sig
+        dscale += silu * u * da
+        dg = da * scale * u * sig * (1.0 + g * (1.0 - sig))
+        du = da * scale * silu
+        tl.store(dh_ptr + row * 2 * F + cols, dg.to(dh_ptr.dtype.element_ty), mask=in_row)
+        tl.store(dh_ptr + row * 2 * F + F + cols, du.to(dh_ptr.dtype.element_ty), mask=in_row)
+    tl.store(dscale_ptr + row, tl.sum(dscale, axis=0).to(dscale_ptr.dtype.element_ty))
+
+
+def swiglu_scaled_fwd(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor) -> torch.Tensor:
+    h_N2F = h_N2F.contiguous()
+    N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
+    out_NF = torch.empty((N, F), dtype=h_N2F.dtype, device=h_N2F.device)
+    if N and F:
+        _swiglu_fwd_kernel[(N,)](h_N2F, scale_N.contiguous(), valid_1, out_NF, F, BLOCK=_block(F), ACC=_acc(h_N2F.dtype))
+    return out_NF
+
+
+def swiglu_scaled_bwd(
+    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h_N2F = h_N2F.contiguous()
+    N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
+    dh_N2F = torch.empty_like(h_N2F)
+    dscale_N = torch.empty_like(scale_N)
+    if N and F:
+        _swiglu_bwd_kernel[(N,)](
+            h_N2F, scale_N.contiguous(), valid_1, grad_NF.contiguous(), dh_N2F, dscale_N, F, BLOCK=_block(F), ACC=_acc(h_N2F.dtype)
+        )
+    elif N:
+        dscale_N.zero_()
+    return dh_N2F, dscale_N

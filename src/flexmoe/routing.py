@@ -1,0 +1,151 @@
+"""Routers: pick experts per token, their combine weights, and the router losses.
+
+Legend: T tokens, D model width, E experts, K chosen experts per token.
+A router returns a ``Routing``; entries with ``keep_TK == False`` are not dispatched
+(capacity overflow, or a gate that selects fewer than K experts for a token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+@dataclasses.dataclass
+class Routing:
+    """What the router decided for T tokens.
+
+    expert_TK: chosen expert per (token, slot), int64.
+    weight_TK: combine weight per (token, slot), in the router dtype (differentiable).
+    keep_TK: which pairs are dispatched; None means all of them.
+    probs_TE: router probabilities (for losses and statistics).
+    logits_TE: router logits.
+    """
+
+    expert_TK: torch.Tensor
+    weight_TK: torch.Tensor
+    keep_TK: torch.Tensor | None
+    probs_TE: torch.Tensor
+    logits_TE: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+
+class TopKRouter(nn.Module):
+    """Softmax or sigmoid scores, top-k on score + balancing bias, optional renormalisation.
+
+    The bias (DeepSeek-V3 auxiliary-loss-free balancing) only changes which experts are chosen,
+    never the combine weights. Loads seen in training forwards accumulate in ``pending_load_E``
+    until ``update_bias()`` consumes them.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer(
+            "pending_load_E", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False
+        )
+        nn.init.normal_(self.weight, std=config.init_std)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.config
+        dtype = torch.promote_types(cfg.router_dtype, x_TD.dtype)
+        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        if cfg.router == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            probs_TE = torch.sigmoid(logits_TE)
+        with torch.no_grad():
+            select_TE = probs_TE + self.expert_bias.to(probs_TE.dtype) if cfg.bias_update_rate else probs_TE
+            expert_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
+        weight_TK = probs_TE.gather(-1, expert_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        keep_TK = None
+        capacity = cfg.capacity(x_TD.shape[0])
+        if capacity is not None and capacity < x_TD.shape[0] * cfg.top_k:
+            keep_TK = capacity_keep_mask(expert_TK, probs_TE.gather(-1, expert_TK).detach(),
+                                         cfg.num_experts, capacity)
+        if self.training and cfg.bias_update_rate:
+            with torch.no_grad():
+                self.pending_load_E += expert_counts(expert_TK, keep_TK, cfg.num_experts).to(torch.float32)
+        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> None:
+        """Move the bias toward under-used experts: ``bias += rate * sign(mean(load) - load)``.
+
+        ``load_E`` defaults to the loads accumulated since the last call (sum them over
+        data-parallel ranks first when training on several).
+        """
+        rate = self.config.bias_update_rate
+        load_E = self.pending_load_E if load_E is None else load_E.to(self.pending_load_E)
+        if rate and load_E.sum() > 0:
+            self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
+        self.pending_load_E.zero_()
+
+
+def expert_counts(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Dispatched pairs per expert, int64, without a host synchronisation."""
+    key_N = expert_TK.reshape(-1)
+    if keep_TK is not None:
+        key_N = torch.where(keep_TK.reshape(-1), key_N, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_TK.device)
+    counts.scatter_add_(0, key_N, torch.ones_like(key_N))
+    return counts[:num_experts]
+
+
+def capacity_keep_mask(
+    expert_TK: torch.Tensor, score_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Keep at most ``capacity`` pairs per expert, the highest-scoring ones.
+
+    Ties keep the pair that comes first in (token, slot) order.
+    """
+    expert_N = expert_TK.reshape(-1)
+    by_score_N = torch.sort(-score_TK.reshape(-1), stable=True).indices
+    by_expert = torch.sort(expert_N[by_score_N], stable=True)
+    order_N = by_score_N[by_expert.indices]
+    counts_E = expert_counts(expert_TK, None, num_experts)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_N = torch.arange(expert_N.numel(), device=expert_N.device) - start_E[by_expert.values]
+    keep_N = torch.empty_like(expert_N, dtype=torch.bool)
+    keep_N[order_N] = rank_N < capacity
+    return keep_N.view_as(expert_TK)
+
+
+def load_balancing_loss(routing: Routing) -> torch.Tensor:
+    """Switch-Transformer loss ``E * sum_e f_e * P_e``.
+
+    f_e: fraction of chosen (token, slot) pairs that picked expert e (before capacity drops);
+    P_e: mean router probability of e (sigmoid scores are normalised per token first).
+    """
+    E = routing.num_experts
+    probs_TE = routing.probs_TE
+    if probs_TE.shape[0] == 0:
+        return probs_TE.sum() * 0.0
+    counts_E = expert_counts(routing.expert_TK, None, E).to(probs_TE.dtype)
+    f_E = counts_E / routing.expert_TK.numel()
+    p_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return E * torch.sum(f_E * p_TE.mean(0))
+
+
+def router_z_loss(routing: Routing) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of ``logsumexp(logits)^2``."""
+    if routing.logits_TE.shape[0] == 0:
+        return routing.logits_TE.sum() * 0.0
+    return torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+
+
+def make_router(config: MoEConfig) -> nn.Module:
+    """The router module for ``config.router``."""
+    return TopKRouter(config)
