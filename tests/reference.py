@@ -27,7 +27,7 @@ def reference_routing(x_TD, router_weight, cfg, expert_bias=None):
     T, E = probs.shape
     chosen = []
     for t in range(T):
-        order = sorted(range(E), key=lambda e: -float(select[t, e]))
+        order = sorted(range(E), key=lambda e: -float(select[t, e].detach()))
         chosen.append(order[: cfg.top_k])
     weights = []
     for t in range(T):
@@ -40,7 +40,7 @@ def reference_routing(x_TD, router_weight, cfg, expert_bias=None):
         cap = math.ceil(cfg.capacity_factor * T * cfg.top_k / E)
         for e in range(E):
             pairs = [(t, k) for t in range(T) for k in range(cfg.top_k) if chosen[t][k] == e]
-            pairs.sort(key=lambda tk: (-float(probs[tk[0], e]), tk[0] * cfg.top_k + tk[1]))
+            pairs.sort(key=lambda tk: (-float(probs[tk[0], e].detach()), tk[0] * cfg.top_k + tk[1]))
             for t, k in pairs[cap:]:
                 keep[t][k] = False
     return logits, probs, chosen, weights, keep

@@ -12,12 +12,59 @@ from typing import Literal
 import torch
 
 Activation = Literal["swiglu", "gelu", "relu"]
-RouterKind = Literal["softmax", "sigmoid"]
+RouterKind = Literal["softmax", "sigmoid", "dts"]
+TauSchedule = Literal["linear", "exponential"]
 KernelChoice = Literal["auto", "triton", "torch"]
 
 _ACTIVATIONS = ("swiglu", "gelu", "relu")
-_ROUTERS = ("softmax", "sigmoid")
+_ROUTERS = ("softmax", "sigmoid", "dts")
+_TAU_SCHEDULES = ("linear", "exponential")
 _KERNELS = ("auto", "triton", "torch")
+
+
+@dataclasses.dataclass
+class DTSGateConfig:
+    """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing_dts``.
+
+    tau_max, tau_min: Gumbel-softmax temperature at gate step 0 and at ``anneal_steps`` onwards.
+    anneal_steps: gate steps over which tau goes from tau_max to tau_min.
+    schedule: "linear" or "exponential" (geometric) interpolation of tau.
+    threshold: a token goes to every expert whose tempered probability exceeds it (and always
+        to its most probable one).
+    sparse_step: gate step from which the gate is plain top-k; None means ``anneal_steps``.
+    top_k: experts per token in the sparse phase; None means ``MoEConfig.top_k``.
+    The balance loss is weighted by ``MoEConfig.aux_loss_coef``.
+    """
+
+    tau_max: float = 2.0
+    tau_min: float = 0.3
+    anneal_steps: int = 1000
+    schedule: TauSchedule = "exponential"
+    threshold: float = 0.001
+    sparse_step: int | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tau_max", "tau_min"):
+            _require_float(self, name, positive=True)
+        if self.tau_min > self.tau_max:
+            raise ValueError(
+                f"DTSGateConfig.tau_min={self.tau_min} must not exceed tau_max={self.tau_max}"
+            )
+        _require_int(self, "anneal_steps", minimum=1)
+        _require_choice(self, "schedule", _TAU_SCHEDULES)
+        _require_float(self, "threshold", positive=False)
+        if self.threshold >= 1:
+            raise ValueError(f"DTSGateConfig.threshold must be < 1, got {self.threshold}")
+        if self.sparse_step is not None:
+            _require_int(self, "sparse_step", minimum=0)
+        if self.top_k is not None:
+            _require_int(self, "top_k", minimum=1)
+
+    @property
+    def dense_steps(self) -> int:
+        """Gate steps before the gate turns sparse top-k."""
+        return self.anneal_steps if self.sparse_step is None else self.sparse_step
 
 
 @dataclasses.dataclass
@@ -28,7 +75,8 @@ class MoEConfig:
     num_experts, top_k: routed experts and experts chosen per token (1 <= top_k <= num_experts).
     activation: "swiglu" (gated; ``gate_up_proj`` is ``[E, 2F, D]``), "gelu" or "relu"
         (``gate_up_proj`` is ``[E, F, D]``).
-    router: "softmax" or "sigmoid" scores; top-k selection on score + balancing bias.
+    router: "softmax" or "sigmoid" scores with top-k selection on score + balancing bias, or
+        "dts", the EvoMoE dense-to-sparse gate configured by ``dts``.
     norm_topk_prob: renormalise the k chosen weights to sum to one.
     capacity_factor: None = dropless. A float gives each expert
         ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots; overflow pairs are dropped
@@ -48,6 +96,7 @@ class MoEConfig:
         The finiteness check costs one host synchronisation on GPU; it is skipped under
         ``torch.compile``.
     init_std: standard deviation of the normal initialisation of all weights.
+    dts: settings of the dense-to-sparse gate (used when ``router == "dts"``).
     """
 
     d_model: int
@@ -67,6 +116,7 @@ class MoEConfig:
     kernels: KernelChoice = "auto"
     validate_inputs: bool = True
     init_std: float = 0.02
+    dts: DTSGateConfig = dataclasses.field(default_factory=DTSGateConfig)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -93,6 +143,20 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.router_dtype must be a floating torch.dtype, got {self.router_dtype!r}"
             )
+        if not isinstance(self.dts, DTSGateConfig):
+            raise ValueError(f"MoEConfig.dts must be a DTSGateConfig, got {type(self.dts).__name__}")
+        if self.router == "dts":
+            self._check_dts()
+
+    def _check_dts(self) -> None:
+        if self.dts.top_k is not None and self.dts.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.dts.top_k={self.dts.top_k} must not exceed num_experts={self.num_experts}"
+            )
+        if self.capacity_factor is not None:
+            raise ValueError("MoEConfig.capacity_factor is not supported with router='dts' (use None)")
+        if self.bias_update_rate:
+            raise ValueError("MoEConfig.bias_update_rate is not supported with router='dts' (use 0)")
 
     @property
     def is_gated(self) -> bool:
@@ -105,25 +169,25 @@ class MoEConfig:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
 
-def _require_int(cfg: MoEConfig, name: str, minimum: int) -> None:
+def _require_int(cfg, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"MoEConfig.{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be >= {minimum}, got {value}")
 
 
-def _require_float(cfg: MoEConfig, name: str, positive: bool) -> None:
+def _require_float(cfg, name: str, positive: bool) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
-        raise ValueError(f"MoEConfig.{name} must be > 0, got {value}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be > 0, got {value}")
     if not positive and value < 0:
-        raise ValueError(f"MoEConfig.{name} must be >= 0, got {value}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be >= 0, got {value}")
 
 
-def _require_choice(cfg: MoEConfig, name: str, choices: tuple[str, ...]) -> None:
+def _require_choice(cfg, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
-        raise ValueError(f"MoEConfig.{name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")

@@ -25,6 +25,8 @@ class Routing:
     keep_TK: which pairs are dispatched; None means all of them.
     probs_TE: router probabilities (for losses and statistics).
     logits_TE: router logits.
+    balance_loss: a router-specific load-balancing loss (unweighted) that replaces the
+        Switch-Transformer loss in ``load_balancing_loss``; None for the top-k routers.
     """
 
     expert_TK: torch.Tensor
@@ -32,6 +34,7 @@ class Routing:
     keep_TK: torch.Tensor | None
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
+    balance_loss: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -128,7 +131,10 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
 
     f_e: fraction of chosen (token, slot) pairs that picked expert e (before capacity drops);
     P_e: mean router probability of e (sigmoid scores are normalised per token first).
+    A router that defines its own balance loss (the DTS gate) sets ``routing.balance_loss``.
     """
+    if routing.balance_loss is not None:
+        return routing.balance_loss
     E = routing.num_experts
     probs_TE = routing.probs_TE
     if probs_TE.shape[0] == 0:
@@ -148,4 +154,8 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
 
 def make_router(config: MoEConfig) -> nn.Module:
     """The router module for ``config.router``."""
+    if config.router == "dts":
+        from .routing_dts import DTSRouter
+
+        return DTSRouter(config)
     return TopKRouter(config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from types import ModuleType
@@ -10,9 +9,7 @@ from types import ModuleType
 import torch
 
 
-@functools.cache
-def triton_is_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_kernels() -> ModuleType:
@@ -30,9 +27,9 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     if kernels == "torch":
         return False
     if kernels == "triton":
-        if not triton_is_installed():
+        if not _TRITON_INSTALLED:
             raise RuntimeError("MoEConfig.kernels='triton' but triton is not installed")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("MoEConfig.kernels='triton' on CPU tensors needs TRITON_INTERPRET=1")
         return True
-    return device.type == "cuda" and triton_is_installed()
+    return device.type == "cuda" and _TRITON_INSTALLED

@@ -24,7 +24,7 @@ def _torch_gather_sum(src_ND: torch.Tensor, index_TK: torch.Tensor) -> torch.Ten
     T, K = index_TK.shape
     acc_dtype = torch.float32 if src_ND.dtype in (torch.bfloat16, torch.float16) else src_ND.dtype
     rows = _torch_gather_rows(src_ND.to(acc_dtype), index_TK.reshape(-1))
-    return rows.view(T, K, -1).sum(1).to(src_ND.dtype)
+    return rows.view(T, K, src_ND.shape[1]).sum(1).to(src_ND.dtype)
 
 
 @torch.library.custom_op("flexmoe::permute", mutates_args=())

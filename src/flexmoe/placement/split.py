@@ -1,0 +1,88 @@
+"""Token split between the replicas of an expert: the one definition the planner, cost model,
+simulator and runtime dispatcher share.
+
+Legend: E logical experts, W ranks, S slots per rank, R the most replicas any expert has.
+
+Each expert's global token sequence, ordered by source rank, is cut into contiguous intervals,
+one per replica in (rank, slot) order. Replica j of expert e takes the interval
+``[B[j-1], B[j])`` with ``B[j] = floor(cumsum(share)[j] / sum(share) * n_e + 0.5)`` and the last
+boundary forced to ``n_e``. Integer arithmetic after one float rounding per boundary, so every
+rank computes the same split from the same all-gathered counts with no communication.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .table import PlacementTable
+
+
+def _replica_layout(table: PlacementTable):
+    """Replicas grouped by expert: flat (rank * S + slot) index, expert and position in the group."""
+    se_F = table.slot_expert_WS.reshape(-1)
+    valid_F = np.nonzero(se_F >= 0)[0]
+    order_R = valid_F[np.argsort(se_F[valid_F], kind="stable")]
+    expert_R = se_F[order_R]
+    reps_E = np.bincount(expert_R, minlength=table.num_experts)
+    start_E = np.cumsum(reps_E) - reps_E
+    pos_R = np.arange(order_R.size) - start_E[expert_R]
+    return order_R, expert_R, pos_R, reps_E
+
+
+def _boundaries(table: PlacementTable, counts_E: np.ndarray):
+    """Interval end of every replica (grouped by expert) in its expert's token sequence."""
+    order_R, expert_R, pos_R, reps_E = _replica_layout(table)
+    n_E = np.asarray(counts_E, dtype=np.int64)
+    if n_E.shape != (table.num_experts,):
+        raise ValueError(f"counts_E must have shape ({table.num_experts},), got {n_E.shape}")
+    if (n_E < 0).any():
+        raise ValueError("counts_E must be >= 0")
+    share_ER = np.zeros((table.num_experts, int(reps_E.max())))
+    share_ER[expert_R, pos_R] = table.share_WS.reshape(-1)[order_R]
+    cum_ER = np.cumsum(share_ER, axis=1)
+    total_E1 = cum_ER[:, -1:]
+    frac_ER = np.divide(cum_ER, total_E1, out=np.zeros_like(cum_ER), where=total_E1 > 0)
+    bound_ER = np.minimum(np.floor(frac_ER * n_E[:, None] + 0.5).astype(np.int64), n_E[:, None])
+    bound_ER[np.arange(table.num_experts), reps_E - 1] = n_E
+    return order_R, expert_R, pos_R, bound_ER
+
+
+def replica_quotas(table: PlacementTable, counts_E: np.ndarray) -> np.ndarray:
+    """Tokens each replica processes, ``int64 [W, S]`` (0 in empty slots); sums to ``counts_E`` per expert."""
+    order_R, expert_R, pos_R, bound_ER = _boundaries(table, counts_E)
+    start_ER = np.concatenate([np.zeros_like(bound_ER[:, :1]), bound_ER[:, :-1]], axis=1)
+    quota_F = np.zeros(table.slot_expert_WS.size, dtype=np.int64)
+    quota_F[order_R] = bound_ER[expert_R, pos_R] - start_ER[expert_R, pos_R]
+    return quota_F.reshape(table.slot_expert_WS.shape)
+
+
+def split_tokens(table: PlacementTable, counts_WE: np.ndarray) -> np.ndarray:
+    """``send_WWS[src, dst, slot]``: tokens source rank ``src`` sends to replica (dst, slot).
+
+    Source ``src`` owns the interval ``[sum(counts[:src, e]), sum(counts[:src+1, e]))`` of expert
+    e's sequence; what it sends to a replica is the overlap with that replica's interval.
+    """
+    counts_WE = np.asarray(counts_WE, dtype=np.int64)
+    if counts_WE.ndim != 2 or counts_WE.shape[1] != table.num_experts:
+        raise ValueError(f"counts_WE must have shape (W_src, {table.num_experts}), got {counts_WE.shape}")
+    order_R, expert_R, pos_R, bound_ER = _boundaries(table, counts_WE.sum(0))
+    hi_R = bound_ER[expert_R, pos_R]
+    lo_R = np.where(pos_R > 0, bound_ER[expert_R, np.maximum(pos_R - 1, 0)], 0)
+    src_hi_WE = np.cumsum(counts_WE, axis=0)
+    src_lo_WE = src_hi_WE - counts_WE
+    overlap_WR = np.minimum(src_hi_WE[:, expert_R], hi_R[None]) - np.maximum(src_lo_WE[:, expert_R], lo_R[None])
+    send_WF = np.zeros((counts_WE.shape[0], table.slot_expert_WS.size), dtype=np.int64)
+    send_WF[:, order_R] = np.maximum(overlap_WR, 0)
+    return send_WF.reshape(counts_WE.shape[0], *table.slot_expert_WS.shape)
+
+
+def rank_loads(table: PlacementTable, counts_E: np.ndarray) -> np.ndarray:
+    """Tokens each rank's experts process, ``int64 [W]``."""
+    return replica_quotas(table, counts_E).sum(axis=1)
+
+
+def balance_ratio(table: PlacementTable, counts_E: np.ndarray) -> float:
+    """max rank load / mean rank load (1.0 is perfect; 1.0 when there are no tokens)."""
+    load_W = rank_loads(table, counts_E)
+    mean = load_W.mean()
+    return float(load_W.max() / mean) if mean > 0 else 1.0
