@@ -5,3 +5,5 @@ from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
 
 __all__ = ["MoEConfig", "MoELayer", "aux_loss", "moe_layers", "update_router_bias"]
 __version__ = "0.1.0"
+from .placement.scheduler import PlacementScheduler  # noqa: E402
+__all__ += ["PlacementScheduler"]

@@ -10,7 +10,6 @@ import importlib
 import sys
 
 _SUBCOMMANDS = {
-    "demo": "flexmoe.demo",
     "train": "flexmoe.train.cli",
     "plot": "flexmoe.train.plot_cli",
     "simulate": "flexmoe.sim.cli",

@@ -12,6 +12,10 @@ from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
 from .ops import permute, unpermute_sum
 from .ops._backend import use_triton as resolve_use_triton
+from .parallel.config import ParallelConfig
+from .parallel.expert_parallel import ExpertParallel
+from .parallel.groups import EPGroup
+from .placement.table import PlacementTable
 from .plan import DispatchPlan, make_dispatch_plan
 from .routing import Routing, load_balancing_loss, make_router, router_z_loss
 
@@ -22,9 +26,22 @@ class MoELayer(nn.Module):
     After each forward, ``aux_loss`` holds the differentiable weighted sum of the configured
     router losses (zero when none is configured) and ``last_counts`` the tokens dispatched to
     each expert (a device tensor; reading it does not synchronise until you use its values).
+
+    Expert parallelism (docs/parallel.md): with ``ep_group`` (a process group or
+    ``flexmoe.parallel.EPGroup``) and/or ``placement`` (a ``PlacementTable``), ``experts`` holds
+    only this rank's ``slots_per_rank`` physical slots, ``placement`` says which logical expert
+    each slot holds, and ``state_dict()`` still holds the logical view of all experts.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(
+        self,
+        config: MoEConfig,
+        ep_group: EPGroup | torch.distributed.ProcessGroup | None = None,
+        *,
+        placement: PlacementTable | None = None,
+        slots_per_rank: int | None = None,
+        parallel: ParallelConfig | None = None,
+    ):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
@@ -34,6 +51,12 @@ class MoELayer(nn.Module):
         self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
+        self.expert_parallel: ExpertParallel | None = None
+        self.placement: PlacementTable | None = None
+        self.ep_group: torch.distributed.ProcessGroup | None = None
+        self.ep_rank, self.ep_size = 0, 1
+        if ep_group is not None or placement is not None or slots_per_rank is not None or parallel is not None:
+            ExpertParallel.attach(self, ep_group, placement, slots_per_rank, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -54,7 +77,16 @@ class MoELayer(nn.Module):
 
     def run_experts(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
         """The expert stage: grouped rows in, weighted expert outputs out, same row order."""
+        if self.expert_parallel is not None:
+            return self.expert_parallel(self.experts, self.placement, x_ND, plan, use_triton)
         return self.experts(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+
+    def set_placement(self, table: PlacementTable) -> None:
+        """Switch to ``table`` (the caller has moved the slot weights to match it)."""
+        if self.expert_parallel is None:
+            raise RuntimeError("set_placement needs an expert-parallel layer (MoELayer(config, ep_group=...))")
+        self.expert_parallel.check_table(table, self.placement)
+        self.placement = table.copy()
 
     def router_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.config

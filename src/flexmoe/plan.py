@@ -54,5 +54,5 @@ def make_dispatch_plan(routing: Routing) -> DispatchPlan:
     pair_row_N[row_pair_N] = torch.arange(T * K, device=device)
     if routing.keep_TK is not None:
         pair_row_N = torch.where(routing.keep_TK.reshape(-1), pair_row_N, -1)
-    row_weight_N = routing.weight_TK.reshape(-1)[row_pair_N]
+    row_weight_N = routing.weight_TK.reshape(-1).gather(0, row_pair_N)
     return DispatchPlan(counts_E, offsets_E, row_token_N, pair_row_N.view(T, K), row_weight_N, row_pair_N)

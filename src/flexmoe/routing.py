@@ -41,6 +41,38 @@ class Routing:
         return self.probs_TE.shape[-1]
 
 
+class _LowPrecisionLogits(torch.autograd.Function):
+    """bf16/fp16 operands, float32 logits from one tensor-core GEMM (no float32 copies of x).
+
+    The backward rounds the logit gradient to the operand dtype, as a bf16 router would.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_ED):
+        ctx.save_for_backward(x_TD, weight_ED)
+        return torch.mm(x_TD, weight_ED.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_TE = grad_TE.to(x_TD.dtype)
+        return grad_TE @ weight_ED, grad_TE.t() @ x_TD
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, router_dtype: torch.dtype) -> torch.Tensor:
+    """Logits in ``router_dtype`` (or the input's dtype when that is more precise)."""
+    dtype = torch.promote_types(router_dtype, x_TD.dtype)
+    low_precision = (torch.bfloat16, torch.float16)
+    if (
+        x_TD.is_cuda
+        and dtype == torch.float32
+        and x_TD.dtype in low_precision
+        and weight_ED.dtype == x_TD.dtype
+    ):
+        return _LowPrecisionLogits.apply(x_TD, weight_ED)
+    return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
+
+
 class TopKRouter(nn.Module):
     """Softmax or sigmoid scores, top-k on score + balancing bias, optional renormalisation.
 
@@ -61,8 +93,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.config
-        dtype = torch.promote_types(cfg.router_dtype, x_TD.dtype)
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        logits_TE = router_logits(x_TD, self.weight, cfg.router_dtype)
         if cfg.router == "softmax":
             probs_TE = torch.softmax(logits_TE, dim=-1)
         else:

@@ -1,5 +1,19 @@
 """Dynamic expert placement: table, cost model, planner, migration, scheduler."""
 
 from .table import PlacementTable
+from .split import balance_ratio, rank_loads, replica_quotas, split_tokens
+from .cost_model import CostModel, Move, StepCost, plan_moves
+from .planner import LoadPredictor, Planner, PLANNERS, make_planner
 
 __all__ = ["PlacementTable"]
+__all__ += ["balance_ratio", "rank_loads", "replica_quotas", "split_tokens"]
+__all__ += ["CostModel", "Move", "StepCost", "plan_moves", "LoadPredictor", "Planner", "PLANNERS", "make_planner"]
+from .migration import (
+    MigrationPlan, MigrationReport, Transfer, apply_placement, check_same_placement, diff_placement,
+    expand_replica, migrate_replica, shrink_replica, swap_slots,
+)
+from .scheduler import PlacementScheduler
+
+__all__ += ["MigrationPlan", "MigrationReport", "Transfer", "apply_placement", "check_same_placement",
+            "diff_placement", "expand_replica", "migrate_replica", "shrink_replica", "swap_slots",
+            "PlacementScheduler"]

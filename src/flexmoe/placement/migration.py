@@ -115,11 +115,12 @@ class MigrationPlan:
         return sum(t.src[0] != t.dst[0] for t in self.transfers)
 
 
-def diff_placement(old: PlacementTable, new: PlacementTable) -> MigrationPlan:
+def diff_placement(old: PlacementTable, new: PlacementTable, ranks_per_node: int | None = None) -> MigrationPlan:
     """The slot copies from ``old`` to ``new``; identical on every rank for identical tables.
 
     A destination is fed from an old replica on its own rank when there is one (a local copy),
-    else from the old replica with the fewest copies assigned so far, ties to the lowest (rank, slot).
+    else on its node (``rank // ranks_per_node``, when given), else from any old replica; among
+    those, the one with the fewest copies assigned so far, ties to the lowest (rank, slot).
     """
     if old.slot_expert_WS.shape != new.slot_expert_WS.shape or old.num_experts != new.num_experts:
         raise ValueError(
@@ -140,7 +141,8 @@ def diff_placement(old: PlacementTable, new: PlacementTable) -> MigrationPlan:
         shrinks += len(removed) - moved
         for dst in added:
             local = [s for s in old_slots if s[0] == dst[0]]
-            candidates = local or old_slots
+            same_node = [s for s in old_slots if ranks_per_node and s[0] // ranks_per_node == dst[0] // ranks_per_node]
+            candidates = local or same_node or old_slots
             src = min(candidates, key=lambda s: (sends_per_src.get(s, 0), s))
             sends_per_src[src] = sends_per_src.get(src, 0) + 1
             transfers.append(Transfer(e, src, dst))
@@ -204,6 +206,7 @@ def apply_placement(
     new_table: PlacementTable,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
+    ranks_per_node: int | None = None,
     move_optimizer_state: bool = True,
 ) -> MigrationReport:
     """Switch ``layer`` to ``new_table``, moving expert weights and optimizer state as needed.
@@ -211,7 +214,8 @@ def apply_placement(
     Call it on every rank of ``layer.ep_group`` with the same table, between ``optimizer.step()``
     and the next backward (gradients are not moved). Ranks first exchange the old and new table
     versions and the layout of the optimizer state; any disagreement raises RuntimeError before
-    anything moves. Per-slot optimizer states are any state tensor whose first dimension is the
+    anything moves. ``ranks_per_node`` makes copies prefer a source on the destination's node.
+    Per-slot optimizer states are any state tensor whose first dimension is the
     slot dimension; 0-d states (Adam's ``step``) are shared by all slots of a parameter and must be
     equal on all ranks. ``move_optimizer_state=False`` moves weights only (wrong for training; it
     exists so tests can show that they notice).
@@ -223,7 +227,7 @@ def apply_placement(
         raise ValueError(
             f"new table has shape {new_table.slot_expert_WS.shape}, layer holds {old_table.slot_expert_WS.shape}"
         )
-    plan = diff_placement(old_table, new_table)
+    plan = diff_placement(old_table, new_table, ranks_per_node)
     changed = not (
         np.array_equal(old_table.slot_expert_WS, new_table.slot_expert_WS)
         and np.array_equal(old_table.share_WS, new_table.share_WS)
@@ -273,7 +277,8 @@ def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
         versions = all_WL2[..., 0].tolist()
         raise RuntimeError(
             "placement tables differ across ranks (versions per rank, one entry per layer: "
-            f"{versions}); every rank must call the scheduler / apply_placement with the same plans"
+            f"{versions}; equal versions mean different contents); every rank must call the "
+            "scheduler / apply_placement with the same plans"
         )
 
 
@@ -345,7 +350,8 @@ def _check_agreement(layer, old_table, new_table, fields, scalars, group, world)
         if any(o[key] != everyone[0][key] for o in everyone):
             versions = [o[key][0] for o in everyone]
             raise RuntimeError(
-                f"ranks disagree on the {what} placement table of a layer (versions per rank: {versions}); "
+                f"ranks disagree on the {what} placement table of a layer (versions per rank: {versions}; "
+                "equal versions mean the same version holds different contents); "
                 "every rank must apply the same plan"
             )
     if any(o["fields"] != everyone[0]["fields"] for o in everyone):

@@ -1,0 +1,5 @@
+"""Models built from flexmoe layers."""
+
+from .gpt import GPTMoE, ModelConfig
+
+__all__ = ["GPTMoE", "ModelConfig"]

@@ -1,0 +1,73 @@
+"""ParallelConfig: how an expert-parallel MoE layer moves and keeps its tokens.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Union
+
+MemoryStrategy = Literal["keep", "recompute", "recommunicate", "both", "auto"]
+AllToAll = Literal["flat", "hierarchical"]
+
+MEMORY_STRATEGIES = ("keep", "recompute", "recommunicate", "both")
+_ALL_TO_ALL = ("flat", "hierarchical")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """Expert-parallel execution of one MoE layer.
+
+    pipeline_degree: chunks the dispatched tokens are split into (Tutel's overlap degree).
+        Chunk i's expert compute overlaps chunk i+1's dispatch and chunk i-1's return, in forward
+        and backward. 1 = no chunking. "auto" times ``pipeline_candidates`` on successive
+        forwards the first time a load level (power-of-two bucket of the largest per-(rank,
+        expert) token count) is seen, then keeps the fastest (slowest rank's time decides,
+        so all ranks agree).
+    pipeline_candidates: degrees "auto" tries, each >= 1.
+    memory: what the expert stage keeps for backward (MPipeMoE).
+        "keep": expert input and hidden activations.
+        "recompute": only the expert input; backward recomputes the hidden activation.
+        "recommunicate": the hidden activations, not the expert input; backward re-runs the
+            dispatch all-to-all from the token rows the source rank keeps (T x D, not T*k x D).
+        "both": neither; backward re-runs the dispatch and recomputes.
+        "auto": "keep" while its activations fit in ``memory_budget_bytes`` (default:
+            ``free_memory_fraction`` of the free device memory, smallest over ranks), else the
+            fitting strategy with the least measured extra time (recompute time per row,
+            all-to-all bandwidth), else "both".
+    memory_budget_bytes: per-rank budget for "auto"; None measures free memory on every forward.
+    free_memory_fraction: share of the free memory "auto" lets one layer keep, in (0, 1].
+    all_to_all: "flat" (one all-to-all over the group) or "hierarchical" (Tutel 2DH: within
+        each node, then between nodes; needs ``EPGroup.create(group, ranks_per_node=...)``).
+    """
+
+    pipeline_degree: Union[int, Literal["auto"]] = 1
+    pipeline_candidates: tuple[int, ...] = (1, 2, 4, 8)
+    memory: MemoryStrategy = "keep"
+    memory_budget_bytes: int | None = None
+    free_memory_fraction: float = 0.5
+    all_to_all: AllToAll = "flat"
+
+    def __post_init__(self) -> None:
+        degree = self.pipeline_degree
+        if degree != "auto" and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+            raise ValueError(f"ParallelConfig.pipeline_degree must be an int >= 1 or 'auto', got {degree!r}")
+        candidates = tuple(self.pipeline_candidates)
+        if not candidates or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in candidates):
+            raise ValueError(
+                f"ParallelConfig.pipeline_candidates must be a non-empty tuple of ints >= 1, got {self.pipeline_candidates!r}"
+            )
+        self.pipeline_candidates = tuple(sorted(set(candidates)))
+        if self.memory not in MEMORY_STRATEGIES + ("auto",):
+            raise ValueError(f"ParallelConfig.memory must be one of {MEMORY_STRATEGIES + ('auto',)}, got {self.memory!r}")
+        budget = self.memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"ParallelConfig.memory_budget_bytes must be None or an int >= 0, got {budget!r}")
+        fraction = self.free_memory_fraction
+        if (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction)
+                or not 0 < fraction <= 1):
+            raise ValueError(f"ParallelConfig.free_memory_fraction must be in (0, 1], got {fraction!r}")
+        if self.all_to_all not in _ALL_TO_ALL:
+            raise ValueError(f"ParallelConfig.all_to_all must be one of {_ALL_TO_ALL}, got {self.all_to_all!r}")

@@ -1,0 +1,187 @@
+"""Gradient synchronisation for models with expert-parallel MoE layers.
+
+Legend: E logical experts, W ranks of an EP group, S slots per rank.
+Every rank computes the loss of its own batch and backpropagates it. Then:
+
+* dense (non-expert) parameters are replicated: their gradients are averaged over the
+  data-parallel group, as DDP does;
+* an expert slot's gradient already holds the contributions of the tokens every rank sent to it.
+  Replicas of one expert saw disjoint tokens, so their gradients are SUMMED (point-to-point,
+  only between the ranks holding that expert), then every expert gradient is divided by the
+  data-parallel size, exactly like an averaged dense gradient. Empty slots get zero gradients.
+
+The result is the gradient of the mean of the per-rank losses, i.e. of the single-process model
+on the global batch when every rank's loss is a mean over equally many tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def ep_layers(model: nn.Module) -> list[nn.Module]:
+    """MoE layers of ``model`` with expert parallelism attached, in module order."""
+    return [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of expert-parallel experts (sharded by placement, not replicated)."""
+    return [p for layer in ep_layers(model) for p in layer.experts.parameters()]
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of ``expert_parameters(model)``; hand them to
+    DDP as parameters to ignore."""
+    ids = {id(p) for p in expert_parameters(model)}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def sync_gradients(
+    model: nn.Module, dp_group: dist.ProcessGroup | None = None, expert_dp_group: dist.ProcessGroup | None = None
+) -> None:
+    """Average dense gradients over ``dp_group`` (default: the world) and synchronise expert
+    gradients (``sync_expert_gradients``). Call after ``backward()``, before ``optimizer.step()``."""
+    sync_dense_gradients(model, dp_group)
+    sync_expert_gradients(model, dp_group, expert_dp_group)
+
+
+def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
+    """Average the gradients of all non-expert parameters over ``dp_group`` (one all-reduce per
+    dtype and device; a missing gradient counts as zero)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    _all_reduce([p.grad for p in params], dp_group, average=True)
+
+
+def sync_expert_gradients(
+    model: nn.Module, dp_group: dist.ProcessGroup | None = None, expert_dp_group: dist.ProcessGroup | None = None
+) -> None:
+    """Sum the gradients of the replicas of every logical expert, zero those of empty slots, and
+    divide by the size of ``dp_group`` (default: the world).
+
+    expert_dp_group: when EP groups are smaller than the data-parallel group, the ranks that
+    hold the same slots in different EP groups; their expert gradients are summed too.
+    """
+    layers = ep_layers(model)
+    for layer in layers:
+        for p in layer.experts.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            empty = torch.as_tensor(layer.placement.slot_expert_WS[layer.ep_rank] < 0, device=p.device)
+            p.grad[empty] = 0
+    _sum_replicas(layers)
+    grads = [p.grad for layer in layers for p in layer.experts.parameters()]
+    if expert_dp_group is not None:
+        _all_reduce(grads, expert_dp_group, average=False)
+    world = dist.get_world_size(dp_group) if dist.is_initialized() else 1
+    for g in grads:
+        g /= world
+
+
+def _all_reduce(tensors: list[torch.Tensor], group, average: bool) -> None:
+    """Sum (or average) ``tensors`` in place over ``group``: one all-reduce per dtype and device."""
+    if not tensors or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for bucket in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= dist.get_world_size(group)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@dataclasses.dataclass
+class _ReplicaSum:
+    """One replicated expert on this rank: its slots here and the flat sum of their gradients."""
+
+    grads: list[torch.Tensor]
+    slots: list[int]
+    total: torch.Tensor
+    lead: int
+    peers: list[int]
+    is_lead: bool
+    group: dist.ProcessGroup | None
+    received: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def _sum_replicas(layers: list[nn.Module]) -> None:
+    """Local replicas are added up; the other holder ranks send their sums to the first holder,
+    which adds them in rank order and sends the total back, so all replicas get equal bits."""
+    sums: list[_ReplicaSum] = []
+    for layer in layers:
+        table, rank = layer.placement, layer.ep_rank
+        grads = [p.grad for p in layer.experts.parameters()]
+        for e in range(table.num_experts):
+            replicas = table.replicas(e)
+            slots = [s for r, s, _ in replicas if r == rank]
+            if len(replicas) < 2 or not slots:
+                continue
+            holders = sorted({r for r, _, _ in replicas})
+            local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
+            sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], layer.ep_group))
+    to_lead = []
+    for item in sums:
+        if not item.peers:
+            continue
+        if item.is_lead:
+            item.received = [torch.empty_like(item.total) for _ in item.peers]
+            to_lead += [_p2p(dist.irecv, buf, peer, item.group) for buf, peer in zip(item.received, item.peers)]
+        else:
+            to_lead.append(_p2p(dist.isend, item.total, item.lead, item.group))
+    _run(to_lead)
+    from_lead = []
+    for item in sums:
+        if not item.peers:
+            continue
+        if item.is_lead:
+            for buf in item.received:
+                item.total += buf
+            from_lead += [_p2p(dist.isend, item.total, peer, item.group) for peer in item.peers]
+        else:
+            item.total = torch.empty_like(item.total)
+            from_lead.append(_p2p(dist.irecv, item.total, item.lead, item.group))
+    _run(from_lead)
+    for item in sums:
+        offset = 0
+        for g in item.grads:
+            width = g[0].numel()
+            g[item.slots] = item.total[offset:offset + width].view_as(g[0])
+            offset += width
+
+
+def _add_rows(grad: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    total = grad[slots[0]].clone()
+    for s in slots[1:]:
+        total += grad[s]
+    return total
+
+
+def _p2p(op, tensor: torch.Tensor, peer: int, group) -> dist.P2POp:
+    return dist.P2POp(op, tensor, group=group, group_peer=peer)
+
+
+def _run(ops: list) -> None:
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def sync_router_loads(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
+    """Sum over ``dp_group`` the expert loads every router accumulated for the auxiliary-loss-free
+    bias, so ``flexmoe.update_router_bias(model)`` (call it right after) moves the replicated
+    bias identically on every rank."""
+    loads = [m.pending_load_E for m in model.modules() if isinstance(getattr(m, "pending_load_E", None), torch.Tensor)]
+    _all_reduce(loads, dp_group, average=False)

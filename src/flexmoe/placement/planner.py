@@ -1,0 +1,420 @@
+"""Placement planners: given a table and predicted routing counts, return the next table.
+
+Legend: E logical experts, W ranks, S slots per rank.
+
+Every planner has one interface, ``plan(table, counts_WE, cost, step) -> PlacementTable``: it
+returns ``table`` itself when nothing changes, else a new table with ``version + 1``. Plans are
+pure functions of their inputs (stable sorts, ties broken by index), so ranks that hold the same
+all-gathered counts compute the same plan without talking. ``counts_WE`` is what the planner
+should balance for: a prediction (``LoadPredictor``) or, for the oracle, the true counts.
+
+Planners: static EP, FasterMoE-style shadowing, DeepSeek EPLB, per-step proportional replication
+(SYMI-like), flexmoe greedy, and the oracle (greedy on the true counts of the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .cost_model import CostModel
+from .split import balance_ratio
+from .table import EMPTY, PlacementTable
+
+
+# ---- load prediction ---------------------------------------------------------------------------
+
+
+class LoadPredictor:
+    """Exponential moving average of routing counts: ``ema = decay * ema + (1 - decay) * counts``.
+
+    decay = 0 predicts the last step. ``predict()`` is None before the first ``update``.
+    """
+
+    def __init__(self, decay: float = 0.0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.ema_WE: np.ndarray | None = None
+
+    def update(self, counts_WE: np.ndarray) -> None:
+        counts_WE = np.asarray(counts_WE, dtype=np.float64)
+        if self.ema_WE is None:
+            self.ema_WE = counts_WE.copy()
+        else:
+            self.ema_WE = self.decay * self.ema_WE + (1.0 - self.decay) * counts_WE
+
+    def predict(self) -> np.ndarray | None:
+        return None if self.ema_WE is None else self.ema_WE.copy()
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "ema": None if self.ema_WE is None else self.ema_WE.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        self.ema_WE = None if state["ema"] is None else np.array(state["ema"], dtype=np.float64)
+
+
+# ---- building blocks shared by the planners ----------------------------------------------------
+
+
+def _as_counts(table: PlacementTable, counts_WE: np.ndarray) -> np.ndarray:
+    counts_WE = np.asarray(counts_WE, dtype=np.float64)
+    if counts_WE.shape != (table.world_size, table.num_experts):
+        raise ValueError(f"counts_WE must have shape {(table.world_size, table.num_experts)}, got {counts_WE.shape}")
+    if not np.isfinite(counts_WE).all() or (counts_WE < 0).any():
+        raise ValueError("counts_WE must be finite and >= 0")
+    return np.rint(counts_WE)
+
+
+def _finish(table: PlacementTable, slot_expert_WS: np.ndarray, share_WS: np.ndarray) -> PlacementTable:
+    """``table`` when nothing changed, else the new table with version + 1."""
+    if np.array_equal(slot_expert_WS, table.slot_expert_WS) and np.allclose(share_WS, table.share_WS, atol=1e-12):
+        return table
+    return PlacementTable(table.num_experts, slot_expert_WS, share_WS, table.version + 1)
+
+
+def replicate_greedy(load_E: np.ndarray, num_replicas: int, max_per_expert: int) -> np.ndarray:
+    """One replica each, then each further one to argmax load / replicas (lowest index on ties)."""
+    E = load_E.size
+    reps_E = np.ones(E, dtype=np.int64)
+    for _ in range(num_replicas - E):
+        per = np.where(reps_E < max_per_expert, load_E / reps_E, -1.0)
+        e = int(np.argmax(per))
+        if per[e] < 0:
+            break
+        reps_E[e] += 1
+    return reps_E
+
+
+def pack(
+    reps_E: np.ndarray, load_E: np.ndarray, world_size: int, slots_per_rank: int, keep: PlacementTable | None = None
+) -> np.ndarray:
+    """Place ``reps_E[e]`` replicas of every expert; returns ``slot_expert_WS``.
+
+    With ``keep``, each expert first keeps up to ``reps_E[e]`` of its current locations (in
+    (rank, slot) order). The other replicas go heaviest first (load / replicas) onto the least
+    loaded rank that has a free slot and no replica of that expert yet, into its lowest free slot.
+    A replica that fits nowhere is dropped (never an expert's first one, since slots suffice).
+    """
+    W, S = world_size, slots_per_rank
+    if reps_E.sum() > W * S:
+        raise ValueError(f"{int(reps_E.sum())} replicas do not fit in {W} x {S} slots")
+    slot = [[EMPTY] * S for _ in range(W)]
+    held = [set() for _ in range(W)]
+    rank_load = [0.0] * W
+    per_E = (load_E / reps_E).tolist()
+    placed_E = [0] * reps_E.size
+    if keep is not None:
+        for r, s in zip(*np.nonzero(keep.slot_expert_WS >= 0)):
+            e = int(keep.slot_expert_WS[r, s])
+            if placed_E[e] < reps_E[e]:
+                slot[r][s] = e
+                held[r].add(e)
+                rank_load[r] += per_E[e]
+                placed_E[e] += 1
+    items = sorted((-per_E[e], e) for e in range(reps_E.size) for _ in range(int(reps_E[e]) - placed_E[e]))
+    free = [row.count(EMPTY) for row in slot]
+    for _, e in items:
+        best = None
+        for r in range(W):
+            if free[r] and e not in held[r] and (best is None or rank_load[r] < rank_load[best]):
+                best = r
+        if best is None:
+            continue
+        slot[best][slot[best].index(EMPTY)] = e
+        held[best].add(e)
+        rank_load[best] += per_E[e]
+        free[best] -= 1
+    return np.array(slot, dtype=np.int64)
+
+
+def equal_shares(slot_WS: np.ndarray, num_experts: int) -> np.ndarray:
+    reps_E = np.bincount(slot_WS[slot_WS >= 0], minlength=num_experts)
+    return np.where(slot_WS >= 0, 1.0 / np.maximum(reps_E[np.maximum(slot_WS, 0)], 1), 0.0)
+
+
+def _water_fill(base: list[float], amount: float) -> list[float]:
+    """Split ``amount`` over bins with levels ``base`` so the lowest bins rise to one common level."""
+    order = sorted(range(len(base)), key=lambda i: (base[i], i))
+    acc, level = 0.0, 0.0
+    for k, i in enumerate(order, start=1):
+        acc += base[i]
+        level = (amount + acc) / k
+        if k == len(order) or level <= base[order[k]]:
+            break
+    return [max(level - b, 0.0) for b in base]
+
+
+def balanced_shares(slot_WS: np.ndarray, load_E: np.ndarray, sweeps: int = 8) -> np.ndarray:
+    """Shares that even out rank loads for a fixed placement (block coordinate descent).
+
+    Starting from equal shares, each sweep re-splits every replicated expert's load over its
+    replicas by water-filling against the rest of each replica rank's load, heaviest expert first.
+    """
+    E = load_E.size
+    share_WS = equal_shares(slot_WS, E)
+    reps = [[] for _ in range(E)]
+    for r, s in zip(*np.nonzero(slot_WS >= 0)):
+        reps[slot_WS[r, s]].append((int(r), int(s)))
+    multi = sorted((e for e in range(E) if len(reps[e]) > 1 and load_E[e] > 0), key=lambda e: (-load_E[e], e))
+    if not multi:
+        return share_WS
+    rank_load = (np.where(slot_WS >= 0, load_E[np.maximum(slot_WS, 0)], 0.0) * share_WS).sum(1).tolist()
+    amounts = {e: [load_E[e] * share_WS[r, s] for r, s in reps[e]] for e in multi}
+    for _ in range(sweeps):
+        change = 0.0
+        for e in multi:
+            base = [rank_load[r] - a for (r, _), a in zip(reps[e], amounts[e])]
+            new = _water_fill(base, float(load_E[e]))
+            for (r, _), b, a in zip(reps[e], base, new):
+                rank_load[r] = b + a
+            change = max(change, max(abs(a - b) for a, b in zip(new, amounts[e])))
+            amounts[e] = new
+        if change <= 1e-9 * max(float(load_E.max()), 1.0):
+            break
+    for e in multi:
+        for (r, s), a in zip(reps[e], amounts[e]):
+            share_WS[r, s] = a / load_E[e]
+    return _normalise(slot_WS, share_WS, E)
+
+
+def _normalise(slot_WS: np.ndarray, share_WS: np.ndarray, num_experts: int) -> np.ndarray:
+    valid = slot_WS >= 0
+    total_E = np.bincount(slot_WS[valid], weights=share_WS[valid], minlength=num_experts)
+    return np.where(valid, share_WS / total_E[np.maximum(slot_WS, 0)], 0.0)
+
+
+# ---- planners ----------------------------------------------------------------------------------
+
+
+class Planner:
+    """Base: ``plan`` returns the next table; ``make_predictor`` the load predictor it wants.
+
+    ``uses_true_counts``: the simulator feeds this planner the step's true counts (oracle only).
+    """
+
+    name = "planner"
+    uses_true_counts = False
+    predictor_decay = 0.0
+
+    def plan(self, table: PlacementTable, counts_WE: np.ndarray, cost: CostModel, step: int = 0) -> PlacementTable:
+        raise NotImplementedError
+
+    def make_predictor(self) -> LoadPredictor:
+        return LoadPredictor(self.predictor_decay)
+
+
+class StaticPlanner(Planner):
+    """Plain expert parallelism: the table never changes."""
+
+    name = "static"
+
+    def plan(self, table, counts_WE, cost, step=0):
+        _as_counts(table, counts_WE)
+        return table
+
+
+@dataclasses.dataclass
+class ShadowingPlanner(Planner):
+    """FasterMoE shadowing: broadcast the hottest experts to every rank while modelled time drops.
+
+    Experts keep their static home slot; a shadowed expert also sits on every other rank and each
+    rank processes its own tokens for it (shares = each source rank's fraction). Re-decided every
+    step from the prediction, limited by the spare slots of the fullest rank.
+    """
+
+    name = "shadow"
+    predictor_decay: float = 0.0
+
+    def plan(self, table, counts_WE, cost, step=0):
+        counts_WE = _as_counts(table, counts_WE)
+        W, S, E = table.world_size, table.slots_per_rank, table.num_experts
+        home = PlacementTable.static(E, W, S)
+        load_E = counts_WE.sum(0)
+        max_shadow = int((home.slot_expert_WS == EMPTY).sum(1).min())
+        best_slot, best_share = home.slot_expert_WS, home.share_WS
+        best_cost = cost.step_time(home, counts_WE).total
+        slot_WS, share_WS = best_slot.copy(), best_share.copy()
+        for e in np.argsort(-load_E, kind="stable")[:max_shadow]:
+            if load_E[e] <= 0:
+                break
+            slot_WS, share_WS = slot_WS.copy(), share_WS.copy()
+            home_rank = int(np.nonzero((home.slot_expert_WS == e).any(1))[0][0])
+            frac_W = counts_WE[:, e] / load_E[e]
+            for r in range(W):
+                if r == home_rank:
+                    s = int(np.argmax(home.slot_expert_WS[r] == e))
+                else:
+                    s = int(np.argmax(slot_WS[r] == EMPTY))
+                    slot_WS[r, s] = e
+                share_WS[r, s] = frac_W[r]
+            if share_WS[slot_WS == e].sum() <= 0:
+                break
+            share_WS = _normalise(slot_WS, share_WS, E)
+            candidate = PlacementTable(E, slot_WS, share_WS)
+            c = cost.step_time(candidate, counts_WE).total
+            if c >= best_cost:
+                break
+            best_slot, best_share, best_cost = slot_WS, share_WS, c
+        return _finish(table, best_slot, best_share)
+
+
+@dataclasses.dataclass
+class EPLBPlanner(Planner):
+    """DeepSeek EPLB: every ``period`` steps fill all slots by giving one more replica to argmax
+    load / replicas, then pack heaviest first onto the least loaded rank; equal shares."""
+
+    name = "eplb"
+    period: int = 100
+    predictor_decay: float = 0.95
+
+    def __post_init__(self):
+        if self.period < 1:
+            raise ValueError(f"period must be >= 1, got {self.period}")
+
+    def plan(self, table, counts_WE, cost, step=0):
+        counts_WE = _as_counts(table, counts_WE)
+        if step % self.period != 0:
+            return table
+        W, S = table.world_size, table.slots_per_rank
+        load_E = counts_WE.sum(0)
+        reps_E = replicate_greedy(load_E, W * S, W)
+        slot_WS = pack(reps_E, load_E, W, S)
+        return _finish(table, slot_WS, equal_shares(slot_WS, table.num_experts))
+
+
+@dataclasses.dataclass
+class ProportionalPlanner(Planner):
+    """Per-step proportional replication (SYMI-like): every step, replicas in proportion to the
+    predicted load (largest remainder, at least one each, all slots used), fresh packing, equal shares."""
+
+    name = "proportional"
+    predictor_decay: float = 0.0
+
+    def plan(self, table, counts_WE, cost, step=0):
+        counts_WE = _as_counts(table, counts_WE)
+        W, S, E = table.world_size, table.slots_per_rank, table.num_experts
+        load_E = counts_WE.sum(0)
+        total = load_E.sum()
+        if total <= 0:
+            return table
+        quota_E = load_E / total * (W * S)
+        reps_E = np.clip(np.floor(quota_E), 1, W).astype(np.int64)
+        while reps_E.sum() > W * S:
+            over_E = np.where(reps_E > 1, quota_E - reps_E, np.inf)
+            reps_E[int(np.argmin(over_E))] -= 1
+        while reps_E.sum() < W * S and (reps_E < W).any():
+            under_E = np.where(reps_E < W, quota_E - reps_E, -np.inf)
+            reps_E[int(np.argmax(under_E))] += 1
+        slot_WS = pack(reps_E, load_E, W, S)
+        return _finish(table, slot_WS, equal_shares(slot_WS, E))
+
+
+@dataclasses.dataclass
+class GreedyPlanner(Planner):
+    """flexmoe greedy planner: cheap share updates often, replica changes when they pay.
+
+    1. When the predicted balance ratio (max / mean rank load) under the current table exceeds
+       ``rebalance_threshold``, re-split each expert's tokens among its current replicas to even
+       out rank loads (no data moves: only the table's shares change).
+    2. When the ratio still exceeds ``threshold``, re-plan the replicas: from one replica per
+       expert, keep giving one more replica to argmax load / replicas (at most one per rank);
+       pack each candidate twice (keeping current locations, and fresh), balance its shares,
+       and score it as modelled step time + move time / ``horizon``. The best candidate wins if
+       it beats the share update by more than ``min_gain`` (relative); the search stops after
+       ``patience`` replicas without improvement (None: ``world_size``). Cold experts fall back
+       to one replica, which frees their slots for hot ones.
+    """
+
+    name = "greedy"
+    threshold: float = 1.1
+    rebalance_threshold: float = 1.05
+    horizon: float = 50.0
+    min_gain: float = 0.01
+    patience: int | None = None
+    predictor_decay: float = 0.5
+
+    def __post_init__(self):
+        if not 1.0 <= self.rebalance_threshold <= self.threshold:
+            raise ValueError(f"need 1 <= rebalance_threshold <= threshold, got {self.rebalance_threshold}, {self.threshold}")
+        if self.horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {self.horizon}")
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be None or >= 1, got {self.patience}")
+        if not 0.0 <= self.predictor_decay < 1.0:
+            raise ValueError(f"predictor_decay must be in [0, 1), got {self.predictor_decay}")
+
+    def plan(self, table, counts_WE, cost, step=0):
+        counts_WE = _as_counts(table, counts_WE)
+        load_E = counts_WE.sum(0)
+        if balance_ratio(table, load_E) <= self.rebalance_threshold:
+            return table
+        E = table.num_experts
+        rebalanced = PlacementTable(E, table.slot_expert_WS, balanced_shares(table.slot_expert_WS, load_E))
+        if balance_ratio(rebalanced, load_E) <= self.threshold:
+            return _finish(table, rebalanced.slot_expert_WS, rebalanced.share_WS)
+        best = self._search(table, counts_WE, load_E, cost)
+        current = cost.step_time(rebalanced, counts_WE).total
+        if best is None or best[1] >= current * (1.0 - self.min_gain):
+            best = (rebalanced, current)
+        return _finish(table, best[0].slot_expert_WS, best[0].share_WS)
+
+    def _search(self, table, counts_WE, load_E, cost):
+        W, S, E = table.world_size, table.slots_per_rank, table.num_experts
+        best, best_score = None, np.inf
+        patience = self.patience or W
+        reps_E = np.ones(E, dtype=np.int64)
+        since_best = 0
+        for extra in range(W * S - E + 1):
+            if extra > 0:
+                per_E = np.where(reps_E < W, load_E / reps_E, -1.0)
+                e = int(np.argmax(per_E))
+                if per_E[e] <= 0:
+                    break
+                reps_E[e] += 1
+            improved = False
+            for keep in (table, None):
+                slot_WS = pack(reps_E, load_E, W, S, keep)
+                cand = PlacementTable(E, slot_WS, balanced_shares(slot_WS, load_E))
+                score = cost.step_time(cand, counts_WE).total + cost.move_time(table, cand) / self.horizon
+                if score < best_score:
+                    best, best_score, improved = cand, score, True
+            since_best = 0 if improved else since_best + 1
+            if since_best >= patience:
+                break
+        return None if best is None else (best, best_score)
+
+
+@dataclasses.dataclass
+class OraclePlanner(GreedyPlanner):
+    """The greedy planner run every step on the true counts of that step (a bound, not a policy).
+
+    It re-plans every step, so a plan lives one step: moves are charged in full (horizon 1).
+    """
+
+    name = "oracle"
+    threshold: float = 1.0
+    rebalance_threshold: float = 1.0
+    horizon: float = 1.0
+    uses_true_counts = True
+
+
+PLANNERS = {
+    "static": StaticPlanner,
+    "shadow": ShadowingPlanner,
+    "eplb": EPLBPlanner,
+    "proportional": ProportionalPlanner,
+    "greedy": GreedyPlanner,
+    "oracle": OraclePlanner,
+}
+
+
+def make_planner(name: str, **options) -> Planner:
+    """A planner by name (see ``PLANNERS``), with its dataclass options."""
+    if name not in PLANNERS:
+        raise ValueError(f"unknown planner {name!r}; choose from {sorted(PLANNERS)}")
+    return PLANNERS[name](**options)

@@ -1,0 +1,277 @@
+"""PlacementScheduler: observe routing counts, re-plan expert placement at a cadence, migrate.
+
+Legend: L MoE layers with a placement table, W ranks of the expert-parallel group, E logical experts,
+S slots per rank, H steps since the last plan.
+Each ``step()`` (after ``optimizer.step()``) appends this rank's tokens per expert of every layer to
+a device buffer (no host synchronisation). Every ``interval`` steps the buffer is all-gathered over
+the expert-parallel group, so every rank holds the same counts ``C[step, src rank, layer, expert]``;
+a load predictor per layer (the planner's own, as in the simulator) turns them into expected counts,
+the planner proposes a table per layer, and ``apply_placement`` moves weights and optimizer state.
+All ranks compute the same plans from the same counts; their tables are checked to agree after
+every change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .migration import _as_list, _comm_device, apply_placement, check_same_placement
+from .planner import LoadPredictor, Planner
+from .split import balance_ratio
+from .table import PlacementTable
+
+
+class PlacementScheduler:
+    """Dynamic expert placement for every MoE layer of ``model`` that has a placement table.
+
+    Call ``step()`` on every rank of the expert-parallel group once per training step, after
+    ``optimizer.step()`` and before the next backward. With gradient accumulation call
+    ``observe()`` after each micro-batch's forward; ``step()`` then uses the sum of the observed
+    counts instead of the last forward's.
+
+    planner: e.g. ``flexmoe.placement.GreedyPlanner()``; any object with
+        ``plan(table, counts_WE, cost_model[, step]) -> PlacementTable`` returning a table with a
+        higher version when it changes anything. It must be deterministic: every rank plans on its
+        own from the same counts. ``counts_WE`` are predicted tokens per step (float).
+    cost_model: a ``CostModel`` handed to the planner; None measures one on this machine
+        (``CostModel.measure``, a collective over the group) when the scheduler is built.
+    interval: plan every ``interval`` steps; warmup: steps before the first plan (default interval).
+    ema_decay: load prediction ``ema = decay * ema + (1 - decay) * counts`` per step; None uses
+        the planner's own predictor (``planner.make_predictor()``), else decay 0.5.
+    trace: record the all-gathered routing counts of every step (0-based step index) to a trace
+        file the simulator reads: a path (global rank 0 writes it, appending when it exists) or a
+        ``flexmoe.sim.trace.TraceRecorder`` (used as is on the ranks that pass one). Steps are
+        written at each plan boundary.
+    logger: where per-layer plan summaries go (INFO, on global rank 0 only); default
+        ``logging.getLogger("flexmoe.placement")``.
+
+    After each plan, ``last_metrics`` holds ``{"step", "bytes_moved", "layers": [...]}`` with, per
+    layer: the balance ratio (max / mean rank load) observed since the last plan under the old table
+    (``balance_observed``) and, on the predicted counts, under the old and new tables
+    (``balance_predicted_old`` / ``_new``), replica counts, the primitives applied (expands, shrinks,
+    migrates), slot copies and bytes moved.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+        planner: Planner,
+        cost_model: Any = None,
+        *,
+        interval: int = 100,
+        warmup: int | None = None,
+        ema_decay: float | None = None,
+        trace: Any = None,
+        logger: logging.Logger | None = None,
+    ):
+        from ..layer import moe_layers
+
+        self.layers = [m for m in moe_layers(model) if getattr(m, "placement", None) is not None]
+        if not self.layers:
+            raise ValueError(
+                "PlacementScheduler: the model has no MoE layer with a placement table "
+                "(build MoELayer with ep_group=..., placement=..., slots_per_rank=...)"
+            )
+        if len({id(getattr(m, "ep_group", None)) for m in self.layers}) > 1:
+            raise ValueError("PlacementScheduler: all MoE layers with placement must share one ep_group")
+        if not callable(getattr(planner, "plan", None)):
+            raise ValueError(
+                f"PlacementScheduler.planner must have a plan(table, counts_WE, cost_model) method, got {planner!r}"
+            )
+        for name, value, minimum in (("interval", interval, 1), ("warmup", warmup, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"PlacementScheduler.{name} must be an int >= {minimum}, got {value!r}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"PlacementScheduler.ema_decay must be None or in [0, 1), got {ema_decay!r}")
+        self.group = getattr(self.layers[0], "ep_group", None)
+        self.optimizers = _as_list(optimizer)
+        self.planner = planner
+        self.cost_model = cost_model if cost_model is not None else self._measure_cost_model()
+        self.interval = interval
+        self.warmup = interval if warmup is None else warmup
+        self.recorder = self._make_recorder(trace)
+        self._owns_recorder = self.recorder is not None and self.recorder is not trace
+        self.logger = logger or logging.getLogger("flexmoe.placement")
+        self.num_steps = 0
+        self.last_metrics: dict = {}
+        self._predictors = [self._make_predictor(ema_decay) for _ in self.layers]
+        self._plan_takes_step = "step" in inspect.signature(planner.plan).parameters
+        self._pending: list[torch.Tensor] = []  # [L, E] per step, this rank, not yet gathered
+        self._accum: torch.Tensor | None = None
+
+    def _make_recorder(self, trace):
+        if trace is None or callable(getattr(trace, "record", None)):
+            return trace
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        from ..sim.trace import TraceRecorder
+
+        table = self.layers[0].placement
+        meta = {"slots_per_rank": table.slots_per_rank, "source": "PlacementScheduler"}
+        return TraceRecorder(trace, table.world_size, table.num_experts, len(self.layers), meta)
+
+    def _make_predictor(self, ema_decay: float | None) -> LoadPredictor:
+        if ema_decay is None and callable(getattr(self.planner, "make_predictor", None)):
+            return self.planner.make_predictor()
+        return LoadPredictor(0.5 if ema_decay is None else ema_decay)
+
+    def _measure_cost_model(self):
+        from .cost_model import CostModel
+
+        layer = self.layers[0]
+        device = layer.experts.gate_up_proj.device
+        group = self.group if self.world_size > 1 else None
+        return CostModel.measure(layer.config.d_model, layer.config.d_ff, device=str(device), group=group)
+
+    @property
+    def tables(self) -> list[PlacementTable]:
+        return [layer.placement for layer in self.layers]
+
+    @property
+    def world_size(self) -> int:
+        return self.layers[0].placement.world_size
+
+    def observe(self) -> None:
+        """Add the last forward's counts of every layer (for gradient accumulation)."""
+        counts = self._local_counts()
+        self._accum = counts if self._accum is None else self._accum + counts
+
+    def step(self) -> dict | None:
+        """Record this step's counts; every ``interval`` steps plan and migrate. Returns the new
+        ``last_metrics`` when it planned, else None."""
+        counts = self._accum if self._accum is not None else self._local_counts()
+        self._accum = None
+        self._pending.append(counts)
+        self.num_steps += 1
+        if self.num_steps < self.warmup or (self.num_steps - self.warmup) % self.interval:
+            return None
+        return self._plan_and_apply(self._gather_pending())
+
+    def _local_counts(self) -> torch.Tensor:
+        counts = []
+        for i, layer in enumerate(self.layers):
+            if layer.last_counts is None:
+                raise RuntimeError(f"MoE layer {i} has no counts yet: call the scheduler after a forward pass")
+            counts.append(layer.last_counts.detach().to(torch.int64).reshape(-1))
+        return torch.stack(counts)
+
+    def _gather_pending(self) -> np.ndarray:
+        """All-gather the steps since the last plan: ``int64 [H, W, L, E]``; feeds predictors and recorder."""
+        local_HLE = torch.stack(self._pending)
+        self._pending = []
+        if self.world_size > 1:
+            local_HLE = local_HLE.to(_comm_device(self.group))
+            parts = [torch.empty_like(local_HLE) for _ in range(self.world_size)]
+            dist.all_gather(parts, local_HLE, group=self.group)
+            all_HWLE = torch.stack(parts, dim=1).cpu().numpy()
+        else:
+            all_HWLE = local_HLE.cpu().numpy()[:, None]
+        first_step = self.num_steps - all_HWLE.shape[0]
+        for h, counts_WLE in enumerate(all_HWLE):
+            for i, predictor in enumerate(self._predictors):
+                predictor.update(counts_WLE[:, i])
+                if self.recorder is not None:
+                    self.recorder.record(first_step + h, i, counts_WLE[:, i])
+        return all_HWLE
+
+    def _plan_and_apply(self, observed_HWLE: np.ndarray) -> dict:
+        ranks_per_node = getattr(self.cost_model, "ranks_per_node", None)
+        layer_metrics = []
+        for i, layer in enumerate(self.layers):
+            predicted_WE = self._predictors[i].predict()
+            predicted_E = np.rint(predicted_WE.sum(axis=0)).astype(np.int64)
+            old = layer.placement
+            if self._plan_takes_step:
+                new = self.planner.plan(old.copy(), predicted_WE, self.cost_model, step=self.num_steps)
+            else:
+                new = self.planner.plan(old.copy(), predicted_WE, self.cost_model)
+            metrics = {
+                "layer": i,
+                "balance_observed": balance_ratio(old, observed_HWLE[:, :, i].sum(axis=(0, 1))),
+                "balance_predicted_old": balance_ratio(old, predicted_E),
+                "balance_predicted_new": balance_ratio(new, predicted_E),
+            }
+            report = None
+            if not _same(old, new):
+                report = apply_placement(layer, new, self.optimizers, ranks_per_node=ranks_per_node)
+            replicas_E = layer.placement.num_replicas_E()
+            metrics.update(version=layer.placement.version, replicas=replicas_E.tolist(),
+                           replicated_experts=int((replicas_E > 1).sum()))
+            for key in ("expands", "shrinks", "migrates", "transfers", "remote_transfers",
+                        "bytes_moved", "bytes_sent", "bytes_received"):
+                metrics[key] = getattr(report, key) if report else 0
+            layer_metrics.append(metrics)
+        check_same_placement(self.layers, self.group)
+        self.last_metrics = {
+            "step": self.num_steps,
+            "bytes_moved": sum(m["bytes_moved"] for m in layer_metrics),
+            "layers": layer_metrics,
+        }
+        self._log()
+        return self.last_metrics
+
+    def _log(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        for m in self.last_metrics["layers"]:
+            self.logger.info(
+                "placement step %d layer %d v%d: balance %.3f -> predicted %.3f (was %.3f), "
+                "replicated experts %d (max %d replicas), expand %d shrink %d migrate %d, "
+                "%d slot copies (%d remote), %d bytes moved",
+                self.num_steps, m["layer"], m["version"], m["balance_observed"], m["balance_predicted_new"],
+                m["balance_predicted_old"], m["replicated_experts"], max(m["replicas"]), m["expands"],
+                m["shrinks"], m["migrates"], m["transfers"], m["remote_transfers"], m["bytes_moved"],
+            )
+
+    def close(self) -> None:
+        """Close the trace file the scheduler opened (if any)."""
+        if self.recorder is not None and self._owns_recorder:
+            self.recorder.close()
+
+    def state_dict(self) -> dict:
+        """Tables, step counter and load predictors; no communication, so any rank may save it.
+        Counts of the steps since the last plan are this rank's own."""
+        return {
+            "num_steps": self.num_steps,
+            "tables": [t.state_dict() for t in self.tables],
+            "predictors": [p.state_dict() for p in self._predictors],
+            "pending": torch.stack([t.cpu() for t in self._pending]) if self._pending else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore tables (set on the layers without moving anything: the weights come from the
+        model's state dict saved together with this), step counter and predictors."""
+        tables = [PlacementTable.from_state_dict(t) for t in state["tables"]]
+        if len(tables) != len(self.layers):
+            raise ValueError(f"state has {len(tables)} placement tables, the model has {len(self.layers)} layers")
+        for i, (layer, table) in enumerate(zip(self.layers, tables)):
+            if table.slot_expert_WS.shape != layer.placement.slot_expert_WS.shape:
+                raise ValueError(
+                    f"layer {i}: saved table has shape {table.slot_expert_WS.shape}, "
+                    f"the layer {layer.placement.slot_expert_WS.shape}"
+                )
+        for layer, table in zip(self.layers, tables):
+            layer.set_placement(table)
+        for predictor, p_state in zip(self._predictors, state["predictors"]):
+            predictor.load_state_dict(p_state)
+        self.num_steps = int(state["num_steps"])
+        device = self.layers[0].experts.gate_up_proj.device
+        self._pending = [] if state["pending"] is None else list(state["pending"].to(device).unbind(0))
+        self._accum = None
+
+
+def _same(a: PlacementTable, b: PlacementTable) -> bool:
+    return (
+        a.version == b.version
+        and np.array_equal(a.slot_expert_WS, b.slot_expert_WS)
+        and np.array_equal(a.share_WS, b.share_WS)
+    )

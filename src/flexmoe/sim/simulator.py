@@ -1,0 +1,150 @@
+"""Replay a routing trace under each planner and add up the modelled cost.
+
+Legend: T steps, L layers, W ranks, E experts, S slots per rank.
+
+Every layer starts from static expert parallelism. At step t a planner sees the prediction its
+``LoadPredictor`` built from steps < t (the oracle sees step t itself), may re-plan, and then step
+t is charged with ``CostModel.step_time`` on its true counts plus the move time of the re-plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..placement.cost_model import CostModel
+from ..placement.planner import Planner
+from ..placement.split import rank_loads
+from ..placement.table import PlacementTable
+from .trace import RoutingTrace
+
+
+@dataclasses.dataclass
+class SimResult:
+    """Per-step records of one planner (times in seconds, summed over layers).
+
+    balance_TL: max rank load / mean rank load. time_T: step time including moves.
+    compute_T, a2a_T, sync_T, move_T: its terms. bytes_moved: network bytes of all moves.
+    replans: placement changes (replicas added, dropped or moved), over all layers.
+    share_updates: table changes that only re-split tokens among the same replicas.
+    """
+
+    name: str
+    balance_TL: np.ndarray
+    time_T: np.ndarray
+    compute_T: np.ndarray
+    a2a_T: np.ndarray
+    sync_T: np.ndarray
+    move_T: np.ndarray
+    bytes_moved: float
+    replans: int
+    share_updates: int
+
+    def summary(self) -> dict:
+        return {
+            "planner": self.name,
+            "balance_mean": float(self.balance_TL.mean()),
+            "balance_p99": float(np.percentile(self.balance_TL, 99)),
+            "step_ms": float(self.time_T.mean() * 1e3),
+            "compute_ms": float(self.compute_T.mean() * 1e3),
+            "a2a_ms": float(self.a2a_T.mean() * 1e3),
+            "sync_ms": float(self.sync_T.mean() * 1e3),
+            "move_ms": float(self.move_T.mean() * 1e3),
+            "bytes_moved": float(self.bytes_moved),
+            "replans": int(self.replans),
+            "share_updates": int(self.share_updates),
+        }
+
+
+def merge_ranks(counts_TLWE: np.ndarray, world_size: int) -> np.ndarray:
+    """Counts of ``world_size`` ranks from a trace of a multiple of that many (neighbours merged)."""
+    W = counts_TLWE.shape[2]
+    if W % world_size:
+        raise ValueError(f"world_size={world_size} must divide the trace's {W} ranks")
+    T, L, _, E = counts_TLWE.shape
+    return counts_TLWE.reshape(T, L, world_size, W // world_size, E).sum(3)
+
+
+def simulate_planner(
+    planner: Planner, counts_TLWE: np.ndarray, cost: CostModel, slots_per_rank: int | None = None
+) -> SimResult:
+    T, L, W, E = counts_TLWE.shape
+    tables = [PlacementTable.static(E, W, slots_per_rank) for _ in range(L)]
+    predictors = [planner.make_predictor() for _ in range(L)]
+    balance_TL = np.ones((T, L))
+    terms_T4 = np.zeros((T, 4))
+    bytes_moved, replans, share_updates = 0.0, 0, 0
+    for t in range(T):
+        for layer in range(L):
+            true_WE = counts_TLWE[t, layer]
+            seen_WE = true_WE if planner.uses_true_counts else predictors[layer].predict()
+            table = tables[layer]
+            if seen_WE is not None:
+                new = planner.plan(table, seen_WE, cost, t)
+                if new is not table and np.array_equal(new.slot_expert_WS, table.slot_expert_WS):
+                    share_updates += 1
+                elif new is not table:
+                    replans += 1
+                    bytes_moved += cost.move_bytes_total(table, new)
+                    terms_T4[t, 3] += cost.move_time(table, new)
+                table = tables[layer] = new
+            step = cost.step_time(table, true_WE)
+            terms_T4[t, :3] += (step.compute, step.a2a, step.sync)
+            load_W = rank_loads(table, true_WE.sum(0))
+            balance_TL[t, layer] = load_W.max() / load_W.mean() if load_W.sum() > 0 else 1.0
+            predictors[layer].update(true_WE)
+    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates)
+
+
+def simulate(
+    trace: RoutingTrace,
+    planners: list[Planner],
+    cost: CostModel,
+    world_size: int | None = None,
+    slots_per_rank: int | None = None,
+) -> list[SimResult]:
+    """One ``SimResult`` per planner, in order."""
+    counts = trace.counts_TLWE if world_size is None else merge_ranks(trace.counts_TLWE, world_size)
+    return [simulate_planner(p, counts, cost, slots_per_rank) for p in planners]
+
+
+def format_table(results: list[SimResult], baseline: str = "static") -> str:
+    """A Markdown table; ``vs static`` = baseline mean step time / this planner's."""
+    rows = [r.summary() for r in results]
+    base = next((r["step_ms"] for r in rows if r["planner"] == baseline), None)
+    head = ("| planner | balance mean | balance p99 | step ms | compute | a2a | sync | move "
+            f"| vs {baseline} | GB moved | re-plans | share updates |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        speedup = f"{base / r['step_ms']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['planner']} | {r['balance_mean']:.3f} | {r['balance_p99']:.3f} | {r['step_ms']:.3f} "
+            f"| {r['compute_ms']:.3f} | {r['a2a_ms']:.3f} | {r['sync_ms']:.3f} | {r['move_ms']:.3f} "
+            f"| {speedup} | {r['bytes_moved'] / 1e9:.2f} | {r['replans']} | {r['share_updates']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: list[SimResult], path: str, title: str = "") -> None:
+    """PNG: balance ratio (mean over layers) and modelled step time over steps, per planner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_b, ax_t) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for r in results:
+        ax_b.plot(r.balance_TL.mean(1), label=r.name, linewidth=1)
+        ax_t.plot(r.time_T * 1e3, label=r.name, linewidth=1)
+    ax_b.set_ylabel("balance ratio (max / mean rank load)")
+    ax_t.set_ylabel("modelled step time (ms)")
+    ax_t.set_xlabel("step")
+    ax_b.legend(ncol=3, fontsize=8)
+    ax_b.grid(alpha=0.3)
+    ax_t.grid(alpha=0.3)
+    if title:
+        ax_b.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

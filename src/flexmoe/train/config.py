@@ -1,0 +1,110 @@
+"""TrainConfig and the presets of ``flexmoe train`` (a ModelConfig + a TrainConfig each)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ..config import _require_choice, _require_float, _require_int
+from ..models.gpt import ModelConfig
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train.
+
+    steps: optimizer steps. batch_size: sequences per step and rank; grad_accum: micro-batches
+        of that size per step. seq_len of the sequences is ``ModelConfig.seq_len``.
+    lr, min_lr, warmup_steps: linear warm-up to lr, then cosine decay to min_lr at ``steps``.
+    weight_decay, beta1, beta2, grad_clip: AdamW and global-norm clipping (0 disables clipping).
+    eval_every, eval_batches: validation loss every so many steps, on that many fixed batches.
+    checkpoint_every, keep_checkpoints: checkpoint cadence (a checkpoint is also written at the
+        end) and how many of the newest to keep.
+    tokenizer: "byte" or "bpe" (trained on the training split, ``bpe_vocab_size`` tokens).
+    data: a text file or folder; None is the Python standard library's source.
+    val_fraction: share of files (by a hash of their path) held out for validation.
+    precision: "fp32", or "bf16" (CUDA: autocast for attention and dense parts; MoE layers fp32).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = 4096
+    data: str | None = None
+    val_fraction: float = 0.05
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_checkpoints", "bpe_vocab_size"):
+            _require_int(self, name, minimum=1)
+        for name in ("warmup_steps", "seed"):
+            _require_int(self, name, minimum=0)
+        _require_float(self, "lr", positive=True)
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            _require_float(self, name, positive=False)
+        for name in ("beta1", "beta2", "val_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"TrainConfig.{name} must be in (0, 1), got {value!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} must not exceed lr={self.lr}")
+        _require_choice(self, "tokenizer", ("byte", "bpe"))
+        _require_choice(self, "precision", ("fp32", "bf16"))
+        if self.data is not None and not isinstance(self.data, str):
+            raise ValueError(f"TrainConfig.data must be a path string or None, got {self.data!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Preset:
+    description: str
+    model: dict
+    train: dict
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        "CPU, ~2 minutes on 2 cores: 4 layers, d=128, 8 experts top-2, byte tokens",
+        model=dict(seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=256, num_experts=8, top_k=2),
+        train=dict(steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
+                   eval_batches=4, checkpoint_every=125),
+    ),
+    "tiny-dense": Preset(
+        "the tiny preset with one dense FFN per block: the start of --init-from-dense",
+        model=dict(seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=256, num_experts=1, top_k=1),
+        train=dict(steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
+                   eval_batches=4, checkpoint_every=125),
+    ),
+    "small": Preset(
+        "1 GPU: 8 layers, d=512, 16 experts top-2 of width 1024, BPE 8192, 1024-token context",
+        model=dict(seq_len=1024, d_model=512, n_layers=8, n_heads=8, d_ff=1024, num_experts=16, top_k=2),
+        train=dict(steps=5000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_every=250,
+                   eval_batches=16, checkpoint_every=500, tokenizer="bpe", bpe_vocab_size=8192,
+                   precision="bf16"),
+    ),
+    "medium": Preset(
+        "several GPUs (torchrun): 12 layers, d=768, 32 experts top-2 in every other block, BPE 16384",
+        model=dict(seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=2048, num_experts=32, top_k=2,
+                   moe_every=2),
+        train=dict(steps=20000, batch_size=16, lr=6e-4, min_lr=6e-5, warmup_steps=1000, eval_every=500,
+                   eval_batches=32, checkpoint_every=1000, tokenizer="bpe", bpe_vocab_size=16384,
+                   precision="bf16"),
+    ),
+}

@@ -1,0 +1,316 @@
+"""The training loop: optimizer, LR schedule, steps, evaluation, checkpoints, metrics, trace.
+
+Legend: B batch, S sequence, V vocabulary, L MoE layers, E experts, W ranks.
+Everything a resumed run needs lives in ``Trainer.state_dict()``; with it a run stopped after
+a checkpoint continues with exactly the losses of an uninterrupted one (CPU, same world size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layer import aux_loss, moe_layers, update_router_bias
+from ..models.gpt import GPTMoE, ModelConfig
+from ..routing_dts import set_gate_step
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import WindowStream
+from .metrics import MetricsLog, balance_ratio
+
+
+@dataclasses.dataclass
+class DistInfo:
+    """This process's place among the data-parallel ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or the gate step)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up, then cosine down to min_lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sync_gradients(model: nn.Module, info: DistInfo) -> None:
+    """Average gradients over data-parallel ranks (one flat all-reduce)."""
+    if info.world_size == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=info.group)
+    flat /= info.world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class Trainer:
+    """Runs ``TrainConfig.steps`` optimizer steps of ``model`` on ``stream``.
+
+    val_windows: [N, S+1] fixed validation windows (this rank's share).
+    trace: a ``flexmoe.sim.trace.TraceRecorder`` (main rank) or None; it gets the routing counts
+        of every step, all ranks gathered, under 0-based step indices.
+    """
+
+    def __init__(self, model: GPTMoE, model_cfg: ModelConfig, cfg: TrainConfig, stream: WindowStream,
+                 val_windows: np.ndarray, run_dir: Path, device: torch.device, info: DistInfo,
+                 metrics: MetricsLog, trace=None, progress: bool = True, checkpoint_meta: dict | None = None):
+        self.model = model
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.stream = stream
+        self.val_windows = torch.from_numpy(val_windows.astype(np.int64))
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.info = info
+        self.metrics = metrics
+        self.trace = trace
+        self.progress = progress and info.is_main
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_s = 0.0
+        self.moe = moe_layers(model)
+        self.autocast = cfg.precision == "bf16" and device.type == "cuda"
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_s,
+            "data": self.stream.state_dict(),
+            "optimizer": ckpt.optimizer_state_by_name(self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self._gather_rng(rng),
+            "world_size": self.info.world_size,
+            "model_config": self.model_cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            **self.checkpoint_meta,
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        ckpt.load_optimizer_state(self.model, self.optimizer, state["optimizer"], source)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.scheduler.last_epoch)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.elapsed_s = float(state["elapsed_s"])
+        self.stream.load_state_dict(state["data"])
+        rngs = state["rng"]
+        if int(state["world_size"]) == self.info.world_size:
+            mine = rngs[self.info.rank]
+            torch.set_rng_state(mine["torch"])
+            if self.device.type == "cuda" and "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            torch.manual_seed(_rank_seed(self.cfg.seed, self.info.rank, self.step))
+
+    def _gather_rng(self, rng: dict) -> list[dict]:
+        if self.info.world_size == 1:
+            return [rng]
+        out: list = [None] * self.info.world_size
+        dist.all_gather_object(out, rng, group=self.info.group)
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()
+        if not self.info.is_main:
+            return None
+        meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
+        return ckpt.save_checkpoint(self.run_dir, self.step, ckpt.unique_state_dict(self.model), state, meta,
+                                    keep=self.cfg.keep_checkpoints)
+
+    # ---- steps -------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        window_BS = torch.from_numpy(
+            self.stream.next_batch(self.cfg.batch_size, self.info.rank, self.info.world_size).astype(np.int64)
+        ).to(self.device)
+        return window_BS[:, :-1], window_BS[:, 1:]
+
+    def _forward_loss(self, x_BS: torch.Tensor, y_BS: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits_BSV = self.model(x_BS)
+        return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1))
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        set_gate_step(self.model, self.step)
+        lm_total = aux_total = 0.0
+        counts_LE = None
+        for _ in range(cfg.grad_accum):
+            x_BS, y_BS = self._batch()
+            lm_loss = self._forward_loss(x_BS, y_BS)
+            extra = aux_loss(self.model)
+            ((lm_loss + extra) / cfg.grad_accum).backward()
+            lm_total += lm_loss.detach() / cfg.grad_accum
+            aux_total += extra.detach() / cfg.grad_accum
+            if self.moe:
+                micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
+                counts_LE = micro if counts_LE is None else counts_LE + micro
+        sync_gradients(self.model, self.info)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                     if cfg.grad_clip > 0 else torch.zeros(()))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_bias()
+        self.step += 1
+        tokens = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
+        self.tokens_seen += tokens
+        losses = torch.stack([torch.as_tensor(lm_total), torch.as_tensor(aux_total).to(lm_total.device)])
+        if self.info.world_size > 1:
+            dist.all_reduce(losses, group=self.info.group)
+            losses /= self.info.world_size
+        lm, aux = (float(v) for v in losses.tolist())
+        record = {"kind": "train", "step": self.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
+                  "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
+        if counts_LE is not None:
+            counts_WLE = self._gather_counts(counts_LE)
+            ratio_L = balance_ratio(counts_WLE.sum(0))
+            record["balance"] = float(ratio_L.mean())
+            record["balance_per_layer"] = [round(float(r), 4) for r in ratio_L]
+            if self.trace is not None:
+                for layer in range(counts_WLE.shape[1]):
+                    self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
+        return record
+
+    def _update_bias(self) -> None:
+        if not self.model_cfg.bias_update_rate or not self.moe:
+            return
+        if self.info.world_size > 1:
+            for layer in self.moe:
+                dist.all_reduce(layer.router.pending_load_E, group=self.info.group)
+        update_router_bias(self.model)
+
+    def _gather_counts(self, counts_LE: torch.Tensor) -> np.ndarray:
+        if self.info.world_size == 1:
+            return counts_LE.cpu().numpy()[None]
+        parts = [torch.empty_like(counts_LE) for _ in range(self.info.world_size)]
+        dist.all_gather(parts, counts_LE, group=self.info.group)
+        return torch.stack(parts).cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy over the fixed validation windows (all ranks)."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for start in range(0, len(self.val_windows), self.cfg.batch_size):
+                window_BS = self.val_windows[start:start + self.cfg.batch_size].to(self.device)
+                loss = self._forward_loss(window_BS[:, :-1], window_BS[:, 1:])
+                n = window_BS[:, 1:].numel()
+                total += torch.stack([loss.double() * n, torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+        if self.info.world_size > 1:
+            dist.all_reduce(total, group=self.info.group)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def _validate(self, bar) -> None:
+        val = self.evaluate()
+        record = {"kind": "val", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+        self.val_history.append(record)
+        if self.info.is_main:
+            self.metrics.write(record)
+            if self.progress:
+                bar.write(f"step {self.step:>6}: val loss {val:.4f}  ppl {record['val_ppl']:.2f}")
+
+    # ---- run ---------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to ``cfg.steps`` (or stop after ``stop_at`` with a checkpoint, as a kill would)."""
+        cfg = self.cfg
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="train")
+        if self.step == 0 and self.step < last:
+            self._validate(bar)
+        tic = time.perf_counter()
+        window_tokens, window_start = 0, tic
+        try:
+            while self.step < last:
+                record = self.train_step()
+                now = time.perf_counter()
+                window_tokens += cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
+                record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                record["elapsed_s"] = self.elapsed_s + (now - tic)
+                if now - window_start > 5.0:
+                    window_tokens, window_start = 0, now
+                self.history.append(record)
+                if self.info.is_main:
+                    self.metrics.write(record)
+                    postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                    if "balance" in record:
+                        postfix["bal"] = f"{record['balance']:.2f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    self._validate(bar)
+                if self.step % cfg.checkpoint_every == 0 or self.step == last:
+                    self.elapsed_s += time.perf_counter() - tic
+                    tic = time.perf_counter()
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.elapsed_s += time.perf_counter() - tic
+        return self.summary()
+
+    def summary(self) -> dict:
+        train = [r["loss"] for r in self.history]
+        out = {"kind": "summary", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": self.elapsed_s,
+               "finished": self.step >= self.cfg.steps}
+        if train:
+            head, tail = train[: min(10, len(train))], train[-min(10, len(train)):]
+            out["train_loss_first"] = sum(head) / len(head)
+            out["train_loss_last"] = sum(tail) / len(tail)
+        if self.val_history:
+            out["val_loss_first"] = self.val_history[0]["val_loss"]
+            out["val_loss"] = self.val_history[-1]["val_loss"]
+            out["val_ppl"] = self.val_history[-1]["val_ppl"]
+        return out
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])

@@ -1,0 +1,308 @@
+"""Placement runtime on one process: table edits, diffs, migration of weights + optimizer state,
+and the scheduler's cadence, metrics and checkpoint state. The multi-process invariance test is in
+test_placement_runtime_dist.py."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flexmoe import MoEConfig, MoELayer
+from flexmoe.experts import GroupedExperts
+from flexmoe.placement import CostModel, PlacementTable, make_planner
+from flexmoe.placement.migration import (
+    apply_placement,
+    diff_placement,
+    expand_replica,
+    migrate_replica,
+    shrink_replica,
+    swap_slots,
+)
+from flexmoe.placement.scheduler import PlacementScheduler
+from flexmoe.sim.trace import read_trace
+
+
+class SlotLayer(MoELayer):
+    """The part of the EP layer contract migration and scheduler use: S physical slots, a table,
+    counts. (No data path: the multi-process test runs the real one.)"""
+
+    def __init__(self, table: PlacementTable, d_model=4, d_ff=6):
+        nn.Module.__init__(self)
+        cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=table.num_experts, top_k=1)
+        self.config = cfg
+        self.experts = GroupedExperts(cfg, num_experts=table.slots_per_rank).double()
+        self.placement = table
+        self.ep_group = None
+        self.last_counts = None
+
+    def set_placement(self, table):
+        self.placement = table
+
+
+def logical(layer, tensors):
+    """Rows of every logical expert (first replica), from each tensor [S, ...]."""
+    out = []
+    for e in range(layer.placement.num_experts):
+        _, s, _ = layer.placement.replicas(e)[0]
+        out.append([t[s].clone() for t in tensors])
+    return out
+
+
+def adam_layer(table, seed=0):
+    torch.manual_seed(seed)
+    layer = SlotLayer(table)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    # Make replicas of one expert identical, then give the optimizer some per-slot history.
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            for e in range(table.num_experts):
+                slots = [s for _, s, _ in table.replicas(e)]
+                p[slots] = p[slots[0]].clone()
+    for _ in range(2):
+        loss = sum((p ** 3).sum() for p in layer.parameters())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return layer, opt
+
+
+def state_tensors(layer, opt):
+    gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
+    return [gu.data, dn.data, opt.state[gu]["exp_avg"], opt.state[gu]["exp_avg_sq"],
+            opt.state[dn]["exp_avg"], opt.state[dn]["exp_avg_sq"]]
+
+
+def one_rank_table(slots):
+    """E = number of distinct non-negative entries; equal shares per expert."""
+    se = np.array([slots])
+    E = int(se.max()) + 1
+    share = np.zeros(se.shape)
+    for e in range(E):
+        share[se == e] = 1.0 / (se == e).sum()
+    return PlacementTable(E, se, share)
+
+
+# ---------------------------------------------------------------- table edits and diff
+
+
+def test_table_edits_bump_version_and_keep_shares_valid():
+    t = PlacementTable.static(4, 2, slots_per_rank=3)  # [[0,1,-1],[2,3,-1]]
+    t1 = expand_replica(t, 0, (1, 2))
+    assert t1.version == 1 and t1.replicas(0) == [(0, 0, 0.5), (1, 2, 0.5)]
+    t2 = shrink_replica(t1, (0, 0))
+    assert t2.version == 2 and t2.replicas(0) == [(1, 2, 1.0)]
+    t3 = migrate_replica(t2, (0, 1), (0, 0))
+    assert t3.slot_expert_WS[0].tolist() == [1, -1, -1]
+    t4 = swap_slots(t3, (0, 0), (1, 0))
+    assert t4.slot_expert_WS.tolist() == [[2, -1, -1], [1, 3, 0]] and t4.version == 4
+    with pytest.raises(ValueError, match="not empty"):
+        expand_replica(t, 1, (0, 0))
+    with pytest.raises(ValueError, match="last replica"):
+        shrink_replica(t, (0, 0))
+    with pytest.raises(ValueError, match="source slot"):
+        migrate_replica(t, (0, 2), (1, 2))
+
+
+def test_diff_classifies_primitives_and_prefers_local_sources():
+    old = PlacementTable(3, np.array([[0, 1, -1], [2, 0, -1]]), np.array([[0.5, 1, 0], [1, 0.5, 0]]))
+    new = PlacementTable(3, np.array([[0, 2, 1], [2, -1, 1]]), np.array([[1, 0.5, 0.5], [0.5, 0, 0.5]]), 1)
+    plan = diff_placement(old, new)
+    # expert 0: (1,1) dropped -> shrink; expert 1: (0,1) -> (0,2) migrate, (1,2) expand; expert 2: (0,1) expand
+    assert (plan.expands, plan.shrinks, plan.migrates) == (2, 1, 1)
+    by_dst = {t.dst: t for t in plan.transfers}
+    assert set(by_dst) == {(0, 2), (1, 2), (0, 1)}
+    assert by_dst[(0, 2)].src == (0, 1)  # local source
+    assert by_dst[(0, 1)].src == (1, 0) and by_dst[(0, 1)].expert == 2
+    assert plan.num_remote == 2
+    assert diff_placement(old, old).transfers == ()
+
+
+def test_diff_prefers_same_node_then_spreads_sources():
+    def table(rows, version):
+        se = np.array([[e, -1] for e in rows])
+        return PlacementTable(1, se, (se >= 0) / (se >= 0).sum(), version)
+
+    old, new = table([0, 0, -1, -1], 0), table([0, 0, 0, 0], 1)
+    srcs = {t.dst: t.src for t in diff_placement(old, new).transfers}
+    assert srcs == {(2, 0): (0, 0), (3, 0): (1, 0)}  # spread over both holders
+    old, new = table([0, -1, 0, -1], 0), table([0, -1, 0, 0], 1)
+    assert diff_placement(old, new).transfers[0].src == (0, 0)  # least used, then lowest
+    assert diff_placement(old, new, ranks_per_node=2).transfers[0].src == (2, 0)  # same node
+
+
+# ---------------------------------------------------------------- migration, one process
+
+
+@pytest.mark.parametrize("change", ["swap", "expand", "shrink", "migrate", "rotate"])
+def test_apply_placement_moves_weights_and_adam_state(change):
+    table = one_rank_table([0, 1, 2, 0, -1])
+    layer, opt = adam_layer(table)
+    before = logical(layer, state_tensors(layer, opt))
+    step_before = float(opt.state[layer.experts.gate_up_proj]["step"])
+    new = {
+        "swap": lambda: swap_slots(table, (0, 0), (0, 1)),
+        "expand": lambda: expand_replica(table, 2, (0, 4)),
+        "shrink": lambda: shrink_replica(table, (0, 0)),
+        "migrate": lambda: migrate_replica(table, (0, 1), (0, 4)),
+        "rotate": lambda: PlacementTable(3, np.array([[2, 0, 1, -1, 0]]),
+                                         np.array([[1, 0.5, 1, 0, 0.5]]), 1),
+    }[change]()
+    report = apply_placement(layer, new, opt)
+    assert layer.placement.version == new.version
+    after_tensors = state_tensors(layer, opt)
+    for e, rows in enumerate(before):
+        for r, s, _ in layer.placement.replicas(e):
+            for old_row, t in zip(rows, after_tensors):
+                torch.testing.assert_close(t[s], old_row, rtol=0, atol=0)
+    assert float(opt.state[layer.experts.gate_up_proj]["step"]) == step_before
+    row_bytes = sum(t[0].numel() * 8 for t in after_tensors)
+    assert report.bytes_per_slot == row_bytes
+    assert report.bytes_moved == row_bytes * report.transfers
+    assert report.bytes_sent == report.bytes_received == 0
+    expected = {"swap": (0, 0, 2), "expand": (1, 0, 0), "shrink": (0, 1, 0), "migrate": (0, 0, 1)}
+    if change in expected:
+        assert (report.expands, report.shrinks, report.migrates) == expected[change]
+
+
+def test_apply_placement_without_optimizer_state_moves_weights_only():
+    table = one_rank_table([0, 1, -1])
+    layer, opt = adam_layer(table)
+    ea = opt.state[layer.experts.gate_up_proj]["exp_avg"]
+    slot2_state = ea[2].clone()
+    report = apply_placement(layer, migrate_replica(table, (0, 0), (0, 2)), opt, move_optimizer_state=False)
+    torch.testing.assert_close(layer.experts.gate_up_proj[2], layer.experts.gate_up_proj[0])
+    torch.testing.assert_close(ea[2], slot2_state)
+    assert report.bytes_per_slot == sum(p[0].numel() * 8 for p in layer.experts.parameters())
+
+
+def test_apply_placement_rejects_bad_tables_and_states():
+    table = one_rank_table([0, 1, -1])
+    layer, opt = adam_layer(table)
+    same_version = swap_slots(table, (0, 0), (0, 1))
+    same_version.version = table.version
+    with pytest.raises(ValueError, match="higher version"):
+        apply_placement(layer, same_version, opt)
+    with pytest.raises(ValueError, match="shape"):
+        apply_placement(layer, PlacementTable.static(2, 1, slots_per_rank=4), opt)
+    opt.state[layer.experts.gate_up_proj]["odd"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="odd"):
+        apply_placement(layer, swap_slots(table, (0, 0), (0, 1)), opt)
+
+
+def test_sgd_without_state_and_no_optimizer():
+    table = one_rank_table([0, 1, -1])
+    torch.manual_seed(0)
+    layer = SlotLayer(table)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    w0 = layer.experts.down_proj[0].clone()
+    report = apply_placement(layer, swap_slots(table, (0, 0), (0, 2)), opt)
+    torch.testing.assert_close(layer.experts.down_proj[2], w0, rtol=0, atol=0)
+    assert report.transfers == 1
+    apply_placement(layer, swap_slots(layer.placement, (0, 2), (0, 0)), None)
+    torch.testing.assert_close(layer.experts.down_proj[0], w0, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- scheduler, one process
+
+
+class HotExpertPlanner:
+    """Tiny deterministic planner for tests: give the hottest expert a replica in a free slot,
+    or else take the extra replica of an expert away."""
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, table, counts_WE, cost_model):
+        self.calls.append((table.version, np.array(counts_WE), cost_model))
+        hot = int(np.argmax(counts_WE.sum(0)))
+        free = np.argwhere(table.slot_expert_WS == -1)
+        if len(free) and table.num_replicas_E()[hot] == 1:
+            return expand_replica(table, hot, tuple(int(i) for i in free[0]))
+        extra = [e for e in range(table.num_experts) if table.num_replicas_E()[e] > 1]
+        if extra:
+            r, s, _ = table.replicas(extra[0])[-1]
+            return shrink_replica(table, (r, s))
+        return table
+
+
+def test_scheduler_cadence_metrics_log_and_trace(caplog, tmp_path):
+    table = one_rank_table([0, 1, 2, -1])
+    layers = nn.ModuleList([SlotLayer(table.copy()), SlotLayer(table.copy())])
+    opt = torch.optim.Adam(layers.parameters())
+    planner = HotExpertPlanner()
+    sched = PlacementScheduler(layers, opt, planner, cost_model="cm", interval=3, ema_decay=0.0,
+                               trace=tmp_path / "trace.jsonl")
+    assert len(sched.layers) == 2
+    hot = [torch.tensor([1, 9, 2]), torch.tensor([7, 1, 1])]
+    with caplog.at_level(logging.INFO, logger="flexmoe.placement"):
+        for step in range(1, 7):
+            for layer, c in zip(layers, hot):
+                layer.last_counts = c * step
+            result = sched.step()
+            assert (result is not None) == (step % 3 == 0)
+    trace = read_trace(tmp_path / "trace.jsonl")
+    assert trace.steps_T.tolist() == [0, 1, 2, 3, 4, 5] and trace.counts_TLWE.shape == (6, 2, 1, 3)
+    np.testing.assert_array_equal(trace.counts_TLWE[1, :, 0], np.stack(hot) * 2)
+    # first plan: expand the hot expert in each layer; second plan: shrink it again
+    assert layers[0].placement.num_replicas_E().tolist() == [1, 1, 1]
+    assert layers[0].placement.version == 2
+    m = sched.last_metrics
+    assert m["step"] == 6 and len(m["layers"]) == 2 and m["layers"][0]["shrinks"] == 1
+    assert planner.calls[0][2] == "cm"
+    np.testing.assert_allclose(planner.calls[0][1], (hot[0] * 3)[None].numpy())  # decay 0: last step
+    assert "placement step 3 layer 0" in caplog.text and "bytes moved" in caplog.text
+
+
+def test_scheduler_state_dict_round_trip_and_validation():
+    table = one_rank_table([0, 1, -1])
+    layer = SlotLayer(table)
+    opt = torch.optim.Adam(layer.parameters())
+    sched = PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", interval=2, ema_decay=0.9)
+    for _ in range(3):
+        layer.last_counts = torch.tensor([5, 1])
+        sched.step()
+    state = sched.state_dict()
+    assert state["tables"][0]["version"] == 1
+
+    fresh = SlotLayer(table.copy())
+    sched2 = PlacementScheduler(fresh, opt, HotExpertPlanner(), "cm", interval=2, ema_decay=0.9)
+    sched2.load_state_dict(state)
+    assert fresh.placement.version == 1 and sched2.num_steps == 3
+    np.testing.assert_array_equal(fresh.placement.slot_expert_WS, layer.placement.slot_expert_WS)
+    fresh.last_counts = torch.tensor([5, 1])
+    layer.last_counts = torch.tensor([5, 1])
+    assert sched.step()["layers"][0]["version"] == sched2.step()["layers"][0]["version"] == 2
+
+    with pytest.raises(ValueError, match="interval"):
+        PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", interval=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", ema_decay=1.0)
+    with pytest.raises(ValueError, match="planner"):
+        PlacementScheduler(layer, opt, object(), "cm")
+    with pytest.raises(ValueError, match="placement table"):
+        PlacementScheduler(nn.Linear(2, 2), opt, HotExpertPlanner(), "cm")
+
+
+def test_scheduler_measures_a_cost_model_and_uses_the_planners_predictor():
+    layer = SlotLayer(one_rank_table([0, 1, -1]))
+    sched = PlacementScheduler(layer, None, make_planner("greedy"), interval=1)
+    assert isinstance(sched.cost_model, CostModel) and sched.cost_model.c_tok > 0
+    assert sched._predictors[0].decay == make_planner("greedy").predictor_decay
+    layer.last_counts = torch.tensor([9, 1])
+    m = sched.step()
+    assert m["layers"][0]["balance_observed"] == 1.0 and layer.placement.version == 0  # one rank
+
+
+def test_observe_accumulates_micro_batches():
+    layer = SlotLayer(one_rank_table([0, 1, -1]))
+    planner = HotExpertPlanner()
+    sched = PlacementScheduler(layer, None, planner, "cm", interval=1)
+    for c in ([1, 2], [3, 4]):
+        layer.last_counts = torch.tensor(c)
+        sched.observe()
+    sched.step()
+    np.testing.assert_allclose(planner.calls[0][1], [[4, 6]])

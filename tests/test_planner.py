@@ -1,0 +1,371 @@
+"""Token split, cost model and placement planners: checked against plain-loop references and for the
+properties every plan must have, on seeded random inputs (tables, skewed and empty counts).
+
+Legend: E experts, W ranks, S slots per rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flexmoe.placement import (
+    PLANNERS,
+    CostModel,
+    LoadPredictor,
+    PlacementTable,
+    balance_ratio,
+    make_planner,
+    plan_moves,
+    rank_loads,
+    replica_quotas,
+    split_tokens,
+)
+from flexmoe.placement.planner import GreedyPlanner, balanced_shares, pack
+
+COST = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10)
+
+
+def random_table(rng: np.random.Generator, E: int, W: int, S: int) -> PlacementTable:
+    """Every expert once in a random free slot, then random extra replicas, random shares."""
+    slot = np.full((W, S), -1, dtype=np.int64)
+    free = [(r, s) for r in range(W) for s in range(S)]
+    rng.shuffle(free)
+    for e in range(E):
+        r, s = free.pop()
+        slot[r, s] = e
+    for r, s in free:
+        e = int(rng.integers(E))
+        if rng.random() < 0.6 and not (slot[r] == e).any():
+            slot[r, s] = e
+    share = np.where(slot >= 0, rng.random((W, S)) + 0.05, 0.0)
+    share = share if rng.random() < 0.7 else np.where(slot >= 0, 1.0, 0.0)
+    totals = np.bincount(slot[slot >= 0], weights=share[slot >= 0], minlength=E)
+    share = np.where(slot >= 0, share / totals[np.maximum(slot, 0)], 0.0)
+    return PlacementTable(E, slot, share, version=int(rng.integers(5)))
+
+
+def random_counts(rng: np.random.Generator, W: int, E: int) -> np.ndarray:
+    kind = rng.integers(4)
+    if kind == 0:
+        return np.zeros((W, E), dtype=np.int64)
+    if kind == 1:
+        counts = np.zeros((W, E), dtype=np.int64)
+        counts[rng.integers(W), rng.integers(E)] = 1
+        return counts
+    p = 1.0 / np.arange(1, E + 1) ** rng.uniform(0.0, 2.0)
+    p = p[rng.permutation(E)]
+    counts = rng.poisson(p / p.sum() * rng.integers(1, 2000), size=(W, E))
+    counts[:, rng.random(E) < 0.2] = 0
+    return counts.astype(np.int64)
+
+
+def random_case(rng: np.random.Generator):
+    W = int(rng.integers(1, 7))
+    E = int(rng.integers(1, 20))
+    S = math.ceil(E / W) + int(rng.integers(0, 4))
+    return random_table(rng, E, W, S), random_counts(rng, W, E)
+
+
+# ---- token split -------------------------------------------------------------------------------
+
+
+def reference_split(table: PlacementTable, counts_WE: np.ndarray):
+    """Plain loops: walk each expert's tokens (source order) and hand them to replicas in turn."""
+    W, S = table.slot_expert_WS.shape
+    send = np.zeros((counts_WE.shape[0], W, S), dtype=np.int64)
+    for e in range(table.num_experts):
+        reps = table.replicas(e)
+        n = int(counts_WE[:, e].sum())
+        total = sum(sh for _, _, sh in reps)
+        bounds, acc = [], 0.0
+        for j, (_, _, sh) in enumerate(reps):
+            acc += sh
+            bounds.append(n if j == len(reps) - 1 else min(int(math.floor(acc / total * n + 0.5)), n))
+        sources = [w for w in range(counts_WE.shape[0]) for _ in range(int(counts_WE[w, e]))]
+        j = 0
+        for i, w in enumerate(sources):
+            while i >= bounds[j]:
+                j += 1
+            r, s, _ = reps[j]
+            send[w, r, s] += 1
+    return send
+
+
+def test_split_matches_reference_and_sums():
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        table, counts = random_case(rng)
+        send = split_tokens(table, counts)
+        np.testing.assert_array_equal(send, reference_split(table, counts))
+        quota = replica_quotas(table, counts.sum(0))
+        np.testing.assert_array_equal(send.sum(0), quota)
+        np.testing.assert_array_equal(send.sum((1, 2)), counts.sum(1))
+        per_expert = np.bincount(table.slot_expert_WS[table.slot_expert_WS >= 0],
+                                 weights=quota[table.slot_expert_WS >= 0], minlength=table.num_experts)
+        np.testing.assert_array_equal(per_expert, counts.sum(0))
+        assert (quota[table.slot_expert_WS < 0] == 0).all()
+        n_slot = counts.sum(0)[np.maximum(table.slot_expert_WS, 0)]
+        assert (np.abs(quota - table.share_WS * n_slot) <= 1.0 + 1e-9).all()
+        np.testing.assert_array_equal(rank_loads(table, counts.sum(0)), quota.sum(1))
+
+
+def test_split_rejects_bad_counts():
+    table = PlacementTable.static(4, 2)
+    with pytest.raises(ValueError, match="counts_E"):
+        replica_quotas(table, np.ones(3))
+    with pytest.raises(ValueError, match=">= 0"):
+        replica_quotas(table, -np.ones(4))
+    with pytest.raises(ValueError, match="counts_WE"):
+        split_tokens(table, np.ones((2, 5)))
+
+
+def test_balance_ratio():
+    table = PlacementTable.static(4, 2)
+    assert balance_ratio(table, np.array([3, 1, 0, 0])) == pytest.approx(2.0)
+    assert balance_ratio(table, np.zeros(4)) == 1.0
+
+
+# ---- cost model --------------------------------------------------------------------------------
+
+
+def reference_step_time(cost: CostModel, table: PlacementTable, counts_WE: np.ndarray) -> float:
+    W = table.world_size
+    node = [r // (cost.ranks_per_node or W) for r in range(W)]
+    send = reference_split(table, counts_WE)
+    comp = max(send[:, r].sum() * cost.c_tok + (send[:, r].sum(0) > 0).sum() * cost.c_slot for r in range(W))
+    worst = 0.0
+    for r in range(W):
+        for inter, bw in ((False, cost.a2a_bw), (True, cost.a2a_bw_inter or cost.a2a_bw)):
+            peers = [q for q in range(W) if q != r and (node[q] != node[r]) == inter]
+            out = sum(send[r, q].sum() for q in peers) * cost.bytes_per_token
+            inn = sum(send[q, r].sum() for q in peers) * cost.bytes_per_token
+            worst = max(worst, max(out, inn) / bw)
+    sync = 0.0
+    for e in range(table.num_experts):
+        ranks = sorted({r for r, _, _ in table.replicas(e)})
+        if len(ranks) > 1:
+            spans = len({node[r] for r in ranks}) > 1
+            bw = cost.sync_bw or ((cost.a2a_bw_inter or cost.a2a_bw) if spans else cost.a2a_bw)
+            sync += 2 * (len(ranks) - 1) / len(ranks) * cost.grad_bytes / bw
+    return comp + cost.a2a_passes * worst + sync
+
+
+def test_step_time_matches_reference():
+    rng = np.random.default_rng(1)
+    two_level = CostModel(c_tok=2e-9, c_slot=1e-6, bytes_per_token=128, a2a_bw=1e10, a2a_bw_inter=1e9,
+                          ranks_per_node=2, grad_bytes=1e6, move_bytes=3e6)
+    for _ in range(60):
+        table, counts = random_case(rng)
+        for cost in (COST, two_level):
+            got = cost.step_time(table, counts)
+            assert got.total == pytest.approx(reference_step_time(cost, table, counts), rel=1e-12, abs=1e-15)
+
+
+def test_moves_and_move_time():
+    rng = np.random.default_rng(2)
+    cost = CostModel(c_tok=1e-9, bytes_per_token=1, a2a_bw=1e9, a2a_bw_inter=1e8, ranks_per_node=2,
+                     grad_bytes=1, move_bytes=1e6)
+    for _ in range(60):
+        W, E = int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        S = math.ceil(E / W) + 2
+        old, new = random_table(rng, E, W, S), random_table(rng, E, W, S)
+        moves = cost.moves(old, new)
+        changed = {(r, s) for r, s in zip(*np.nonzero(new.slot_expert_WS >= 0))
+                   if new.slot_expert_WS[r, s] != old.slot_expert_WS[r, s]}
+        assert {(m.dst_rank, m.dst_slot) for m in moves} == changed
+        out = np.zeros((W, W))
+        for m in moves:
+            assert m.expert == new.slot_expert_WS[m.dst_rank, m.dst_slot]
+            assert (old.slot_expert_WS[m.src_rank] == m.expert).any()
+            held_here = (old.slot_expert_WS[m.dst_rank] == m.expert).any()
+            assert (m.src_rank == m.dst_rank) == held_here
+            out[m.src_rank, m.dst_rank] += 0 if m.src_rank == m.dst_rank else cost.move_bytes
+        worst = 0.0
+        for r in range(W):
+            for inter, bw in ((False, 1e9), (True, 1e8)):
+                peers = [q for q in range(W) if (q // 2 != r // 2) == inter]
+                worst = max(worst, out[r, peers].sum() / bw, out[peers, r].sum() / bw)
+        assert cost.move_time(old, new) == pytest.approx(worst)
+        assert cost.move_bytes_total(old, new) == pytest.approx(out.sum())
+        assert len(plan_moves(old, new)) == len(moves)
+    table = random_table(rng, 8, 3, 4)
+    assert cost.moves(table, table) == [] and cost.move_time(table, table) == 0.0
+
+
+def test_cost_model_validation_names_the_field():
+    with pytest.raises(ValueError, match="c_tok"):
+        CostModel(c_tok=0, bytes_per_token=1, a2a_bw=1, grad_bytes=1, move_bytes=1)
+    with pytest.raises(ValueError, match="a2a_bw"):
+        CostModel(c_tok=1, bytes_per_token=1, a2a_bw=-1, grad_bytes=1, move_bytes=1)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        CostModel(c_tok=1, bytes_per_token=1, a2a_bw=1, grad_bytes=1, move_bytes=1, ranks_per_node=0)
+
+
+def test_from_shape_constants():
+    cost = CostModel.from_shape(2048, 768, flops=764e12, mem_bw=3e12, a2a_bw=350e9)
+    assert cost.c_tok == pytest.approx(18 * 2048 * 768 / 764e12)
+    assert cost.bytes_per_token == 2048 * 2
+    assert cost.grad_bytes == 3 * 2048 * 768 * 4
+    assert cost.move_bytes == 3 * 2048 * 768 * 12
+
+
+def test_measure_on_cpu():
+    cost = CostModel.measure(32, 16, rows=64, local_experts=2, repeats=1)
+    assert cost.c_tok > 0 and cost.a2a_bw > 0 and cost.c_slot >= 0
+    assert cost.bytes_per_token == 32 * 4
+
+
+# ---- planners ----------------------------------------------------------------------------------
+
+
+def test_every_plan_is_valid_and_deterministic():
+    rng = np.random.default_rng(3)
+    for name in PLANNERS:
+        for case in range(40):
+            table, counts = random_case(rng)
+            planner = make_planner(name)
+            step = int(rng.integers(0, 300))
+            before = table.copy()
+            plan = planner.plan(table, counts, COST, step)
+            np.testing.assert_array_equal(table.slot_expert_WS, before.slot_expert_WS)
+            np.testing.assert_array_equal(table.share_WS, before.share_WS)
+            assert plan.slot_expert_WS.shape == table.slot_expert_WS.shape
+            plan.validate()
+            assert (plan.num_replicas_E() >= 1).all()
+            assert ((plan.slot_expert_WS >= 0).sum(1) <= table.slots_per_rank).all()
+            for r in range(plan.world_size):
+                held = plan.slot_expert_WS[r][plan.slot_expert_WS[r] >= 0]
+                assert len(set(held.tolist())) == held.size, (name, case)
+            totals = np.bincount(plan.slot_expert_WS[plan.slot_expert_WS >= 0],
+                                 weights=plan.share_WS[plan.slot_expert_WS >= 0], minlength=plan.num_experts)
+            np.testing.assert_allclose(totals, 1.0, atol=1e-9)
+            assert plan is table or plan.version == table.version + 1
+            again = make_planner(name).plan(before.copy(), counts.copy(), COST, step)
+            np.testing.assert_array_equal(again.slot_expert_WS, plan.slot_expert_WS)
+            np.testing.assert_array_equal(again.share_WS, plan.share_WS)
+
+
+def test_static_planner_never_changes():
+    rng = np.random.default_rng(4)
+    table, counts = random_case(rng)
+    assert make_planner("static").plan(table, counts, COST) is table
+
+
+def test_greedy_keeps_locations_when_load_unchanged():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        W = int(rng.integers(2, 7))
+        E = int(rng.integers(W, 25))
+        S = math.ceil(E / W) + int(rng.integers(1, 4))
+        counts = random_counts(rng, W, E)
+        counts[0, 0] += 500
+        planner = GreedyPlanner()
+        first = planner.plan(PlacementTable.static(E, W, S), counts, COST)
+        second = planner.plan(first, counts, COST)
+        assert second is first
+        small = np.rint(counts * 1.0).astype(np.int64)
+        assert planner.plan(first, small, COST) is first
+
+
+def test_greedy_reduces_modelled_time_on_skew():
+    rng = np.random.default_rng(6)
+    for _ in range(10):
+        W, E = 4, 16
+        p = 1.0 / np.arange(1, E + 1) ** 1.2
+        counts = rng.poisson(p[rng.permutation(E)] / p.sum() * 8000, size=(W, E))
+        table = PlacementTable.static(E, W, 6)
+        plan = make_planner("greedy").plan(table, counts, COST)
+        if balance_ratio(table, counts.sum(0)) > 1.2:
+            assert COST.step_time(plan, counts).total < COST.step_time(table, counts).total
+            assert balance_ratio(plan, counts.sum(0)) < balance_ratio(table, counts.sum(0))
+
+
+def test_pack_keeps_locations_and_balanced_shares():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        table, counts = random_case(rng)
+        load = counts.sum(0).astype(float)
+        reps = table.num_replicas_E()
+        slot = pack(reps, load, table.world_size, table.slots_per_rank, keep=table)
+        np.testing.assert_array_equal(slot, table.slot_expert_WS)
+        share = balanced_shares(slot, load)
+        new = PlacementTable(table.num_experts, slot, share)
+        if load.sum() > 0:
+            frac = lambda t: (np.where(t.slot_expert_WS >= 0, load[np.maximum(t.slot_expert_WS, 0)], 0) * t.share_WS).sum(1)
+            assert frac(new).max() <= frac(table).max() * (1 + 1e-9) + 1e-9
+
+
+def test_planner_validation():
+    with pytest.raises(ValueError, match="unknown planner"):
+        make_planner("nope")
+    with pytest.raises(ValueError, match="rebalance_threshold"):
+        GreedyPlanner(threshold=0.9)
+    with pytest.raises(ValueError, match="horizon"):
+        GreedyPlanner(horizon=0)
+    with pytest.raises(ValueError, match="period"):
+        make_planner("eplb", period=0)
+    with pytest.raises(ValueError, match="counts_WE"):
+        make_planner("greedy").plan(PlacementTable.static(4, 2), np.ones((3, 4)), COST)
+    with pytest.raises(ValueError, match="counts_WE"):
+        make_planner("greedy").plan(PlacementTable.static(4, 2), -np.ones((2, 4)), COST)
+
+
+def test_load_predictor_is_an_ema():
+    pred = LoadPredictor(decay=0.5)
+    assert pred.predict() is None
+    pred.update(np.array([[4.0, 0.0]]))
+    pred.update(np.array([[0.0, 2.0]]))
+    np.testing.assert_allclose(pred.predict(), [[2.0, 1.0]])
+    clone = LoadPredictor()
+    clone.load_state_dict(pred.state_dict())
+    np.testing.assert_allclose(clone.predict(), pred.predict())
+    with pytest.raises(ValueError, match="decay"):
+        LoadPredictor(1.0)
+
+
+# ---- the same plan on every rank -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plan_on_rank(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        rng = np.random.default_rng(11)
+        flat = []
+        for name in PLANNERS:
+            for _ in range(8):
+                table, counts = random_case(rng)
+                plan = make_planner(name).plan(table, counts, COST, step=0)
+                flat += [plan.slot_expert_WS.ravel().astype(np.float64), plan.share_WS.ravel(), [plan.version]]
+        mine = torch.from_numpy(np.concatenate([np.asarray(f, dtype=np.float64) for f in flat]))
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        for other in gathered:
+            assert torch.equal(other, gathered[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_identical_plans_across_processes():
+    ctx = mp.start_processes(_plan_on_rank, args=(2, _free_port()), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("planning processes timed out")
