@@ -6,13 +6,16 @@
    kind (expand, shrink, migrate, swap, multi-change plans) at random steps, equals training with the
    static table in the logical view (weights, exp_avg, exp_avg_sq, step) to 1e-10 relative; replicas
    stay bit-identical. Once by direct ``apply_placement`` calls, once through ``PlacementScheduler``
-   with the greedy planner.
+   with the greedy planner, once more resuming that run from a checkpoint half-way, and once with
+   data parallelism over two EP groups of two ranks (the groups must plan identical tables).
 3. the check has teeth: averaging replica gradients instead of summing them, or migrating without the
    optimizer state, is detected.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -27,10 +30,11 @@ from torch import nn
 
 from flexmoe import MoEConfig, MoELayer, PlacementScheduler
 from flexmoe.experts import GroupedExperts
-from flexmoe.placement import CostModel, PlacementTable, make_planner, replica_quotas
-from flexmoe.plan import make_dispatch_plan
+from flexmoe.parallel import sync_gradients
+from flexmoe.placement import CostModel, PlacementTable, make_planner
 from flexmoe.placement.migration import (
     apply_placement,
+    table_digest,
     expand_replica,
     migrate_replica,
     shrink_replica,
@@ -85,10 +89,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def gather_slots(t: torch.Tensor) -> torch.Tensor:
-    """[S, ...] on every rank -> [W, S, ...] everywhere."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+def gather_slots(t: torch.Tensor, group=None) -> torch.Tensor:
+    """[S, ...] on every rank of ``group`` -> [W, S, ...] everywhere."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.stack(parts)
 
 
@@ -104,7 +108,7 @@ def logical_view(layer, opt) -> tuple[dict[str, torch.Tensor], float]:
             if key in st:
                 fields[f"{pname}.{key}"] = st[key]
         for name, t in fields.items():
-            all_WS = gather_slots(t)
+            all_WS = gather_slots(t, layer.ep_group)
             rows = []
             for e in range(E):
                 reps = [all_WS[r, s] for r, s, _ in table.replicas(e)]
@@ -192,103 +196,65 @@ CONFIG = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, router_dtype=torch
                    validate_inputs=False)
 
 
-class EmulatedEPLayer(MoELayer):
-    """The EP contract's maths without all-to-all: every rank sees the global batch ``[W, T, D]``
-    (ordered by source rank), computes the rows its own slots take under the table's split
-    (``replica_quotas``: contiguous intervals of each expert's rows, replicas in (rank, slot)
-    order), and the partial outputs are summed over ranks. ``last_counts`` are this rank's own
-    tokens per expert, as in EP."""
-
-    def __init__(self, table, rank):
-        super().__init__(CONFIG)
-        self.experts = GroupedExperts(CONFIG, num_experts=S)
-        self.placement, self.ep_group, self.ep_rank, self.ep_size = table, None, rank, WORLD
-
-    def set_placement(self, table):
-        self.placement = table
-
-    def forward(self, x_WTD):
-        x_TD = x_WTD.reshape(-1, D)
-        routing = self.router(x_TD)
-        plan = make_dispatch_plan(routing)
-        self.last_counts = torch.bincount(routing.expert_TK[self.ep_rank * T:(self.ep_rank + 1) * T].reshape(-1),
-                                          minlength=E)
-        table, me = self.placement, self.ep_rank
-        quota_WS = replica_quotas(table, plan.counts_E.numpy())
-        start_E = (plan.offsets_E.long() - plan.counts_E).tolist()
-        rows, sizes = [], []
-        for s in range(S):
-            e = int(table.slot_expert_WS[me, s])
-            n = int(quota_WS[me, s]) if e >= 0 else 0
-            if n:
-                before = sum(int(quota_WS[r, t]) for r, t, _ in table.replicas(e) if (r, t) < (me, s))
-                rows.append(torch.arange(start_E[e] + before, start_E[e] + before + n))
-            sizes.append(n)
-        idx_N = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-        offsets_S = torch.tensor(np.cumsum(sizes), dtype=torch.int32)
-        token_N = plan.row_token_N[idx_N]
-        y_ND = self.experts(x_TD[token_N], offsets_S, plan.row_weight_N[idx_N], False)
-        y_TD = torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
-        total_TD = y_TD.detach().clone()
-        dist.all_reduce(total_TD)
-        return (y_TD + (total_TD - y_TD.detach())).view_as(x_WTD)
-
-
-def sync_grads(layer, average_replicas=False):
-    """Router: sum of the ranks' partial gradients. Expert slots: sum over the replicas of each
-    expert (``average_replicas`` injects the bug of averaging them); empty slots get zero."""
-    dist.all_reduce(layer.router.weight.grad)
-    table, me = layer.placement, layer.ep_rank
-    reps_E = table.num_replicas_E()
+def average_replica_grads(layer):
+    """The bug to catch: after ``sync_gradients`` summed replica gradients, divide by replicas."""
+    reps_E = layer.placement.num_replicas_E()
     for p in layer.experts.parameters():
-        logical = torch.zeros(E, *p.shape[1:], dtype=p.dtype)
-        for s, e in enumerate(table.slot_expert_WS[me]):
+        for s, e in enumerate(layer.placement.slot_expert_WS[layer.ep_rank]):
             if e >= 0:
-                logical[e] += p.grad[s]
-        dist.all_reduce(logical)
-        for s, e in enumerate(table.slot_expert_WS[me]):
-            p.grad[s] = logical[e] / (reps_E[e] if average_replicas else 1) if e >= 0 else 0.0
+                p.grad[s] /= float(reps_E[e])
 
 
-def build_layer(rank):
+@dataclasses.dataclass
+class Topology:
+    """ep_group: this rank's EP group; expert_dp_group: the ranks holding the same slots in the
+    other EP groups (None: one EP group over the world); table: the initial placement."""
+
+    ep_group: dist.ProcessGroup
+    expert_dp_group: dist.ProcessGroup | None
+    table: PlacementTable
+
+
+def build_layer(topo: Topology):
+    """The real EP layer (same seed on every rank, so the logical experts agree), skewed router."""
     torch.manual_seed(11)
-    layer = EmulatedEPLayer(initial_table(), rank).double()
+    layer = MoELayer(CONFIG, ep_group=topo.ep_group, placement=topo.table.copy()).double()
     hot = torch.zeros(E, D, dtype=torch.float64)
     hot[0, :4] = hot[1, 4:] = 3.0  # experts 0 and 1 attract the shifted tokens of the first phase
     hot[4, :4] = hot[5, 4:] = -3.0  # experts 4 and 5 those of the second phase
     with torch.no_grad():
         layer.router.weight.add_(hot)
-        logical = [torch.randn(E, *p.shape[1:], dtype=torch.float64) * 0.3 for p in layer.experts.parameters()]
-        for p, lg in zip(layer.experts.parameters(), logical):
-            for s, e in enumerate(layer.placement.slot_expert_WS[rank]):
-                p[s] = lg[e] if e >= 0 else 0.0
     return layer
 
 
-def batch(step):
-    """Global batch (identical on every rank); the hot experts shift half-way."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(WORLD, T, D, generator=g, dtype=torch.float64)
-    x += (0.6 if step < STEPS // 2 else -0.6)
-    target = torch.randn(WORLD, T, D, generator=g, dtype=torch.float64)
+def batch(step, rank):
+    """This rank's batch; every rank's tokens lean towards the same hot experts, which shift
+    half-way."""
+    g = torch.Generator().manual_seed(1000 + 10 * step + rank)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    x += (0.6 if step < STEPS // 2 else -0.6) * (1 + 0.3 * rank)
+    target = torch.randn(T, D, generator=g, dtype=torch.float64)
     return x, target
 
 
-def train(rank, on_step=None, average_replicas=False):
-    """STEPS Adam steps; ``on_step(step, layer, opt)`` runs after each optimizer step.
-    Returns the logical view and the largest replica difference after each step."""
-    layer = build_layer(rank)
+def train(rank, topo, on_step=None, average_replicas=False):
+    """STEPS Adam steps; ``on_step(step, layer, opt)`` runs after each optimizer step and may
+    return a replacement ``(layer, opt)`` (a resumed checkpoint). Returns the logical view and the
+    largest replica difference after each step."""
+    layer = build_layer(topo)
     opt = torch.optim.Adam(layer.parameters(), lr=0.02)
     views, diffs = [], []
     for step in range(STEPS):
-        x, target = batch(step)
+        x, target = batch(step, rank)
         loss = ((layer(x) - target) ** 2).mean()
         loss.backward()
-        sync_grads(layer, average_replicas)
+        sync_gradients(layer, expert_dp_group=topo.expert_dp_group)
+        if average_replicas:
+            average_replica_grads(layer)
         opt.step()
         opt.zero_grad()
         if on_step is not None:
-            on_step(step, layer, opt)
+            layer, opt = on_step(step, layer, opt) or (layer, opt)
         view, diff = logical_view(layer, opt)
         views.append(view)
         diffs.append(diff)
@@ -316,40 +282,84 @@ def random_changes(move_optimizer_state=True):
     return on_step, log
 
 
-def run_training_scenarios(rank):
-    base_views, base_diffs = train(rank)
-    out = {"baseline_replica_diff": max(base_diffs)}
-
-    def errors(views):
-        return [compare(v, b) for v, b in zip(views, base_views)]
-
-    on_step, log = random_changes()
-    views, diffs = train(rank, on_step)
-    out["direct"] = {"errors": errors(views), "replica_diff": max(diffs), "log": log}
-
+def scheduled(rank, topo, resume_after=None):
+    """A PlacementScheduler with the greedy planner, every 2 steps. With ``resume_after``, the
+    model, optimizer and scheduler are checkpointed after that step and training goes on with fresh
+    objects loaded from the checkpoint (scheduler state first, so the logical model state dict is
+    laid out by the saved tables)."""
     cost = CostModel(c_tok=1e-6, bytes_per_token=8 * D, a2a_bw=1e9, grad_bytes=8 * 3 * D * F,
                      move_bytes=24 * 3 * D * F)
-    sched = {}
+    holder = {"metrics": []}
 
-    def scheduler_step(step, layer, opt):
-        if "s" not in sched:
-            sched["s"] = PlacementScheduler(layer, opt, make_planner("greedy", threshold=1.05, horizon=5.0),
-                                            cost, interval=2, warmup=1)
-            sched["metrics"] = []
-        metrics = sched["s"].step()
+    def make(layer, opt):
+        return PlacementScheduler(layer, opt, make_planner("greedy", threshold=1.05, horizon=5.0), cost,
+                                  interval=2, warmup=1, expert_dp_group=topo.expert_dp_group)
+
+    def on_step(step, layer, opt):
+        if "s" not in holder:
+            holder["s"] = make(layer, opt)
+        metrics = holder["s"].step()
         if metrics:
-            sched["metrics"].append(metrics)
+            holder["metrics"].append(metrics)
+        if step == resume_after:
+            saved = copy.deepcopy({"model": layer.state_dict(), "optimizer": opt.state_dict(),
+                                   "placement": holder["s"].state_dict()})
+            layer = build_layer(topo)
+            with torch.no_grad():  # scramble what the checkpoint must restore
+                for p in layer.parameters():
+                    p.normal_()
+            opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+            holder["s"] = make(layer, opt)
+            holder["s"].load_state_dict(saved["placement"])
+            layer.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            return layer, opt
+        return None
 
-    views, diffs = train(rank, scheduler_step)
+    return on_step, holder
+
+
+def run_training_scenarios(rank):
+    topo = Topology(dist.group.WORLD, None, initial_table())
+    base_views, base_diffs = train(rank, topo)
+    out = {"baseline_replica_diff": max(base_diffs)}
+
+    def errors(views, base=base_views):
+        return [compare(v, b) for v, b in zip(views, base)]
+
+    on_step, log = random_changes()
+    views, diffs = train(rank, topo, on_step)
+    out["direct"] = {"errors": errors(views), "replica_diff": max(diffs), "log": log}
+
+    on_step, sched = scheduled(rank, topo)
+    views, diffs = train(rank, topo, on_step)
     out["scheduler"] = {"errors": errors(views), "replica_diff": max(diffs), "metrics": sched["metrics"],
-                        "final_replicas": sched["s"].tables[0].num_replicas_E().tolist()}
+                        "final_table": sched["s"].tables[0].state_dict()}
+    on_step, resumed = scheduled(rank, topo, resume_after=STEPS // 2)
+    views, _ = train(rank, topo, on_step)
+    out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].tables[0].state_dict()}
 
     on_step, _ = random_changes()
-    views, _ = train(rank, on_step, average_replicas=True)
+    views, _ = train(rank, topo, on_step, average_replicas=True)
     out["averaged_grads"] = {"errors": errors(views)}
     on_step, _ = random_changes(move_optimizer_state=False)
-    views, _ = train(rank, on_step)
+    views, _ = train(rank, topo, on_step)
     out["no_optimizer_state"] = {"errors": errors(views)}
+
+    # data parallel over 2 EP groups of 2 ranks: {0, 1}, {2, 3}; slot twins {0, 2}, {1, 3}
+    ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    se = np.array([[0, 1, 2, -1, -1], [3, 4, 5, -1, -1]])
+    topo = Topology(ep_groups[rank // 2], dp_groups[rank % 2], PlacementTable(E, se, (se >= 0) * 1.0))
+    base_views, _ = train(rank, topo)
+    on_step, sched = scheduled(rank, topo)
+    views, diffs = train(rank, topo, on_step)
+    digests = torch.tensor([table_digest(sched["s"].tables[0])])
+    everyone = [torch.zeros_like(digests) for _ in range(WORLD)]
+    dist.all_gather(everyone, digests)
+    out["dp_ep"] = {"errors": errors(views, base_views), "replica_diff": max(diffs),
+                    "changes": sum(m["layers"][0]["transfers"] for m in sched["metrics"]),
+                    "same_tables_everywhere": len({int(d) for d in everyone}) == 1}
     return out
 
 
@@ -415,6 +425,20 @@ def test_training_invariant_under_scheduler(results):
     r = results["training"]["scheduler"]
     layers = [m["layers"][0] for m in r["metrics"]]
     assert sum(m["expands"] for m in layers) > 0 and sum(m["bytes_moved"] for m in layers) > 0, layers
+    assert max(r["errors"]) < TOL, r["errors"]
+    assert r["replica_diff"] == 0.0
+
+
+def test_resuming_from_a_checkpoint_mid_run(results):
+    r = results["training"]["resumed"]
+    assert max(r["errors"]) < TOL, r["errors"]
+    assert r["final_table"] == results["training"]["scheduler"]["final_table"]
+    assert r["final_table"]["version"] > 0
+
+
+def test_data_parallel_ep_groups_plan_alike_and_stay_invariant(results):
+    r = results["training"]["dp_ep"]
+    assert r["changes"] > 0 and r["same_tables_everywhere"], r
     assert max(r["errors"]) < TOL, r["errors"]
     assert r["replica_diff"] == 0.0
 

@@ -7,3 +7,5 @@ __all__ = ["MoEConfig", "MoELayer", "aux_loss", "moe_layers", "update_router_bia
 __version__ = "0.1.0"
 from .placement.scheduler import PlacementScheduler  # noqa: E402
 __all__ += ["PlacementScheduler"]
+from .parallel import EPGroup, ParallelConfig, sync_gradients  # noqa: E402
+__all__ += ["EPGroup", "ParallelConfig", "sync_gradients"]

@@ -36,7 +36,7 @@ def permute(
     ``pair_row_TK`` is the inverse map, used by the backward pass.
     """
     if use_triton:
-        return triton_kernels().gather_rows(x_TD, row_token_N)
+        return triton_kernels().scatter_rows(x_TD, pair_row_TK, row_token_N)
     return _torch_gather_rows(x_TD, row_token_N)
 
 

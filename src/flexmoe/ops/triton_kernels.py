@@ -47,6 +47,43 @@ def _gather_sum_kernel(src_ptr, index_ptr, out_ptr, D, K, BLOCK: tl.constexpr, A
         tl.store(out_ptr + row * D + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
+@triton.jit
+def _scatter_rows_kernel(src_ptr, pair_row_ptr, out_ptr, D, K, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < D
+        values = tl.load(src_ptr + token * D + cols, mask=in_row, other=0.0)
+        for k in range(K):
+            dst_row = tl.load(pair_row_ptr + token * K + k).to(tl.int64)
+            tl.store(out_ptr + dst_row * D + cols, values, mask=in_row & (cols * 0 + dst_row >= 0))
+
+
+@triton.jit
+def _zero_unowned_rows_kernel(row_token_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(row_token_ptr + row) < 0:
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + row * D + cols, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def scatter_rows(src_TD: torch.Tensor, pair_row_TK: torch.Tensor, row_token_N: torch.Tensor) -> torch.Tensor:
+    """The permutation ``out[pair_row[t, k]] = src[t]`` written token by token.
+
+    Each source row is read once and written K times (the gather form reads it K times);
+    rows no pair maps to (``row_token_N < 0``) are zeroed.
+    """
+    src_TD = src_TD.contiguous()
+    (T, K), N, D = pair_row_TK.shape, row_token_N.shape[0], src_TD.shape[1]
+    out_ND = torch.empty((N, D), dtype=src_TD.dtype, device=src_TD.device)
+    if N and D:
+        if T:
+            _scatter_rows_kernel[(T,)](src_TD, pair_row_TK.contiguous(), out_ND, D, K, BLOCK=_block(D))
+        _zero_unowned_rows_kernel[(N,)](row_token_N.contiguous(), out_ND, D, BLOCK=_block(D))
+    return out_ND
+
+
 def gather_rows(src_TD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     """``out[i] = src[index[i]]``, zero where ``index[i] < 0``."""
     src_TD = src_TD.contiguous()

@@ -36,8 +36,8 @@ class RowPacker:
         """Rows ``index`` (all rows when None) of each tensor, packed: ``uint8 [N, row_bytes]``."""
         rows = tensors[0].shape[0] if index is None else index.shape[0]
         buf = torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=tensors[0].device)
-        for tensor, view in zip(tensors, self.unpack(buf)):
-            tensor = tensor.reshape(tensor.shape[0], -1)
+        for tensor, view, (_, width) in zip(tensors, self.unpack(buf), self.parts):
+            tensor = tensor.reshape(tensor.shape[0], width)
             if index is None:
                 view.copy_(tensor)
             else:

@@ -83,6 +83,7 @@ class ExpertParallel:
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
         self._group_rates: tuple[float, float] | None = None
+        self._forward = torch.compiler.disable(self._forward_eager)
 
     @classmethod
     def attach(
@@ -130,8 +131,14 @@ class ExpertParallel:
         """Bytes of activations the last forward did not keep, compared with "keep"."""
         return 0 if self.memory_report is None else self.memory_report.saved_bytes
 
-    @torch.compiler.disable
     def __call__(
+        self, experts: GroupedExperts, placement: PlacementTable, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool
+    ) -> torch.Tensor:
+        """Weighted expert outputs for the local expert-grouped rows (a graph break under
+        ``torch.compile``: the layout needs the counts on the host)."""
+        return self._forward(experts, placement, x_ND, plan, use_triton)
+
+    def _forward_eager(
         self, experts: GroupedExperts, placement: PlacementTable, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool
     ) -> torch.Tensor:
         weight_N = plan.row_weight_N

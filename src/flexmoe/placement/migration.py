@@ -214,7 +214,8 @@ def apply_placement(
     Call it on every rank of ``layer.ep_group`` with the same table, between ``optimizer.step()``
     and the next backward (gradients are not moved). Ranks first exchange the old and new table
     versions and the layout of the optimizer state; any disagreement raises RuntimeError before
-    anything moves. ``ranks_per_node`` makes copies prefer a source on the destination's node.
+    anything moves. ``ranks_per_node`` (default: the layer's EP group's) makes copies prefer a
+    source on the destination's node.
     Per-slot optimizer states are any state tensor whose first dimension is the
     slot dimension; 0-d states (Adam's ``step``) are shared by all slots of a parameter and must be
     equal on all ranks. ``move_optimizer_state=False`` moves weights only (wrong for training; it
@@ -223,6 +224,8 @@ def apply_placement(
     old_table: PlacementTable = layer.placement
     new_table.validate()
     rank, world, group = _ep_coords(layer, old_table)
+    if ranks_per_node is None:
+        ranks_per_node = getattr(getattr(getattr(layer, "expert_parallel", None), "ep_group", None), "ranks_per_node", None)
     if new_table.slot_expert_WS.shape != old_table.slot_expert_WS.shape:
         raise ValueError(
             f"new table has shape {new_table.slot_expert_WS.shape}, layer holds {old_table.slot_expert_WS.shape}"
@@ -261,10 +264,11 @@ def apply_placement(
 
 def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
     """Raise RuntimeError unless every rank of ``group`` holds the same table (version and
-    contents) in each of ``layers``. No-op on a single process."""
+    contents) in each of ``layers``. No-op on a single process, and for one-rank tables
+    without an explicit group."""
     if not layers or not dist.is_available() or not dist.is_initialized():
         return
-    if dist.get_world_size(group) == 1:
+    if dist.get_world_size(group) == 1 or (group is None and layers[0].placement.world_size == 1):
         return
     mine = torch.tensor(
         [[layer.placement.version, table_digest(layer.placement)] for layer in layers],
@@ -283,8 +287,11 @@ def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
 
 
 def _ep_coords(layer: nn.Module, table: PlacementTable):
+    """(rank, size, process group) of the layer's EP group (``layer.ep_rank/ep_size/ep_group``)."""
     group = getattr(layer, "ep_group", None)
-    if dist.is_available() and dist.is_initialized() and table.world_size > 1:
+    if hasattr(layer, "ep_rank") and hasattr(layer, "ep_size"):
+        rank, world = layer.ep_rank, layer.ep_size
+    elif dist.is_available() and dist.is_initialized() and table.world_size > 1:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
     else:
         rank, world = 0, 1

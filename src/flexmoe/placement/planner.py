@@ -263,8 +263,9 @@ class ShadowingPlanner(Planner):
 
 @dataclasses.dataclass
 class EPLBPlanner(Planner):
-    """DeepSeek EPLB: every ``period`` steps fill all slots by giving one more replica to argmax
-    load / replicas, then pack heaviest first onto the least loaded rank; equal shares."""
+    """DeepSeek EPLB: fill all slots by giving one more replica to argmax load / replicas, then pack
+    heaviest first onto the least loaded rank; equal shares. Plans at the first call (a version-0
+    table) and then at every step that is a multiple of ``period``."""
 
     name = "eplb"
     period: int = 100
@@ -276,7 +277,7 @@ class EPLBPlanner(Planner):
 
     def plan(self, table, counts_WE, cost, step=0):
         counts_WE = _as_counts(table, counts_WE)
-        if step % self.period != 0:
+        if step % self.period != 0 and table.version > 0:
             return table
         W, S = table.world_size, table.slots_per_rank
         load_E = counts_WE.sum(0)
@@ -330,11 +331,11 @@ class GreedyPlanner(Planner):
 
     name = "greedy"
     threshold: float = 1.1
-    rebalance_threshold: float = 1.05
-    horizon: float = 50.0
+    rebalance_threshold: float = 1.02
+    horizon: float = 1.0
     min_gain: float = 0.01
     patience: int | None = None
-    predictor_decay: float = 0.5
+    predictor_decay: float = 0.0
 
     def __post_init__(self):
         if not 1.0 <= self.rebalance_threshold <= self.threshold:

@@ -50,6 +50,10 @@ class PlacementScheduler:
         file the simulator reads: a path (global rank 0 writes it, appending when it exists) or a
         ``flexmoe.sim.trace.TraceRecorder`` (used as is on the ranks that pass one). Steps are
         written at each plan boundary.
+    expert_dp_group: with data parallelism over several EP groups, the ranks that hold the same
+        slots in different EP groups (as for ``flexmoe.parallel.sync_gradients``). Counts are
+        summed over it, so every EP group plans the same tables; required whenever expert
+        gradients are synchronised over such a group.
     logger: where per-layer plan summaries go (INFO, on global rank 0 only); default
         ``logging.getLogger("flexmoe.placement")``.
 
@@ -71,6 +75,7 @@ class PlacementScheduler:
         warmup: int | None = None,
         ema_decay: float | None = None,
         trace: Any = None,
+        expert_dp_group: dist.ProcessGroup | None = None,
         logger: logging.Logger | None = None,
     ):
         from ..layer import moe_layers
@@ -81,7 +86,7 @@ class PlacementScheduler:
                 "PlacementScheduler: the model has no MoE layer with a placement table "
                 "(build MoELayer with ep_group=..., placement=..., slots_per_rank=...)"
             )
-        if len({id(getattr(m, "ep_group", None)) for m in self.layers}) > 1:
+        if len({_group_key(getattr(m, "ep_group", None)) for m in self.layers}) > 1:
             raise ValueError("PlacementScheduler: all MoE layers with placement must share one ep_group")
         if not callable(getattr(planner, "plan", None)):
             raise ValueError(
@@ -93,6 +98,7 @@ class PlacementScheduler:
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"PlacementScheduler.ema_decay must be None or in [0, 1), got {ema_decay!r}")
         self.group = getattr(self.layers[0], "ep_group", None)
+        self.expert_dp_group = expert_dp_group
         self.optimizers = _as_list(optimizer)
         self.planner = planner
         self.cost_model = cost_model if cost_model is not None else self._measure_cost_model()
@@ -168,6 +174,9 @@ class PlacementScheduler:
         """All-gather the steps since the last plan: ``int64 [H, W, L, E]``; feeds predictors and recorder."""
         local_HLE = torch.stack(self._pending)
         self._pending = []
+        if self.expert_dp_group is not None and dist.get_world_size(self.expert_dp_group) > 1:
+            local_HLE = local_HLE.to(_comm_device(self.expert_dp_group))
+            dist.all_reduce(local_HLE, group=self.expert_dp_group)
         if self.world_size > 1:
             local_HLE = local_HLE.to(_comm_device(self.group))
             parts = [torch.empty_like(local_HLE) for _ in range(self.world_size)]
@@ -211,6 +220,8 @@ class PlacementScheduler:
                 metrics[key] = getattr(report, key) if report else 0
             layer_metrics.append(metrics)
         check_same_placement(self.layers, self.group)
+        if self.expert_dp_group is not None:
+            check_same_placement(self.layers, self.expert_dp_group)
         self.last_metrics = {
             "step": self.num_steps,
             "bytes_moved": sum(m["bytes_moved"] for m in layer_metrics),
@@ -223,13 +234,17 @@ class PlacementScheduler:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
         for m in self.last_metrics["layers"]:
+            head = (f"placement step {self.num_steps} layer {m['layer']} v{m['version']}: "
+                    f"balance {m['balance_observed']:.3f}")
+            if not m["transfers"] and m["balance_predicted_new"] == m["balance_predicted_old"]:
+                self.logger.info("%s (predicted %.3f), unchanged", head, m["balance_predicted_old"])
+                continue
             self.logger.info(
-                "placement step %d layer %d v%d: balance %.3f -> predicted %.3f (was %.3f), "
-                "replicated experts %d (max %d replicas), expand %d shrink %d migrate %d, "
-                "%d slot copies (%d remote), %d bytes moved",
-                self.num_steps, m["layer"], m["version"], m["balance_observed"], m["balance_predicted_new"],
-                m["balance_predicted_old"], m["replicated_experts"], max(m["replicas"]), m["expands"],
-                m["shrinks"], m["migrates"], m["transfers"], m["remote_transfers"], m["bytes_moved"],
+                "%s -> predicted %.3f (was %.3f), replicated experts %d (max %d replicas), "
+                "expand %d shrink %d migrate %d, %d slot copies (%d remote), %d bytes moved",
+                head, m["balance_predicted_new"], m["balance_predicted_old"], m["replicated_experts"],
+                max(m["replicas"]), m["expands"], m["shrinks"], m["migrates"], m["transfers"],
+                m["remote_transfers"], m["bytes_moved"],
             )
 
     def close(self) -> None:
@@ -275,3 +290,9 @@ def _same(a: PlacementTable, b: PlacementTable) -> bool:
         and np.array_equal(a.slot_expert_WS, b.slot_expert_WS)
         and np.array_equal(a.share_WS, b.share_WS)
     )
+
+
+def _group_key(group) -> tuple | None:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return tuple(dist.get_process_group_ranks(group))

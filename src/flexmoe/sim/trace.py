@@ -11,7 +11,7 @@ File format (JSON Lines, UTF-8, appendable, one record per line):
 
 The first line is the header; every other line holds ``counts[w][e]`` of one (step, layer).
 Appending to an existing file checks that its header matches. A reader ignores a truncated last
-line (a run killed mid-write), and keeps only steps that have every layer.
+line (a run killed mid-write; appending cuts it first), and keeps only steps that have every layer.
 """
 
 from __future__ import annotations
@@ -96,9 +96,8 @@ class TraceRecorder:
             for key in ("world_size", "num_experts", "num_layers"):
                 if old[key] != header[key]:
                     raise ValueError(f"cannot append: {self.path} has {key}={old[key]}, recorder has {header[key]}")
+            _drop_partial_last_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
-            if not _ends_with_newline(self.path):
-                self._file.write("\n")
         else:
             self._file = open(self.path, "w", encoding="utf-8")
             self._file.write(json.dumps(header) + "\n")
@@ -134,10 +133,12 @@ def _read_header(path: str) -> dict:
     return header
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def _drop_partial_last_line(path: str) -> None:
+    """Cut a last line that lacks its newline (a write interrupted by a crash)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_trace(path: str | os.PathLike) -> RoutingTrace:

@@ -4,6 +4,7 @@ RUN/checkpoints/step_0000123/model.safetensors   parameters and buffers (logical
                                                  tied weights once), with the model config
 RUN/checkpoints/step_0000123/state.pt            optimizer (keyed by parameter name), LR scheduler,
                                                  data position, RNG states, step, configs
+RUN/checkpoints/step_0000123/manifest.json      size and sha256 of both files (checked on load)
 RUN/checkpoints/latest                           name of the newest complete checkpoint
 
 A checkpoint is written to a hidden temporary folder and renamed into place (``os.replace``),
@@ -13,6 +14,7 @@ intact. Reading validates everything before the caller changes anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ from torch import nn
 FORMAT = 1
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -81,6 +84,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (WEIGHTS, STATE)}
+    _atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         stale = root / f".stale-{final.name}-{os.getpid()}"
@@ -108,7 +113,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder from a run folder (its ``latest``), a checkpoints folder, or itself."""
     path = Path(path)
-    if (path / WEIGHTS).exists() or (path / STATE).exists():
+    if any((path / name).exists() for name in (WEIGHTS, STATE, MANIFEST)):
         return path
     for root in (checkpoint_root(path), path):
         latest = root / "latest"
@@ -121,6 +126,39 @@ def resolve_checkpoint(path: Path) -> Path:
         if found:
             return found[-1]
     raise CheckpointError(f"no checkpoint found at {path}")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check the manifest: both files present with the recorded size and sha256."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST})")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
+    for name in (WEIGHTS, STATE):
+        file = path / name
+        if name not in files or not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {name})")
+        if file.stat().st_size != files[name]["bytes"] or _sha256(file) != files[name]["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} is corrupt (its checksum does not match {MANIFEST})")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """Verified weights, weight metadata and training state of one checkpoint folder."""
+    verify_checkpoint(path)
+    weights, metadata = read_weights(path)
+    return weights, metadata, read_state(path)
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

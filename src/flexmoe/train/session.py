@@ -25,7 +25,7 @@ from .config import PRESETS, TrainConfig
 from .data import Corpus, DataError, WindowStream, load_corpus, validation_windows
 from .diversify import diversify_from_dense
 from .loop import DistInfo, Trainer, _rank_seed
-from .metrics import METRICS, MetricsLog, truncate_metrics
+from .metrics import METRICS, MetricsLog, last_per_step, read_metrics, truncate_metrics
 from .tokenizer import make_tokenizer
 
 TRACE = "routing_trace.jsonl"
@@ -119,8 +119,7 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
             resumed_from = ckpt.resolve_checkpoint(Path(options.run_dir))
         else:
             resumed_from = ckpt.resolve_checkpoint(Path(options.resume))
-        saved_state = ckpt.read_state(resumed_from)
-        weights, _ = ckpt.read_weights(resumed_from)
+        weights, _, saved_state = ckpt.read_checkpoint(resumed_from)
         run_dir = Path(options.run_dir) if options.run_dir else resumed_from.parent.parent
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -155,7 +154,7 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
         ckpt.load_weights(model, weights)
     elif options.init_from_dense is not None:
         dense_path = ckpt.resolve_checkpoint(Path(options.init_from_dense))
-        dense_weights, meta = ckpt.read_weights(dense_path)
+        dense_weights, meta, _ = ckpt.read_checkpoint(dense_path)
         if "model_config" not in meta:
             raise ckpt.CheckpointError(f"{dense_path} has no model config; was it written by flexmoe train?")
         dense_cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
@@ -210,6 +209,9 @@ def execute(prep: Prepared) -> dict:
             _save_token_cache(run_dir, prep)
         if prep.resumed_from is not None:
             truncate_metrics(run_dir, trainer.step)
+            records = read_metrics(run_dir)
+            trainer.history = last_per_step(records, "train")
+            trainer.val_history = last_per_step(records, "val")
         trainer.metrics = MetricsLog(run_dir)
         if prep.model_cfg.is_moe:
             trace = _open_trace(run_dir, prep)
@@ -258,7 +260,8 @@ def _write_json(path: Path, data: dict) -> None:
 def summary_line(summary: dict) -> str:
     """The one line ``flexmoe train`` ends with."""
     parts = [f"flexmoe train: {'done' if summary['finished'] else 'stopped'} at step {summary['step']}",
-             f"{summary['tokens'] / 1e6:.2f}M tokens in {summary['elapsed_s']:.0f}s"]
+             f"{_count(summary['tokens'])} tokens in {summary['elapsed_s']:.0f}s "
+             f"({summary['tokens'] / max(summary['elapsed_s'], 1e-9):.0f} tokens/s)"]
     if "train_loss_last" in summary:
         parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}")
     if "val_loss" in summary:
@@ -266,3 +269,10 @@ def summary_line(summary: dict) -> str:
                      f"(ppl {summary['val_ppl']:.2f})")
     parts.append(f"run: {summary['run_dir']} (see: flexmoe plot {summary['run_dir']})")
     return " | ".join(parts)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

@@ -39,14 +39,14 @@ def experts_forward(
         raise ValueError(f"kernels must be one of {_KERNELS}, got {kernels!r}")
     layout = experts_layout(module)
     x_TD = hidden_states.reshape(-1, hidden_states.shape[-1]).to(layout.dtype)
-    T = x_TD.shape[0]
-    if top_k_index.numel() % max(T, 1) or top_k_weights.shape != top_k_index.shape:
+    T, K = x_TD.shape[0], top_k_index.shape[-1]
+    if top_k_index.numel() != T * K or top_k_weights.shape != top_k_index.shape:
         raise ValueError(
             f"{layout.block}: top_k_index {tuple(top_k_index.shape)} and top_k_weights "
             f"{tuple(top_k_weights.shape)} must both be [tokens={T}, k]"
         )
-    expert_TK = top_k_index.reshape(T, -1).long()
-    weight_TK = top_k_weights.reshape(T, -1)
+    expert_TK = top_k_index.reshape(T, K).long()
+    weight_TK = top_k_weights.reshape(T, K)
     keep_TK = expert_TK < layout.num_experts if layout.sentinels else None
     use_triton = resolve_use_triton(kernels, x_TD.device)
 

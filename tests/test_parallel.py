@@ -1,0 +1,630 @@
+"""Expert parallelism against the one-device layer.
+
+Single-process tests cover the config, the host layout, the online choices and a local EP layer
+with replicas. Multi-process tests run on 2 and 4 CPU processes with gloo: one spawn per world
+size runs every case (sharing the process group); each case trains 3 SGD steps and compares
+outputs, input gradients and all parameters with a single-process MoELayer given the same global
+batch and weights (float64: 1e-10 relative; float32: 1e-5).
+
+With capacity_factor the capacity is computed from each rank's own tokens, so the single-process
+equivalent is one MoELayer applied to each rank's batch separately, losses averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flexmoe import MoEConfig, MoELayer
+from flexmoe.parallel import (
+    EPGroup,
+    ParallelConfig,
+    all_to_all_v,
+    expert_parameter_names,
+    sync_expert_gradients,
+    sync_gradients,
+    sync_router_loads,
+)
+from flexmoe.parallel.layout import build_layout
+from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
+from flexmoe.placement import PlacementTable
+from flexmoe.placement.split import split_tokens
+
+F64_TOL, F32_TOL = 1e-10, 1e-5
+SPAWN_TIMEOUT_S = 420
+
+
+def _config(**overrides) -> MoEConfig:
+    base = dict(d_model=8, d_ff=6, num_experts=8, top_k=2, num_shared_experts=1, z_loss_coef=1e-2)
+    base.update(overrides)
+    return MoEConfig(**base)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    scale = want.detach().abs().max().double().clamp_min(1e-300)
+    return float((got.detach().double() - want.detach().double()).abs().max() / scale)
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = _rel_err(got, want)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Single process
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(pipeline_degree=0), "pipeline_degree"),
+        (dict(pipeline_degree="fast"), "pipeline_degree"),
+        (dict(pipeline_degree=True), "pipeline_degree"),
+        (dict(pipeline_candidates=()), "pipeline_candidates"),
+        (dict(pipeline_candidates=(1, 0)), "pipeline_candidates"),
+        (dict(memory="offload"), "memory"),
+        (dict(memory_budget_bytes=-1), "memory_budget_bytes"),
+        (dict(free_memory_fraction=0.0), "free_memory_fraction"),
+        (dict(free_memory_fraction=1.5), "free_memory_fraction"),
+        (dict(all_to_all="ring"), "all_to_all"),
+    ],
+)
+def test_parallel_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=f"ParallelConfig.{field}"):
+        ParallelConfig(**kwargs)
+
+
+def _random_table(rng, E, W, S) -> PlacementTable:
+    """Every expert at least once, some twice or three times, random shares."""
+    slots = list(range(E)) + list(rng.integers(0, E, size=W * S - E))
+    slots = np.array(slots + [-1] * (W * S - len(slots)))
+    slots[E:] = np.where(rng.random(W * S - E) < 0.3, -1, slots[E:])
+    rng.shuffle(slots)
+    slot_expert = slots.reshape(W, S)
+    share = np.zeros((W, S))
+    for e in range(E):
+        mask = slot_expert == e
+        raw = rng.random(mask.sum()) + 0.05
+        share[mask] = raw / raw.sum()
+    return PlacementTable(E, slot_expert, share)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_layout_delivers_every_row_once_to_a_replica_of_its_expert(seed):
+    """Simulate the exchange with the layouts of all ranks, no communication."""
+    rng = np.random.default_rng(seed)
+    E, W = int(rng.integers(1, 9)), int(rng.integers(1, 5))
+    S = -(-E // W) + int(rng.integers(0, 3))
+    table = _random_table(rng, E, W, S)
+    counts_WE = rng.integers(0, 7, size=(W, E)) * (rng.random((W, E)) < 0.7)
+    counts_WE[rng.integers(0, W)] = 0
+    n = int(rng.integers(1, 5))
+    cpu = torch.device("cpu")
+    layouts = [build_layout(table, counts_WE, r, n, cpu) for r in range(W)]
+    expert_of_row = [np.repeat(np.arange(E), counts_WE[r]) for r in range(W)]
+    delivered = []
+    for c in range(n):
+        chunks = [layout.chunks[c] for layout in layouts]
+        assert all((ch.split_WW == chunks[0].split_WW).all() for ch in chunks), "ranks agree on the splits"
+        outbox = []
+        for r, ch in enumerate(chunks):
+            rows = ch.send_positions(cpu).numpy()
+            ids = [(r, int(i), int(expert_of_row[r][i])) for i in rows]
+            bounds = np.cumsum([0] + ch.split_WW[r].tolist())
+            outbox.append([ids[bounds[d]:bounds[d + 1]] for d in range(W)])
+        for d, ch in enumerate(chunks):
+            received = [row for src in range(W) for row in outbox[src][d]]
+            order = ch.regroup_index.tolist() if ch.regroup_index is not None else range(len(received))
+            by_slot = [received[i] for i in order]
+            if ch.regroup_index is not None:
+                assert torch.equal(ch.ungroup_index[ch.regroup_index], torch.arange(len(received)))
+            ends = [0] + ch.offsets_S.tolist()
+            assert ends[-1] == len(received)
+            for s in range(S):
+                for src, i, e in by_slot[ends[s]:ends[s + 1]]:
+                    assert table.slot_expert_WS[d, s] == e, "a row reached a slot of another expert"
+                    delivered.append((src, i, d, s))
+    assert sorted((src, i) for src, i, _, _ in delivered) == [(r, i) for r in range(W) for i in range(counts_WE[r].sum())]
+    per_replica = np.zeros((W, W, S), dtype=np.int64)
+    for src, _, d, s in delivered:
+        per_replica[src, d, s] += 1
+    assert (per_replica == split_tokens(table, counts_WE)).all(), "the split is placement.split's"
+
+
+def test_pipeline_tuner_keeps_the_fastest_degree_per_load_level():
+    tuner = PipelineTuner((1, 2, 4))
+    level = PipelineTuner.level(np.array([[3, 9], [0, 1]]))
+    assert level == 4
+    seen = []
+    for fake_ns in ([30, 31], [20, 25], [22, 21]):
+        degree, trial = tuner.choose(level)
+        assert trial
+        seen.append(degree)
+        tuner.record(level, degree, 0.0)
+        row = tuner.shared_row()
+        tuner.absorb(np.array([[row[0], row[1], fake_ns[0]], [row[0], row[1], fake_ns[1]]]))
+    assert seen == [1, 2, 4]
+    assert tuner.choose(level) == (4, False), "slowest rank decides: 31, 25, 22 ns"
+    assert tuner.choose(level + 1) == (1, True), "a new level is tuned afresh"
+
+
+def test_memory_choice():
+    row = RowBytes(input=64, hidden=144, weight=8)
+    kept = kept_bytes(recv_rows=100, tokens=40, row=row)
+    assert kept == {"keep": 21600, "recompute": 7200, "recommunicate": 17760, "both": 3360}
+    assert choose_memory_strategy(kept, 10**9, None, None) == "keep"
+    assert choose_memory_strategy(kept, 10000, 1e-3, 1e-4) == "recompute", "only recompute and both fit"
+    assert choose_memory_strategy(kept, 20000, 1e-3, 1e-4) == "recommunicate", "cheaper than recompute"
+    assert choose_memory_strategy(kept, 20000, None, None) == "both", "no timings yet: least memory"
+    assert choose_memory_strategy(kept, 0, 1e-3, 1e-4) == "both", "nothing fits: least memory"
+
+
+@pytest.mark.parametrize("memory", ["keep", "recompute", "recommunicate", "both", "auto"])
+def test_local_layer_with_replicas_matches_one_device_layer(memory):
+    """One process (no torch.distributed): a table with replicas on the same rank."""
+    cfg = _config(num_experts=4, capacity_factor=1.5)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = MoELayer(cfg).double()
+    for degree in (1, 2, 5):
+        torch.manual_seed(0)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory=memory)).double()
+        assert ep.experts.gate_up_proj.shape[0] == 7 and ep.ep_size == 1 and ep.ep_group is None
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ep.state_dict()[k], v), f"{k}: the EP layer starts from the same weights"
+        x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+        y_ref = ref(x)
+        grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum(), [x, *ref.parameters()])
+        y = ep(x)
+        grads = torch.autograd.grad((y * y.detach().sin()).sum(), [x, *ep.parameters()])
+        _check("output", y, y_ref, F64_TOL)
+        _check("input grad", grads[0], grads_ref[0], F64_TOL)
+        _check("router grad", grads[1], grads_ref[1], F64_TOL)
+        for i, name in ((2, "gate_up_proj"), (3, "down_proj")):
+            logical = torch.zeros_like(grads_ref[i])
+            for s, e in enumerate(table.slot_expert_WS[0]):
+                if e >= 0:
+                    logical[e] += grads[i][s]
+            _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
+        assert grads[2][5].abs().max() == 0, "the empty slot gets a zero gradient"
+        report = ep.expert_parallel.memory_report
+        assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
+
+
+def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
+    cfg = _config()
+    torch.manual_seed(3)
+    ref = MoELayer(cfg)
+    torch.manual_seed(3)
+    ep = MoELayer(cfg, placement=PlacementTable.static(8, 1))
+    x = torch.randn(2, 9, 8)
+    assert torch.equal(ep(x), ref(x))
+
+
+def test_layer_rejects_inconsistent_placement_arguments():
+    cfg = _config()
+    with pytest.raises(ValueError, match="slots_per_rank"):
+        MoELayer(cfg, placement=PlacementTable.static(8, 1), slots_per_rank=9)
+    with pytest.raises(ValueError, match="experts"):
+        MoELayer(cfg, placement=PlacementTable.static(4, 1))
+    with pytest.raises(ValueError, match="ranks"):
+        MoELayer(cfg, placement=PlacementTable.static(8, 2))
+    with pytest.raises(TypeError, match="ParallelConfig"):
+        MoELayer(cfg, placement=PlacementTable.static(8, 1), parallel={"memory": "keep"})
+    with pytest.raises(ValueError, match="hierarchical"):
+        MoELayer(cfg, placement=PlacementTable.static(8, 1), parallel=ParallelConfig(all_to_all="hierarchical"))
+    layer = MoELayer(cfg, placement=PlacementTable.static(8, 1))
+    with pytest.raises(ValueError, match="slots per rank"):
+        layer.set_placement(PlacementTable.static(8, 1, slots_per_rank=9))
+    with pytest.raises(RuntimeError, match="expert-parallel"):
+        MoELayer(cfg).set_placement(PlacementTable.static(8, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: one spawn per world size runs every case of that size.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Env:
+    """What the cases of one spawned process share."""
+
+    rank: int
+    world: int
+    nodes: EPGroup | None = None  # world as 2 "nodes" x 2 ranks (4 processes)
+    pair: dist.ProcessGroup | None = None  # ranks {0, 1} or {2, 3}
+    across: dist.ProcessGroup | None = None  # ranks {0, 2} or {1, 3}
+
+
+def _train_and_compare(
+    env: Env,
+    cfg: MoEConfig,
+    make_ep,
+    tokens: list[int],
+    *,
+    dtype=torch.float64,
+    tol=F64_TOL,
+    per_rank_reference=False,
+    bias=None,
+    steps=3,
+    expert_dp_group=None,
+):
+    """Train the EP layer and a one-device MoELayer (built from the same seed) side by side.
+
+    Rank r's loss is ``W * sum(y_r * g_r) / N`` plus its router loss (scaled so that averaging
+    the ranks' gradients gives the gradient of the reference loss); N is the global token count.
+    """
+    W, rank = env.world, env.rank
+    torch.manual_seed(1234)
+    ref = MoELayer(cfg).to(dtype)
+    torch.manual_seed(1234)
+    ep = make_ep(cfg).to(dtype)
+    if bias is not None:
+        for layer in (ref, ep):
+            layer.router.expert_bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    ep_state = ep.state_dict()
+    assert list(ep_state) == list(ref.state_dict()), "logical state-dict keys"
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ep_state[k], v), f"{k}: an EP layer built from a seed equals the one-device layer"
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    opt_ep = torch.optim.SGD(ep.parameters(), lr=0.3, momentum=0.9)
+    N = sum(tokens)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        X = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64).to(dtype) for t in tokens]
+        G = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64).to(dtype) for t in tokens]
+        x_ref = [x.clone().requires_grad_() for x in X]
+        if per_rank_reference:
+            ys, loss = [], 0.0
+            for x, g in zip(x_ref, G):
+                ys.append(ref(x))
+                loss = loss + (ys[-1] * g).sum() / N + ref.aux_loss / W
+        else:
+            Y = ref(torch.cat(x_ref))
+            ys = Y.split(tokens)
+            loss = (Y * torch.cat(G)).sum() / N + ref.aux_loss
+        loss.backward()
+        x = X[rank].clone().requires_grad_()
+        y = ep(x)
+        aux_scale = 1.0 if per_rank_reference else W * tokens[rank] / N
+        (W * (y * G[rank]).sum() / N + ep.aux_loss * aux_scale).backward()
+        sync_gradients(ep, expert_dp_group=expert_dp_group)
+        _check(f"step {step} output", y, ys[rank], tol)
+        _check(f"step {step} input grad", x.grad / W, x_ref[rank].grad, tol)
+        for opt in (opt_ref, opt_ep):
+            opt.step()
+            opt.zero_grad()
+    ep_state = ep.state_dict()
+    for k, v in ref.state_dict().items():
+        _check(f"{k} after {steps} steps", ep_state[k], v, tol)
+    return ep
+
+
+def _ep(group=None, **kwargs):
+    """A factory of EP layers over ``group`` (default: the world)."""
+    parallel = kwargs.pop("parallel", None)
+    return lambda cfg: MoELayer(cfg, ep_group=group or dist.group.WORLD, parallel=parallel, **kwargs)
+
+
+def _gathered(value):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# -- cases for 2 processes (E = 8, 4 slots each) -----------------------------------------------
+
+
+def _case_degree(degree, memory):
+    def case(env):
+        _train_and_compare(env, _config(), _ep(parallel=ParallelConfig(pipeline_degree=degree, memory=memory)), [7, 5])
+    return case
+
+
+def case_memory_auto(env):
+    for budget, expected in ((10**12, "keep"), (0, "both")):
+        parallel = ParallelConfig(pipeline_degree=2, memory="auto", memory_budget_bytes=budget)
+        ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5])
+        assert ep.expert_parallel.memory_report.strategy == expected
+    parallel = ParallelConfig(memory="auto")
+    ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5])
+    assert len(set(_gathered(ep.expert_parallel.memory_report.strategy))) == 1, "ranks agree"
+
+
+def case_pipeline_auto(env):
+    parallel = ParallelConfig(pipeline_degree="auto", pipeline_candidates=(1, 3))
+    ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5], steps=6)
+    tuner = ep.expert_parallel.tuner
+    choices = _gathered((sorted(tuner.best.items()), ep.expert_parallel.last_pipeline_degree))
+    assert all(c == choices[0] for c in choices), f"ranks disagree: {choices}"
+
+
+def case_capacity_per_rank_reference(env):
+    cfg = _config(capacity_factor=1.0, aux_loss_coef=1e-2)
+    ep = _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=2)), [6, 6], per_rank_reference=True)
+    assert int(ep.last_counts.sum()) < 6 * cfg.top_k, "capacity dropped pairs"
+
+
+def case_all_tokens_to_one_rank(env):
+    bias = [5.0, 5.0] + [0.0] * 6  # experts 0 and 1 live on rank 0: rank 1 receives nothing
+    cfg = _config(bias_update_rate=1e-3)
+    ep = _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=3, memory="recommunicate")),
+                            [6, 4], bias=bias)
+    assert ep.expert_parallel.last_counts_WE[:, 2:].sum() == 0, "every token went to rank 0"
+    if env.rank == 1:
+        assert ep.expert_parallel.memory_report.by_strategy["keep"] == 0, "rank 1 received no rows"
+
+
+def case_rank_without_tokens(env):
+    _train_and_compare(env, _config(), _ep(parallel=ParallelConfig(pipeline_degree=2, memory="both")), [9, 0])
+
+
+def _replica_table_2() -> PlacementTable:
+    slot_expert = np.array([[0, 1, 2, 3, 5], [4, 5, 6, 7, 0]])
+    share = np.array([[0.3, 1, 1, 1, 0.45], [1, 0.55, 1, 1, 0.7]])
+    return PlacementTable(8, slot_expert, share)
+
+
+def _case_replicas(degree, memory):
+    def case(env):
+        bias = [2.0, 0, 0, 0, 0, 2.0, 0, 0]  # make the replicated experts hot
+        cfg = _config(bias_update_rate=1e-3)
+        parallel = ParallelConfig(pipeline_degree=degree, memory=memory)
+        _train_and_compare(env, cfg, _ep(placement=_replica_table_2(), parallel=parallel), [8, 6], bias=bias)
+    return case
+
+
+def case_float32(env):
+    cfg = _config()
+    _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=2)), [7, 5], dtype=torch.float32, tol=F32_TOL)
+
+
+def case_mismatch_is_reported_on_every_rank(env):
+    cfg = _config()
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    if env.rank == 1:
+        layer.placement.version += 1
+    with pytest.raises(RuntimeError, match="disagree on placement version"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).to(torch.float64 if env.rank == 0 else torch.float32)
+    with pytest.raises(RuntimeError, match="disagree on dtype"):
+        layer(torch.randn(3, 8).to(layer.experts.gate_up_proj.dtype))
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD)
+    with pytest.raises(RuntimeError, match="disagree on backward expected"):
+        with torch.set_grad_enabled(env.rank == 0):
+            layer(torch.randn(3, 8))
+    layer(torch.randn(2, 8)).sum().backward()  # the group still works afterwards
+
+
+def case_ddp_with_expert_parameters_ignored(env):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make(cfg):
+        layer = MoELayer(cfg, ep_group=dist.group.WORLD)
+        DDP._set_params_and_buffers_to_ignore_for_model(layer, expert_parameter_names(layer))
+        return layer
+
+    cfg = _config()
+    torch.manual_seed(1234)
+    ref = MoELayer(cfg).double()
+    torch.manual_seed(1234)
+    layer = make(cfg).double()
+    model = DDP(layer)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    tokens, W = [5, 7], env.world
+    for step in range(3):
+        gen = torch.Generator().manual_seed(7 + step)
+        X = [torch.randn(t, 8, generator=gen, dtype=torch.float64) for t in tokens]
+        Y = ref(torch.cat(X))
+        (Y.square().sum() / sum(tokens) + ref.aux_loss).backward()
+        y = model(X[env.rank])
+        (W * y.square().sum() / sum(tokens) + layer.aux_loss * W * tokens[env.rank] / sum(tokens)).backward()
+        sync_expert_gradients(layer)
+        _check("ddp output", y, Y.split(tokens)[env.rank], F64_TOL)
+        for o in (opt_ref, opt):
+            o.step()
+            o.zero_grad()
+    state = layer.state_dict()
+    for k, v in ref.state_dict().items():
+        _check(f"ddp {k}", state[k], v, F64_TOL)
+
+
+def case_all_to_all_v_is_differentiable(env):
+    gen = torch.Generator().manual_seed(env.rank)
+    splits = torch.randint(0, 4, (env.world, env.world), generator=torch.Generator().manual_seed(0))
+    send, recv = splits[env.rank].tolist(), splits[:, env.rank].tolist()
+    x = torch.randn(sum(send), 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = all_to_all_v(x, send, recv)
+    everyone = _gathered(x.detach())
+    expected = torch.cat([everyone[src][sum(splits[src, :env.rank]):sum(splits[src, :env.rank + 1])]
+                          for src in range(env.world)])
+    assert torch.equal(y, expected)
+    y.backward(torch.arange(y.numel(), dtype=torch.float64).view_as(y))
+    grads = _gathered(torch.arange(y.numel(), dtype=torch.float64).view_as(y))
+    back = torch.cat([grads[dst][sum(splits[:env.rank, dst]):sum(splits[:env.rank + 1, dst])]
+                      for dst in range(env.world)])
+    assert torch.equal(x.grad, back)
+
+
+def case_router_loads_are_summed(env):
+    layer = MoELayer(_config(bias_update_rate=1e-2), ep_group=dist.group.WORLD)
+    layer(torch.randn(4 + 3 * env.rank, 8))
+    mine = layer.router.pending_load_E.clone()
+    total = sum(_gathered(mine))
+    sync_router_loads(layer)
+    assert torch.equal(layer.router.pending_load_E, total)
+
+
+CASES_2 = {
+    **{f"degree_{n}": _case_degree(n, "keep") for n in (1, 2, 4, 8)},
+    **{f"{m}_degree_{n}": _case_degree(n, m) for m in ("recompute", "recommunicate", "both") for n in (1, 3)},
+    "memory_auto": case_memory_auto,
+    "pipeline_auto": case_pipeline_auto,
+    "capacity_per_rank_reference": case_capacity_per_rank_reference,
+    "all_tokens_to_one_rank": case_all_tokens_to_one_rank,
+    "rank_without_tokens": case_rank_without_tokens,
+    "replicas_keep_degree_2": _case_replicas(2, "keep"),
+    "replicas_both_degree_3": _case_replicas(3, "both"),
+    "float32": case_float32,
+    "mismatch_is_reported_on_every_rank": case_mismatch_is_reported_on_every_rank,
+    "ddp_with_expert_parameters_ignored": case_ddp_with_expert_parameters_ignored,
+    "all_to_all_v_is_differentiable": case_all_to_all_v_is_differentiable,
+    "router_loads_are_summed": case_router_loads_are_summed,
+}
+
+
+# -- cases for 4 processes ---------------------------------------------------------------------
+
+TOKENS_4 = [5, 0, 7, 3]
+
+
+def _case_all_to_all(kind, degree, memory):
+    def case(env):
+        group = env.nodes if kind == "hierarchical" else None
+        parallel = ParallelConfig(pipeline_degree=degree, memory=memory, all_to_all=kind)
+        _train_and_compare(env, _config(), _ep(group, parallel=parallel), TOKENS_4)
+    return case
+
+
+def case_non_divisible_experts(env):
+    """E = 6 on 4 ranks: 2 slots per rank, rank 3 holds none (its slots stay empty)."""
+    ep = _train_and_compare(env, _config(num_experts=6), _ep(parallel=ParallelConfig(pipeline_degree=2)), TOKENS_4)
+    if env.rank == 3:
+        assert (ep.placement.slot_expert_WS[3] == -1).all()
+        assert ep.experts.gate_up_proj.abs().max() == 0, "empty slots never change"
+
+
+def case_replicas_hierarchical(env):
+    slot_expert = np.array([[0, 1, 2], [2, 3, -1], [4, 5, 2], [6, 7, 0]])
+    share = np.array([[0.8, 1, 0.2], [0.5, 1, 0], [1, 1, 0.3], [1, 1, 0.2]])
+    table = PlacementTable(8, slot_expert, share)
+    cfg = _config(bias_update_rate=1e-3)
+    parallel = ParallelConfig(pipeline_degree=2, memory="recompute", all_to_all="hierarchical")
+    _train_and_compare(env, cfg, _ep(env.nodes, placement=table, parallel=parallel), TOKENS_4,
+                       bias=[1.0, 0, 3.0, 0, 0, 0, 0, 0])
+
+
+def case_expert_data_parallel(env):
+    """EP groups {0, 1} and {2, 3} hold all experts each; {0, 2} and {1, 3} sum their gradients."""
+    ep = _train_and_compare(env, _config(), _ep(env.pair, parallel=ParallelConfig(pipeline_degree=2)), TOKENS_4,
+                            expert_dp_group=env.across)
+    assert ep.ep_size == 2 and ep.ep_rank == env.rank % 2
+
+
+def case_checkpoint_4_2_1_4(env):
+    cfg = _config(num_experts=6)
+    torch.manual_seed(5)
+    donor = MoELayer(cfg).double()
+    x = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(env.rank))
+    four = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    four.load_state_dict(donor.state_dict())
+    y4 = four(x)
+    two = MoELayer(cfg, ep_group=env.pair, parallel=ParallelConfig(pipeline_degree=2)).double()
+    two.load_state_dict(four.state_dict())
+    assert two.experts.gate_up_proj.shape[0] == 3
+    one = MoELayer(cfg).double()
+    one.load_state_dict(two.state_dict())
+    table = PlacementTable(6, np.array([[5, 0], [1, 2], [3, 0], [4, -1]]), np.array([[1, 0.5], [1, 1], [1, 0.5], [1, 0]]))
+    again = MoELayer(cfg, ep_group=dist.group.WORLD, placement=table).double()
+    again.load_state_dict(one.state_dict())
+    for name, layer in (("2 ranks", two), ("1 process", one), ("4 ranks, other placement", again)):
+        _check(f"output on {name}", layer(x), y4, 1e-13)
+    for k, v in donor.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), f"{k} survives 4 -> 2 -> 1 -> 4"
+    with pytest.raises(RuntimeError, match="logical view"):
+        four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
+
+
+CASES_4 = {
+    "flat_degree_2": _case_all_to_all("flat", 2, "keep"),
+    "hierarchical_degree_1_keep": _case_all_to_all("hierarchical", 1, "keep"),
+    "hierarchical_degree_3_both": _case_all_to_all("hierarchical", 3, "both"),
+    "non_divisible_experts": case_non_divisible_experts,
+    "replicas_hierarchical": case_replicas_hierarchical,
+    "expert_data_parallel": case_expert_data_parallel,
+    "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
+}
+CASES = {2: CASES_2, 4: CASES_4}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    env = Env(rank, world)
+    if world == 4:
+        env.nodes = EPGroup.create(ranks_per_node=2)
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        across = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        env.pair, env.across = pairs[rank // 2], across[rank % 2]
+    results = {}
+    for name, case in CASES[world].items():
+        try:
+            case(env)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_world(world: int, out_dir: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(SPAWN_TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        if not os.path.exists(path):
+            pytest.fail(f"rank {r} of {world} wrote no results (crashed or timed out after {SPAWN_TIMEOUT_S} s)")
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    cache: dict[int, list[dict]] = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in cache:
+            cache[world] = _run_world(world, str(tmp_path_factory.mktemp(f"ep{world}")))
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world, case", [(w, name) for w in (2, 4) for name in CASES[w]])
+def test_expert_parallel(spawned, world, case):
+    failures = [f"rank {r}:\n{res[case]}" for r, res in enumerate(spawned(world)) if res.get(case) != "ok"]
+    assert not failures, "\n".join(failures)
