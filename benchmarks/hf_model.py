@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     torch.manual_seed(0)
     cfg = model_config(args)
-    model = Qwen3MoeForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM(cfg).to(dtype)
     block = model.model.layers[0].mlp
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device)
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         del out
         iters = args.iters if impl != "eager" else max(1, args.iters // 5)
         warmup = args.warmup if impl != "eager" else 1
-        rows.append((impl, measure(model_step(model), timer, warmup, iters), measure(block_step(block), timer, warmup, iters)))
+        rows.append((impl, measure(model_step(model), timer, warmup, iters),
+                     measure(block_step(block), timer, warmup, iters)))
         if args.compile and impl != "eager":
             torch._dynamo.reset()
             rows.append((f"{impl} compiled", measure(model_step(torch.compile(model)), timer, warmup + 2, iters),
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
 
 def print_table(rows) -> None:
     base = {name: (m, b) for name, m, b in rows}.get("flexmoe")
-    print(f"\n{'implementation':<22}{'model fwd+bwd ms':>18}{'x flexmoe':>11}{'MoE block fwd+bwd ms':>23}{'x flexmoe':>11}")
+    print(f"\n{'implementation':<22}{'model fwd+bwd ms':>18}{'x flexmoe':>11}"
+          f"{'MoE block fwd+bwd ms':>23}{'x flexmoe':>11}")
     for name, model_ms, block_ms in rows:
         rm = f"{model_ms / base[0]:.2f}" if base else "-"
         rb = f"{block_ms / base[1]:.2f}" if base else "-"

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from flexmoe import MoEConfig, MoELayer
 from flexmoe.parallel import (
@@ -31,6 +32,7 @@ from flexmoe.parallel import (
     ParallelConfig,
     all_to_all_v,
     expert_parameter_names,
+    expert_parameters,
     sync_expert_gradients,
     sync_gradients,
     sync_router_loads,
@@ -262,10 +264,13 @@ def _train_and_compare(
     bias=None,
     steps=3,
     expert_dp_group=None,
+    wrap=None,
+    sync=None,
 ):
     """Train the EP layer and a one-device MoELayer (built from the same seed) side by side.
 
-    Rank r's loss is ``W * sum(y_r * g_r) / N`` plus its router loss (scaled so that averaging
+    wrap: puts the EP layer in DDP / FSDP2; sync: the gradient synchronisation to call after
+    backward (default ``sync_gradients``). Rank r's loss is ``W * sum(y_r * g_r) / N`` plus its router loss (scaled so that averaging
     the ranks' gradients gives the gradient of the reference loss); N is the global token count.
     """
     W, rank = env.world, env.rank
@@ -280,8 +285,10 @@ def _train_and_compare(
     assert list(ep_state) == list(ref.state_dict()), "logical state-dict keys"
     for k, v in ref.state_dict().items():
         assert torch.equal(ep_state[k], v), f"{k}: an EP layer built from a seed equals the one-device layer"
+    model = ep if wrap is None else wrap(ep)
+    sync = sync or (lambda layer: sync_gradients(layer, expert_dp_group=expert_dp_group))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
-    opt_ep = torch.optim.SGD(ep.parameters(), lr=0.3, momentum=0.9)
+    opt_ep = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     N = sum(tokens)
     for step in range(steps):
         gen = torch.Generator().manual_seed(100 + step)
@@ -299,10 +306,10 @@ def _train_and_compare(
             loss = (Y * torch.cat(G)).sum() / N + ref.aux_loss
         loss.backward()
         x = X[rank].clone().requires_grad_()
-        y = ep(x)
+        y = model(x)
         aux_scale = 1.0 if per_rank_reference else W * tokens[rank] / N
         (W * (y * G[rank]).sum() / N + ep.aux_loss * aux_scale).backward()
-        sync_gradients(ep, expert_dp_group=expert_dp_group)
+        sync(ep)
         _check(f"step {step} output", y, ys[rank], tol)
         _check(f"step {step} input grad", x.grad / W, x_ref[rank].grad, tol)
         for opt in (opt_ref, opt_ep):
@@ -310,7 +317,8 @@ def _train_and_compare(
             opt.zero_grad()
     ep_state = ep.state_dict()
     for k, v in ref.state_dict().items():
-        _check(f"{k} after {steps} steps", ep_state[k], v, tol)
+        got = ep_state[k].full_tensor() if isinstance(ep_state[k], DTensor) else ep_state[k]
+        _check(f"{k} after {steps} steps", got, v, tol)
     return ep
 
 
@@ -413,35 +421,22 @@ def case_mismatch_is_reported_on_every_rank(env):
 def case_ddp_with_expert_parameters_ignored(env):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def make(cfg):
-        layer = MoELayer(cfg, ep_group=dist.group.WORLD)
+    def wrap(layer):
         DDP._set_params_and_buffers_to_ignore_for_model(layer, expert_parameter_names(layer))
-        return layer
+        return DDP(layer)
 
-    cfg = _config()
-    torch.manual_seed(1234)
-    ref = MoELayer(cfg).double()
-    torch.manual_seed(1234)
-    layer = make(cfg).double()
-    model = DDP(layer)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    tokens, W = [5, 7], env.world
-    for step in range(3):
-        gen = torch.Generator().manual_seed(7 + step)
-        X = [torch.randn(t, 8, generator=gen, dtype=torch.float64) for t in tokens]
-        Y = ref(torch.cat(X))
-        (Y.square().sum() / sum(tokens) + ref.aux_loss).backward()
-        y = model(X[env.rank])
-        (W * y.square().sum() / sum(tokens) + layer.aux_loss * W * tokens[env.rank] / sum(tokens)).backward()
-        sync_expert_gradients(layer)
-        _check("ddp output", y, Y.split(tokens)[env.rank], F64_TOL)
-        for o in (opt_ref, opt):
-            o.step()
-            o.zero_grad()
-    state = layer.state_dict()
-    for k, v in ref.state_dict().items():
-        _check(f"ddp {k}", state[k], v, F64_TOL)
+    _train_and_compare(env, _config(), _ep(), [5, 7], wrap=wrap, sync=sync_expert_gradients)
+
+
+def case_fsdp2_with_expert_parameters_ignored(env):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def wrap(layer):
+        mesh = init_device_mesh("cpu", (env.world,))
+        return fully_shard(layer, mesh=mesh, ignored_params=set(expert_parameters(layer)))
+
+    _train_and_compare(env, _config(), _ep(), [5, 7], wrap=wrap, sync=sync_expert_gradients)
 
 
 def case_all_to_all_v_is_differentiable(env):
@@ -483,6 +478,7 @@ CASES_2 = {
     "float32": case_float32,
     "mismatch_is_reported_on_every_rank": case_mismatch_is_reported_on_every_rank,
     "ddp_with_expert_parameters_ignored": case_ddp_with_expert_parameters_ignored,
+    "fsdp2_with_expert_parameters_ignored": case_fsdp2_with_expert_parameters_ignored,
     "all_to_all_v_is_differentiable": case_all_to_all_v_is_differentiable,
     "router_loads_are_summed": case_router_loads_are_summed,
 }

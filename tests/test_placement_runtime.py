@@ -168,6 +168,32 @@ def test_apply_placement_moves_weights_and_adam_state(change):
         assert (report.expands, report.shrinks, report.migrates) == expected[change]
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, amsgrad=True),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.1, momentum=0.5, centered=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+], ids=["sgd_momentum", "adamw_amsgrad", "rmsprop", "adagrad"])
+def test_apply_placement_moves_every_per_slot_state(make_opt):
+    table = one_rank_table([0, 1, 2, -1])
+    torch.manual_seed(0)
+    layer = SlotLayer(table)
+    opt = make_opt(layer.parameters())
+    for _ in range(2):
+        sum((p ** 3).sum() for p in layer.parameters()).backward()
+        opt.step()
+        opt.zero_grad()
+    per_slot = [v for p in layer.experts.parameters() for v in opt.state[p].values()
+                if torch.is_tensor(v) and v.dim() > 0]
+    assert per_slot
+    tensors = [p.data for p in layer.experts.parameters()] + per_slot
+    before = [t.clone() for t in tensors]
+    report = apply_placement(layer, PlacementTable(3, np.array([[2, 0, -1, 1]]), np.array([[1.0, 1, 0, 1]]), 1), opt)
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t[[0, 1, 3]], b[[2, 0, 1]], rtol=0, atol=0)
+    assert report.bytes_per_slot == sum(t[0].numel() * t.element_size() for t in tensors)
+
+
 def test_apply_placement_without_optimizer_state_moves_weights_only():
     table = one_rank_table([0, 1, -1])
     layer, opt = adam_layer(table)

@@ -178,7 +178,8 @@ def scenario_migration(rank: int) -> dict:
     dist.all_reduce(sent)
 
     # ranks that disagree on the new table get a clear error, before anything moves
-    bad = expand_replica(layer.placement, 0, tuple(map(int, np.argwhere(layer.placement.slot_expert_WS == -1)[rank % 2])))
+    free = np.argwhere(layer.placement.slot_expert_WS == -1)
+    bad = expand_replica(layer.placement, 0, tuple(map(int, free[rank % 2])))
     mismatch = ""
     try:
         apply_placement(layer, bad, opt)

@@ -309,8 +309,11 @@ def test_pack_keeps_locations_and_balanced_shares():
 def test_planner_validation():
     with pytest.raises(ValueError, match="unknown planner"):
         make_planner("nope")
-    with pytest.raises(ValueError, match="rebalance_threshold"):
+    with pytest.raises(ValueError, match="threshold"):
         GreedyPlanner(threshold=0.9)
+    with pytest.raises(ValueError, match="rebalance_threshold"):
+        GreedyPlanner(threshold=1.1, rebalance_threshold=1.2)
+    assert GreedyPlanner(threshold=1.0).rebalance_threshold == 1.0
     with pytest.raises(ValueError, match="horizon"):
         GreedyPlanner(horizon=0)
     with pytest.raises(ValueError, match="period"):
@@ -359,11 +362,16 @@ def _plan_on_rank(rank: int, world: int, port: int) -> None:
         dist.all_gather(gathered, mine)
         for other in gathered:
             assert torch.equal(other, gathered[0])
+        cost = CostModel.measure(32, 16, rows=32, local_experts=2, repeats=1, group=dist.group.WORLD)
+        agreed = torch.tensor([cost.c_tok, cost.c_slot, cost.a2a_bw], dtype=torch.float64)
+        both = [torch.empty_like(agreed) for _ in range(world)]
+        dist.all_gather(both, agreed)
+        assert torch.equal(both[0], both[1]) and cost.a2a_bw > 0
     finally:
         dist.destroy_process_group()
 
 
-def test_identical_plans_across_processes():
+def test_identical_plans_and_measured_costs_across_processes():
     ctx = mp.start_processes(_plan_on_rank, args=(2, _free_port()), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):

@@ -9,3 +9,7 @@ from .placement.scheduler import PlacementScheduler  # noqa: E402
 __all__ += ["PlacementScheduler"]
 from .parallel import EPGroup, ParallelConfig, sync_gradients  # noqa: E402
 __all__ += ["EPGroup", "ParallelConfig", "sync_gradients"]
+from .placement import CostModel, GreedyPlanner, LoadPredictor, make_planner, replica_quotas, split_tokens  # noqa: E402
+__all__ += ["CostModel", "GreedyPlanner", "LoadPredictor", "make_planner", "replica_quotas", "split_tokens"]
+from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate  # noqa: E402
+__all__ += ["SyntheticTraceConfig", "TraceRecorder", "generate_trace", "read_trace", "simulate"]

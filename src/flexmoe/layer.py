@@ -64,7 +64,7 @@ class MoELayer(nn.Module):
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
         routing = self.router(x_TD)
-        plan = make_dispatch_plan(routing)
+        plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
         x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
         y_ND = self.run_experts(x_ND, plan, use_triton)
         y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)

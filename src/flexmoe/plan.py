@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 
-from .routing import Routing
 
 
 @dataclasses.dataclass
@@ -37,13 +36,16 @@ class DispatchPlan:
         return self.row_token_N.shape[0]
 
 
-def make_dispatch_plan(routing: Routing) -> DispatchPlan:
-    E = routing.num_experts
-    T, K = routing.expert_TK.shape
-    device = routing.expert_TK.device
-    key_N = routing.expert_TK.reshape(-1)
-    if routing.keep_TK is not None:
-        key_N = torch.where(routing.keep_TK.reshape(-1), key_N, E)
+def make_dispatch_plan(
+    expert_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+) -> DispatchPlan:
+    """Group the (token, slot) pairs by expert; pairs with ``keep_TK == False`` are not dispatched."""
+    E = num_experts
+    T, K = expert_TK.shape
+    device = expert_TK.device
+    key_N = expert_TK.reshape(-1)
+    if keep_TK is not None:
+        key_N = torch.where(keep_TK.reshape(-1), key_N, E)
     sorted_key_N, row_pair_N = torch.sort(key_N, stable=True)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, key_N, torch.ones_like(key_N))
@@ -52,7 +54,7 @@ def make_dispatch_plan(routing: Routing) -> DispatchPlan:
     row_token_N = torch.where(sorted_key_N < E, row_pair_N // K, -1)
     pair_row_N = torch.empty_like(row_pair_N)
     pair_row_N[row_pair_N] = torch.arange(T * K, device=device)
-    if routing.keep_TK is not None:
-        pair_row_N = torch.where(routing.keep_TK.reshape(-1), pair_row_N, -1)
-    row_weight_N = routing.weight_TK.reshape(-1).gather(0, row_pair_N)
+    if keep_TK is not None:
+        pair_row_N = torch.where(keep_TK.reshape(-1), pair_row_N, -1)
+    row_weight_N = weight_TK.reshape(-1).gather(0, row_pair_N)
     return DispatchPlan(counts_E, offsets_E, row_token_N, pair_row_N.view(T, K), row_weight_N, row_pair_N)

@@ -26,7 +26,7 @@ class RowPacker:
         self.offsets: list[int] = []
         offset = 0
         for dtype, width in parts:
-            size = torch.empty((), dtype=dtype).element_size()
+            size = dtype.itemsize
             offset = -(-offset // size) * size
             self.offsets.append(offset)
             offset += size * width
@@ -48,16 +48,20 @@ class RowPacker:
         """Views ``[N, width]`` of each part in a packed buffer."""
         views = []
         for (dtype, width), offset in zip(self.parts, self.offsets):
-            size = torch.empty((), dtype=dtype).element_size()
-            views.append(buf[:, offset:offset + size * width].view(dtype))
+            views.append(buf[:, offset:offset + dtype.itemsize * width].view(dtype))
         return views
 
 
 class Pending:
-    """An exchange in flight; ``wait()`` returns the received rows."""
+    """An exchange in flight; ``wait()`` returns the received rows. ``followed_by(fn)`` makes
+    ``wait()`` pass them to ``fn``, which starts the next exchange, and wait for that one."""
 
-    def __init__(self, result: torch.Tensor, work=None, keep_alive=None, then=None):
-        self._result, self._work, self._keep, self._then = result, work, keep_alive, then
+    def __init__(self, result: torch.Tensor, work=None, keep_alive=None):
+        self._result, self._work, self._keep, self._then = result, work, keep_alive, None
+
+    def followed_by(self, then) -> "Pending":
+        self._then = then
+        return self
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
@@ -70,8 +74,9 @@ class Pending:
 
 
 def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group) -> Pending:
+    rows = rows.contiguous()
     out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
-    work = dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group, async_op=True)
+    work = dist.all_to_all_single(out, rows, recv, send, group=group, async_op=True)
     return Pending(out, work, keep_alive=rows)
 
 
@@ -120,10 +125,8 @@ class Exchanger:
                 return Pending(rows2)
             return _start_all_to_all(rows2, send2, recv2, ep.inter)
 
-        if L == 1:
-            return Pending(rows, then=stage2)
-        first = _start_all_to_all(rows1, send1, recv1, ep.intra)
-        return Pending(first._result, first._work, keep_alive=rows1, then=stage2)
+        first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra)
+        return first.followed_by(stage2)
 
 
 def _transpose_blocks(rows: torch.Tensor, len_AB: np.ndarray) -> torch.Tensor:

@@ -170,7 +170,7 @@ class ExpertParallel:
             strategy=strategy,
             build_graph=build_graph,
             row_token_N=plan.row_token_N,
-            first_row_T=plan.pair_row_TK.max(dim=1).values if strategy in RESENDS_INPUT else plan.row_token_N[:0],
+            first_row_T=plan.pair_row_TK.max(dim=1).values if strategy in RESENDS_INPUT else None,
             timer=StageTimer() if profile else None,
         )
         start = _synchronized_time(x_ND.device) if trial else 0.0
@@ -245,14 +245,13 @@ class ExpertParallel:
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
-        mine = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)])
         if self.size == 1:
-            everyone = mine.unsqueeze(0)
+            everyone = np.array([header + counts_E.tolist()], dtype=np.int64)
         else:
+            mine = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)])
             parts = [torch.empty_like(mine) for _ in range(self.size)]
             dist.all_gather(parts, mine, group=self.ep_group.group)
-            everyone = torch.stack(parts)
-        everyone = everyone.cpu().numpy()
+            everyone = torch.stack(parts).cpu().numpy()
         header_WH, counts_WE = everyone[:, :len(_HEADER)], everyone[:, len(_HEADER):]
         for name, must_agree in _HEADER:
             column = header_WH[:, _COLUMN[name]]
@@ -265,11 +264,12 @@ class ExpertParallel:
         return header_WH, counts_WE
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:
-        """Slowest recompute and slowest link over ranks, once every rank has measured."""
+        """Slowest recompute and slowest link over the ranks that measured them (a rank without
+        traffic or expert rows in its profiled forward has nothing to report)."""
         per_row = header_WH[:, _COLUMN["ns per expert row"]]
         bandwidth = header_WH[:, _COLUMN["bytes per s"]]
-        if self._group_rates is None and (bandwidth >= 0).all() and (per_row >= 0).any():
-            self._group_rates = (float(per_row.max()) * 1e-9, float(bandwidth.min()))
+        if self._group_rates is None and (bandwidth >= 0).any() and (per_row >= 0).any():
+            self._group_rates = (float(per_row.max()) * 1e-9, float(bandwidth[bandwidth >= 0].min()))
 
     def _memory_strategy(self, layout: DispatchLayout, header_WH, row: RowBytes, build_graph: bool):
         recv_W = layout.recv_rows_W

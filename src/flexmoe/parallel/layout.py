@@ -43,14 +43,6 @@ class ChunkLayout:
     offsets_S: torch.Tensor
 
     @property
-    def send_splits(self) -> list[int]:
-        return self.split_WW[self.rank].tolist()
-
-    @property
-    def recv_splits(self) -> list[int]:
-        return self.split_WW[:, self.rank].tolist()
-
-    @property
     def send_rows(self) -> int:
         return int(self.split_WW[self.rank].sum())
 

@@ -68,7 +68,7 @@ class StageRun:
     strategy: str
     build_graph: bool
     row_token_N: torch.Tensor
-    first_row_T: torch.Tensor
+    first_row_T: torch.Tensor | None
     timer: StageTimer | None = None
 
 
@@ -112,9 +112,7 @@ class _ExpertParallelStage(torch.autograd.Function):
         if timer is not None:
             timer.dispatch_bytes += sum(ch.send_rows + ch.recv_rows for ch in chunks) * packer.row_bytes
             timer.expert_rows += sum(ch.recv_rows for ch in chunks)
-        out_ND = x_ND.new_zeros(x_ND.shape)
-        for ch, pending in zip(chunks, returns):
-            _scatter_rows(out_ND, pending.wait(), ch)
+        out_ND = _assemble(x_ND.shape, chunks, [pending.wait() for pending in returns])
 
         if run.build_graph:
             ctx.run, ctx.saved, ctx.params = run, saved, params if keeps_graph else None
@@ -148,9 +146,7 @@ class _ExpertParallelStage(torch.autograd.Function):
                 input_pending = run.exchanger.start(ctx.token_rows_TD.index_select(0, tokens), ch.split_WW)
             return grad_pending, input_pending
 
-        grad_x_ND = grad_ND.new_zeros(x_shape)
-        grad_w_N = torch.zeros(w_shape, dtype=w_dtype, device=grad_ND.device)
-        grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
+        grad_gate_up = grad_down = None
         returns = []
         upcoming = dispatch(chunks[0])
         for c, ch in enumerate(chunks):
@@ -161,16 +157,21 @@ class _ExpertParallelStage(torch.autograd.Function):
             x_RD = _regroup(input_pending.wait(), ch) if input_pending is not None else None
             dx_RD, dw_R, d_gate_up, d_down = _expert_backward(run, ctx.saved[c], params, grad_RD, x_RD, ch.offsets_S)
             ctx.saved[c] = None
-            if d_gate_up is not None:
+            if d_gate_up is None:
+                pass
+            elif grad_gate_up is None:
+                grad_gate_up, grad_down = d_gate_up, d_down
+            else:
                 grad_gate_up += d_gate_up
                 grad_down += d_down
             buf = packer.pack([dx_RD, dw_R], ch.ungroup_index)
             returns.append(run.exchanger.start(buf, ch.split_WW, reverse=True))
-        for ch, pending in zip(chunks, returns):
-            dx_rows, dw_rows = packer.unpack(pending.wait())
-            _scatter_rows(grad_x_ND, dx_rows, ch)
-            _scatter_rows(grad_w_N.view(-1, 1), dw_rows, ch)
+        grads_back = [packer.unpack(pending.wait()) for pending in returns]
+        grad_x_ND = _assemble(x_shape, chunks, [dx for dx, _ in grads_back])
+        grad_w_N = _assemble(w_shape + (1,), chunks, [dw for _, dw in grads_back]).view(w_shape)
         ctx.token_rows_TD = None
+        if grad_gate_up is None:
+            grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
         return grad_x_ND, grad_w_N, grad_gate_up, grad_down, None
 
 
@@ -185,12 +186,19 @@ def _regroup(recv: torch.Tensor, ch: ChunkLayout) -> torch.Tensor:
     return recv.index_select(0, ch.regroup_index)
 
 
-def _scatter_rows(out: torch.Tensor, values: torch.Tensor, ch: ChunkLayout) -> None:
-    """Write rows that came back (send order) to their local expert-grouped positions."""
-    if ch.send_index is None:
-        out[ch.send_start:ch.send_start + ch.send_rows].copy_(values)
-    else:
-        out.index_copy_(0, ch.send_index, values)
+def _assemble(shape, chunks: list[ChunkLayout], returned: list[torch.Tensor]) -> torch.Tensor:
+    """Rows that came back (send order, per chunk) at their local expert-grouped positions;
+    zeros for rows that were not sent (capacity drops)."""
+    ch = chunks[0]
+    if len(chunks) == 1 and ch.send_index is None and ch.send_rows == shape[0] and returned[0].is_contiguous():
+        return returned[0].view(shape)
+    out = returned[0].new_zeros(shape)
+    for ch, values in zip(chunks, returned):
+        if ch.send_index is None:
+            out[ch.send_start:ch.send_start + ch.send_rows] = values
+        else:
+            out.index_copy_(0, ch.send_index, values)
+    return out
 
 
 def _param_leaves(gate_up, down, requires_grad: bool) -> dict[str, torch.Tensor]:

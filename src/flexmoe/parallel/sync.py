@@ -51,9 +51,15 @@ def sync_gradients(
 
 def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
     """Average the gradients of all non-expert parameters over ``dp_group`` (one all-reduce per
-    dtype and device; a missing gradient counts as zero)."""
+    dtype and device). A parameter without a gradient on some ranks counts as zero there; one
+    without a gradient on every rank keeps ``grad = None`` (as on one process)."""
     experts = {id(p) for p in expert_parameters(model)}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
+    if not params or not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad, group=dp_group)
+    params = [p for p, used in zip(params, has_grad.tolist()) if used]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -71,18 +77,22 @@ def sync_expert_gradients(
     """
     layers = ep_layers(model)
     for layer in layers:
-        for p in layer.experts.parameters():
+        for p in _trainable(layer):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             empty = torch.as_tensor(layer.placement.slot_expert_WS[layer.ep_rank] < 0, device=p.device)
             p.grad[empty] = 0
     _sum_replicas(layers)
-    grads = [p.grad for layer in layers for p in layer.experts.parameters()]
+    grads = [p.grad for layer in layers for p in _trainable(layer)]
     if expert_dp_group is not None:
         _all_reduce(grads, expert_dp_group, average=False)
     world = dist.get_world_size(dp_group) if dist.is_initialized() else 1
     for g in grads:
         g /= world
+
+
+def _trainable(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in layer.experts.parameters() if p.requires_grad]
 
 
 def _all_reduce(tensors: list[torch.Tensor], group, average: bool) -> None:
@@ -123,7 +133,9 @@ def _sum_replicas(layers: list[nn.Module]) -> None:
     sums: list[_ReplicaSum] = []
     for layer in layers:
         table, rank = layer.placement, layer.ep_rank
-        grads = [p.grad for p in layer.experts.parameters()]
+        grads = [p.grad for p in _trainable(layer)]
+        if not grads:
+            continue
         for e in range(table.num_experts):
             replicas = table.replicas(e)
             slots = [s for r, s, _ in replicas if r == rank]

@@ -122,8 +122,7 @@ def measure_row_bytes(experts: GroupedExperts, dtype: torch.dtype, weight_dtype:
         return sum(seen.values())
 
     hidden = (saved_bytes(16) - saved_bytes(8)) // 8
-    element = torch.empty((), dtype=dtype).element_size()
-    return RowBytes(D * element, hidden, torch.empty((), dtype=weight_dtype).element_size())
+    return RowBytes(D * dtype.itemsize, hidden, weight_dtype.itemsize)
 
 
 def choose_memory_strategy(

@@ -3,11 +3,15 @@
 from .table import PlacementTable
 from .split import balance_ratio, rank_loads, replica_quotas, split_tokens
 from .cost_model import CostModel, Move, StepCost, plan_moves
-from .planner import LoadPredictor, Planner, PLANNERS, make_planner
+from .planner import (
+    PLANNERS, EPLBPlanner, GreedyPlanner, LoadPredictor, OraclePlanner, Planner, ProportionalPlanner,
+    ShadowingPlanner, StaticPlanner, make_planner,
+)
 
 __all__ = ["PlacementTable"]
 __all__ += ["balance_ratio", "rank_loads", "replica_quotas", "split_tokens"]
-__all__ += ["CostModel", "Move", "StepCost", "plan_moves", "LoadPredictor", "Planner", "PLANNERS", "make_planner"]
+__all__ += ["CostModel", "Move", "StepCost", "plan_moves", "LoadPredictor", "Planner", "PLANNERS", "make_planner",
+            "StaticPlanner", "ShadowingPlanner", "EPLBPlanner", "ProportionalPlanner", "GreedyPlanner", "OraclePlanner"]
 from .migration import (
     MigrationPlan, MigrationReport, Transfer, apply_placement, check_same_placement, diff_placement,
     expand_replica, migrate_replica, shrink_replica, swap_slots,

@@ -180,7 +180,7 @@ class CostModel:
     ) -> "CostModel":
         """Time a grouped expert FFN (forward + backward) and an all-to-all on this machine.
 
-        c_tok and c_slot come from a line through two row counts. The all-to-all is timed over
+        c_tok and c_slot come from a line through two row counts (``rows`` and ``4 * rows``). The all-to-all is timed over
         ``group`` when it has more than one rank; otherwise a device-local copy stands in
         (state ``a2a_bw`` in ``overrides`` when the real fabric is known). Every rank of
         ``group`` must call this together; ranks agree on the constants through an all-reduce max.
@@ -189,6 +189,9 @@ class CostModel:
 
         from ..config import MoEConfig
         from ..experts import GroupedExperts
+
+        if rows < 1 or local_experts < 1 or repeats < 1:
+            raise ValueError(f"rows, local_experts and repeats must be >= 1, got {rows}, {local_experts}, {repeats}")
 
         dev = torch.device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -204,8 +207,9 @@ class CostModel:
             x = torch.randn(n, d_model, device=dev, dtype=dtype, requires_grad=True)
             offsets = torch.linspace(0, n, local_experts + 1, device=dev)[1:].round().to(torch.int32)
             scale = torch.ones(n, device=dev, dtype=dtype)
+            experts(x, offsets, scale, use_triton=False).sum().backward()
             best = float("inf")
-            for _ in range(repeats + 1):
+            for _ in range(repeats):
                 sync()
                 t0 = time.perf_counter()
                 experts(x, offsets, scale, use_triton=False).sum().backward()
@@ -213,8 +217,8 @@ class CostModel:
                 best = min(best, time.perf_counter() - t0)
             return best
 
-        t1, t2 = ffn_seconds(rows), ffn_seconds(2 * rows)
-        c_tok = max((t2 - t1) / rows, t2 / (2 * rows) * 1e-3)
+        t1, t4 = ffn_seconds(rows), ffn_seconds(4 * rows)
+        c_tok = max((t4 - t1) / (3 * rows), t4 / (4 * rows) * 1e-3)
         c_slot = max((t1 - rows * c_tok) / local_experts, 0.0)
 
         nbytes = 1 << 24
@@ -228,6 +232,8 @@ class CostModel:
         best = float("inf")
         for _ in range(repeats + 1):
             sync()
+            if world > 1:
+                dist.barrier(group=group)
             t0 = time.perf_counter()
             if world > 1:
                 dist.all_to_all_single(out, buf, group=group)

@@ -225,7 +225,8 @@ def apply_placement(
     new_table.validate()
     rank, world, group = _ep_coords(layer, old_table)
     if ranks_per_node is None:
-        ranks_per_node = getattr(getattr(getattr(layer, "expert_parallel", None), "ep_group", None), "ranks_per_node", None)
+        ep = getattr(getattr(layer, "expert_parallel", None), "ep_group", None)
+        ranks_per_node = getattr(ep, "ranks_per_node", None)
     if new_table.slot_expert_WS.shape != old_table.slot_expert_WS.shape:
         raise ValueError(
             f"new table has shape {new_table.slot_expert_WS.shape}, layer holds {old_table.slot_expert_WS.shape}"
@@ -329,6 +330,8 @@ def _slot_fields(
             for key in sorted(state or {}):
                 value = state[key]
                 label = f"optimizer{i}.{name}.{key}"
+                if value is None:
+                    continue
                 if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == S:
                     fields.append(_Field(label, value))
                 elif (torch.is_tensor(value) and value.numel() == 1) or isinstance(value, (int, float)):

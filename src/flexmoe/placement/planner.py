@@ -318,7 +318,7 @@ class GreedyPlanner(Planner):
     """flexmoe greedy planner: cheap share updates often, replica changes when they pay.
 
     1. When the predicted balance ratio (max / mean rank load) under the current table exceeds
-       ``rebalance_threshold``, re-split each expert's tokens among its current replicas to even
+       ``rebalance_threshold`` (None: the lower of 1.02 and ``threshold``), re-split each expert's tokens among its current replicas to even
        out rank loads (no data moves: only the table's shares change).
     2. When the ratio still exceeds ``threshold``, re-plan the replicas: from one replica per
        expert, keep giving one more replica to argmax load / replicas (at most one per rank);
@@ -331,13 +331,17 @@ class GreedyPlanner(Planner):
 
     name = "greedy"
     threshold: float = 1.1
-    rebalance_threshold: float = 1.02
+    rebalance_threshold: float | None = None
     horizon: float = 1.0
     min_gain: float = 0.01
     patience: int | None = None
     predictor_decay: float = 0.0
 
     def __post_init__(self):
+        if not self.threshold >= 1.0:
+            raise ValueError(f"threshold must be >= 1, got {self.threshold}")
+        if self.rebalance_threshold is None:
+            self.rebalance_threshold = min(1.02, self.threshold)
         if not 1.0 <= self.rebalance_threshold <= self.threshold:
             raise ValueError(f"need 1 <= rebalance_threshold <= threshold, got {self.rebalance_threshold}, {self.threshold}")
         if self.horizon <= 0:
@@ -392,7 +396,8 @@ class GreedyPlanner(Planner):
 
 @dataclasses.dataclass
 class OraclePlanner(GreedyPlanner):
-    """The greedy planner run every step on the true counts of that step (a bound, not a policy).
+    """The greedy planner run every step on the true counts of that step: a reference with perfect
+    knowledge of the step, not a policy (and, being greedy and myopic, not a strict lower bound).
 
     It re-plans every step, so a plan lives one step: moves are charged in full (horizon 1).
     """

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
 from .experts import experts_forward
-from .layout import UnsupportedBlockError, experts_layout, is_dbrx_experts, is_stacked_experts, takes_routing
+from .layout import experts_layout, is_dbrx_experts, is_stacked_experts, takes_routing, unsupported
 
 IMPLEMENTATION = "flexmoe"
 
@@ -73,14 +73,14 @@ def expert_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         cls = type(module).__name__
         if is_stacked_experts(module) or is_dbrx_experts(module):
             if not takes_routing(module):
-                raise UnsupportedBlockError(
+                raise unsupported(
                     module, "its forward does not take (hidden_states, top_k_index, top_k_weights)", name
                 )
             found.append((name, module))
         elif cls.endswith("Experts") and not cls.endswith("SharedExperts"):
-            raise UnsupportedBlockError(module, "its expert weights are not stacked per expert", name)
+            raise unsupported(module, "its expert weights are not stacked per expert", name)
         elif isinstance(getattr(module, "experts", None), nn.ModuleList):
-            raise UnsupportedBlockError(
+            raise unsupported(
                 module, "its experts are an nn.ModuleList of separate modules; flexmoe needs stacked [E, ...] "
                 "expert weights (the transformers v5 layout)", name
             )

@@ -16,7 +16,6 @@ from torch import nn
 from ...ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from ...ops._backend import use_triton as resolve_use_triton
 from ...plan import DispatchPlan, make_dispatch_plan
-from ...routing import Routing
 from .layout import ExpertsLayout, experts_layout
 
 _KERNELS = ("auto", "triton", "torch")
@@ -50,20 +49,13 @@ def experts_forward(
     keep_TK = expert_TK < layout.num_experts if layout.sentinels else None
     use_triton = resolve_use_triton(kernels, x_TD.device)
 
-    plan = make_dispatch_plan(_routing(expert_TK, weight_TK, keep_TK, layout.num_experts))
+    plan = make_dispatch_plan(expert_TK, weight_TK, keep_TK, layout.num_experts)
     x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
     y_ND = _expert_rows(layout, x_ND, plan, expert_TK, use_triton)
     y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
     if layout.down_bias_ED is not None and layout.post_norm is None:
         y_TD = y_TD + _weighted_bias(layout, expert_TK, weight_TK, keep_TK)
     return y_TD.view(hidden_states.shape).to(hidden_states.dtype)
-
-
-def _routing(expert_TK, weight_TK, keep_TK, num_experts: int) -> Routing:
-    """A ``Routing`` from HF's top-k choice. HF's router keeps the probabilities; the plan only needs
-    their width (the expert count), so ``probs_TE``/``logits_TE`` are zero-stride placeholders."""
-    placeholder_TE = weight_TK.new_zeros(()).expand(expert_TK.shape[0], num_experts)
-    return Routing(expert_TK, weight_TK, keep_TK, placeholder_TE, placeholder_TE)
 
 
 def _expert_rows(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.integrations.moe import _default_apply_gate
+from transformers.integrations import moe as hf_moe
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -23,11 +23,10 @@ ActFn = Callable[[torch.Tensor], torch.Tensor]
 class UnsupportedBlockError(ValueError):
     """An MoE block whose expert weights or forward contract flexmoe cannot run."""
 
-    def __init__(self, block: nn.Module | str, reason: str, name: str = ""):
-        label = block if isinstance(block, str) else type(block).__name__
-        where = f" at '{name}'" if name else ""
-        super().__init__(f"flexmoe cannot run MoE block {label}{where}: {reason}")
-        self.block = label
+
+def unsupported(block: nn.Module, reason: str, name: str = "") -> UnsupportedBlockError:
+    where = f" at '{name}'" if name else ""
+    return UnsupportedBlockError(f"flexmoe cannot run MoE block {type(block).__name__}{where}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,8 @@ def is_stacked_experts(module: nn.Module) -> bool:
 def is_dbrx_experts(module: nn.Module) -> bool:
     """DBRX layout: ``mlp.w1`` (gate), ``mlp.v1`` (up), ``mlp.w2`` (down^T), each ``[E*F, D]``."""
     mlp = getattr(module, "mlp", None)
-    return isinstance(mlp, nn.Module) and all(isinstance(getattr(mlp, n, None), nn.Parameter) for n in ("w1", "v1", "w2"))
+    names = ("w1", "v1", "w2")
+    return isinstance(mlp, nn.Module) and all(isinstance(getattr(mlp, n, None), nn.Parameter) for n in names)
 
 
 def takes_routing(module: nn.Module) -> bool:
@@ -96,7 +96,7 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
         return _stacked_layout(module)
     if is_dbrx_experts(module):
         return _dbrx_layout(module)
-    raise UnsupportedBlockError(
+    raise unsupported(
         module,
         "expected stacked expert weights (3-D gate_up_proj/up_proj and down_proj, the transformers v5 layout) "
         "or DBRX's mlp.w1/v1/w2",
@@ -113,7 +113,7 @@ def _stacked_layout(module: nn.Module) -> ExpertsLayout:
     E, D, F = down_EDF.shape
     H = 2 * F if has_gate else F
     if tuple(up_EHD.shape) != (E, H, D):
-        raise UnsupportedBlockError(
+        raise unsupported(
             module,
             f"{'gate_up_proj' if has_gate else 'up_proj'} has shape {tuple(up.shape)}, which does not match "
             f"down_proj {tuple(module.down_proj.shape)} (is_transposed={transposed}, has_gate={has_gate})",
@@ -123,12 +123,15 @@ def _stacked_layout(module: nn.Module) -> ExpertsLayout:
         up_bias = module.gate_up_proj_bias if has_gate else module.up_proj_bias
         down_bias = module.down_proj_bias
         if tuple(up_bias.shape) != (E, H) or tuple(down_bias.shape) != (E, D):
-            raise UnsupportedBlockError(module, f"expert biases of shapes {tuple(up_bias.shape)} and "
-                                                f"{tuple(down_bias.shape)}, expected {(E, H)} and {(E, D)}")
+            raise unsupported(module, f"expert biases of shapes {tuple(up_bias.shape)} and "
+                                      f"{tuple(down_bias.shape)}, expected {(E, H)} and {(E, D)}")
+    if getattr(module, "num_experts", E) != E:
+        raise unsupported(module, f"num_experts={module.num_experts} but its weights hold {E} experts "
+                                  "(transformers' own expert-parallel sharding is not supported)")
     post_norm = module.post_expert_norm if getattr(module, "has_post_expert_norm", False) else None
     return ExpertsLayout(
         block=type(module).__name__,
-        num_experts=getattr(module, "num_experts", E),
+        num_experts=E,
         up_EHD=up_EHD,
         down_EDF=down_EDF,
         up_bias_EH=up_bias,
@@ -140,16 +143,19 @@ def _stacked_layout(module: nn.Module) -> ExpertsLayout:
 
 
 def _stacked_act_fn(module: nn.Module, has_gate: bool) -> ActFn | None:
-    if not has_gate:
-        return module.act_fn
+    """The module's own ``_apply_gate`` when it overrides HF's default (GPT-OSS's clamped, interleaved
+    SwiGLU); otherwise ``act_fn`` (gated: on concatenated halves; SiLU-gated: None, the fused op)."""
     apply_gate = getattr(type(module), "_apply_gate", None)
-    if apply_gate is not None and apply_gate is not _default_apply_gate:
+    if has_gate and apply_gate is not None and apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
         return module._apply_gate
+    act_fn = getattr(module, "act_fn", None)
+    if not callable(act_fn):
+        raise unsupported(module, "it has neither an act_fn nor its own _apply_gate")
+    if not has_gate:
+        return act_fn
     if not getattr(module, "is_concatenated", True):
-        raise UnsupportedBlockError(module, "interleaved gate/up rows (is_concatenated=False) need an _apply_gate method")
-    if is_silu(module.act_fn):
-        return None
-    return _glu(module.act_fn)
+        raise unsupported(module, "interleaved gate/up rows (is_concatenated=False) need an _apply_gate method")
+    return None if is_silu(act_fn) else _glu(act_fn)
 
 
 def _dbrx_layout(module: nn.Module) -> ExpertsLayout:
@@ -159,7 +165,7 @@ def _dbrx_layout(module: nn.Module) -> ExpertsLayout:
     F = mlp.w1.shape[0] // E
     for name in ("w1", "v1", "w2"):
         if tuple(getattr(mlp, name).shape) != (E * F, D):
-            raise UnsupportedBlockError(module, f"mlp.{name} has shape {tuple(getattr(mlp, name).shape)}, expected {(E * F, D)}")
+            raise unsupported(module, f"mlp.{name} has shape {tuple(getattr(mlp, name).shape)}, expected {(E * F, D)}")
     act = mlp.activation_fn
     return ExpertsLayout(
         block=type(module).__name__,
