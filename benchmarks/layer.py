@@ -163,10 +163,10 @@ def stage_breakdown(layer: flexmoe.MoELayer, x_BTD: torch.Tensor) -> list[tuple[
         torch.cuda.synchronize()
     categories = {
         "grouped GEMM": ("gemm", "cutlass", "sm90", "grouped", "xmma", "nvjet"),
-        "permute (gather rows)": ("_gather_rows",),
+        "permute (scatter / gather rows)": ("_scatter_rows", "_zero_unowned", "_gather_rows"),
         "combine (gather sum)": ("_gather_sum",),
         "SwiGLU + weight": ("_swiglu",),
-        "sort / histogram / scan": ("sort", "scatter", "cumsum", "scan", "radix", "histogram"),
+        "sort / histogram / scan": ("sort", "scatter_add", "cumsum", "scan", "radix", "histogram"),
         "router (topk, softmax)": ("topk", "softmax", "gather", "bitonic"),
     }
     totals: dict[str, float] = {}

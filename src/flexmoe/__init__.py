@@ -13,3 +13,6 @@ from .placement import CostModel, GreedyPlanner, LoadPredictor, make_planner, re
 __all__ += ["CostModel", "GreedyPlanner", "LoadPredictor", "make_planner", "replica_quotas", "split_tokens"]
 from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate  # noqa: E402
 __all__ += ["SyntheticTraceConfig", "TraceRecorder", "generate_trace", "read_trace", "simulate"]
+from .config import DTSGateConfig  # noqa: E402
+from .routing_dts import DTSRouter, set_gate_step  # noqa: E402
+__all__ += ["DTSGateConfig", "DTSRouter", "set_gate_step"]

@@ -145,14 +145,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, ep_group=None):
+    def __init__(self, cfg: ModelConfig, index: int, ep_group=None, slots_per_rank: int | None = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.is_moe_block(index):
             moe_cfg = cfg.moe_config()
-            self.ffn = MoELayer(moe_cfg) if ep_group is None else MoELayer(moe_cfg, ep_group=ep_group)
+            if ep_group is None:
+                self.ffn = MoELayer(moe_cfg)
+            else:
+                self.ffn = MoELayer(moe_cfg, ep_group=ep_group, slots_per_rank=slots_per_rank)
         else:
             self.ffn = DenseFFN(cfg.dense_ffn_config())
 
@@ -170,15 +173,16 @@ class GPTMoE(nn.Module):
     """``logits = model(tokens)`` for int64 tokens [B, S]; router losses are collected with
     ``flexmoe.aux_loss(model)`` after the forward.
 
-    ep_group: process group for expert parallelism, passed to every ``MoELayer``.
+    ep_group, slots_per_rank: expert parallelism (``flexmoe.MoELayer(config, ep_group=...)``) for
+        every MoE block; the initial weights are those of the one-process model with the same seed.
     """
 
-    def __init__(self, cfg: ModelConfig, ep_group=None):
+    def __init__(self, cfg: ModelConfig, ep_group=None, slots_per_rank: int | None = None):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_group) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_group, slots_per_rank) for i in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -194,11 +198,21 @@ class GPTMoE(nn.Module):
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 L)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
+        ep_layers = {f"{name}.experts.": m for name, m in self.named_modules()
+                     if isinstance(m, MoELayer) and m.expert_parallel is not None}
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
             is_out = name.endswith("attn.proj.weight") or name.endswith("down_proj")
-            nn.init.normal_(p, std=out_std if is_out else std)
+            layer = ep_layers.get(name.rpartition(".")[0] + ".")
+            if layer is None:
+                nn.init.normal_(p, std=out_std if is_out else std)
+                continue
+            from ..parallel.checkpoint import slot_rows
+
+            logical = torch.empty((layer.config.num_experts,) + tuple(p.shape[1:]), dtype=p.dtype)
+            nn.init.normal_(logical, std=out_std if is_out else std)
+            p.copy_(slot_rows(layer.placement, layer.expert_parallel.rank, logical.to(p.device)))
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         B, S = tokens_BS.shape

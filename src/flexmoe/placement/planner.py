@@ -250,8 +250,6 @@ class ShadowingPlanner(Planner):
                     s = int(np.argmax(slot_WS[r] == EMPTY))
                     slot_WS[r, s] = e
                 share_WS[r, s] = frac_W[r]
-            if share_WS[slot_WS == e].sum() <= 0:
-                break
             share_WS = _normalise(slot_WS, share_WS, E)
             candidate = PlacementTable(E, slot_WS, share_WS)
             c = cost.step_time(candidate, counts_WE).total

@@ -24,6 +24,11 @@ class TrainConfig:
     data: a text file or folder; None is the Python standard library's source.
     val_fraction: share of files (by a hash of their path) held out for validation.
     precision: "fp32", or "bf16" (CUDA: autocast for attention and dense parts; MoE layers fp32).
+    expert_parallel: under torchrun, spread each MoE block's experts over the ranks
+        (``MoELayer(config, ep_group=WORLD)``) instead of replicating them; ``spare_slots`` extra
+        expert slots per rank give the placement scheduler room for replicas.
+    placement_interval: re-plan expert placement every so many steps with
+        ``flexmoe.PlacementScheduler`` (greedy planner); 0 = static placement. Needs expert_parallel.
     """
 
     steps: int = 300
@@ -47,12 +52,15 @@ class TrainConfig:
     val_fraction: float = 0.05
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    expert_parallel: bool = False
+    spare_slots: int = 0
+    placement_interval: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every", "keep_checkpoints", "bpe_vocab_size"):
             _require_int(self, name, minimum=1)
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "spare_slots", "placement_interval"):
             _require_int(self, name, minimum=0)
         _require_float(self, "lr", positive=True)
         for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -65,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must not exceed lr={self.lr}")
         _require_choice(self, "tokenizer", ("byte", "bpe"))
         _require_choice(self, "precision", ("fp32", "bf16"))
+        if not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"TrainConfig.expert_parallel must be a bool, got {self.expert_parallel!r}")
+        if self.placement_interval and not self.expert_parallel:
+            raise ValueError("TrainConfig.placement_interval needs expert_parallel=True")
         if self.data is not None and not isinstance(self.data, str):
             raise ValueError(f"TrainConfig.data must be a path string or None, got {self.data!r}")
 

@@ -61,19 +61,11 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def sync_gradients(model: nn.Module, info: DistInfo) -> None:
-    """Average gradients over data-parallel ranks (one flat all-reduce)."""
-    if info.world_size == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=info.group)
-    flat /= info.world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    """Average dense gradients over the ranks; synchronise expert-parallel expert gradients."""
+    if info.world_size > 1:
+        from ..parallel import sync_gradients as sync_all
+
+        sync_all(model, info.group)
 
 
 class Trainer:
@@ -82,6 +74,7 @@ class Trainer:
     val_windows: [N, S+1] fixed validation windows (this rank's share).
     trace: a ``flexmoe.sim.trace.TraceRecorder`` (main rank) or None; it gets the routing counts
         of every step, all ranks gathered, under 0-based step indices.
+    With ``cfg.placement_interval`` a ``flexmoe.PlacementScheduler`` re-plans expert placement.
     """
 
     def __init__(self, model: GPTMoE, model_cfg: ModelConfig, cfg: TrainConfig, stream: WindowStream,
@@ -108,6 +101,13 @@ class Trainer:
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
         self.history: list[dict] = []
         self.val_history: list[dict] = []
+        self.placement = None
+        if cfg.placement_interval:
+            from ..placement import make_planner
+            from ..placement.scheduler import PlacementScheduler
+
+            self.placement = PlacementScheduler(model, self.optimizer, planner=make_planner("greedy"),
+                                                interval=cfg.placement_interval)
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -119,17 +119,25 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_s,
             "data": self.stream.state_dict(),
-            "optimizer": ckpt.optimizer_state_by_name(self.model, self.optimizer),
+            "optimizer": ckpt.optimizer_state_to_logical(
+                self.model, ckpt.optimizer_state_by_name(self.model, self.optimizer)),
             "scheduler": self.scheduler.state_dict(),
-            "rng": self._gather_rng(rng),
+            "rng": self._gather(rng),
+            "placement": None if self.placement is None else self._gather(self.placement.state_dict()),
             "world_size": self.info.world_size,
             "model_config": self.model_cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             **self.checkpoint_meta,
         }
 
-    def load_state_dict(self, state: dict, source: str) -> None:
-        ckpt.load_optimizer_state(self.model, self.optimizer, state["optimizer"], source)
+    def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Placement tables first (same world size only), then weights, optimizer, schedule, data, RNG."""
+        same_world = int(state["world_size"]) == self.info.world_size
+        if self.placement is not None and state.get("placement") and same_world:
+            self.placement.load_state_dict(state["placement"][self.info.rank])
+        ckpt.load_weights(self.model, weights)
+        ckpt.load_optimizer_state(self.model, self.optimizer,
+                                  ckpt.optimizer_state_to_slots(self.model, state["optimizer"]), source)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
@@ -139,7 +147,7 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.stream.load_state_dict(state["data"])
         rngs = state["rng"]
-        if int(state["world_size"]) == self.info.world_size:
+        if same_world:
             mine = rngs[self.info.rank]
             torch.set_rng_state(mine["torch"])
             if self.device.type == "cuda" and "cuda" in mine:
@@ -147,20 +155,22 @@ class Trainer:
         else:
             torch.manual_seed(_rank_seed(self.cfg.seed, self.info.rank, self.step))
 
-    def _gather_rng(self, rng: dict) -> list[dict]:
+    def _gather(self, item) -> list:
+        """This rank's ``item`` from every rank (rank order)."""
         if self.info.world_size == 1:
-            return [rng]
+            return [item]
         out: list = [None] * self.info.world_size
-        dist.all_gather_object(out, rng, group=self.info.group)
+        dist.all_gather_object(out, item, group=self.info.group)
         return out
 
     def save_checkpoint(self) -> Path | None:
+        """Collective: every rank gathers its share; the main rank writes."""
         state = self.state_dict()
+        weights = ckpt.unique_state_dict(self.model)
         if not self.info.is_main:
             return None
         meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
-        return ckpt.save_checkpoint(self.run_dir, self.step, ckpt.unique_state_dict(self.model), state, meta,
-                                    keep=self.cfg.keep_checkpoints)
+        return ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta, keep=self.cfg.keep_checkpoints)
 
     # ---- steps -------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +195,8 @@ class Trainer:
             lm_loss = self._forward_loss(x_BS, y_BS)
             extra = aux_loss(self.model)
             ((lm_loss + extra) / cfg.grad_accum).backward()
+            if self.placement is not None and cfg.grad_accum > 1:
+                self.placement.observe()
             lm_total += lm_loss.detach() / cfg.grad_accum
             aux_total += extra.detach() / cfg.grad_accum
             if self.moe:
@@ -198,6 +210,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_bias()
+        if self.placement is not None:
+            planned = self.placement.step()
+        else:
+            planned = None
         self.step += 1
         tokens = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
         self.tokens_seen += tokens
@@ -216,14 +232,18 @@ class Trainer:
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
                     self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
+        if self.placement is not None and planned:
+            record["placement"] = {"bytes_moved": planned.get("bytes_moved"),
+                                   "balance_predicted": [m.get("balance_predicted_new") for m in planned["layers"]]}
         return record
 
     def _update_bias(self) -> None:
         if not self.model_cfg.bias_update_rate or not self.moe:
             return
         if self.info.world_size > 1:
-            for layer in self.moe:
-                dist.all_reduce(layer.router.pending_load_E, group=self.info.group)
+            from ..parallel import sync_router_loads
+
+            sync_router_loads(self.model, self.info.group)
         update_router_bias(self.model)
 
     def _gather_counts(self, counts_LE: torch.Tensor) -> np.ndarray:

@@ -147,11 +147,10 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
 
     torch.manual_seed(train_cfg.seed)
-    model = GPTMoE(model_cfg)
+    model = _build_model(model_cfg, train_cfg, info, device)
     if weights is not None:
         ckpt.check_weights_fit(model, weights, str(resumed_from),
                                hint="; resume with the model options of that run")
-        ckpt.load_weights(model, weights)
     elif options.init_from_dense is not None:
         dense_path = ckpt.resolve_checkpoint(Path(options.init_from_dense))
         dense_weights, meta, _ = ckpt.read_checkpoint(dense_path)
@@ -160,23 +159,35 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
         dense_cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
         gen = torch.Generator().manual_seed(train_cfg.seed + 1)
         diversify_from_dense(model, dense_weights, dense_cfg, options.diversify_noise, gen, str(dense_path))
-    model.to(device)
 
     stream = WindowStream(train_tokens, model_cfg.seq_len, train_cfg.seed)
     per_rank = train_cfg.eval_batches * train_cfg.batch_size
     val_all = validation_windows(val_tokens, model_cfg.seq_len, per_rank * info.world_size)
+    if len(val_all) < info.world_size:
+        raise DataError(f"validation split has {len(val_all)} sequences, fewer than the {info.world_size} ranks")
+    val_all = val_all[: len(val_all) // info.world_size * info.world_size]  # equal shares: EP forwards are collective
     val_mine = np.array_split(val_all, info.world_size)[info.rank]
     trainer = Trainer(model, model_cfg, train_cfg, stream, val_mine, run_dir, device, info, metrics=None,
                       progress=options.progress,
                       checkpoint_meta={"corpus": corpus.fingerprint(), "tokenizer": train_cfg.tokenizer})
     if saved_state is not None:
-        trainer.load_state_dict(saved_state, str(resumed_from))
+        trainer.load_state_dict(saved_state, weights, str(resumed_from))
     else:
         torch.manual_seed(_rank_seed(train_cfg.seed, info.rank))
     if options.stop_at is not None and options.stop_at <= trainer.step:
         raise ValueError(f"--stop-at {options.stop_at} is not after the checkpoint step {trainer.step}")
     return Prepared(options, run_dir, info, device, model_cfg, train_cfg, corpus, tokenizer, train_tokens,
                     val_tokens, trainer, resumed_from, cache_hit)
+
+
+def _build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, info: DistInfo, device: torch.device) -> GPTMoE:
+    """The GPT-MoE on ``device``; with ``expert_parallel`` its experts spread over the ranks."""
+    if not train_cfg.expert_parallel or not model_cfg.is_moe:
+        return GPTMoE(model_cfg).to(device)
+    if info.world_size == 1:
+        raise ValueError("--expert-parallel needs several processes: launch with torchrun --nproc-per-node N")
+    slots = -(-model_cfg.num_experts // info.world_size) + train_cfg.spare_slots
+    return GPTMoE(model_cfg, ep_group=dist.group.WORLD, slots_per_rank=slots).to(device)
 
 
 def _encode(corpus: Corpus, tokenizer, cfg: TrainConfig, run_dir: Path):
