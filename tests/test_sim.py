@@ -5,6 +5,7 @@ Legend: T steps, L layers, W ranks, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -109,19 +110,13 @@ def test_synthetic_trace_properties():
     shares = np.sort(load / load.sum(-1, keepdims=True), axis=-1)[..., ::-1].mean((0, 1))
     assert shares[0] > 5 * shares[-1]
     assert (np.argmax(load[:, 0], -1) != np.argmax(load[0, 0])).any()
-    uniform = generate_trace(dataclass_replace(config, alpha=0.0, step_noise=0.0, rank_skew=0.0))
+    uniform = generate_trace(dataclasses.replace(config, alpha=0.0, step_noise=0.0, rank_skew=0.0))
     u_load = uniform.counts_TLWE.sum((0, 2)).astype(float)
     assert u_load.max() / u_load.mean() < 1.05
     with pytest.raises(ValueError, match="top_k"):
         SyntheticTraceConfig(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="drift"):
         SyntheticTraceConfig(drift=2.0)
-
-
-def dataclass_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def test_simulator_bookkeeping():

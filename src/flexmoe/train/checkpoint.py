@@ -228,7 +228,7 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
     sd = optimizer.state_dict()
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_name[j] for j in g["params"]]}
               for g in sd["param_groups"]]
-    return {"state": {index_name[j]: s for j, s in sd["state"].items()}, "param_groups": groups}
+    return {"state": {index_name[j]: dict(s) for j, s in sd["state"].items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, source: str) -> None:

@@ -322,7 +322,8 @@ class Trainer:
         out = {"kind": "summary", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": self.elapsed_s,
                "finished": self.step >= self.cfg.steps}
         if train:
-            head, tail = train[: min(10, len(train))], train[-min(10, len(train)):]
+            k = max(1, min(10, len(train) // 4))
+            head, tail = train[:k], train[-k:]
             out["train_loss_first"] = sum(head) / len(head)
             out["train_loss_last"] = sum(tail) / len(tail)
         if self.val_history:
