@@ -100,11 +100,35 @@ def reference_split(table: PlacementTable, counts_WE: np.ndarray):
     return send
 
 
+def reference_local_split(table: PlacementTable, counts_WE: np.ndarray):
+    """Plain loops: each replica first takes its own rank's tokens up to its quota, in (rank, slot)
+    order; the remaining tokens, in source order, fill the remaining quotas in replica order."""
+    quota = reference_split(table, counts_WE).sum(0)
+    send = np.zeros_like(reference_split(table, counts_WE))
+    for e in range(table.num_experts):
+        left_src = [int(c) for c in counts_WE[:, e]]
+        reps = [[r, s_, int(quota[r, s_])] for r, s_, _ in table.replicas(e)]
+        if len(reps) > 1:
+            for rep in reps:
+                while rep[2] > 0 and left_src[rep[0]] > 0:
+                    send[rep[0], rep[0], rep[1]] += 1
+                    rep[2] -= 1
+                    left_src[rep[0]] -= 1
+        j = 0
+        for w in range(counts_WE.shape[0]):
+            for _ in range(left_src[w]):
+                while reps[j][2] == 0:
+                    j += 1
+                send[w, reps[j][0], reps[j][1]] += 1
+                reps[j][2] -= 1
+    return send
+
+
 def test_split_matches_reference_and_sums():
     rng = np.random.default_rng(0)
     for _ in range(150):
         table, counts = random_case(rng)
-        send = split_tokens(table, counts)
+        send = split_tokens(table, counts, prefer_local=False)
         np.testing.assert_array_equal(send, reference_split(table, counts))
         quota = replica_quotas(table, counts.sum(0))
         np.testing.assert_array_equal(send.sum(0), quota)
@@ -116,6 +140,29 @@ def test_split_matches_reference_and_sums():
         n_slot = counts.sum(0)[np.maximum(table.slot_expert_WS, 0)]
         assert (np.abs(quota - table.share_WS * n_slot) <= 1.0 + 1e-9).all()
         np.testing.assert_array_equal(rank_loads(table, counts.sum(0)), quota.sum(1))
+
+
+def test_local_first_split_keeps_quotas_and_maximises_local_tokens():
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        table, counts = random_case(rng)
+        local = split_tokens(table, counts)
+        plain = split_tokens(table, counts, prefer_local=False)
+        np.testing.assert_array_equal(local, reference_local_split(table, counts))
+        np.testing.assert_array_equal(local.sum(0), plain.sum(0))
+        np.testing.assert_array_equal(local.sum(2).sum(1), counts.sum(1))
+        for e in range(table.num_experts):
+            mask_WS = table.slot_expert_WS == e
+            np.testing.assert_array_equal((local * mask_WS).sum((1, 2)), counts[:, e])
+        # A replica takes min(own-rank tokens left, quota left) from its own rank, in (rank, slot) order.
+        quota = plain.sum(0)
+        for e in np.nonzero(table.num_replicas_E() > 1)[0]:
+            left = counts[:, e].copy()
+            for r, s_, _ in table.replicas(int(e)):
+                want = min(left[r], quota[r, s_])
+                assert local[r, r, s_] >= want
+                left[r] -= want
+        assert np.trace(local.sum(2)) >= np.trace(plain.sum(2))
 
 
 def test_split_rejects_bad_counts():
@@ -140,7 +187,7 @@ def test_balance_ratio():
 def reference_step_time(cost: CostModel, table: PlacementTable, counts_WE: np.ndarray) -> float:
     W = table.world_size
     node = [r // (cost.ranks_per_node or W) for r in range(W)]
-    send = reference_split(table, counts_WE)
+    send = reference_local_split(table, counts_WE)
     comp = max(send[:, r].sum() * cost.c_tok + (send[:, r].sum(0) > 0).sum() * cost.c_slot for r in range(W))
     worst = 0.0
     for r in range(W):

@@ -30,7 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fixed_cost_model(cls, d_model, d_ff, **kwargs):
+    """Placement plans depend on a cost model measured by timing; two fresh runs would measure
+    different constants (and could plan different token shares). Fix them, so the uninterrupted and
+    the resumed run plan alike; a resumed run reuses the constants saved in its checkpoint anyway."""
+    return cls.from_shape(d_model, d_ff, flops=1e11, mem_bw=1e10, a2a_bw=1e9)
+
+
 def _worker(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
+    from flexmoe.placement.cost_model import CostModel
+
+    CostModel.measure = classmethod(_fixed_cost_model)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -51,6 +61,15 @@ def spawn(world: int, runs: list[list[str]], timeout_s: float = 400) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"distributed training did not finish in {timeout_s} s")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the CI machine's 2 cores are shared, and oversubscribed threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -76,7 +95,6 @@ def ep_runs(tmp_path_factory):
 
 def test_expert_parallel_with_placement_equals_one_process(ep_runs):
     root, data = ep_runs
-    torch.set_num_threads(1)
     assert main(["train", "--data", str(data), *MODEL, "--batch-size", "8", "--run-dir", str(root / "single")]) == 0
     ep, single = train_losses(root / "full"), train_losses(root / "single")
     assert sorted(ep) == list(range(1, 9))
@@ -93,7 +111,6 @@ def test_expert_parallel_resume_is_exact(ep_runs):
 
 def test_two_rank_checkpoint_resumes_on_one_process(ep_runs, tmp_path):
     root, _ = ep_runs
-    torch.set_num_threads(1)
     assert main(["train", "--resume", str(root / "full" / "checkpoints" / "step_0000004"),
                  "--run-dir", str(tmp_path / "one"), "--batch-size", "8", "--expert-parallel",
                  "--placement-interval", "0", "--quiet", "--threads", "1"]) == 2  # EP needs several processes

@@ -56,11 +56,15 @@ def replica_quotas(table: PlacementTable, counts_E: np.ndarray) -> np.ndarray:
     return quota_F.reshape(table.slot_expert_WS.shape)
 
 
-def split_tokens(table: PlacementTable, counts_WE: np.ndarray) -> np.ndarray:
+def split_tokens(table: PlacementTable, counts_WE: np.ndarray, prefer_local: bool = True) -> np.ndarray:
     """``send_WWS[src, dst, slot]``: tokens source rank ``src`` sends to replica (dst, slot).
 
     Source ``src`` owns the interval ``[sum(counts[:src, e]), sum(counts[:src+1, e]))`` of expert
     e's sequence; what it sends to a replica is the overlap with that replica's interval.
+    With ``prefer_local`` (Lazarus), a replicated expert's replicas first take tokens from their
+    own rank (up to their quota); the rest is cut as above. Either way every replica gets its
+    quota and every source sends all its tokens, so the maths is the same; only traffic changes.
+    A source's tokens of one expert go to its replicas in (rank, slot) order.
     """
     counts_WE = np.asarray(counts_WE, dtype=np.int64)
     if counts_WE.ndim != 2 or counts_WE.shape[1] != table.num_experts:
@@ -73,7 +77,33 @@ def split_tokens(table: PlacementTable, counts_WE: np.ndarray) -> np.ndarray:
     overlap_WR = np.minimum(src_hi_WE[:, expert_R], hi_R[None]) - np.maximum(src_lo_WE[:, expert_R], lo_R[None])
     send_WF = np.zeros((counts_WE.shape[0], table.slot_expert_WS.size), dtype=np.int64)
     send_WF[:, order_R] = np.maximum(overlap_WR, 0)
+    if prefer_local:
+        _prefer_local_replicas(table, counts_WE, send_WF)
     return send_WF.reshape(counts_WE.shape[0], *table.slot_expert_WS.shape)
+
+
+def _interval_overlap(len_A: np.ndarray, len_B: np.ndarray) -> np.ndarray:
+    """``[A, B]`` overlap of two sequences of back-to-back intervals with lengths ``len_A``, ``len_B``."""
+    hi_A, hi_B = np.cumsum(len_A), np.cumsum(len_B)
+    overlap = np.minimum(hi_A[:, None], hi_B[None]) - np.maximum((hi_A - len_A)[:, None], (hi_B - len_B)[None])
+    return np.maximum(overlap, 0)
+
+
+def _prefer_local_replicas(table: PlacementTable, counts_WE: np.ndarray, send_WF: np.ndarray) -> None:
+    """Re-split the tokens of replicated experts local-first, keeping every quota (in place)."""
+    slot_expert_F = table.slot_expert_WS.reshape(-1)
+    S = table.slots_per_rank
+    for e in np.nonzero(table.num_replicas_E() > 1)[0]:
+        replica_F = np.nonzero(slot_expert_F == e)[0]
+        left_R = send_WF[:, replica_F].sum(axis=0)
+        left_W = counts_WE[:, e].copy()
+        send_WR = np.zeros((counts_WE.shape[0], replica_F.size), dtype=np.int64)
+        for j, rank in enumerate(replica_F // S):
+            take = min(left_W[rank], left_R[j])
+            send_WR[rank, j] += take
+            left_W[rank] -= take
+            left_R[j] -= take
+        send_WF[:, replica_F] = send_WR + _interval_overlap(left_W, left_R)
 
 
 def rank_loads(table: PlacementTable, counts_E: np.ndarray) -> np.ndarray:

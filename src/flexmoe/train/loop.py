@@ -68,18 +68,52 @@ def sync_gradients(model: nn.Module, info: DistInfo) -> None:
         sync_all(model, info.group)
 
 
+def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping.
+
+    With expert parallelism each logical expert counts once (its first replica) and the norm is
+    summed over the ranks, so every rank applies the same factor and replicated weights stay equal.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    ep_layers = [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+    if not ep_layers:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    expert_ids = {id(p) for layer in ep_layers for p in layer.experts.parameters()}
+    dense_sq = sum((p.grad.float().square().sum() for p in params if id(p) not in expert_ids),
+                   torch.zeros((), device=params[0].device))
+    expert_sq = torch.zeros((), device=params[0].device)
+    for layer in ep_layers:
+        flat = layer.placement.slot_expert_WS.reshape(-1)
+        first = np.array([np.flatnonzero(flat == e)[0] for e in range(layer.placement.num_experts)])
+        S = layer.placement.slots_per_rank
+        mine = torch.as_tensor(first[(first // S) == layer.ep_rank] % S, device=params[0].device)
+        for p in layer.experts.parameters():
+            if p.grad is not None:
+                expert_sq = expert_sq + p.grad.float()[mine].square().sum()
+    if info.world_size > 1:
+        dist.all_reduce(expert_sq, group=info.group)
+    total = (dense_sq + expert_sq).sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(factor.to(p.grad.dtype))
+    return total
+
+
 class Trainer:
     """Runs ``TrainConfig.steps`` optimizer steps of ``model`` on ``stream``.
 
     val_windows: [N, S+1] fixed validation windows (this rank's share).
     trace: a ``flexmoe.sim.trace.TraceRecorder`` (main rank) or None; it gets the routing counts
         of every step, all ranks gathered, under 0-based step indices.
-    With ``cfg.placement_interval`` a ``flexmoe.PlacementScheduler`` re-plans expert placement.
+    With ``cfg.placement_interval`` a ``flexmoe.PlacementScheduler`` re-plans expert placement;
+    its cost model is measured once per run and kept in the checkpoints (``cost_model`` restores
+    it), so a resumed run plans exactly as the uninterrupted one.
     """
 
     def __init__(self, model: GPTMoE, model_cfg: ModelConfig, cfg: TrainConfig, stream: WindowStream,
                  val_windows: np.ndarray, run_dir: Path, device: torch.device, info: DistInfo,
-                 metrics: MetricsLog, trace=None, progress: bool = True, checkpoint_meta: dict | None = None):
+                 metrics: MetricsLog, trace=None, progress: bool = True, checkpoint_meta: dict | None = None,
+                 cost_model: dict | None = None):
         self.model = model
         self.model_cfg = model_cfg
         self.cfg = cfg
@@ -103,11 +137,12 @@ class Trainer:
         self.val_history: list[dict] = []
         self.placement = None
         if cfg.placement_interval:
-            from ..placement import make_planner
+            from ..placement import CostModel, make_planner
             from ..placement.scheduler import PlacementScheduler
 
-            self.placement = PlacementScheduler(model, self.optimizer, planner=make_planner("greedy"),
-                                                interval=cfg.placement_interval)
+            self.placement = PlacementScheduler(
+                model, self.optimizer, planner=make_planner("greedy"), interval=cfg.placement_interval,
+                cost_model=None if cost_model is None else CostModel(**cost_model))
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -124,6 +159,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": self._gather(rng),
             "placement": None if self.placement is None else self._gather(self.placement.state_dict()),
+            "placement_cost_model": None if self.placement is None else dataclasses.asdict(self.placement.cost_model),
             "world_size": self.info.world_size,
             "model_config": self.model_cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
@@ -203,8 +239,7 @@ class Trainer:
                 micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
                 counts_LE = micro if counts_LE is None else counts_LE + micro
         sync_gradients(self.model, self.info)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else torch.zeros(()))
+        grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

@@ -131,6 +131,8 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     except TypeError as err:
         raise ValueError(f"bad configuration: {err}") from None
     device = pick_device(train_cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the MoE layers) on tensor cores
 
     corpus = load_corpus(train_cfg.data, train_cfg.val_fraction)
     if saved_state is not None and saved_state.get("corpus") not in (None, corpus.fingerprint()):
@@ -169,7 +171,8 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     val_mine = np.array_split(val_all, info.world_size)[info.rank]
     trainer = Trainer(model, model_cfg, train_cfg, stream, val_mine, run_dir, device, info, metrics=None,
                       progress=options.progress,
-                      checkpoint_meta={"corpus": corpus.fingerprint(), "tokenizer": train_cfg.tokenizer})
+                      checkpoint_meta={"corpus": corpus.fingerprint(), "tokenizer": train_cfg.tokenizer},
+                      cost_model=(saved_state or {}).get("placement_cost_model"))
     if saved_state is not None:
         trainer.load_state_dict(saved_state, weights, str(resumed_from))
     else:
