@@ -43,7 +43,7 @@ def reference_dts(layer, x, noise_TE):
     chosen = []
     for t in range(T):
         if sparse:
-            order = sorted(range(E), key=lambda e: -float(probs[t, e]))
+            order = sorted(range(E), key=lambda e: -float(probs[t, e].detach()))
             chosen.append(set(order[:top_k]))
             continue
         z = [float(logits[t, e].detach()) + (float(noise_TE[t, e]) if noise_TE is not None else 0.0) for e in range(E)]
@@ -112,7 +112,7 @@ def check_dts(layer, x, seed, tol):
         for k in range(routing.expert_TK.shape[1]):
             if keep[t, k]:
                 e = int(routing.expert_TK[t, k])
-                assert abs(float(routing.weight_TK[t, k].detach()) - float(weights[t][e])) <= tol
+                assert abs(float(routing.weight_TK[t, k].detach()) - float(weights[t][e].detach())) <= tol
     counts = torch.zeros(E, dtype=torch.int64)
     for sel in chosen:
         for e in sel:

@@ -1,18 +1,51 @@
-"""flexmoe: fast, exact Mixture-of-Experts layers for PyTorch."""
+"""flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
-from .config import MoEConfig
+The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
+dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
+placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
+``flexmoe.integrations.hf`` (needs transformers).
+"""
+
+from .config import DTSGateConfig, MoEConfig
 from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
+from .parallel import EPGroup, ParallelConfig, sync_gradients
+from .placement import (
+    CostModel,
+    GreedyPlanner,
+    LoadPredictor,
+    PlacementTable,
+    make_planner,
+    replica_quotas,
+    split_tokens,
+)
+from .placement.scheduler import PlacementScheduler
+from .routing_dts import DTSRouter, set_gate_step
+from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
 
-__all__ = ["MoEConfig", "MoELayer", "aux_loss", "moe_layers", "update_router_bias"]
+__all__ = [
+    "CostModel",
+    "DTSGateConfig",
+    "DTSRouter",
+    "EPGroup",
+    "GreedyPlanner",
+    "LoadPredictor",
+    "MoEConfig",
+    "MoELayer",
+    "ParallelConfig",
+    "PlacementScheduler",
+    "PlacementTable",
+    "SyntheticTraceConfig",
+    "TraceRecorder",
+    "aux_loss",
+    "generate_trace",
+    "make_planner",
+    "moe_layers",
+    "read_trace",
+    "replica_quotas",
+    "set_gate_step",
+    "simulate",
+    "split_tokens",
+    "sync_gradients",
+    "update_router_bias",
+]
 __version__ = "0.1.0"
-from .placement.scheduler import PlacementScheduler  # noqa: E402
-__all__ += ["PlacementScheduler"]
-from .parallel import EPGroup, ParallelConfig, sync_gradients  # noqa: E402
-__all__ += ["EPGroup", "ParallelConfig", "sync_gradients"]
-from .placement import CostModel, GreedyPlanner, LoadPredictor, make_planner, replica_quotas, split_tokens  # noqa: E402
-__all__ += ["CostModel", "GreedyPlanner", "LoadPredictor", "make_planner", "replica_quotas", "split_tokens"]
-from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate  # noqa: E402
-__all__ += ["SyntheticTraceConfig", "TraceRecorder", "generate_trace", "read_trace", "simulate"]
-from .config import DTSGateConfig  # noqa: E402
-from .routing_dts import DTSRouter, set_gate_step  # noqa: E402
-__all__ += ["DTSGateConfig", "DTSRouter", "set_gate_step"]

@@ -11,8 +11,6 @@ import dataclasses
 import sys
 import typing
 
-import torch
-
 from ..config import DTSGateConfig
 from ..models.gpt import ModelConfig
 from .config import PRESETS, TrainConfig
@@ -30,6 +28,7 @@ _HELP = {
     "precision": "'fp32', or 'bf16' autocast on CUDA (MoE layers stay fp32)",
     "steps": "optimizer steps in total (the LR schedule spans them)",
     "batch_size": "sequences per step (per rank)",
+    "threads": "torch CPU threads; 0 = torch's default (tiny presets: 1, robust on a busy machine)",
     "threshold": "tempered probability above which a token goes to an expert",
     "sparse_step": "gate step from which the DTS gate is top-k (default: anneal_steps)",
     "top_k": "experts per token (for dts: after sparse_step unless --dts-top-k)",
@@ -79,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="stop after this step with a checkpoint, as if killed; --resume continues")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or validation lines")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     _add_fields(parser.add_argument_group("model (ModelConfig)"), ModelConfig, "", "model.")
     _add_fields(parser.add_argument_group("DTS gate (DTSGateConfig, with --router dts)"), DTSGateConfig,
                 "dts-", "dts.")
@@ -107,11 +104,6 @@ def run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .session import execute, prepare, setup_distributed, summary_line
 
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"flexmoe train: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
     try:
         info = setup_distributed()
         prep = prepare(options_from_args(args), info)

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Literal
 
 from ..config import _require_choice, _require_float, _require_int
-from ..models.gpt import ModelConfig
 
 
 @dataclasses.dataclass
@@ -27,6 +26,8 @@ class TrainConfig:
     expert_parallel: under torchrun, spread each MoE block's experts over the ranks
         (``MoELayer(config, ep_group=WORLD)``) instead of replicating them; ``spare_slots`` extra
         expert slots per rank give the placement scheduler room for replicas.
+    threads: torch CPU threads (``torch.set_num_threads``); 0 keeps torch's default. Small models
+        gain little from threads, and oversubscribed threads on a busy machine are much slower.
     placement_interval: re-plan expert placement every so many steps with
         ``flexmoe.PlacementScheduler`` (greedy planner); 0 = static placement. Needs expert_parallel.
     """
@@ -52,6 +53,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int = 0
     expert_parallel: bool = False
     spare_slots: int = 0
     placement_interval: int = 0
@@ -60,7 +62,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every", "keep_checkpoints", "bpe_vocab_size"):
             _require_int(self, name, minimum=1)
-        for name in ("warmup_steps", "seed", "spare_slots", "placement_interval"):
+        for name in ("warmup_steps", "seed", "spare_slots", "placement_interval", "threads"):
             _require_int(self, name, minimum=0)
         _require_float(self, "lr", positive=True)
         for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -96,13 +98,13 @@ PRESETS: dict[str, Preset] = {
         "CPU, ~2 minutes on 2 cores: 4 layers, d=128, 8 experts top-2, byte tokens",
         model=dict(seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=256, num_experts=8, top_k=2),
         train=dict(steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
-                   eval_batches=4, checkpoint_every=125),
+                   eval_batches=4, checkpoint_every=125, threads=1),
     ),
     "tiny-dense": Preset(
         "the tiny preset with one dense FFN per block: the start of --init-from-dense",
         model=dict(seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=256, num_experts=1, top_k=1),
         train=dict(steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
-                   eval_batches=4, checkpoint_every=125),
+                   eval_batches=4, checkpoint_every=125, threads=1),
     ),
     "small": Preset(
         "1 GPU: 8 layers, d=512, 16 experts top-2 of width 1024, BPE 8192, 1024-token context",

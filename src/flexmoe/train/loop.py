@@ -25,20 +25,8 @@ from ..routing_dts import set_gate_step
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
+from .distributed import DistInfo, clip_gradients, rank_seed, sync_gradients
 from .metrics import MetricsLog, balance_ratio
-
-
-@dataclasses.dataclass
-class DistInfo:
-    """This process's place among the data-parallel ranks (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    group: object = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -58,45 +46,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def sync_gradients(model: nn.Module, info: DistInfo) -> None:
-    """Average dense gradients over the ranks; synchronise expert-parallel expert gradients."""
-    if info.world_size > 1:
-        from ..parallel import sync_gradients as sync_all
-
-        sync_all(model, info.group)
-
-
-def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
-    """Clip to a global gradient norm; returns the norm before clipping.
-
-    With expert parallelism each logical expert counts once (its first replica) and the norm is
-    summed over the ranks, so every rank applies the same factor and replicated weights stay equal.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    ep_layers = [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
-    if not ep_layers:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    expert_ids = {id(p) for layer in ep_layers for p in layer.experts.parameters()}
-    dense_sq = sum((p.grad.float().square().sum() for p in params if id(p) not in expert_ids),
-                   torch.zeros((), device=params[0].device))
-    expert_sq = torch.zeros((), device=params[0].device)
-    for layer in ep_layers:
-        flat = layer.placement.slot_expert_WS.reshape(-1)
-        first = np.array([np.flatnonzero(flat == e)[0] for e in range(layer.placement.num_experts)])
-        S = layer.placement.slots_per_rank
-        mine = torch.as_tensor(first[(first // S) == layer.ep_rank] % S, device=params[0].device)
-        for p in layer.experts.parameters():
-            if p.grad is not None:
-                expert_sq = expert_sq + p.grad.float()[mine].square().sum()
-    if info.world_size > 1:
-        dist.all_reduce(expert_sq, group=info.group)
-    total = (dense_sq + expert_sq).sqrt()
-    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(factor.to(p.grad.dtype))
-    return total
 
 
 class Trainer:
@@ -189,7 +138,7 @@ class Trainer:
             if self.device.type == "cuda" and "cuda" in mine:
                 torch.cuda.set_rng_state(mine["cuda"], self.device)
         else:
-            torch.manual_seed(_rank_seed(self.cfg.seed, self.info.rank, self.step))
+            torch.manual_seed(rank_seed(self.cfg.seed, self.info.rank, self.step))
 
     def _gather(self, item) -> list:
         """This rank's ``item`` from every rank (rank order)."""
@@ -366,7 +315,3 @@ class Trainer:
             out["val_loss"] = self.val_history[-1]["val_loss"]
             out["val_ppl"] = self.val_history[-1]["val_ppl"]
         return out
-
-
-def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])

@@ -24,7 +24,8 @@ from . import checkpoint as ckpt
 from .config import PRESETS, TrainConfig
 from .data import Corpus, DataError, WindowStream, load_corpus, validation_windows
 from .diversify import diversify_from_dense
-from .loop import DistInfo, Trainer, _rank_seed
+from .distributed import DistInfo, rank_seed
+from .loop import Trainer
 from .metrics import METRICS, MetricsLog, last_per_step, read_metrics, truncate_metrics
 from .tokenizer import make_tokenizer
 
@@ -131,6 +132,8 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     except TypeError as err:
         raise ValueError(f"bad configuration: {err}") from None
     device = pick_device(train_cfg.device)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the MoE layers) on tensor cores
 
@@ -176,7 +179,7 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     if saved_state is not None:
         trainer.load_state_dict(saved_state, weights, str(resumed_from))
     else:
-        torch.manual_seed(_rank_seed(train_cfg.seed, info.rank))
+        torch.manual_seed(rank_seed(train_cfg.seed, info.rank))
     if options.stop_at is not None and options.stop_at <= trainer.step:
         raise ValueError(f"--stop-at {options.stop_at} is not after the checkpoint step {trainer.step}")
     return Prepared(options, run_dir, info, device, model_cfg, train_cfg, corpus, tokenizer, train_tokens,

@@ -1,0 +1,70 @@
+"""Several processes: who this process is, gradient synchronisation and clipping, seeds.
+
+Legend: E logical experts, W ranks, S expert slots per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass
+class DistInfo:
+    """This process's place among the data-parallel ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def sync_gradients(model: nn.Module, info: DistInfo) -> None:
+    """Average dense gradients over the ranks; synchronise expert-parallel expert gradients."""
+    if info.world_size > 1:
+        from ..parallel import sync_gradients as sync_all
+
+        sync_all(model, info.group)
+
+
+def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping.
+
+    With expert parallelism each logical expert counts once (its first replica) and the norm is
+    summed over the ranks, so every rank applies the same factor and replicated weights stay equal.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    ep_layers = [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+    if not ep_layers:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    expert_ids = {id(p) for layer in ep_layers for p in layer.experts.parameters()}
+    dense_sq = sum((p.grad.float().square().sum() for p in params if id(p) not in expert_ids),
+                   torch.zeros((), device=params[0].device))
+    expert_sq = torch.zeros((), device=params[0].device)
+    for layer in ep_layers:
+        flat = layer.placement.slot_expert_WS.reshape(-1)
+        first = np.array([np.flatnonzero(flat == e)[0] for e in range(layer.placement.num_experts)])
+        S = layer.placement.slots_per_rank
+        mine = torch.as_tensor(first[(first // S) == layer.ep_rank] % S, device=params[0].device)
+        for p in layer.experts.parameters():
+            if p.grad is not None:
+                expert_sq = expert_sq + p.grad.float()[mine].square().sum()
+    if info.world_size > 1:
+        dist.all_reduce(expert_sq, group=info.group)
+    total = (dense_sq + expert_sq).sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(factor.to(p.grad.dtype))
+    return total
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of the training randomness (Gumbel noise) of one rank."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
