@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .migration import _as_list, _comm_device, apply_placement, check_same_placement
-from .planner import LoadPredictor, Planner
+from .planner import GreedyPlanner, LoadPredictor, Planner
 from .split import balance_ratio
 from .table import PlacementTable
 
@@ -37,7 +37,7 @@ class PlacementScheduler:
     ``observe()`` after each micro-batch's forward; ``step()`` then uses the sum of the observed
     counts instead of the last forward's.
 
-    planner: e.g. ``flexmoe.placement.GreedyPlanner()``; any object with
+    planner: default ``GreedyPlanner()`` (flexmoe's); any object with
         ``plan(table, counts_WE, cost_model[, step]) -> PlacementTable`` returning a table with a
         higher version when it changes anything. It must be deterministic: every rank plans on its
         own from the same counts. ``counts_WE`` are predicted tokens per step (float).
@@ -68,7 +68,7 @@ class PlacementScheduler:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-        planner: Planner,
+        planner: Planner | None = None,
         cost_model: Any = None,
         *,
         interval: int = 100,
@@ -88,6 +88,7 @@ class PlacementScheduler:
             )
         if len({_group_key(getattr(m, "ep_group", None)) for m in self.layers}) > 1:
             raise ValueError("PlacementScheduler: all MoE layers with placement must share one ep_group")
+        planner = GreedyPlanner() if planner is None else planner
         if not callable(getattr(planner, "plan", None)):
             raise ValueError(
                 f"PlacementScheduler.planner must have a plan(table, counts_WE, cost_model) method, got {planner!r}"
