@@ -333,3 +333,34 @@ def test_balance_loss_is_k_times_switch_loss_when_sparse():
     assert dts.aux_loss.item() == pytest.approx(2 * topk.aux_loss.item(), rel=1e-6)
     assert torch.equal(dts.last_counts, topk.last_counts)
     assert F.mse_loss(dts(x), topk(x)).item() < 1e-12
+
+
+def test_fullgraph_compile_matches_eager_and_compiles_once_per_phase():
+    """tau comes from the step buffer on the device, so annealing does not recompile; the switch
+    to top-k does, once."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, router="dts", kernels="torch", aux_loss_coef=0.1,
+                            init_std=0.5, dts=DTSGateConfig(anneal_steps=4, threshold=0.1))
+    eager = flexmoe.MoELayer(cfg).double()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for step in range(6):
+        set_gate_step(eager, step)
+        set_gate_step(compiled_layer, step)
+        x = torch.randn(7, 8, dtype=torch.float64)
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        torch.manual_seed(step)
+        ye = eager(xe)
+        torch.manual_seed(step)
+        yc = compiled(xc)
+        (ye.square().sum() + eager.aux_loss).backward()
+        (yc.square().sum() + compiled_layer.aux_loss).backward()
+        torch.testing.assert_close(yc, ye, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled_layer.router.weight.grad, eager.router.weight.grad, rtol=1e-12, atol=1e-12)
+        assert torch.equal(compiled_layer.last_counts, eager.last_counts)
+    assert counters["stats"]["unique_graphs"] == 2

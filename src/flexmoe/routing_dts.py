@@ -72,6 +72,7 @@ class DTSRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.register_buffer("gate_step", torch.zeros((), dtype=torch.int64))
         self._step = 0
+        self._sparse = config.dts.dense_steps == 0  # a bool, so torch.compile keeps two graphs at most
         nn.init.normal_(self.weight, std=config.init_std)
 
     @property
@@ -83,11 +84,12 @@ class DTSRouter(nn.Module):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"gate step must be an int >= 0, got {step!r}")
         self._step = step
+        self._sparse = step >= self.config.dts.dense_steps
         self.gate_step.fill_(step)
 
     @property
     def is_sparse(self) -> bool:
-        return self._step >= self.config.dts.dense_steps
+        return self._sparse
 
     @property
     def tau(self) -> float:
@@ -130,6 +132,7 @@ class DTSRouter(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._step = int(self.gate_step)
+        self._sparse = self._step >= self.config.dts.dense_steps
 
     def extra_repr(self) -> str:
         phase = "sparse" if self.is_sparse else f"dense tau={self.tau:.4g}"

@@ -17,7 +17,10 @@ class PlotError(ValueError):
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("flexmoe plot needs matplotlib: pip install 'flexmoe[train]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,7 +45,7 @@ def plot_losses(records: list[dict], out: Path, title: str) -> Path:
         steps = np.array([r["step"] for r in train])
         loss = np.array([r.get("lm_loss", r["loss"]) for r in train])
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, _smooth(loss, max(1, len(loss) // 50)), color="tab:blue", label="train (smoothed)")
+        ax.plot(steps, _smooth(loss, max(1, min(50, len(loss) // 20))), color="tab:blue", label="train (smoothed)")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
                 label="validation")
@@ -66,7 +69,7 @@ def plot_balance(records: list[dict], out: Path, title: str) -> Path | None:
     steps = np.array([r["step"] for r in train])
     ratio_TL = np.array([r["balance_per_layer"] for r in train])
     fig, ax = plt.subplots(figsize=(8, 4))
-    window = max(1, len(steps) // 50)
+    window = max(1, min(50, len(steps) // 20))
     for layer in range(ratio_TL.shape[1]):
         ax.plot(steps, _smooth(ratio_TL[:, layer], window), label=f"MoE layer {layer}")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)

@@ -47,6 +47,7 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, docs: list[bytes], vocab_size: int) -> "BPETokenizer":
+        _require_tokenizers()
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -61,9 +62,13 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Path) -> "BPETokenizer":
+        _require_tokenizers()
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:  # the tokenizers library raises plain Exceptions
+            raise ValueError(f"tokenizer file {path} is unreadable: {err}") from None
 
     def encode_docs(self, docs: list[bytes]) -> np.ndarray:
         texts = [d.decode("utf-8", errors="replace") for d in docs]
@@ -93,6 +98,13 @@ def make_tokenizer(kind: str, train_docs: list[bytes], vocab_size: int, saved: P
     if vocab_size < 257:
         raise ValueError(f"BPE vocab_size must be >= 257, got {vocab_size}")
     return BPETokenizer.train(train_docs, vocab_size)
+
+
+def _require_tokenizers() -> None:
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        raise ValueError("--tokenizer bpe needs the tokenizers library: pip install 'flexmoe[train]'") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
