@@ -252,3 +252,18 @@ def test_bfloat16_path_runs_and_is_close():
     ref, _, _, _ = reference_moe(copy.deepcopy(layer).double(), x.double())
     y = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert rel(y, ref) < 2e-2
+
+
+def test_autocast_runs_experts_in_low_precision_with_float32_parameters():
+    torch.manual_seed(0)
+    cfg = flexmoe.MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2, num_shared_experts=1, init_std=0.2)
+    layer = flexmoe.MoELayer(cfg)
+    x = torch.randn(16, 32, requires_grad=True)
+    ref, _, _, _ = reference_moe(copy.deepcopy(layer).double(), x.detach().double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y, ref) < 2e-2
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    assert x.grad.dtype == torch.float32

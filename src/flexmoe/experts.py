@@ -36,11 +36,12 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """``y[i] = scale[i] * FFN_e(x[i])`` for the expert e whose group holds row i.
 
-        Rows past ``offsets_E[-1]`` give zeros.
+        Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
+        unless running under autocast with float32 parameters).
         """
-        h_NH = grouped_mm(x_ND, self.gate_up_proj, offsets_E)
+        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E)
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
-        return grouped_mm(a_NF, self.down_proj, offsets_E)
+        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E)
 
 
 class DenseFFN(nn.Module):

@@ -23,6 +23,9 @@ from .routing import Routing, load_balancing_loss, make_router, router_z_loss
 class MoELayer(nn.Module):
     """A drop-in MoE feed-forward block: ``y = layer(x)`` for ``x`` of shape ``[..., d_model]``.
 
+    Under ``torch.autocast`` the experts compute in the autocast dtype (float32 parameters are
+    cast per forward, as autocast does for ``nn.Linear``) and the router stays in ``router_dtype``.
+
     After each forward, ``aux_loss`` holds the differentiable weighted sum of the configured
     router losses (zero when none is configured) and ``last_counts`` the tokens dispatched to
     each expert (a device tensor; reading it does not synchronise until you use its values).
@@ -61,6 +64,8 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x_TD = x.reshape(-1, self.config.d_model)
+        if torch.is_autocast_enabled(x.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
         routing = self.router(x_TD)
@@ -104,7 +109,7 @@ class MoELayer(nn.Module):
         if x.dim() == 0 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer input must have last dimension d_model={cfg.d_model}, got shape {tuple(x.shape)}")
         weight_dtype = self.experts.gate_up_proj.dtype
-        if x.dtype != weight_dtype:
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"MoELayer input dtype {x.dtype} differs from its parameters' dtype {weight_dtype}; "
                 "cast one of them (e.g. layer.to(x.dtype))"

@@ -60,17 +60,16 @@ class _LowPrecisionLogits(torch.autograd.Function):
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, router_dtype: torch.dtype) -> torch.Tensor:
-    """Logits in ``router_dtype`` (or the input's dtype when that is more precise)."""
+    """Logits in ``router_dtype`` (or the input's dtype when that is more precise), never autocast.
+
+    bf16/fp16 inputs on CUDA with a float32 router use one tensor-core GEMM with a float32 output
+    (float32 parameters are first cast to the input's dtype, as autocast would).
+    """
     dtype = torch.promote_types(router_dtype, x_TD.dtype)
-    low_precision = (torch.bfloat16, torch.float16)
-    if (
-        x_TD.is_cuda
-        and dtype == torch.float32
-        and x_TD.dtype in low_precision
-        and weight_ED.dtype == x_TD.dtype
-    ):
-        return _LowPrecisionLogits.apply(x_TD, weight_ED)
-    return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
+    with torch.autocast(x_TD.device.type, enabled=False):
+        if x_TD.is_cuda and dtype == torch.float32 and x_TD.dtype in (torch.bfloat16, torch.float16):
+            return _LowPrecisionLogits.apply(x_TD, weight_ED.to(x_TD.dtype))
+        return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
 
 
 class TopKRouter(nn.Module):

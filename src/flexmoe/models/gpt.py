@@ -162,10 +162,6 @@ class Block(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope)
         h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoELayer) and torch.is_autocast_enabled(h_BSD.device.type):
-            # The MoE layer runs in its parameters' dtype (router in fp32), outside autocast.
-            with torch.autocast(h_BSD.device.type, enabled=False):
-                return x_BSD + self.ffn(h_BSD.to(self.ffn.experts.gate_up_proj.dtype))
         return x_BSD + self.ffn(h_BSD)
 
 

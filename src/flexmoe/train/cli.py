@@ -25,7 +25,7 @@ _HELP = {
     "bias_update_rate": "auxiliary-loss-free balancing (DeepSeek-V3) bias step; 0 = off",
     "data": "a text file or folder of text files (default: the Python standard library's .py files)",
     "tokenizer": "'byte' (256 byte values) or 'bpe' (trained on the training split)",
-    "precision": "'fp32', or 'bf16' autocast on CUDA (MoE layers stay fp32)",
+    "precision": "'fp32', or 'bf16' autocast on CUDA (float32 master weights; MoE experts run in bf16, router in fp32)",
     "steps": "optimizer steps in total (the LR schedule spans them)",
     "batch_size": "sequences per step (per rank)",
     "threads": "torch CPU threads; 0 = torch's default (tiny presets: 1, robust on a busy machine)",

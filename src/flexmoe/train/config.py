@@ -22,7 +22,7 @@ class TrainConfig:
     tokenizer: "byte" or "bpe" (trained on the training split, ``bpe_vocab_size`` tokens).
     data: a text file or folder; None is the Python standard library's source.
     val_fraction: share of files (by a hash of their path) held out for validation.
-    precision: "fp32", or "bf16" (CUDA: autocast for attention and dense parts; MoE layers fp32).
+    precision: "fp32", or "bf16" (CUDA: autocast; MoE experts in bf16, router in fp32).
     expert_parallel: under torchrun, spread each MoE block's experts over the ranks
         (``MoELayer(config, ep_group=WORLD)``) instead of replicating them; ``spare_slots`` extra
         expert slots per rank give the placement scheduler room for replicas.
