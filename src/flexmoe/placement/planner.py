@@ -14,6 +14,8 @@ Planners: static EP, FasterMoE-style shadowing, DeepSeek EPLB, per-step proporti
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 
 import numpy as np
@@ -189,7 +191,7 @@ def _normalise(slot_WS: np.ndarray, share_WS: np.ndarray, num_experts: int) -> n
 # ---- planners ----------------------------------------------------------------------------------
 
 
-class Planner:
+class Planner(abc.ABC):
     """Base: ``plan`` returns the next table; ``make_predictor`` the load predictor it wants.
 
     ``uses_true_counts``: the simulator feeds this planner the step's true counts (oracle only).
@@ -199,8 +201,9 @@ class Planner:
     uses_true_counts = False
     predictor_decay = 0.0
 
+    @abc.abstractmethod
     def plan(self, table: PlacementTable, counts_WE: np.ndarray, cost: CostModel, step: int = 0) -> PlacementTable:
-        raise NotImplementedError
+        """The table for the next steps: ``table`` itself when nothing changes, else version + 1."""
 
     def make_predictor(self) -> LoadPredictor:
         return LoadPredictor(self.predictor_decay)
