@@ -15,7 +15,6 @@ Planners: static EP, FasterMoE-style shadowing, DeepSeek EPLB, per-step proporti
 from __future__ import annotations
 
 import abc
-
 import dataclasses
 
 import numpy as np
