@@ -522,6 +522,19 @@ def case_expert_data_parallel(env):
     assert ep.ep_size == 2 and ep.ep_rank == env.rank % 2
 
 
+def case_expert_data_parallel_rejects_different_tables(env):
+    """EP groups whose tables differ must not sum slot gradients: every rank gets a clear error."""
+    cfg = _config()
+    table = PlacementTable.static(cfg.num_experts, 2)
+    if env.rank >= 2:
+        table = PlacementTable(cfg.num_experts, table.slot_expert_WS[::-1].copy(), table.share_WS[::-1].copy())
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, ep_group=env.pair, placement=table).double()
+    layer(torch.randn(5, cfg.d_model, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="different placement tables"):
+        sync_gradients(layer, expert_dp_group=env.across)
+
+
 def case_checkpoint_4_2_1_4(env):
     cfg = _config(num_experts=6)
     torch.manual_seed(5)
@@ -553,6 +566,7 @@ CASES_4 = {
     "non_divisible_experts": case_non_divisible_experts,
     "replicas_hierarchical": case_replicas_hierarchical,
     "expert_data_parallel": case_expert_data_parallel,
+    "expert_data_parallel_rejects_different_tables": case_expert_data_parallel_rejects_different_tables,
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
 }
 CASES = {2: CASES_2, 4: CASES_4}

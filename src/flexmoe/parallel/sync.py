@@ -85,10 +85,29 @@ def sync_expert_gradients(
     _sum_replicas(layers)
     grads = [p.grad for layer in layers for p in _trainable(layer)]
     if expert_dp_group is not None:
+        _check_same_tables(layers, expert_dp_group, grads[0].device if grads else torch.device("cpu"))
         _all_reduce(grads, expert_dp_group, average=False)
     world = dist.get_world_size(dp_group) if dist.is_initialized() else 1
     for g in grads:
         g /= world
+
+
+def _check_same_tables(layers: list[nn.Module], group: dist.ProcessGroup, device: torch.device) -> None:
+    """Slot gradients may only be summed across EP groups that hold the same placement tables."""
+    from ..placement.migration import table_digest
+
+    if not layers or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    digests = torch.tensor([table_digest(layer.placement) for layer in layers], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(digests) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, digests, group=group)
+    differing = sorted({i for g in gathered for i in torch.nonzero(g != digests).flatten().tolist()})
+    if differing:
+        raise RuntimeError(
+            f"sync_gradients: ranks of expert_dp_group hold different placement tables in EP layers "
+            f"{differing}; their slot gradients would mix different experts. Give every EP group the "
+            "same tables (pass expert_dp_group to PlacementScheduler too)."
+        )
 
 
 def _trainable(layer: nn.Module) -> list[nn.Parameter]:
