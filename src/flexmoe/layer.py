@@ -78,6 +78,7 @@ class MoELayer(nn.Module):
 
         self.aux_loss = self.router_loss(routing)
         self.last_counts = plan.counts_E
+        self.router.record_load(plan.counts_E)
         return y_TD.view(x.shape)
 
     def run_experts(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:

@@ -11,6 +11,8 @@ import dataclasses
 
 import torch
 
+from .routing import count_keys, expert_keys
+
 
 
 @dataclasses.dataclass
@@ -43,13 +45,9 @@ def make_dispatch_plan(
     E = num_experts
     T, K = expert_TK.shape
     device = expert_TK.device
-    key_N = expert_TK.reshape(-1)
-    if keep_TK is not None:
-        key_N = torch.where(keep_TK.reshape(-1), key_N, E)
+    key_N = expert_keys(expert_TK, keep_TK, E)
     sorted_key_N, row_pair_N = torch.sort(key_N, stable=True)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, key_N, torch.ones_like(key_N))
-    counts_E = counts[:E]
+    counts_E = count_keys(key_N, E)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     row_token_N = torch.where(sorted_key_N < E, row_pair_N // K, -1)
     pair_row_N = torch.empty_like(row_pair_N)

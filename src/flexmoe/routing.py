@@ -76,8 +76,8 @@ class TopKRouter(nn.Module):
     """Softmax or sigmoid scores, top-k on score + balancing bias, optional renormalisation.
 
     The bias (DeepSeek-V3 auxiliary-loss-free balancing) only changes which experts are chosen,
-    never the combine weights. Loads seen in training forwards accumulate in ``pending_load_E``
-    until ``update_bias()`` consumes them.
+    never the combine weights. The layer hands each training forward's dispatched counts to
+    ``record_load``; they accumulate in ``pending_load_E`` until ``update_bias()`` consumes them.
     """
 
     def __init__(self, config: MoEConfig):
@@ -100,18 +100,21 @@ class TopKRouter(nn.Module):
         with torch.no_grad():
             select_TE = probs_TE + self.expert_bias.to(probs_TE.dtype) if cfg.bias_update_rate else probs_TE
             expert_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
-        weight_TK = probs_TE.gather(-1, expert_TK)
+        score_TK = probs_TE.gather(-1, expert_TK)
+        weight_TK = score_TK
         if cfg.norm_topk_prob:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            weight_TK = score_TK / score_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         keep_TK = None
         capacity = cfg.capacity(x_TD.shape[0])
         if capacity is not None and capacity < x_TD.shape[0] * cfg.top_k:
-            keep_TK = capacity_keep_mask(expert_TK, probs_TE.gather(-1, expert_TK).detach(),
-                                         cfg.num_experts, capacity)
-        if self.training and cfg.bias_update_rate:
-            with torch.no_grad():
-                self.pending_load_E += expert_counts(expert_TK, keep_TK, cfg.num_experts).to(torch.float32)
+            keep_TK = capacity_keep_mask(expert_TK, score_TK.detach(), cfg.num_experts, capacity)
         return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE)
+
+    @torch.no_grad()
+    def record_load(self, counts_E: torch.Tensor) -> None:
+        """Add one training forward's dispatched tokens per expert to the pending loads."""
+        if self.training and self.config.bias_update_rate:
+            self.pending_load_E += counts_E.to(torch.float32)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
@@ -127,14 +130,24 @@ class TopKRouter(nn.Module):
         self.pending_load_E.zero_()
 
 
-def expert_counts(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
-    """Dispatched pairs per expert, int64, without a host synchronisation."""
+def expert_keys(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Flat expert index per (token, slot) pair; ``num_experts`` for pairs that are not dispatched."""
     key_N = expert_TK.reshape(-1)
     if keep_TK is not None:
         key_N = torch.where(keep_TK.reshape(-1), key_N, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_TK.device)
+    return key_N
+
+
+def count_keys(key_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert (int64) from ``expert_keys``, without a host synchronisation."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key_N.device)
     counts.scatter_add_(0, key_N, torch.ones_like(key_N))
     return counts[:num_experts]
+
+
+def expert_counts(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Dispatched pairs per expert, int64, without a host synchronisation."""
+    return count_keys(expert_keys(expert_TK, keep_TK, num_experts), num_experts)
 
 
 def capacity_keep_mask(

@@ -126,6 +126,9 @@ class DTSRouter(nn.Module):
         mask_TE = g_TE > self.config.dts.threshold
         return mask_TE.scatter_(-1, g_TE.argmax(-1, keepdim=True), True)
 
+    def record_load(self, counts_E: torch.Tensor) -> None:
+        """The DTS gate has no balancing bias, so loads are not kept."""
+
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
         """No balancing bias here (``flexmoe.update_router_bias`` may still be called)."""
 
