@@ -25,13 +25,7 @@ VOCAB = 64
 RTOL = 1e-5  # float32: ||flexmoe - eager|| <= RTOL * ||eager||, per tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add start-up cost (restored after this module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _common(num_experts: int) -> dict:

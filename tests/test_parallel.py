@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 import traceback
 
 import numpy as np
@@ -41,6 +40,7 @@ from flexmoe.parallel.layout import build_layout
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
 from flexmoe.placement.split import split_tokens
+from helpers import free_port
 
 F64_TOL, F32_TOL = 1e-10, 1e-5
 SPAWN_TIMEOUT_S = 420
@@ -594,15 +594,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_world(world: int, out_dir: str) -> list[dict]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir)) for r in range(world)]
     for p in procs:
         p.start()

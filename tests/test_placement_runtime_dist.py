@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -40,6 +39,7 @@ from flexmoe.placement.migration import (
     shrink_replica,
     swap_slots,
 )
+from helpers import free_port
 
 WORLD = 4
 E, S = 6, 3
@@ -380,10 +380,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

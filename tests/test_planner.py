@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ from flexmoe.placement import (
     split_tokens,
 )
 from flexmoe.placement.planner import GreedyPlanner, balanced_shares, pack
+from helpers import free_port
 
 COST = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10)
 
@@ -387,10 +387,6 @@ def test_load_predictor_is_an_ema():
 # ---- the same plan on every rank -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plan_on_rank(rank: int, world: int, port: int) -> None:
@@ -419,7 +415,7 @@ def _plan_on_rank(rank: int, world: int, port: int) -> None:
 
 
 def test_identical_plans_and_measured_costs_across_processes():
-    ctx = mp.start_processes(_plan_on_rank, args=(2, _free_port()), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(_plan_on_rank, args=(2, free_port()), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

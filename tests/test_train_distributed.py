@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sysconfig
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 from flexmoe.cli import main
 from flexmoe.train.metrics import last_per_step, read_metrics
+from helpers import free_port
 
 MODEL = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32", "--num-experts", "4",
          "--seq-len", "32", "--eval-batches", "2", "--warmup-steps", "3", "--quiet", "--threads", "1",
@@ -24,10 +24,6 @@ MODEL = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32",
 EP = ["--expert-parallel", "--spare-slots", "1", "--placement-interval", "2", "--batch-size", "4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fixed_cost_model(cls, d_model, d_ff, **kwargs):
@@ -53,7 +49,7 @@ def _worker(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
 
 
 def spawn(world: int, runs: list[list[str]], timeout_s: float = 400) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), runs), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, free_port(), runs), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
@@ -63,13 +59,7 @@ def spawn(world: int, runs: list[list[str]], timeout_s: float = 400) -> None:
             pytest.fail(f"distributed training did not finish in {timeout_s} s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the CI machine's 2 cores are shared, and oversubscribed threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
