@@ -11,6 +11,7 @@ python benchmarks/check_gpu.py
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -26,7 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def compare(cfg: flexmoe.MoEConfig, dtype: torch.dtype, T: int, skew: bool) -> dict[str, float]:
     torch.manual_seed(T + cfg.num_experts)
-    ref = flexmoe.MoELayer(dataclass_replace(cfg, kernels="torch")).double()
+    ref = flexmoe.MoELayer(dataclasses.replace(cfg, kernels="torch")).double()
     x = torch.randn(T, cfg.d_model, dtype=torch.float64)
     if skew:
         with torch.no_grad():
@@ -52,12 +53,6 @@ def compare(cfg: flexmoe.MoEConfig, dtype: torch.dtype, T: int, skew: bool) -> d
         if pr.grad is not None and pr.grad.norm() > 0:
             errs[name] = rel(p.grad, pr.grad)
     return errs
-
-
-def dataclass_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def main() -> None:

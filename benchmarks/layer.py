@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import math
 import statistics
 import time
 
@@ -102,10 +101,39 @@ def same_choice_mask(layer: flexmoe.MoELayer, block, x_TD: torch.Tensor) -> torc
     return (ours == theirs).all(-1)
 
 
+def training_step(module, x_BTD: torch.Tensor):
+    """A callable doing what one training step does to ``module``: gradients cleared (set to None),
+    forward, backward of a fixed random output gradient."""
+    grad = torch.randn_like(x_BTD)
+    x = x_BTD.detach().requires_grad_(True)
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad)
+
+    return step
+
+
+def profiled(step, activities, calls: int = 5):
+    """The torch profiler over ``calls`` calls of ``step`` (after three warm-up calls)."""
+    from torch.profiler import profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return prof
+
+
 def measure(name: str, module, x_BTD: torch.Tensor, reps: int, reference: torch.Tensor | None,
             mask_T: torch.Tensor | None = None) -> Row:
     device = x_BTD.device
-    grad = torch.randn_like(x_BTD)
     with torch.no_grad():
         y = module(x_BTD)
     rel_err = float("nan")
@@ -119,16 +147,7 @@ def measure(name: str, module, x_BTD: torch.Tensor, reps: int, reference: torch.
         with torch.no_grad():
             module(x_BTD)
 
-    x_grad = x_BTD.detach().requires_grad_(True)
-
-    params = list(module.parameters())
-
-    def fwdbwd():
-        for p in params:
-            p.grad = None
-        x_grad.grad = None
-        module(x_grad).backward(grad)
-
+    fwdbwd = training_step(module, x_BTD)
     fwd_ms = timed(fwd, reps, device)
     fwdbwd_ms = timed(fwdbwd, reps, device)
     peak = float("nan")
@@ -146,21 +165,10 @@ def measure(name: str, module, x_BTD: torch.Tensor, reps: int, reference: torch.
 
 def stage_breakdown(layer: flexmoe.MoELayer, x_BTD: torch.Tensor) -> list[tuple[str, float]]:
     """Device time per stage of one forward+backward, from the CUDA profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    grad = torch.randn_like(x_BTD)
-    x = x_BTD.detach().requires_grad_(True)
-    def step():
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+    calls = 5
+    prof = profiled(training_step(layer, x_BTD), [ProfilerActivity.CUDA], calls)
     categories = {
         "grouped GEMM": ("gemm", "cutlass", "sm90", "grouped", "xmma", "nvjet"),
         "permute (scatter / gather rows)": ("_scatter_rows", "_zero_unowned", "_gather_rows"),
@@ -171,7 +179,7 @@ def stage_breakdown(layer: flexmoe.MoELayer, x_BTD: torch.Tensor) -> list[tuple[
     }
     totals: dict[str, float] = {}
     for event in prof.key_averages():
-        t = event.self_device_time_total / 1e3 / 5
+        t = event.self_device_time_total / 1e3 / calls
         if t <= 0:
             continue
         label = event.key.lower()

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 import flexmoe
-from layer import SHAPES
+from layer import SHAPES, profiled, timed, training_step
 
 
 def main() -> None:
@@ -23,34 +24,19 @@ def main() -> None:
     D, F, E, k = SHAPES[args.shape]
     layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False))
     layer = layer.to("cuda", torch.bfloat16)
-    x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn_like(x)
-    def step():
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / 5
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+    x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16)
+    step = training_step(layer, x)
+    calls = 5
+    wall_ms = timed(step, calls, torch.device("cuda"), trials=1)
+    prof = profiled(step, [ProfilerActivity.CPU, ProfilerActivity.CUDA], calls)
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=60))
-    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / 5
+    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / calls
     print(f"wall {wall_ms:.2f} ms per fwd+bwd, kernels {kernel_ms:.2f} ms: GPU busy {100 * kernel_ms / wall_ms:.0f}%")
     syncs = [e for e in events if any(s in e.key for s in ("Synchronize", "MemcpyDtoH", "_local_scalar_dense", "item", "nonzero"))]
     for e in syncs:
         print(f"sync-like: {e.key} calls={e.count} cpu_total={e.cpu_time_total / 1e3:.2f} ms")
-    cpu_ms = max(e.cpu_time_total for e in events) / 1e3 / 5
+    cpu_ms = max(e.cpu_time_total for e in events) / 1e3 / calls
     print(f"largest CPU total per step: {cpu_ms:.2f} ms")
 
 
