@@ -15,7 +15,6 @@ from ..config import DTSGateConfig
 from ..models.gpt import ModelConfig
 from .config import PRESETS, TrainConfig
 
-HELP = "Train a GPT-MoE on text (default: this Python's standard library source) with checkpoints and metrics."
 
 _SKIP = {ModelConfig: {"vocab_size", "dts"}, DTSGateConfig: set(), TrainConfig: set()}
 _HELP = {

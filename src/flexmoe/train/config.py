@@ -79,11 +79,20 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.expert_parallel must be a bool, got {self.expert_parallel!r}")
         if self.placement_interval and not self.expert_parallel:
             raise ValueError("TrainConfig.placement_interval needs expert_parallel=True")
+        _check_device(self.device)
         if self.data is not None and not isinstance(self.data, str):
             raise ValueError(f"TrainConfig.data must be a path string or None, got {self.data!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_device(name) -> None:
+    """``device`` is "auto", "cpu", "cuda" or "cuda:N" (availability is checked when the run starts)."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if name == "auto" or (kind in ("cpu", "cuda") and (not index or (index.isdigit() and kind == "cuda"))):
+        return
+    raise ValueError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
 
 
 @dataclasses.dataclass
