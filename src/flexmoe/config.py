@@ -1,6 +1,8 @@
 """MoEConfig: the validated description of one MoE layer.
 
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+The configs are frozen, so a layer never runs on a value that skipped the checks: derive a changed
+config with ``dataclasses.replace(cfg, top_k=1)`` (validated again) and build a new layer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _TAU_SCHEDULES = ("linear", "exponential")
 _KERNELS = ("auto", "triton", "torch")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DTSGateConfig:
     """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing_dts``.
 
@@ -67,7 +69,7 @@ class DTSGateConfig:
         return self.anneal_steps if self.sparse_step is None else self.sparse_step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """One MoE feed-forward layer.
 
