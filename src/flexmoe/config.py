@@ -28,12 +28,13 @@ _KERNELS = ("auto", "triton", "torch")
 class DTSGateConfig:
     """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing_dts``.
 
-    tau_max, tau_min: Gumbel-softmax temperature at gate step 0 and at ``anneal_steps`` onwards.
+    tau_max: Gumbel-softmax temperature at gate step 0.
+    tau_min: Gumbel-softmax temperature from anneal_steps onwards.
     anneal_steps: gate steps over which tau goes from tau_max to tau_min.
     schedule: "linear" or "exponential" (geometric) interpolation of tau.
     threshold: a token goes to every expert whose tempered probability exceeds it (and always
         to its most probable one).
-    sparse_step: gate step from which the gate is plain top-k; None means ``anneal_steps``.
+    sparse_step: gate step from which the gate is plain top-k; None means anneal_steps.
     top_k: experts per token in the sparse phase; None means ``MoEConfig.top_k``.
     The balance loss is weighted by ``MoEConfig.aux_loss_coef``.
     """
