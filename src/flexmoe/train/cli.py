@@ -95,19 +95,20 @@ def _add_fields(group, cls, prefix: str, dest_prefix: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help=f"starting point ({presets})")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help=f"starting point (default: %(default)s): {presets}")
     parser.add_argument("--run-dir", help="output folder (default: runs/<preset>-<date>-<time>)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                         help="continue the run in --run-dir from its newest checkpoint, or from PATH "
                              "(a run folder or one checkpoint folder) (default: start a new run)")
     parser.add_argument("--init-from-dense", metavar="CKPT",
                         help="expert-diversify: spawn every MoE block's experts from this dense model "
-                             "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense)")
+                             "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense) (default: none, random init)")
     parser.add_argument("--diversify-noise", type=float, default=0.1,
                         help="per-expert Gaussian perturbation, relative to each weight's std (default: %(default)s)")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="stop after this step with a checkpoint, as if killed; --resume continues (default: run to --steps)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or validation lines")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or validation lines (default: show them)")
     parser.epilog = ("Options left out take the preset's value, else the field's default, as shown; with --resume "
                      "they keep the run's saved value.")
     _add_fields(parser.add_argument_group("model (ModelConfig)"), ModelConfig, "", "model.")
