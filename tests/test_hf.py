@@ -212,6 +212,8 @@ def test_choosing_flexmoe_where_it_would_never_run_raises(case):
     with pytest.raises(fhf.UnsupportedBlockError, match=match):
         net.set_experts_implementation("flexmoe")
     assert net.config._experts_implementation == before
+    with pytest.raises(fhf.UnsupportedBlockError, match="no MoE experts" if "no MoE" in match else match):
+        fhf.patch(net)
 
 
 def test_choosing_flexmoe_for_dbrx_points_to_patch():

@@ -113,13 +113,16 @@ def patch(model: nn.Module, kernels: str = "auto") -> list[str]:
     and returns the module names. Covers modules that HF dispatches through its experts interface,
     modules with the same weights and forward contract that do not (custom or remote-code models),
     and DBRX's experts. ``kernels``: "auto" (Triton on CUDA), "triton" or "torch".
-    Raises ``UnsupportedBlockError`` naming the first MoE block it cannot run, before patching any.
+    Raises ``UnsupportedBlockError`` naming the first MoE block it cannot run, before patching any,
+    or when the model has no experts module at all.
     """
     if kernels not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be one of ('auto', 'triton', 'torch'), got {kernels!r}")
     blocks = expert_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MoE experts modules for flexmoe to run")
+        raise UnsupportedBlockError(
+            f"{type(model).__name__} has no MoE experts modules for flexmoe to run (a dense model?)"
+        )
     for name, module in blocks:
         experts_layout(module)
     for _, module in blocks:
