@@ -14,6 +14,7 @@ from flexmoe.cli import main
 from flexmoe.sim.trace import read_trace
 from flexmoe.train.checkpoint import list_checkpoints, read_checkpoint
 from flexmoe.train.metrics import last_per_step, read_metrics
+from flexmoe.train.session import summary_line
 
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32", "--num-experts", "4",
         "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps", "3", "--quiet"]
@@ -71,6 +72,11 @@ def test_training_on_the_standard_library_learns(stdlib_run, capsys):
     assert sum(train_loss[-10:]) / 10 < sum(train_loss[:10]) / 10 - 1.0
     summary = records[-1]
     assert summary["kind"] == "summary" and summary["finished"] and summary["step"] == 60
+    losses = [r["loss"] for r in last_per_step(records, "train")]
+    assert summary["train_loss_window"] == 10
+    assert summary["train_loss_first"] == pytest.approx(sum(losses[:10]) / 10)
+    assert summary["train_loss_last"] == pytest.approx(sum(losses[-10:]) / 10)
+    assert "(means of the first / last 10 steps)" in summary_line({**summary, "run_dir": str(stdlib_run)})
     config = json.loads((stdlib_run / "config.json").read_text())
     assert config["corpus"]["train_files"] > 500 and config["corpus"]["val_files"] > 10
     trace = read_trace(stdlib_run / "routing_trace.jsonl")

@@ -7,7 +7,8 @@
 "expert balance" is max / mean over *experts*. ``--world-size`` smaller than the trace's merges
 neighbouring ranks; larger (a multiple) deals each recorded rank's rows round-robin to virtual
 ranks (``deal_to_ranks``), e.g. the one-rank trace of ``flexmoe train`` over 8 ranks.
-Every bad input is a one-line error with exit status 2, found before anything is written.
+A bad input is a one-line error with exit status 2, raised before the replay and before any
+``--json`` or ``--plot`` file is written.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def _check_args(args) -> list:
     names = [n.strip() for n in args.planners.split(",") if n.strip()]
     unknown = [n for n in names if n not in PLANNERS]
     if unknown or not names:
-        raise ValueError(f"unknown planner {', '.join(map(repr, unknown)) or '(none given)'} in --planners; "
-                          f"choose from {', '.join(PLANNERS)}")
+        what = f"unknown planner {', '.join(map(repr, unknown))}" if unknown else "no planner"
+        raise ValueError(f"{what} in --planners; choose from {', '.join(PLANNERS)}")
     return [make_planner(n) for n in names]
 
 
@@ -134,7 +135,7 @@ def _ranks(trace: RoutingTrace, world_size: int | None) -> tuple[RoutingTrace, i
     W = world_size or W0
     if W % W0 == 0 and W > W0:
         dealt = RoutingTrace(deal_to_ranks(trace.counts_TLWE, W), trace.steps_T, trace.meta)
-        return dealt, W, (f"note: the trace has {W0} rank(s); each one's rows are dealt round-robin to "
+        return dealt, W, (f"note: the trace has {W0} rank{'s' if W0 > 1 else ''}; each one's rows are dealt round-robin to "
                           f"{W // W0} virtual ranks (same expert mix on every rank, so this models expert "
                           "load over ranks, not token locality)")
     if W0 % W:

@@ -17,19 +17,20 @@ from ..config import DTSGateConfig
 from ..models.gpt import ModelConfig
 from .config import PRESETS, TrainConfig
 
-
 _SKIP = {ModelConfig: {"vocab_size", "dts"}, DTSGateConfig: set(), TrainConfig: set()}
 # --help text where the command line needs other words than the field's docstring entry
 _CLI_HELP = {
-    (TrainConfig, "data"): "a text file or folder of text files (default: this Python's standard library .py files)",
-    (DTSGateConfig, "sparse_step"): "gate step from which the DTS gate is plain top-k (default: --dts-anneal-steps)",
+    (TrainConfig, "data"):
+        "a text file or folder of text files (default: this Python's standard library .py files)",
+    (DTSGateConfig, "sparse_step"):
+        "gate step from which the DTS gate is plain top-k (default: --dts-anneal-steps)",
     (DTSGateConfig, "top_k"): "experts per token once the DTS gate is sparse (default: --top-k)",
     (ModelConfig, "top_k"): "experts per token (with --router dts: once the gate is sparse, unless --dts-top-k)",
 }
 _ENTRY = re.compile(r"^ {4}((?:\w+, )*\w+): (.*)$")
 
 
-def field_docs(cls) -> dict[str, str]:
+def _field_docs(cls) -> dict[str, str]:
     """``{field: meaning}`` from ``cls``'s docstring entries ``name[, name...]: meaning`` (4-space
     indented, continued on more deeply indented lines); one source for the docs and ``--help``."""
     docs: dict[str, str] = {}
@@ -49,7 +50,9 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def _default_text(cls, name: str, default) -> str:
-    """The value a run gets when the option is left out: the preset's (the default preset shown), else the field's."""
+    """What a run gets when the option is left out: the preset's value (the default preset's shown),
+    else the field's default."""
+
     def preset_values(preset):
         return preset.model if cls is ModelConfig else preset.train if cls is TrainConfig else {}
 
@@ -74,7 +77,7 @@ def _option_type(hint):
 
 def _add_fields(group, cls, prefix: str, dest_prefix: str) -> None:
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    docs = _field_docs(cls)
     for field in dataclasses.fields(cls):
         if field.name in _SKIP[cls]:
             continue
@@ -95,18 +98,21 @@ def _add_fields(group, cls, prefix: str, dest_prefix: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help=f"starting point (default: %(default)s): {presets}")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help=f"starting point (default: %(default)s): {presets}")
     parser.add_argument("--run-dir", help="output folder (default: runs/<preset>-<date>-<time>)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                         help="continue the run in --run-dir from its newest checkpoint, or from PATH "
                              "(a run folder or one checkpoint folder) (default: start a new run)")
     parser.add_argument("--init-from-dense", metavar="CKPT",
                         help="expert-diversify: spawn every MoE block's experts from this dense model "
-                             "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense) (default: none, random init)")
+                             "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense) "
+                             "(default: none, random init)")
     parser.add_argument("--diversify-noise", type=float, default=0.1,
                         help="per-expert Gaussian perturbation, relative to each weight's std (default: %(default)s)")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
-                        help="stop after this step with a checkpoint, as if killed; --resume continues (default: run to --steps)")
+                        help="stop after this step with a checkpoint, as if killed; --resume continues "
+                             "(default: run to --steps)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar or validation lines (default: show them)")
     parser.epilog = ("Options left out take the preset's value, else the field's default, as shown; with --resume "

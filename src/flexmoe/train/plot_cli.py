@@ -6,7 +6,6 @@ import argparse
 import sys
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder written by flexmoe train")
     parser.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
