@@ -216,6 +216,19 @@ def test_choosing_flexmoe_where_it_would_never_run_raises(case):
         fhf.patch(net)
 
 
+def test_choosing_flexmoe_for_a_composite_model_is_no_error_for_its_vision_tower(dispatch_count):
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    net = transformers.Qwen3VLMoeForConditionalGeneration(
+        transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, experts_implementation="flexmoe"))
+    assert net.model.visual.config._experts_implementation == "flexmoe"  # the tower without experts was checked
+    net(input_ids=torch.randint(0, VOCAB, (1, 4)))
+    assert len(dispatch_count) == 1  # and the text model's experts run through flexmoe
+
+
 def test_choosing_flexmoe_for_dbrx_points_to_patch():
     with pytest.raises(fhf.UnsupportedBlockError, match=r"DbrxExperts.*patch\(model\)"):
         build("dbrx", 4).set_experts_implementation("flexmoe")

@@ -46,8 +46,8 @@ def register() -> None:
     """
     ExpertsInterface.register(IMPLEMENTATION, flexmoe_experts_forward)
     for name, hook in (("post_init", _check_after_init), ("set_experts_implementation", _check_before_set)):
-        original = getattr(PreTrainedModel, name)
-        if getattr(original, "_flexmoe_original", None) is None:  # idempotent
+        original = getattr(PreTrainedModel, name, None)
+        if original is not None and getattr(original, "_flexmoe_original", None) is None:  # idempotent
             setattr(PreTrainedModel, name, _checked(original, hook))
 
 
@@ -68,18 +68,19 @@ def _check_after_init(self: PreTrainedModel, original, *args, **kwargs):
     if getattr(self.config, "_experts_implementation", None) == IMPLEMENTATION:
         # A submodel of a composite model without experts (a vision tower) passes when its
         # modeling file has interface-dispatched experts elsewhere (transformers' own heuristic).
-        check_dispatches(self, allow_none=type(self)._can_set_experts_implementation())
+        can_set = getattr(type(self), "_can_set_experts_implementation", None)
+        _check_dispatches(self, allow_none=bool(can_set and can_set()))
     return result
 
 
 def _check_before_set(self: PreTrainedModel, original, experts_implementation, *args, **kwargs):
     """``set_experts_implementation("flexmoe")``: check the model before anything changes."""
     if experts_implementation == IMPLEMENTATION:
-        check_dispatches(self)
+        _check_dispatches(self)
     return original(self, experts_implementation, *args, **kwargs)
 
 
-def dispatches_through_interface(module: nn.Module) -> bool:
+def _dispatches_through_interface(module: nn.Module) -> bool:
     """Whether ``module``'s forward is transformers' experts-interface dispatcher."""
     code = getattr(type(module).forward, "__code__", None)
     return code is not None and code.co_filename == inspect.getsourcefile(hf_moe) and "experts_interface" in (
@@ -87,22 +88,26 @@ def dispatches_through_interface(module: nn.Module) -> bool:
     )
 
 
-def check_dispatches(model: nn.Module, allow_none: bool = False) -> list[str]:
+def _check_dispatches(model: nn.Module, allow_none: bool = False) -> list[str]:
     """Names of the experts modules of ``model`` that experts_implementation="flexmoe" runs.
 
     Raises ``UnsupportedBlockError`` for an MoE block flexmoe cannot run, and (unless
     ``allow_none``) when no experts module dispatches through transformers' experts interface,
     naming the model and what to do instead.
     """
-    blocks = expert_blocks(model)
-    names = [name for name, module in blocks if dispatches_through_interface(module)]
+    choice = f'experts_implementation="{IMPLEMENTATION}" on {type(model).__name__}'
+    try:
+        blocks = expert_blocks(model)
+    except UnsupportedBlockError as err:
+        raise UnsupportedBlockError(f"{choice}: {err}") from None
+    names = [name for name, module in blocks if _dispatches_through_interface(module)]
     if not names and not allow_none:
         if blocks:
             hint = (f"its experts ({type(blocks[0][1]).__name__}) do not dispatch through transformers' experts "
                     "interface; run them with flexmoe.integrations.hf.patch(model) instead")
         else:
             hint = "it has no MoE experts module (a dense model?), so flexmoe would never run"
-        raise UnsupportedBlockError(f'experts_implementation="{IMPLEMENTATION}" on {type(model).__name__}: {hint}')
+        raise UnsupportedBlockError(f"{choice}: {hint}")
     return names
 
 
