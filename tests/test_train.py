@@ -94,6 +94,18 @@ def test_plot_writes_pngs(stdlib_run, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_simulate_replays_the_runs_one_rank_trace_over_virtual_ranks(stdlib_run, capsys, tmp_path):
+    trace = str(stdlib_run / "routing_trace.jsonl")
+    small = ["--planners", "static,oracle", "--d-model", "64", "--d-ff", "32"]
+    assert main(["simulate", trace, *small]) == 0
+    assert "pass --world-size W" in capsys.readouterr().out
+    summary = tmp_path / "s.json"
+    assert main(["simulate", trace, "--world-size", "2", "--json", str(summary), *small]) == 0
+    assert "dealt round-robin to 2 virtual ranks" in capsys.readouterr().out
+    static, _ = json.loads(summary.read_text())
+    assert static["planner"] == "static" and static["balance_mean"] > 1.0  # 2 ranks of 2 experts: uneven
+
+
 @pytest.mark.parametrize("router", ["softmax", "dts"])
 def test_kill_and_resume_equals_uninterrupted(corpus, tmp_path, router):
     """Stop after step 7 (as a kill after the checkpoint would), resume to 14: identical losses."""

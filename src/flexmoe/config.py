@@ -3,6 +3,7 @@
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
 The configs are frozen, so a layer never runs on a value that skipped the checks: derive a changed
 config with ``dataclasses.replace(cfg, top_k=1)`` (validated again) and build a new layer.
+(``__post_init__`` only checks; a field it had to normalise would need ``object.__setattr__``.)
 """
 
 from __future__ import annotations
