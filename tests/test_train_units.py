@@ -160,3 +160,23 @@ def test_checkpoint_round_trip_with_tied_weights_and_optimizer_by_name(tmp_path)
     (tmp_path / "checkpoints" / "step_0000004" / "manifest.json").write_text("{")
     with pytest.raises(CheckpointError, match="manifest.json is corrupt"):
         read_checkpoint(tmp_path / "checkpoints" / "step_0000004")
+
+
+def test_plots_count_steps_alike_and_say_the_balance_is_smoothed(tmp_path, monkeypatch):
+    """The heatmap's x axis shows step numbers (trace index + 1, as in loss.png and the metrics);
+    the balance plot's title names its moving-average window."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from flexmoe.train.plot import plot_balance, plot_expert_load
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    counts_TLWE = np.random.default_rng(0).integers(0, 9, size=(40, 2, 1, 4))
+    plot_expert_load(counts_TLWE, np.arange(40), tmp_path, "run")
+    left, right, _, _ = figures[-1].axes[0].images[0].get_extent()
+    assert (left, right) == (0.5, 40.5)  # steps 1..40, the first optimizer step is step 1
+    records = [{"kind": "train", "step": s, "loss": 1.0, "balance_per_layer": [1.0 + s % 3, 1.2]}
+               for s in range(1, 41)]
+    plot_balance(records, tmp_path, "run")
+    assert "moving average over 2 steps" in figures[-1].axes[0].get_title()
+    for figure in figures:
+        close(figure)

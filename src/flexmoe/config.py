@@ -1,6 +1,9 @@
 """MoEConfig: the validated description of one MoE layer.
 
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+The configs are frozen, so a layer never runs on a value that skipped the checks: derive a changed
+config with ``dataclasses.replace(cfg, top_k=1)`` (validated again) and build a new layer.
+(``__post_init__`` only checks; a field it had to normalise would need ``object.__setattr__``.)
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ _TAU_SCHEDULES = ("linear", "exponential")
 _KERNELS = ("auto", "triton", "torch")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DTSGateConfig:
     """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing.dts``.
 
-    tau_max, tau_min: Gumbel-softmax temperature at gate step 0 and at ``anneal_steps`` onwards.
+    tau_max: Gumbel-softmax temperature at gate step 0.
+    tau_min: Gumbel-softmax temperature from anneal_steps onwards.
     anneal_steps: gate steps over which tau goes from tau_max to tau_min.
     schedule: "linear" or "exponential" (geometric) interpolation of tau.
     threshold: a token goes to every expert whose tempered probability exceeds it (and always
         to its most probable one).
-    sparse_step: gate step from which the gate is plain top-k; None means ``anneal_steps``.
+    sparse_step: gate step from which the gate is plain top-k; None means anneal_steps.
     top_k: experts per token in the sparse phase; None means ``MoEConfig.top_k``.
     The balance loss is weighted by ``MoEConfig.aux_loss_coef``.
     """
@@ -67,7 +71,7 @@ class DTSGateConfig:
         return self.anneal_steps if self.sparse_step is None else self.sparse_step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """One MoE feed-forward layer.
 

@@ -92,6 +92,11 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer input must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer input must have last dimension d_model={cfg.d_model}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer input must be a floating-point tensor (hidden states), got dtype {x.dtype}")
+        if x.device.type == "meta":
+            raise ValueError("MoELayer input is on the meta device; routing needs real values "
+                             "(materialise the layer and the input on cpu or cuda first)")
         weight_dtype = self.experts.gate_up_proj.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(

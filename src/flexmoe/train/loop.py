@@ -287,7 +287,7 @@ class Trainer:
                     self.metrics.write(record)
                     postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                     if "balance" in record:
-                        postfix["bal"] = f"{record['balance']:.2f}"
+                        postfix["expert_bal"] = f"{record['balance']:.2f}"
                     bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -310,6 +310,7 @@ class Trainer:
             head, tail = train[:k], train[-k:]
             out["train_loss_first"] = sum(head) / len(head)
             out["train_loss_last"] = sum(tail) / len(tail)
+            out["train_loss_window"] = k  # both are means over this many steps
         if self.val_history:
             out["val_loss_first"] = self.val_history[0]["val_loss"]
             out["val_loss"] = self.val_history[-1]["val_loss"]

@@ -87,7 +87,9 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -280,7 +282,9 @@ def summary_line(summary: dict) -> str:
              f"{_count(summary['tokens'])} tokens in {summary['elapsed_s']:.0f}s "
              f"({summary['tokens'] / max(summary['elapsed_s'], 1e-9):.0f} tokens/s)"]
     if "train_loss_last" in summary:
-        parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}")
+        k = summary.get("train_loss_window", 1)
+        window = "of the first / last step" if k == 1 else f"means of the first / last {k} steps"
+        parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} ({window})")
     if "val_loss" in summary:
         parts.append(f"val loss {summary['val_loss_first']:.3f} -> {summary['val_loss']:.3f} "
                      f"(ppl {summary['val_ppl']:.2f})")
