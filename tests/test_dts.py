@@ -286,7 +286,7 @@ def test_sparse_switch_and_gate_step_persistence():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="gate step"):
             set_gate_step(model, bad)
-    flexmoe.update_router_bias(model)  # a no-op for the DTS gate, never an error
+    flexmoe.runtime.update_router_bias(model)  # a no-op for the DTS gate, never an error
 
 
 @pytest.mark.parametrize(

@@ -1,51 +1,30 @@
 """flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
-The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
-dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
-placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
+What a training script needs: the layer (``MoEConfig``, ``MoELayer``), the per-step object
+(``MoERuntime``, with ``aux_loss``), expert parallelism (``EPGroup``, ``ParallelConfig``) and
+dynamic placement (``PlacementTable``, ``PlacementScheduler``, ``make_planner``). Everything else
+lives in its subpackage: ``flexmoe.routing``, ``flexmoe.parallel``, ``flexmoe.placement``
+(planning), ``flexmoe.runtime`` (between steps), ``flexmoe.sim``, ``flexmoe.models``,
 ``flexmoe.integrations.hf`` (needs transformers).
 """
 
 from .config import DTSGateConfig, MoEConfig
-from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
+from .layer import MoELayer, aux_loss, moe_layers
 from .parallel import EPGroup, ParallelConfig
-from .placement import (
-    CostModel,
-    GreedyPlanner,
-    LoadPredictor,
-    PlacementTable,
-    make_planner,
-    replica_quotas,
-    split_tokens,
-)
-from .routing import DTSRouter, set_gate_step
-from .runtime import PlacementScheduler, sync_gradients
-from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
+from .placement import PlacementTable, make_planner
+from .runtime import MoERuntime, PlacementScheduler
 
 __all__ = [
-    "CostModel",
     "DTSGateConfig",
-    "DTSRouter",
     "EPGroup",
-    "GreedyPlanner",
-    "LoadPredictor",
     "MoEConfig",
     "MoELayer",
+    "MoERuntime",
     "ParallelConfig",
     "PlacementScheduler",
     "PlacementTable",
-    "SyntheticTraceConfig",
-    "TraceRecorder",
     "aux_loss",
-    "generate_trace",
     "make_planner",
     "moe_layers",
-    "read_trace",
-    "replica_quotas",
-    "set_gate_step",
-    "simulate",
-    "split_tokens",
-    "sync_gradients",
-    "update_router_bias",
 ]
 __version__ = "0.1.0"

@@ -116,9 +116,3 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     for loss in losses[1:]:
         total = total + loss.to(total.device)
     return total
-
-
-def update_router_bias(model: nn.Module) -> None:
-    """Apply the auxiliary-loss-free bias update of every MoE layer; call after ``optimizer.step()``."""
-    for layer in moe_layers(model):
-        layer.router.update_bias()
