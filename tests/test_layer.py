@@ -163,7 +163,7 @@ def test_bias_balancing_moves_load_to_underused_experts():
     for _ in range(60):
         with torch.no_grad():
             layer(x)
-        flexmoe.update_router_bias(layer)
+        flexmoe.runtime.update_router_bias(layer)
     assert start > 2.0
     assert imbalance() < 0.6 * start
     assert layer.router.expert_bias[0] < 0

@@ -1,8 +1,10 @@
 """flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
-The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
-dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
-placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
+What a training script needs: the layer (``MoEConfig``, ``MoELayer``), the per-step object
+(``MoERuntime``, with ``aux_loss``), expert parallelism (``EPGroup``, ``ParallelConfig``) and
+dynamic placement (``PlacementTable``, ``PlacementScheduler``, ``make_planner``). Everything else
+lives in its subpackage: ``flexmoe.routing``, ``flexmoe.parallel``, ``flexmoe.placement``
+(planning), ``flexmoe.runtime`` (between steps), ``flexmoe.sim``, ``flexmoe.models``,
 ``flexmoe.integrations.hf`` (needs transformers).
 
 Names are imported on first use (PEP 562), so ``import flexmoe`` and the ``flexmoe`` command's
@@ -16,30 +18,17 @@ import importlib.util
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "CostModel": ".placement",
     "DTSGateConfig": ".config",
-    "DTSRouter": ".routing",
     "EPGroup": ".parallel",
-    "GreedyPlanner": ".placement",
-    "LoadPredictor": ".placement",
     "MoEConfig": ".config",
     "MoELayer": ".layer",
+    "MoERuntime": ".runtime",
     "ParallelConfig": ".parallel",
     "PlacementScheduler": ".runtime",
     "PlacementTable": ".placement",
-    "SyntheticTraceConfig": ".sim",
-    "TraceRecorder": ".sim",
     "aux_loss": ".layer",
-    "generate_trace": ".sim",
     "make_planner": ".placement",
     "moe_layers": ".layer",
-    "read_trace": ".sim",
-    "replica_quotas": ".placement",
-    "set_gate_step": ".routing",
-    "simulate": ".sim",
-    "split_tokens": ".placement",
-    "sync_gradients": ".runtime",
-    "update_router_bias": ".layer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -88,7 +88,7 @@ class MoEConfig:
     aux_loss_coef: Switch-Transformer load-balancing loss coefficient (0 disables it).
     z_loss_coef: router z-loss coefficient (ST-MoE; 0 disables it).
     bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
-        scores for top-k selection only; ``flexmoe.update_router_bias(model)`` (call it once after
+        scores for top-k selection only; ``flexmoe.runtime.update_router_bias(model)`` (call it once after
         each ``optimizer.step()``) moves it by ``rate * sign(mean load - load)`` using the loads
         accumulated since the previous call. 0 disables it.
     num_shared_experts: dense experts of width ``d_ff`` every token passes through.

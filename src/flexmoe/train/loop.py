@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layer import aux_loss, moe_layers, update_router_bias
+from ..layer import moe_layers
 from ..models.gpt import GPTMoE, ModelConfig
-from ..routing import set_gate_step
+from ..placement import CostModel, make_planner
+from ..runtime import MoERuntime, PlacementScheduler
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
-from .distributed import DistInfo, clip_gradients, rank_seed, sync_gradients
+from .distributed import DistInfo, clip_gradients, rank_seed
 from .metrics import MetricsLog, balance_ratio
 
 
@@ -86,12 +87,10 @@ class Trainer:
         self.val_history: list[dict] = []
         self.placement = None
         if cfg.placement_interval:
-            from ..placement import CostModel, make_planner
-            from ..runtime import PlacementScheduler
-
             self.placement = PlacementScheduler(
                 model, self.optimizer, planner=make_planner("greedy"), interval=cfg.placement_interval,
                 cost_model=None if cost_model is None else CostModel(**cost_model))
+        self.moe_runtime = MoERuntime(model, dp_group=info.group, placement=self.placement)
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -172,32 +171,28 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         self.model.train()
-        set_gate_step(self.model, self.step)
+        self.moe_runtime.before_forward(self.step)
         lm_total = aux_total = 0.0
         counts_LE = None
         for _ in range(cfg.grad_accum):
             x_BS, y_BS = self._batch()
             lm_loss = self._forward_loss(x_BS, y_BS)
-            extra = aux_loss(self.model)
+            extra = self.moe_runtime.aux_loss()
             ((lm_loss + extra) / cfg.grad_accum).backward()
-            if self.placement is not None and cfg.grad_accum > 1:
-                self.placement.observe()
+            if cfg.grad_accum > 1:
+                self.moe_runtime.observe()
             lm_total += lm_loss.detach() / cfg.grad_accum
             aux_total += extra.detach() / cfg.grad_accum
             if self.moe:
                 micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
                 counts_LE = micro if counts_LE is None else counts_LE + micro
-        sync_gradients(self.model, self.info)
+        self.moe_runtime.after_backward()
         grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._update_bias()
-        if self.placement is not None:
-            planned = self.placement.step()
-        else:
-            planned = None
+        planned = self.moe_runtime.after_optimizer_step()
         self.step += 1
         tokens = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
         self.tokens_seen += tokens
@@ -216,19 +211,10 @@ class Trainer:
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
                     self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
-        if self.placement is not None and planned:
+        if planned:
             record["placement"] = {"bytes_moved": planned.get("bytes_moved"),
                                    "balance_predicted": [m.get("balance_predicted_new") for m in planned["layers"]]}
         return record
-
-    def _update_bias(self) -> None:
-        if not self.model_cfg.bias_update_rate or not self.moe:
-            return
-        if self.info.world_size > 1:
-            from ..runtime import sync_router_loads
-
-            sync_router_loads(self.model, self.info.group)
-        update_router_bias(self.model)
 
     def _gather_counts(self, counts_LE: torch.Tensor) -> np.ndarray:
         if self.info.world_size == 1:
