@@ -308,11 +308,15 @@ def check_training_state(path: Path, state: dict) -> None:
     for key, kind in _STATE_TYPES.items():
         value = state.get(key)
         if key not in state or isinstance(value, bool) or not isinstance(value, kind):
-            got = "no entry" if key not in state else f"a {type(value).__name__}"
+            got = "missing" if key not in state else f"a {type(value).__name__}, not {_type_names(kind)}"
             raise CheckpointError(f"checkpoint file {file} is corrupt: its {key!r} entry is {got}")
     optimizer = state["optimizer"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         raise CheckpointError(f"checkpoint file {file} is corrupt: its optimizer state lacks 'state' or 'param_groups'")
+
+
+def _type_names(kind) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def intact_older(path: Path) -> Path | None:

@@ -17,6 +17,11 @@ from torch import nn
 from .distributed import DistInfo
 
 
+# With on_nonfinite="skip", this many non-finite steps in a row mean the weights themselves
+# have diverged (every further batch would be skipped too): training stops as with "stop".
+MAX_SKIPS_IN_A_ROW = 10
+
+
 class DivergenceError(RuntimeError):
     """Training stopped at a step whose loss or gradients were not finite (nothing was updated)."""
 

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
 from .distributed import DistInfo, clip_gradients, rank_seed, sync_gradients
-from .guard import DivergenceError, reduce_losses
+from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
 
 
@@ -238,11 +238,16 @@ class Trainer:
         updated (``on_nonfinite="stop"``), or drop its gradients and move on to the next batch."""
         self.optimizer.zero_grad(set_to_none=True)
         step = self.step + 1
-        if self.cfg.on_nonfinite == "stop":
+        in_a_row = 1 + next((i for i, r in enumerate(reversed(self.history)) if "skipped" not in r), len(self.history))
+        if self.cfg.on_nonfinite == "stop" or in_a_row >= MAX_SKIPS_IN_A_ROW:
             newest = ckpt.list_checkpoints(self.run_dir)
-            resume = (f"resume from the newest checkpoint, {newest[-1].name} (finite), e.g. with a lower learning "
-                      f"rate (--resume --lr X --override lr) or with --on-nonfinite skip --override on-nonfinite"
-                      if newest else "no checkpoint was written yet: start again with a lower --lr")
+            if in_a_row > 1:
+                reason += f" ({in_a_row} non-finite steps in a row: the weights have diverged)"
+            remedy = "a lower learning rate (--resume --lr X --override lr)"
+            if self.cfg.on_nonfinite == "stop":
+                remedy += " or --on-nonfinite skip --override on-nonfinite"
+            resume = (f"resume from the newest checkpoint, {newest[-1].name} (finite), with {remedy}" if newest
+                      else "no checkpoint was written yet: start again with a lower --lr")
             raise DivergenceError(f"step {step}: {reason}; training stopped before the update, "
                                   f"no checkpoint was written for it; {resume}")
         lr = self.optimizer.param_groups[0]["lr"]

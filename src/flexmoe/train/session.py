@@ -360,6 +360,8 @@ def summary_line(summary: dict) -> str:
     parts = [f"flexmoe train: {'done' if summary['finished'] else 'stopped'} at step {summary['step']}",
              f"{_count(summary['tokens'])} tokens in {summary['elapsed_s']:.0f}s "
              f"({summary['tokens'] / max(summary['elapsed_s'], 1e-9):.0f} tokens/s)"]
+    if summary.get("skipped_steps"):
+        parts.append(f"{summary['skipped_steps']} non-finite steps skipped")
     if "train_loss_last" in summary:
         parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}")
     if "val_loss" in summary:
