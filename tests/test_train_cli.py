@@ -327,3 +327,53 @@ def test_corrupt_checkpoint_without_an_older_one_says_so_plainly(run, capsys):
     assert train("--run-dir", run, "--resume", "--quiet") == 2
     err = one_line_error(capsys, "state.pt is corrupt: its 'optimizer' entry is missing")
     assert "older checkpoint" not in err
+
+
+# ---- several processes: every rank stops with the error, none waits ------------------------------
+def _fault_worker(rank: int, world: int, port: int, job: tuple[Path, Path]) -> None:
+    """Two expert-parallel runs on gloo: rank 1's loss turns NaN at step 3; then rank 0's disk is
+    full at the second checkpoint. Each rank writes the exit codes it got to RANK.json."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from flexmoe.cli import main
+    from test_train_distributed import EP, MODEL
+
+    root, data = job
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    codes = {}
+    try:
+        args = ["train", "--data", str(data), *MODEL, *EP, "--checkpoint-every", "2"]
+        forward = loop_mod.Trainer._forward_loss
+        loop_mod.Trainer._forward_loss = lambda self, x, y: forward(self, x, y) * (
+            float("nan") if rank == 1 and self.model.training and self.step == 2 else 1.0)
+        codes["nan"] = main([*args, "--run-dir", str(root / "nan")])
+        loop_mod.Trainer._forward_loss = forward
+        if rank == 0:
+            save, calls = ckpt_mod.save_file, []
+
+            def second_write_fails(*a, **k):
+                calls.append(1)
+                return full_disk() if len(calls) == 2 else save(*a, **k)
+            ckpt_mod.save_file = second_write_fails
+        codes["disk"] = main([*args, "--run-dir", str(root / "disk")])
+        dist.barrier()
+    finally:
+        (root / f"{rank}.json").write_text(json.dumps(codes))
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_on_a_nonfinite_step_or_a_failed_write(corpus, tmp_path):  # noqa: F811
+    from test_train_distributed import spawn
+
+    spawn(2, (tmp_path, corpus), timeout_s=200, worker=_fault_worker)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"nan": 2, "disk": 2}
+    assert read_metrics(tmp_path / "nan")[-1]["stopped"].startswith("step 3: the loss is non-finite")
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_0000002"]
+    assert read_metrics(tmp_path / "disk")[-1]["stopped"].startswith("cannot write checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path / "disk")] == ["step_0000002"]

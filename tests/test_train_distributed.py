@@ -47,8 +47,9 @@ def _worker(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
         dist.destroy_process_group()
 
 
-def spawn(world: int, runs: list[list[str]], timeout_s: float = 400) -> None:
-    ctx = mp.start_processes(_worker, args=(world, free_port(), runs), nprocs=world, join=False,
+def spawn(world: int, runs: list, timeout_s: float = 400, worker=_worker) -> None:
+    """Run ``worker(rank, world, port, runs)`` on ``world`` gloo processes; fail if they take too long."""
+    ctx = mp.start_processes(worker, args=(world, free_port(), runs), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
