@@ -321,6 +321,17 @@ def test_corrupt_checkpoint_file_is_named_with_the_older_intact_one(run, capsys,
         assert read_checkpoint(folder)[2]["step"] == 4 and read_metrics(run)[-1]["finished"]
 
 
+@pytest.mark.parametrize("latest, needle", [("\x00garbage", "latest is corrupt"),
+                                            ("step_0000009", "latest names 'step_0000009', which does not exist")])
+def test_a_bad_latest_file_names_the_intact_checkpoint(run, capsys, latest, needle):
+    (run / "checkpoints" / "latest").write_text(latest)
+    before = snapshot(run)
+    assert train("--run-dir", run, "--resume", "--quiet") == 2
+    newest = run / "checkpoints" / "step_0000004"
+    one_line_error(capsys, needle, f"the checkpoint {newest} is intact: continue from it with --resume {newest}")
+    assert snapshot(run) == before
+
+
 def test_corrupt_checkpoint_without_an_older_one_says_so_plainly(run, capsys):
     shutil.rmtree(run / "checkpoints" / "step_0000002")
     damage(run / "checkpoints" / "step_0000004", "state_without_optimizer")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -203,7 +204,9 @@ def resolve_checkpoint(path: Path) -> Path:
     for root in (checkpoint_root(path), path):
         latest = root / "latest"
         if latest.is_file():
-            name = latest.read_text().strip()
+            name = latest.read_text(errors="replace").strip()
+            if not re.fullmatch(r"step_\d+", name):
+                raise CheckpointError(f"{latest} is corrupt (it names {name[:40]!r}, not a step_N folder)")
             if (root / name).is_dir():
                 return root / name
             raise CheckpointError(f"{latest} names {name!r}, which does not exist")
@@ -319,13 +322,13 @@ def _type_names(kind) -> str:
     return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
-def intact_older(path: Path) -> Path | None:
-    """The newest verified checkpoint of the same run that is older than ``path`` (a checkpoint
-    folder), or None: what to suggest when ``path`` is corrupt."""
-    path = Path(path)
-    for other in reversed(sorted(p for p in path.parent.iterdir() if p.is_dir() and p.name.startswith("step_"))
-                          if path.parent.is_dir() else []):
-        if other.name >= path.name:
+def intact_older(root: Path, before: str | None = None) -> Path | None:
+    """The newest checkpoint folder in ``root`` (a run's checkpoints folder) whose name sorts before
+    ``before`` and that verifies and reads completely, or None: what to suggest instead of a
+    corrupt checkpoint."""
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    for other in reversed(found):
+        if before is not None and other.name >= before:
             continue
         try:
             check_training_state(other, read_checkpoint(other)[2])

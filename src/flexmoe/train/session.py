@@ -118,29 +118,30 @@ def _holds_run(run_dir: Path) -> bool:
 def _read_resumed(options: RunOptions) -> tuple[Path, Path, dict, dict]:
     """The checkpoint ``--resume`` names, its run folder, weights and state; a corrupt one's error
     names an intact older checkpoint of the run when there is one."""
-    if options.resume == "latest":
-        if options.run_dir is None:
-            raise ValueError("--resume needs --run-dir (or --resume PATH to a run or checkpoint folder)")
-        run_dir = Path(options.run_dir)
-        if not ckpt.list_checkpoints(run_dir) and any((run_dir / n).exists() for n in (METRICS, "config.json")):
-            raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint (the run stopped before its first "
-                                       "one): nothing to resume; start it again with the same command without --resume")
-        resumed_from = ckpt.resolve_checkpoint(run_dir)
-    else:
-        resumed_from = ckpt.resolve_checkpoint(Path(options.resume))
+    if options.resume == "latest" and options.run_dir is None:
+        raise ValueError("--resume needs --run-dir (or --resume PATH to a run or checkpoint folder)")
+    target = Path(options.run_dir if options.resume == "latest" else options.resume)
+    if not ckpt.list_checkpoints(target) and any((target / n).exists() for n in (METRICS, "config.json")):
+        raise ckpt.CheckpointError(f"{target} holds no complete checkpoint (the run stopped before its first one): "
+                                   f"nothing to resume; start it again with --run-dir {target} and without --resume")
+    try:
+        resumed_from = ckpt.resolve_checkpoint(target)
+    except ckpt.CheckpointError as err:
+        raise _with_older(err, ckpt.checkpoint_root(target), None) from None
     run_dir = Path(options.run_dir) if options.run_dir else resumed_from.parent.parent
     try:
         weights, _, state = ckpt.read_checkpoint(resumed_from)
         ckpt.check_training_state(resumed_from, state)
     except ckpt.CheckpointError as err:
-        raise _with_older(err, resumed_from) from None
+        raise _with_older(err, resumed_from.parent, resumed_from.name) from None
     return resumed_from, run_dir, weights, state
 
 
-def _with_older(err: Exception, checkpoint: Path) -> ckpt.CheckpointError:
-    older = ckpt.intact_older(checkpoint)
-    hint = f"; the older checkpoint {older} is intact: continue from it with --resume {older}" if older else ""
-    return ckpt.CheckpointError(f"{err}{hint}")
+def _with_older(err: Exception, root: Path, before: str | None) -> ckpt.CheckpointError:
+    """``err`` with the advice to resume from the newest intact checkpoint in ``root`` before ``before``."""
+    older = ckpt.intact_older(root, before)
+    hint = f"; the {'older ' if before else ''}checkpoint {older} is intact: continue from it with --resume {older}"
+    return ckpt.CheckpointError(f"{err}{hint if older else ''}")
 
 
 def _check_resume(options: RunOptions, saved: dict, source: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -241,11 +242,11 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
         try:
             trainer.load_state_dict(saved_state, weights, str(resumed_from))
         except ckpt.CheckpointError as err:
-            raise _with_older(err, resumed_from) from None
+            raise _with_older(err, resumed_from.parent, resumed_from.name) from None
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
             bad = ckpt.CheckpointError(f"checkpoint file {resumed_from / ckpt.STATE} is corrupt "
                                        f"({type(err).__name__}: {err})")
-            raise _with_older(bad, resumed_from) from None
+            raise _with_older(bad, resumed_from.parent, resumed_from.name) from None
     else:
         torch.manual_seed(rank_seed(train_cfg.seed, info.rank))
     if options.stop_at is not None and options.stop_at <= trainer.step:
