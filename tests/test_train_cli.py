@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import flexmoe.train.checkpoint as ckpt_mod
 import flexmoe.train.loop as loop_mod
 from flexmoe.train.checkpoint import list_checkpoints, read_checkpoint
-from flexmoe.train.metrics import last_per_step, read_metrics
+from flexmoe.train.metrics import MetricsLog, last_per_step, read_metrics
 from test_train import TINY, corpus, snapshot, train  # noqa: F401  (corpus is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -233,6 +233,18 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(run, capsys, mo
     monkeypatch.undo()
     assert train("--run-dir", run, "--resume", "--quiet") == 0
     assert read_metrics(run)[-1]["finished"] and (run / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_full_disk_while_writing_metrics_is_one_line(run, capsys, monkeypatch):
+    def full_at_step_6(self, record):
+        if record.get("step") == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        write(self, record)
+    write = MetricsLog.write
+    monkeypatch.setattr(MetricsLog, "write", full_at_step_6)
+    assert train("--run-dir", run, "--resume", "--quiet") == 2
+    one_line_error(capsys, f"cannot write {run / 'metrics.jsonl'}: No space left on device",
+                   "the newest checkpoint is still step_0000004")
 
 
 def test_leftover_temporary_files_are_removed_at_the_next_start(run, capsys):

@@ -101,14 +101,18 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         shutil.rmtree(tmp, ignore_errors=True)
         for leftover in root.glob(f".latest.tmp-{os.getpid()}"):
             leftover.unlink(missing_ok=True)
-        newest = [p.name for p in list_checkpoints(run_dir) if p != final]
-        kept = f"the newest checkpoint is still {newest[-1]}" if newest else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"cannot write checkpoint {final}: {err.strerror or err}; {kept} "
-                                   "(free space or fix the folder, then --resume)") from None
+        raise CheckpointWriteError(write_failure(run_dir, f"checkpoint {final}", err, final)) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_failure(run_dir: Path, what: str, err: OSError, unfinished: Path | None = None) -> str:
+    """One line for a failed write into a run folder: what failed, why, and the checkpoint to resume."""
+    newest = [p.name for p in list_checkpoints(run_dir) if p != unfinished]
+    kept = f"the newest checkpoint is still {newest[-1]}" if newest else "no earlier checkpoint exists"
+    return f"cannot write {what}: {err.strerror or err}; {kept} (free space or fix the folder, then --resume)"
 
 
 def _write_folder(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: dict,

@@ -282,7 +282,15 @@ def execute(prep: Prepared) -> dict:
     """Write the run folder, train, and return the summary record.
 
     Raises ``DivergenceError`` (non-finite step, with on_nonfinite="stop") or
-    ``CheckpointWriteError`` after writing a summary record that says why the run stopped."""
+    ``CheckpointWriteError`` (a checkpoint, after a summary record that says why the run stopped,
+    or any other file of the run folder: a full disk)."""
+    try:
+        return _execute(prep)
+    except OSError as err:
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(prep.run_dir, err.filename or str(prep.run_dir), err)) from None
+
+
+def _execute(prep: Prepared) -> dict:
     trainer, info, run_dir = prep.trainer, prep.info, prep.run_dir
     trace = None
     if info.is_main:
