@@ -107,6 +107,11 @@ def test_resuming_a_finished_run_is_refused_and_keeps_its_summary(corpus, tmp_pa
     assert train("--run-dir", run_dir, "--resume", "--quiet") == 2
     one_line_error(capsys, "finished at step 2", "--override steps")
     assert snapshot(run_dir) == before
+    # Killed after its last checkpoint but before its summary record: the resume writes that record.
+    records = read_metrics(run_dir)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    assert train("--run-dir", run_dir, "--resume", "--quiet") == 0
+    assert read_metrics(run_dir) == records[:-1] + [{**records[-1], "elapsed_s": read_metrics(run_dir)[-1]["elapsed_s"]}]
 
 
 def test_override_without_resume_is_an_error(corpus, tmp_path, capsys):  # noqa: F811

@@ -153,7 +153,8 @@ def _check_resume(options: RunOptions, saved: dict, source: Path, model_cfg: Mod
     changes = resume.config_changes(old_model, old_train, model_cfg, train_cfg)
     resume.check_changes(changes, resume.parse_override(options.override), str(source))
     step = saved["step"]
-    if step >= train_cfg.steps:
+    summarised = any(r.get("kind") == "summary" and r.get("step") == step for r in read_metrics(run_dir))
+    if step > train_cfg.steps or (step == train_cfg.steps and summarised):  # else: killed before its summary
         extend = f"the run finished at step {step}" if step == train_cfg.steps else f"--steps {train_cfg.steps} is before its step {step}"
         raise ValueError(f"--resume {source}: {extend}: nothing to train; to train further pass a larger --steps "
                          "with --override steps")
