@@ -40,7 +40,8 @@ def reduce_losses(lm_loss: torch.Tensor, aux_loss, model: nn.Module, info: DistI
     if not (math.isfinite(lm) and math.isfinite(aux)):
         return lm, aux, f"the loss is non-finite (lm {lm}, aux {aux})"
     if bad:
-        names = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        names = [n for n, p in model.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         where = f" (here: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})" if names else ""
         return lm, aux, f"gradients are non-finite{where}"
     return lm, aux, None

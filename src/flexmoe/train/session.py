@@ -155,11 +155,14 @@ def _check_resume(options: RunOptions, saved: dict, source: Path, model_cfg: Mod
     step = saved["step"]
     summarised = any(r.get("kind") == "summary" and r.get("step") == step for r in read_metrics(run_dir))
     if step > train_cfg.steps or (step == train_cfg.steps and summarised):  # else: killed before its summary
-        extend = f"the run finished at step {step}" if step == train_cfg.steps else f"--steps {train_cfg.steps} is before its step {step}"
+        extend = (f"the run finished at step {step}" if step == train_cfg.steps
+                  else f"--steps {train_cfg.steps} is before its step {step}")
         raise ValueError(f"--resume {source}: {extend}: nothing to train; to train further pass a larger --steps "
                          "with --override steps")
     history = {"preset": options.preset, "resumes": []}
     config_file = run_dir / "config.json"
+    if not config_file.is_file():  # a branch into a new folder inherits the history of its source run
+        config_file = source.parent.parent / "config.json"
     if config_file.is_file():
         try:
             old = json.loads(config_file.read_text())
@@ -288,7 +291,8 @@ def execute(prep: Prepared) -> dict:
     try:
         return _execute(prep)
     except OSError as err:
-        raise ckpt.CheckpointWriteError(ckpt.write_failure(prep.run_dir, err.filename or str(prep.run_dir), err)) from None
+        what = err.filename or str(prep.run_dir)
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(prep.run_dir, what, err)) from None
 
 
 def _execute(prep: Prepared) -> dict:
