@@ -72,6 +72,9 @@ def trial(root: Path, data: Path, device: str, rng: random.Random, duration: flo
             history.append("restart")
             resume = False
             continue
+        if rc == 2 and "the run finished at step" in err:  # killed after its summary record, while exiting
+            history.append("finished")
+            break
         if rc == 2 and "already holds a run" in err:
             resume = True
             continue
