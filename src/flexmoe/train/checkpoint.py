@@ -33,7 +33,6 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
 
 
 class CheckpointError(ValueError):
@@ -160,8 +159,7 @@ def clean_temporaries(run_dir: Path) -> list[str]:
                 if not final.exists():
                     os.replace(path, final)
                     continue
-            elif not (name.startswith(".tmp-step_") or (name.startswith(".") and ".tmp-" in name)
-                      or name == f"{TOKENIZER_NAME}.tmp"):
+            elif not (name.startswith(".") and ".tmp-" in name):  # .tmp-step_N-PID, .latest.tmp-PID, ...
                 continue
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(str(path.relative_to(run_dir)))
@@ -203,6 +201,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder from a run folder (its ``latest``), a checkpoints folder, or itself."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint found: {path} does not exist")
     if any((path / name).exists() for name in (WEIGHTS, STATE, MANIFEST)):
         return path
     for root in (checkpoint_root(path), path):

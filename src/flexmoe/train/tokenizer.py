@@ -82,7 +82,7 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what a kill leaves is cleaned up
         self._tok.save(str(tmp))
         os.replace(tmp, path)
 
@@ -123,6 +123,6 @@ def _require_tokenizers() -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what a kill leaves is cleaned up
     tmp.write_text(text)
     os.replace(tmp, path)
