@@ -207,3 +207,14 @@ def test_clean_temporaries_removes_partial_writes_and_restores_a_lone_stale_copy
     assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000004"]
     assert (root / "step_0000004" / "state.pt").read_text() == ".stale-step_0000004-7"  # the only copy, kept
     assert (root / "step_0000002" / "state.pt").read_text() == "step_0000002"
+
+
+def test_rotation_keeps_the_newest_checkpoints_of_the_branch_being_trained(tmp_path):
+    """A resumed branch writes steps 3, 4, 5 in a run whose checkpoints are steps 4 and 6: the old
+    rotation kept the abandoned step 6 and removed every new checkpoint but the last ([5, 6])."""
+    weights, state = {"w": torch.ones(2)}, {"optimizer": {"state": {}, "param_groups": []}}
+    for step in (2, 4, 6, 3, 4, 5):
+        save_checkpoint(tmp_path, step, weights, state, {}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000004", "step_0000005", "step_0000006"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000005"

@@ -79,7 +79,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict,
                     metadata: dict[str, str], keep: int) -> Path:
-    """Write ``step_<step>`` atomically, point ``latest`` at it, keep the ``keep`` newest.
+    """Write ``step_<step>`` atomically, point ``latest`` at it, keep the ``keep`` newest up to it.
 
     Refuses non-finite tensors. On an OSError (a full disk) the temporary files are removed and a
     one-line ``CheckpointWriteError`` names the checkpoint that is still the newest.
@@ -101,9 +101,10 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         for leftover in root.glob(f".latest.tmp-{os.getpid()}"):
             leftover.unlink(missing_ok=True)
         raise CheckpointWriteError(write_failure(run_dir, f"checkpoint {final}", err, final)) from None
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    # Rotation counts this checkpoint and older ones: newer ones are of a branch the run left (a
+    # resume from an older checkpoint) and go only when this branch rewrites them.
+    for old in [p for p in list_checkpoints(run_dir) if p.name <= final.name][:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
