@@ -104,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                         help="continue the run in --run-dir from its newest checkpoint, or from PATH "
                              "(a run folder or one checkpoint folder) (default: start a new run)")
+    parser.add_argument("--override", metavar="OPTIONS",
+                        help="with --resume: the options that may differ from the resumed run's, comma-separated "
+                             "as on the command line (e.g. --override steps,lr); each change is recorded in "
+                             "config.json. Without it a changed option is refused; model and data options "
+                             "(shape, top-k, seq-len, tokenizer, data, seed) can never change (default: none)")
     parser.add_argument("--init-from-dense", metavar="CKPT",
                         help="expert-diversify: spawn every MoE block's experts from this dense model "
                              "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense) "
@@ -133,7 +138,7 @@ def options_from_args(args: argparse.Namespace):
                 bucket[key[len(prefix):]] = value
     return RunOptions(
         preset=args.preset, run_dir=args.run_dir, resume=args.resume, init_from_dense=args.init_from_dense,
-        diversify_noise=args.diversify_noise, stop_at=args.stop_at, progress=not args.quiet,
+        diversify_noise=args.diversify_noise, stop_at=args.stop_at, override=args.override, progress=not args.quiet,
         model_overrides=groups["model."], dts_overrides=groups["dts."], train_overrides=groups["train."],
     )
 
@@ -141,6 +146,7 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .guard import DivergenceError
     from .session import execute, prepare, setup_distributed, summary_line
 
     try:
@@ -156,7 +162,12 @@ def run(args: argparse.Namespace) -> int:
               f"{len(prep.corpus.train_docs)} train / {len(prep.corpus.val_docs)} val files, "
               f"{len(prep.train_tokens) / 1e6:.2f}M train tokens ({prep.train_cfg.tokenizer}) | "
               f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active) on {prep.device}", file=sys.stderr)
-    summary = execute(prep)
+    try:
+        summary = execute(prep)
+    except (DivergenceError, CheckpointError) as err:
+        if info.is_main:
+            print(f"flexmoe train: error: {err}", file=sys.stderr)
+        return 2
     if info.is_main:
         print(summary_line(summary))
     return 0

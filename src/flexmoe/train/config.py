@@ -43,6 +43,9 @@ class TrainConfig:
         scheduler's replicas.
     placement_interval: re-plan expert placement every so many steps with
         ``flexmoe.PlacementScheduler`` (greedy planner); 0 = static placement. Needs expert_parallel.
+    on_nonfinite: a step whose loss or gradients hold NaN or inf (on any rank) is never applied;
+        "stop" ends training with an error naming the step (the checkpoints stay finite), "skip"
+        drops that step's update and goes on with the next batch (recorded as ``skipped``).
     """
 
     steps: int = 300
@@ -70,6 +73,7 @@ class TrainConfig:
     expert_parallel: bool = False
     spare_slots: int = 0
     placement_interval: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -88,6 +92,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must not exceed lr={self.lr}")
         _require_choice(self, "tokenizer", ("byte", "bpe"))
         _require_choice(self, "precision", ("fp32", "bf16"))
+        _require_choice(self, "on_nonfinite", ("stop", "skip"))
         if not isinstance(self.expert_parallel, bool):
             raise ValueError(f"TrainConfig.expert_parallel must be a bool, got {self.expert_parallel!r}")
         if self.placement_interval and not self.expert_parallel:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
 from .distributed import DistInfo, clip_gradients, rank_seed
+from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
 
 
@@ -148,13 +150,25 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path | None:
-        """Collective: every rank gathers its share; the main rank writes."""
+        """Collective: every rank gathers its share; the main rank writes; a failed write (full
+        disk, non-finite values) raises on every rank, so none waits for the others."""
         state = self.state_dict()
         weights = ckpt.unique_state_dict(self.model)
-        if not self.info.is_main:
-            return None
-        meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
-        return ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta, keep=self.cfg.keep_checkpoints)
+        path, error = None, None
+        if self.info.is_main:
+            meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
+            try:
+                path = ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta,
+                                            keep=self.cfg.keep_checkpoints)
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        if self.info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.info.group)
+            error = box[0]
+        if error is not None:
+            raise ckpt.CheckpointWriteError(error)
+        return path
 
     # ---- steps -------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +201,9 @@ class Trainer:
                 micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
                 counts_LE = micro if counts_LE is None else counts_LE + micro
         self.moe_runtime.after_backward()
+        lm, aux, nonfinite = reduce_losses(lm_total, aux_total, self.model, self.info)
+        if nonfinite is not None:
+            return self._nonfinite_step(nonfinite, lm, aux)
         grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -196,11 +213,6 @@ class Trainer:
         self.step += 1
         tokens = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
         self.tokens_seen += tokens
-        losses = torch.stack([torch.as_tensor(lm_total), torch.as_tensor(aux_total).to(lm_total.device)])
-        if self.info.world_size > 1:
-            dist.all_reduce(losses, group=self.info.group)
-            losses /= self.info.world_size
-        lm, aux = (float(v) for v in losses.tolist())
         record = {"kind": "train", "step": self.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
                   "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
         if counts_LE is not None:
@@ -215,6 +227,32 @@ class Trainer:
             record["placement"] = {"bytes_moved": planned.get("bytes_moved"),
                                    "balance_predicted": [m.get("balance_predicted_new") for m in planned["layers"]]}
         return record
+
+    def _nonfinite_step(self, reason: str, lm: float, aux: float) -> dict:
+        """A step with a non-finite loss or gradient (every rank agrees): stop before anything is
+        updated (``on_nonfinite="stop"``), or drop its gradients and move on to the next batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.step + 1
+        in_a_row = 1 + next((i for i, r in enumerate(reversed(self.history)) if "skipped" not in r), len(self.history))
+        if self.cfg.on_nonfinite == "stop" or in_a_row >= MAX_SKIPS_IN_A_ROW:
+            newest = ckpt.list_checkpoints(self.run_dir)
+            if in_a_row > 1:
+                reason += f" ({in_a_row} non-finite steps in a row: the weights have diverged)"
+            remedy = "a lower learning rate (--resume --lr X --override lr)"
+            if self.cfg.on_nonfinite == "stop":
+                remedy += " or --on-nonfinite skip --override on-nonfinite"
+            resume = (f"resume from the newest checkpoint, {newest[-1].name} (finite), with {remedy}" if newest
+                      else "no checkpoint was written yet: start again with a lower --lr")
+            raise DivergenceError(f"step {step}: {reason}; training stopped before the update, "
+                                  f"no checkpoint was written for it; {resume}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step = step
+        self.tokens_seen += self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
+        if self.info.is_main:
+            tqdm.write(f"flexmoe train: step {step}: {reason}; step skipped (--on-nonfinite skip)", file=sys.stderr)
+        return {"kind": "train", "step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
+                "tokens": self.tokens_seen, "skipped": reason}
 
     def _gather_counts(self, counts_LE: torch.Tensor) -> np.ndarray:
         if self.info.world_size == 1:
@@ -291,6 +329,10 @@ class Trainer:
         train = [r["loss"] for r in self.history]
         out = {"kind": "summary", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": self.elapsed_s,
                "finished": self.step >= self.cfg.steps}
+        skipped = sum(1 for r in self.history if "skipped" in r)
+        if skipped:
+            out["skipped_steps"] = skipped
+        train = [loss for loss in train if math.isfinite(loss)]
         if train:
             k = max(1, min(10, len(train) // 4))
             head, tail = train[:k], train[-k:]

@@ -1,9 +1,10 @@
 """Run metrics: RUN/metrics.jsonl (one JSON record per line) and load statistics.
 
 Records: {"kind": "train", "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens",
-"tokens_per_s", "balance", "balance_per_layer", "elapsed_s"} after each optimizer step,
+"tokens_per_s", "balance", "balance_per_layer", "elapsed_s"} after each optimizer step (a step
+skipped for a non-finite loss or gradient has "skipped": why, and its losses only),
 {"kind": "val", "step", "val_loss", "val_ppl"} after each evaluation, and one
-{"kind": "summary", ...} at the end of a run.
+{"kind": "summary", ...} at the end of a run ("stopped": why, when it ended with an error).
 """
 
 from __future__ import annotations
