@@ -133,15 +133,17 @@ def poison_loss(monkeypatch, steps: set[int]) -> None:
 
 def poison_grad(monkeypatch, step: int) -> None:
     """A finite loss but an inf gradient in one weight at (1-based) ``step``."""
-    sync = loop_mod.sync_gradients
+    from flexmoe.runtime import MoERuntime
+
+    sync = MoERuntime.after_backward
     calls = []
 
-    def inf_grad(model, info):
-        sync(model, info)
+    def inf_grad(self):
+        sync(self)
         calls.append(1)
         if len(calls) == step:
-            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
-    monkeypatch.setattr(loop_mod, "sync_gradients", inf_grad)
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    monkeypatch.setattr(MoERuntime, "after_backward", inf_grad)
 
 
 @pytest.mark.parametrize("poison", ["loss", "grad"])
