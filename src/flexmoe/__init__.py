@@ -7,6 +7,7 @@ placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
 """
 
 from .config import DTSGateConfig, MoEConfig
+from .cuda_graph import cuda_graph_layer
 from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
 from .parallel import EPGroup, ParallelConfig, sync_gradients
 from .placement import (
@@ -37,6 +38,7 @@ __all__ = [
     "SyntheticTraceConfig",
     "TraceRecorder",
     "aux_loss",
+    "cuda_graph_layer",
     "generate_trace",
     "make_planner",
     "moe_layers",

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import triton_kernels
-from .fused_gemm import Schedule, down_dgrad, expert_mm, expert_wgrad, gate_up
+from ._backend import fused_gemm, triton_kernels
 
 
 @torch.library.custom_op("flexmoe::fused_experts", mutates_args=())
@@ -25,9 +24,10 @@ def fused_experts(
     row_token_N: torch.Tensor, pair_row_TK: torch.Tensor, scale_N: torch.Tensor, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y_TD, h_NH, a_NF)``: the combined expert output and the two activations backward needs."""
-    schedule = Schedule(offsets_E, row_token_N.shape[0])
-    h_NH, a_NF = gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule, activation)
-    y_ND = expert_mm(a_NF, w_EDF, True, schedule)
+    k = fused_gemm()
+    schedule = k.Schedule(offsets_E, row_token_N.shape[0])
+    h_NH, a_NF = k.gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule, activation)
+    y_ND = k.expert_mm(a_NF, w_EDF, True, schedule)
     return triton_kernels().gather_sum(y_ND, pair_row_TK), h_NH, a_NF
 
 
@@ -39,11 +39,12 @@ def fused_experts_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx_TD, dw_EHD, dw_EDF, dscale_N)``."""
     E = w_EHD.shape[0]
-    schedule = Schedule(offsets_E, row_token_N.shape[0])
-    dh_NH, dscale_N = down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule, activation)
-    dw_EDF = expert_wgrad(dy_TD, row_token_N, a_NF, None, E, schedule)
-    dw_EHD = expert_wgrad(dh_NH, None, x_TD, row_token_N, E, schedule)
-    dx_ND = expert_mm(dh_NH, w_EHD, False, schedule)
+    k = fused_gemm()
+    schedule = k.Schedule(offsets_E, row_token_N.shape[0])
+    dh_NH, dscale_N = k.down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule, activation)
+    dw_EDF = k.expert_wgrad(dy_TD, row_token_N, a_NF, None, E, schedule)
+    dw_EHD = k.expert_wgrad(dh_NH, None, x_TD, row_token_N, E, schedule)
+    dx_ND = k.expert_mm(dh_NH, w_EHD, False, schedule)
     return triton_kernels().gather_sum(dx_ND, pair_row_TK), dw_EHD, dw_EDF, dscale_N
 
 
