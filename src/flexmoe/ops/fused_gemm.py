@@ -290,6 +290,11 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _prec(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: exact products for float32 / float64 data (no TF32)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
 def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -334,7 +339,7 @@ def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: s
         grid = lambda meta: (schedule.num_blocks, triton.cdiv(F, meta["BN"]))  # noqa: E731
         _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, scale_N, h_NH, a_NF, *schedule.tables,
                 D, F, GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block,
-                ACC=_acc(x_TD.dtype), PREC="ieee")
+                ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype))
     return h_NH, a_NF
 
 
@@ -347,7 +352,7 @@ def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: 
     if schedule.num_rows and n_out and K:
         grid = lambda meta: (schedule.num_blocks, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
         _launch("mm", a_NK.device, grid, a_NK, w_E, out, *schedule.tables, K, n_out, w_E.stride(0), stride_k, stride_n,
-                BM=schedule.block, ACC=_acc(a_NK.dtype), PREC="ieee")
+                BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype))
     elif K == 0:
         out.zero_()
     return out
@@ -365,7 +370,7 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
     part_NP = torch.zeros((N, tiles_n), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
     _launch("dgrad", dy_TD.device, (schedule.num_blocks, tiles_n), dy_TD, row_token_N, w_EDF, h_NH, scale_N, dh_NH,
             part_NP, *schedule.tables, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
-            BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC="ieee")
+            BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype))
     return dh_NH, part_NP.sum(1).to(scale_N.dtype)
 
 
@@ -385,5 +390,5 @@ def expert_wgrad(g_M, g_index, x_M, x_index, num_experts: int, schedule: Schedul
         dummy = tables[0]
         _launch("wgrad", device, grid, g_M, g_index if g_index is not None else dummy, x_M,
                 x_index if x_index is not None else dummy, dw_EOI, *tables, num_blocks, O, I,
-                GATHER_G=g_index is not None, GATHER_X=x_index is not None, ACC=_acc(g_M.dtype), PREC="ieee")
+                GATHER_G=g_index is not None, GATHER_X=x_index is not None, ACC=_acc(g_M.dtype), PREC=_prec(g_M.dtype))
     return dw_EOI.to(g_M.dtype)
