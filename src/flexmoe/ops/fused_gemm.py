@@ -317,8 +317,10 @@ class Schedule:
     def num_blocks(self) -> int:
         return self.tables[0].shape[0]
 
+    @functools.cached_property
     def wgrad_tables(self) -> tuple[int, tuple[torch.Tensor, ...]]:
-        """Coarser blocks for the weight gradients: about two per expert at even load."""
+        """Coarser blocks for the weight gradients: at most one per expert at even load (rows up
+        to twice the mean), so only hot experts are split."""
         E = self.offsets_E.shape[0]
         if self.offsets_E.device.type != "cuda":
             chunk = 16
@@ -379,7 +381,7 @@ def expert_wgrad(g_M, g_index, x_M, x_index, num_experts: int, schedule: Schedul
     O, I = g_M.shape[1], x_M.shape[1]
     acc_dtype = _acc_torch(g_M.dtype)
     dw_EOI = torch.zeros((num_experts, O, I), dtype=acc_dtype, device=g_M.device)
-    num_blocks, tables = schedule.wgrad_tables()
+    num_blocks, tables = schedule.wgrad_tables
     if schedule.num_rows and O and I and g_M.shape[0] and x_M.shape[0]:
         device = g_M.device
         if device.type == "cuda":
