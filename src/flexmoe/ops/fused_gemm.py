@@ -94,22 +94,33 @@ def _source_rows(index_ptr, rows, row_ok, GATHER: tl.constexpr):
     return rows, row_ok
 
 
+@triton.jit
+def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
+    """(row block, column tile) of this program on a 1-D grid: GROUP consecutive row blocks sweep
+    all column tiles together, so their operand rows and the weight tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP * tiles_n
+    first_q = (pid // per_group) * GROUP
+    size = tl.minimum(num_blocks - first_q, GROUP)
+    return first_q + (pid % per_group) % size, (pid % per_group) // size
+
+
 # ---------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, row_token_ptr, w_ptr, scale_ptr, h_ptr, a_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr = 8,
 ):
-    q = tl.program_id(0)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
         src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < F
         H = 2 * F if GATED else F
         w_e = w_ptr + expert * H * D
@@ -137,15 +148,16 @@ def _gate_up_kernel(
 @triton.jit
 def _expert_mm_kernel(
     a_ptr, w_ptr, out_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     KDIM, NOUT, stride_we, stride_wk, stride_wn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    GROUP: tl.constexpr = 8,
 ):
     """``out[r] = a[r] @ W_e`` with ``W_e[k, n] = w[e, k * stride_wk + n * stride_wn]``."""
-    q = tl.program_id(0)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(NOUT, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < NOUT
         w_e = w_ptr + expert * stride_we
         acc = tl.zeros([BM, BN], dtype=ACC)
@@ -162,14 +174,14 @@ def _expert_mm_kernel(
 @triton.jit
 def _down_dgrad_kernel(
     dy_ptr, row_token_ptr, w_ptr, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr = 8,
 ):
     """``da = dy[row_token] @ w_down[e]``, then ``dh = d act`` and per-tile ``dscale`` partials."""
-    q = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(F, BN)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tiles_n, GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
         src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
@@ -205,7 +217,7 @@ def _down_dgrad_kernel(
                 dact = tl.where(g > 0, 1.0, 0.0)
             tl.store(dh_ptr + rows[:, None] * H + cols[None, :], (da * scale * dact).to(out_ty), mask=mask)
         partial = tl.sum(tl.where(mask, act * da, 0.0), axis=1)
-        tl.store(dscale_part_ptr + rows * tl.num_programs(1) + pid_n, partial, mask=row_ok)
+        tl.store(dscale_part_ptr + rows * tiles_n + pid_n, partial, mask=row_ok)
 
 
 @triton.jit
@@ -270,7 +282,7 @@ _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 
 _tuned = {
     "gate_up": triton.autotune(_GATED_CONFIGS + _MM_CONFIGS[:1], key=["D", "F", "GATED", "BM"])(_gate_up_kernel),
-    "mm": triton.autotune(_MM_CONFIGS, key=["KDIM", "NOUT", "BM"])(_expert_mm_kernel),
+    "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM"])(_expert_mm_kernel),
     "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM"])(_down_dgrad_kernel),
     "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"], reset_to_zero=["dw_ptr"])(_expert_wgrad_kernel),
 }
@@ -338,9 +350,9 @@ def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: s
     h_NH = x_TD.new_empty((N, H))
     a_NF = x_TD.new_empty((N, F))
     if N and F and x_TD.shape[0]:
-        grid = lambda meta: (schedule.num_blocks, triton.cdiv(F, meta["BN"]))  # noqa: E731
+        grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
         _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, scale_N, h_NH, a_NF, *schedule.tables,
-                D, F, GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block,
+                schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block,
                 ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype))
     return h_NH, a_NF
 
@@ -352,8 +364,8 @@ def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: 
     out = a_NK.new_empty((a_NK.shape[0], n_out))
     stride_k, stride_n = (w_E.stride(2), w_E.stride(1)) if transpose else (w_E.stride(1), w_E.stride(2))
     if schedule.num_rows and n_out and K:
-        grid = lambda meta: (schedule.num_blocks, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
-        _launch("mm", a_NK.device, grid, a_NK, w_E, out, *schedule.tables, K, n_out, w_E.stride(0), stride_k, stride_n,
+        grid = lambda meta: (schedule.num_blocks * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
+        _launch("mm", a_NK.device, grid, a_NK, w_E, out, *schedule.tables, schedule.num_blocks, K, n_out, w_E.stride(0), stride_k, stride_n,
                 BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype))
     elif K == 0:
         out.zero_()
@@ -370,8 +382,8 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
     block_n = _DGRAD_BN if dy_TD.device.type == "cuda" else _CPU_TILE["BN"]
     tiles_n = triton.cdiv(F, block_n)
     part_NP = torch.zeros((N, tiles_n), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
-    _launch("dgrad", dy_TD.device, (schedule.num_blocks, tiles_n), dy_TD, row_token_N, w_EDF, h_NH, scale_N, dh_NH,
-            part_NP, *schedule.tables, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
+    _launch("dgrad", dy_TD.device, (schedule.num_blocks * tiles_n,), dy_TD, row_token_N, w_EDF, h_NH, scale_N, dh_NH,
+            part_NP, *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
             BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype))
     return dh_NH, part_NP.sum(1).to(scale_N.dtype)
 
