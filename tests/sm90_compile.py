@@ -37,7 +37,8 @@ def main() -> int:
         (fg._expert_mm_kernel, {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(stride_wk=1, BM=64),
          fg._MM_CONFIGS),
         (fg._expert_wgrad_kernel, {"g_ptr": "*bf16", "g_index_ptr": "*i64", "x_ptr": "*bf16", "x_index_ptr": "*i32",
-                                   "dw_ptr": "*fp32"}, dict(GATHER_G=True, GATHER_X=False), fg._WGRAD_CONFIGS),
+                                   "dw_ptr": "*bf16", "part_ptr": "*fp32", "block_slot_ptr": "*i32"},
+         dict(GATHER_G=True, GATHER_X=False), fg._WGRAD_CONFIGS),
     ]
     failed = False
     for kernel, types, extra, configs in cases:
@@ -48,6 +49,9 @@ def main() -> int:
                 print(f"FAILED {name} {config}: no wgmma or no pipelined loads")
                 failed = True
         print(f"ok {name}")
+    types = {"part_ptr": "*fp32", "dw_ptr": "*bf16", "blocks_ptr": "*i32", "slot_start_ptr": "*i32"}
+    ttgir(fg._wgrad_reduce_kernel, types, dict(BLOCK=4096, ACC=tl.float32), triton.Config({}, num_warps=8, num_stages=1))
+    print("ok _wgrad_reduce_kernel")
     return 1 if failed else 0
 
 

@@ -13,7 +13,8 @@ every program has at most B rows to do whatever the routing skew.
   gradient) and the activation backward (and the routing-weight gradient) in the epilogue.
 - ``expert_wgrad``: ``dw[e] = g[rows of e]^T @ x[rows of e]``, either operand gathered; a
   persistent grid walks (row block, output tile) items, so a hot expert's rows are spread over
-  all programs; partial sums meet in a float32 (float64) buffer by atomic adds.
+  all programs. An expert's only block writes ``dw[e]`` directly; the blocks of a split (hot)
+  expert write float32 (float64) partials that a second kernel sums in a fixed order.
 On CUDA each kernel is autotuned over a small tile set keyed on the shape; on CPU tensors (under
 ``TRITON_INTERPRET=1``) one small fixed tile runs.
 """
@@ -222,17 +223,18 @@ def _down_dgrad_kernel(
 
 @triton.jit
 def _expert_wgrad_kernel(
-    g_ptr, g_index_ptr, x_ptr, x_index_ptr, dw_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr,
+    g_ptr, g_index_ptr, x_ptr, x_index_ptr, dw_ptr, part_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, block_slot_ptr,
     NUM_BLOCKS, O, I,
     GATHER_G: tl.constexpr, GATHER_X: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``dw[e] += g[rows]^T @ x[rows]`` for every (row block, BM x BN tile of dw[e]) item.
+    """``g[rows]^T @ x[rows]`` for every (row block, BM x BN tile of dw[e]) item.
 
     Persistent: program p takes items p, p + P, ...; items are block-major, so the programs
     working on one block at a time share its rows in cache. Each item walks its block BK rows
-    at a time and adds its tile to ``dw`` once.
+    at a time; the only block of an expert stores its tile in ``dw`` directly, the blocks of a
+    split expert store theirs in their slot of ``part`` (summed by ``_wgrad_reduce_kernel``).
     """
     tiles_o = tl.cdiv(O, BM)
     tiles_i = tl.cdiv(I, BN)
@@ -257,8 +259,27 @@ def _expert_wgrad_kernel(
                 g = tl.load(g_ptr + g_rows[None, :] * O + outs[:, None], mask=g_ok[None, :] & out_ok[:, None], other=0.0)
                 x = tl.load(x_ptr + x_rows[:, None] * I + ins[None, :], mask=x_ok[:, None] & in_ok[None, :], other=0.0)
                 acc = tl.dot(g, x, acc, input_precision=PREC)
-            tl.atomic_add(dw_ptr + expert * O * I + outs[:, None] * I + ins[None, :], acc,
-                          mask=out_ok[:, None] & in_ok[None, :], sem="relaxed")
+            tile = outs[:, None] * I + ins[None, :]
+            slot = tl.load(block_slot_ptr + q).to(tl.int64)
+            if slot < 0:
+                tl.store(dw_ptr + expert * O * I + tile, acc.to(dw_ptr.dtype.element_ty), mask=out_ok[:, None] & in_ok[None, :])
+            else:
+                tl.store(part_ptr + slot * O * I + tile, acc, mask=out_ok[:, None] & in_ok[None, :])
+
+
+@triton.jit
+def _wgrad_reduce_kernel(part_ptr, dw_ptr, blocks_ptr, slot_start_ptr, OI, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``dw[e] = sum of e's slots`` in slot order (deterministic) for experts with 0 or >= 2 blocks."""
+    e = tl.program_id(1).to(tl.int64)
+    n = tl.load(blocks_ptr + e)
+    if n != 1:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < OI
+        first = tl.load(slot_start_ptr + e).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for j in range(0, n):
+            acc += tl.load(part_ptr + (first + j) * OI + offs, mask=ok, other=0.0)
+        tl.store(dw_ptr + e * OI + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------- launchers
@@ -284,7 +305,7 @@ _tuned = {
     "gate_up": triton.autotune(_GATED_CONFIGS + _MM_CONFIGS[:1], key=["D", "F", "GATED", "BM"])(_gate_up_kernel),
     "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM"])(_expert_mm_kernel),
     "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM"])(_down_dgrad_kernel),
-    "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"], reset_to_zero=["dw_ptr"])(_expert_wgrad_kernel),
+    "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"])(_expert_wgrad_kernel),
 }
 _plain = {"gate_up": _gate_up_kernel, "mm": _expert_mm_kernel, "dgrad": _down_dgrad_kernel, "wgrad": _expert_wgrad_kernel}
 
@@ -330,16 +351,41 @@ class Schedule:
         return self.tables[0].shape[0]
 
     @functools.cached_property
-    def wgrad_tables(self) -> tuple[int, tuple[torch.Tensor, ...]]:
-        """Coarser blocks for the weight gradients: at most one per expert at even load (rows up
-        to twice the mean), so only hot experts are split."""
+    def wgrad(self) -> WgradSchedule:
+        """Coarser blocks for the weight gradients: one per expert at even load (up to twice the
+        mean rows), so only hot experts are split."""
         E = self.offsets_E.shape[0]
-        if self.offsets_E.device.type != "cuda":
-            chunk = 16
-        else:
-            chunk = max(256, triton.cdiv(2 * self.num_rows, E * 64) * 64)
-        tables = row_blocks(self.offsets_E, self.num_rows, chunk)
-        return tables[0].shape[0], tables
+        chunk = 16 if self.offsets_E.device.type != "cuda" else max(256, triton.cdiv(2 * self.num_rows, E * 64) * 64)
+        return WgradSchedule(self.offsets_E, self.num_rows, chunk)
+
+
+class WgradSchedule:
+    """Row blocks of at most ``chunk`` rows for the weight gradients, and the scratch slots of the
+    blocks of split experts (``slot_Q`` -1 for an expert's only block).
+
+    A split expert has more than ``chunk`` rows and at most ``2 * rows / chunk`` blocks, so
+    ``2 * num_rows // chunk`` slots always suffice.
+    """
+
+    def __init__(self, offsets_E: torch.Tensor, num_rows: int, chunk: int):
+        self.tables = row_blocks(offsets_E, num_rows, chunk)
+        expert_Q, first_Q, end_Q = self.tables
+        ends_E = offsets_E.to(torch.int64)
+        starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+        blocks_E = (ends_E - starts_E + chunk - 1) // chunk
+        slots_E = torch.where(blocks_E > 1, blocks_E, 0)
+        slot_start_E = torch.cumsum(slots_E, 0) - slots_E
+        e_Q = expert_Q.to(torch.int64)
+        within_Q = (first_Q.to(torch.int64) - starts_E[e_Q]) // chunk
+        split_Q = (blocks_E[e_Q] > 1) & (end_Q > first_Q)
+        self.slot_Q = torch.where(split_Q, slot_start_E[e_Q] + within_Q, -1).to(torch.int32)
+        self.blocks_E = blocks_E.to(torch.int32)
+        self.slot_start_E = slot_start_E.to(torch.int32)
+        self.num_slots = max(1, 2 * num_rows // chunk)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tables[0].shape[0]
 
 
 def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str):
@@ -389,20 +435,27 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
 
 
 def expert_wgrad(g_M, g_index, x_M, x_index, num_experts: int, schedule: Schedule) -> torch.Tensor:
-    """``dw[e] = g[rows of e]^T @ x[rows of e]`` (``[E, O, I]``), g / x rows gathered by index or not."""
+    """``dw[e] = g[rows of e]^T @ x[rows of e]`` (``[E, O, I]``), g / x rows gathered by index or not.
+
+    Deterministic: split experts' blocks are summed in a fixed order in float32 (float64).
+    """
     O, I = g_M.shape[1], x_M.shape[1]
-    acc_dtype = _acc_torch(g_M.dtype)
-    dw_EOI = torch.zeros((num_experts, O, I), dtype=acc_dtype, device=g_M.device)
-    num_blocks, tables = schedule.wgrad_tables
-    if schedule.num_rows and O and I and g_M.shape[0] and x_M.shape[0]:
-        device = g_M.device
-        if device.type == "cuda":
-            programs = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        else:
-            programs = 1 << 30
-        grid = lambda meta: (max(1, min(programs, num_blocks * triton.cdiv(O, meta["BM"]) * triton.cdiv(I, meta["BN"]))),)  # noqa: E731
-        dummy = tables[0]
-        _launch("wgrad", device, grid, g_M, g_index if g_index is not None else dummy, x_M,
-                x_index if x_index is not None else dummy, dw_EOI, *tables, num_blocks, O, I,
-                GATHER_G=g_index is not None, GATHER_X=x_index is not None, ACC=_acc(g_M.dtype), PREC=_prec(g_M.dtype))
-    return dw_EOI.to(g_M.dtype)
+    if not (schedule.num_rows and O and I and g_M.shape[0] and x_M.shape[0]):
+        return g_M.new_zeros((num_experts, O, I))
+    device = g_M.device
+    ws = schedule.wgrad
+    dw_EOI = g_M.new_empty((num_experts, O, I))
+    part_SOI = torch.empty((ws.num_slots, O, I), dtype=_acc_torch(g_M.dtype), device=device)
+    if device.type == "cuda":
+        programs = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        programs = 1 << 30
+    grid = lambda meta: (max(1, min(programs, ws.num_blocks * triton.cdiv(O, meta["BM"]) * triton.cdiv(I, meta["BN"]))),)  # noqa: E731
+    dummy = ws.slot_Q
+    _launch("wgrad", device, grid, g_M, g_index if g_index is not None else dummy, x_M,
+            x_index if x_index is not None else dummy, dw_EOI, part_SOI, *ws.tables, ws.slot_Q, ws.num_blocks, O, I,
+            GATHER_G=g_index is not None, GATHER_X=x_index is not None, ACC=_acc(g_M.dtype), PREC=_prec(g_M.dtype))
+    block = 4096 if device.type == "cuda" else 256
+    _wgrad_reduce_kernel[(triton.cdiv(O * I, block), num_experts)](
+        part_SOI, dw_EOI, ws.blocks_E, ws.slot_start_E, O * I, BLOCK=block, ACC=_acc(g_M.dtype))
+    return dw_EOI
