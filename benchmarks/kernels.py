@@ -242,6 +242,10 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
         except Exception as exc:  # noqa: BLE001
             print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | |")
 
+    if device.type == "cuda":
+        picked = {name: getattr(tuner, "best_config", None) for name, tuner in fg._tuned.items()}
+        print("last autotuned configs: " + "; ".join(f"{name} {cfg}" for name, cfg in picked.items()))
+
     flops = 18 * args.tokens * k * D * F
     print("\n### layer forward+backward\n| impl | ms | TFLOP/s | % of matmul | vs unfused |\n|---|---|---|---|---|")
     impls = [("unfused (auto)", layer), ("fused", fused)]

@@ -302,7 +302,7 @@ _WGRAD_CONFIGS = [
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 
 _tuned = {
-    "gate_up": triton.autotune(_GATED_CONFIGS + _MM_CONFIGS[:1], key=["D", "F", "GATED", "BM"])(_gate_up_kernel),
+    "gate_up": triton.autotune(_GATED_CONFIGS + [_config(4, 4, BN=128, BK=64)], key=["D", "F", "GATED", "BM"])(_gate_up_kernel),
     "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM"])(_expert_mm_kernel),
     "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM"])(_down_dgrad_kernel),
     "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"])(_expert_wgrad_kernel),
