@@ -42,6 +42,13 @@ def row_block_size(num_rows: int, num_experts: int, device: torch.device) -> int
     return 128 if num_rows >= 128 * num_experts else 64
 
 
+def expert_blocks(offsets_E: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first row, end row, blocks of ``block`` rows) of each expert, int64."""
+    ends_E = offsets_E.to(torch.int64)
+    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    return starts_E, ends_E, (ends_E - starts_E + block - 1) // block
+
+
 def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blocks of at most ``block`` rows of one expert: (expert_Q, first_row_Q, end_row_Q), int32.
 
@@ -49,9 +56,7 @@ def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torc
     Q = num_rows // block + E + 1; unused blocks have ``first_row == end_row``.
     """
     E = offsets_E.shape[0]
-    ends_E = offsets_E.to(torch.int64)
-    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
-    blocks_E = (ends_E - starts_E + block - 1) // block
+    starts_E, ends_E, blocks_E = expert_blocks(offsets_E, block)
     cum_E = torch.cumsum(blocks_E, 0)
     Q = num_rows // block + E + 1
     q_Q = torch.arange(Q, device=offsets_E.device)
@@ -370,9 +375,7 @@ class WgradSchedule:
     def __init__(self, offsets_E: torch.Tensor, num_rows: int, chunk: int):
         self.tables = row_blocks(offsets_E, num_rows, chunk)
         expert_Q, first_Q, end_Q = self.tables
-        ends_E = offsets_E.to(torch.int64)
-        starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
-        blocks_E = (ends_E - starts_E + chunk - 1) // chunk
+        starts_E, _, blocks_E = expert_blocks(offsets_E, chunk)
         slots_E = torch.where(blocks_E > 1, blocks_E, 0)
         slot_start_E = torch.cumsum(slots_E, 0) - slots_E
         e_Q = expert_Q.to(torch.int64)
