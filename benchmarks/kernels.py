@@ -76,6 +76,8 @@ class Stages:
         self.a_NF = scaled_activation(self.h_NH, self.scale_N, p.offsets_E[-1:], self.act, True)
         self.dy_ND = permute(self.dy_TD, p.row_token_N, p.pair_row_TK, True)
         self.dh_NH = self.unfused_dgrad()[0]
+        self.uses_tma = fg.hopper_tma(self.w_gu) and fg.hopper_tma(self.w_dn)
+        self.tma = None  # fused kernels: TMA weight loads where fg.hopper_tma allows (None), or pointer loads (False)
 
     # unfused stages
     def unfused_gate_up(self):
@@ -108,13 +110,14 @@ class Stages:
 
     # fused kernels
     def fused_gate_up(self):
-        return fg.gate_up(self.x_TD, self.plan.row_token_N, self.w_gu, self.scale_N, self.schedule, self.act)
+        return fg.gate_up(self.x_TD, self.plan.row_token_N, self.w_gu, self.scale_N, self.schedule, self.act, self.tma)
 
     def fused_down(self):
-        return gather_sum(fg.expert_mm(self.a_NF, self.w_dn, True, self.schedule), self.plan.pair_row_TK)
+        return gather_sum(fg.expert_mm(self.a_NF, self.w_dn, True, self.schedule, self.tma), self.plan.pair_row_TK)
 
     def fused_dgrad(self):
-        return fg.down_dgrad(self.dy_TD, self.plan.row_token_N, self.w_dn, self.h_NH, self.scale_N, self.schedule, self.act)
+        return fg.down_dgrad(self.dy_TD, self.plan.row_token_N, self.w_dn, self.h_NH, self.scale_N, self.schedule, self.act,
+                             self.tma)
 
     def fused_wgrad_down(self):
         return fg.expert_wgrad(self.dy_TD, self.plan.row_token_N, self.a_NF, None, self.w_gu.shape[0], self.schedule)
@@ -123,10 +126,11 @@ class Stages:
         return fg.expert_wgrad(self.dh_NH, None, self.x_TD, self.plan.row_token_N, self.w_gu.shape[0], self.schedule)
 
     def fused_dx(self):
-        return gather_sum(fg.expert_mm(self.dh_NH, self.w_gu, False, self.schedule), self.plan.pair_row_TK)
+        return gather_sum(fg.expert_mm(self.dh_NH, self.w_gu, False, self.schedule, self.tma), self.plan.pair_row_TK)
 
 
 STAGES = ["gate_up", "down", "dgrad", "wgrad_down", "wgrad_gate_up", "dx"]
+TMA_STAGES = ("gate_up", "down", "dgrad", "dx")  # the stages whose weight loads can go through TMA
 
 
 def stage_flops(name: str, N: int, D: int, F: int, H: int) -> float:
@@ -141,11 +145,14 @@ def max_rel_err(a, b) -> tuple[float, float]:
 
 
 def check_stages(st: Stages) -> list[tuple[str, float, float]]:
-    """Each fused kernel against its unfused stage; rows past the kept ones are not compared."""
+    """Each fused kernel (both weight-load variants) against its unfused stage; rows past the kept
+    ones are not compared."""
     n = int(st.plan.offsets_E[-1])
     out = []
-    for name in STAGES:
+    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.uses_tma]:
+        st.tma = tma
         got, want = getattr(st, f"fused_{name}")(), getattr(st, f"unfused_{name}")()
+        label = f"{name} (pointer loads)" if tma is False else name
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         for i, (g, w) in enumerate(zip(got, want)):
@@ -153,7 +160,8 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
                 g, w = g[:n], w[:n]
             elif g.dim() == 1:
                 g, w = g[:n], w[:n]
-            out.append((f"{name}[{i}]", *max_rel_err(g, w)))
+            out.append((f"{label}[{i}]", *max_rel_err(g, w)))
+    st.tma = None
     return out
 
 
@@ -231,16 +239,23 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             print(f"CUDA graph check FAILED: {type(exc).__name__}: {exc}")
     print_errors(errors)
 
-    print("\n### kernels (same inputs)\n| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n### kernels (same inputs; fused weight loads: {'TMA' if st.uses_tma else 'pointer'})")
+    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, pointer loads ms |")
+    print("|---|---|---|---|---|---|---|")
     for name in STAGES:
         try:
             t_u = timed(getattr(st, f"unfused_{name}"), args.reps, device)
             t_f = timed(getattr(st, f"fused_{name}"), args.reps, device)
+            t_p = float("nan")
+            if st.uses_tma and name in TMA_STAGES:
+                st.tma = False
+                t_p = timed(getattr(st, f"fused_{name}"), args.reps, device)
+                st.tma = None
             tf = stage_flops(name, N, D, F, H) / (t_f * 1e-3) / 1e12
-            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% |")
+            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% | {t_p:.3f} |")
         except Exception as exc:  # noqa: BLE001
-            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | |")
+            st.tma = None
+            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | |")
 
     if device.type == "cuda":
         picked = {name: getattr(tuner, "best_config", None) for name, tuner in fg._tuned.items()}

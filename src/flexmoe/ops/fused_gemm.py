@@ -16,7 +16,9 @@ every program has at most B rows to do whatever the routing skew.
   all programs. An expert's only block writes ``dw[e]`` directly; the blocks of a split (hot)
   expert write float32 (float64) partials that a second kernel sums in a fixed order.
 On CUDA each kernel is autotuned over a small tile set keyed on the shape; on CPU tensors (under
-``TRITON_INTERPRET=1``) one small fixed tile runs.
+``TRITON_INTERPRET=1``) one small fixed tile runs. On sm90+ (``hopper_tma``) the weight tiles are
+loaded through TMA descriptors of ``w`` viewed as ``[E * rows, cols]``: columns past the end are
+zero-filled; rows that run into the next expert only meet masked outputs or zero operands.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side TMA descriptors: the pointer path only
+    TensorDescriptor = None
 
 ACTIVATION_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
 _CPU_TILE = dict(BN=32, BK=32)
@@ -116,11 +123,11 @@ def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, row_token_ptr, w_ptr, scale_ptr, h_ptr, a_ptr,
+    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr = 8,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
 ):
     q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
@@ -136,10 +143,16 @@ def _gate_up_kernel(
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < D
             x = tl.load(x_ptr + src[:, None] * D + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(w_e + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if TMA:
+                wg = tl.trans(w_desc.load([(expert * H + pid_n * BN).to(tl.int32), k0]))
+            else:
+                wg = tl.load(w_e + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc_g = tl.dot(x, wg, acc_g, input_precision=PREC)
             if GATED:
-                wu = tl.load(w_e + (F + cols[None, :]) * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                if TMA:
+                    wu = tl.trans(w_desc.load([(expert * H + F + pid_n * BN).to(tl.int32), k0]))
+                else:
+                    wu = tl.load(w_e + (F + cols[None, :]) * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
                 acc_u = tl.dot(x, wu, acc_u, input_precision=PREC)
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         a = _act_fwd(acc_g, acc_u, ACT) * scale[:, None]
@@ -153,13 +166,15 @@ def _gate_up_kernel(
 
 @triton.jit
 def _expert_mm_kernel(
-    a_ptr, w_ptr, out_ptr,
+    a_ptr, w_ptr, w_desc, out_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     KDIM, NOUT, stride_we, stride_wk, stride_wn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    GROUP: tl.constexpr = 8,
+    TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
 ):
-    """``out[r] = a[r] @ W_e`` with ``W_e[k, n] = w[e, k * stride_wk + n * stride_wn]``."""
+    """``out[r] = a[r] @ W_e`` with ``W_e[k, n] = w[e, k * stride_wk + n * stride_wn]``.
+
+    TMA 1: ``w_desc`` rows are (expert, n) (``w[e]^T`` use); TMA 2: they are (expert, k)."""
     q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(NOUT, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
@@ -171,7 +186,12 @@ def _expert_mm_kernel(
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < KDIM
             a = tl.load(a_ptr + rows[:, None] * KDIM + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_e + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if TMA == 1:
+                w = tl.trans(w_desc.load([(expert * NOUT + pid_n * BN).to(tl.int32), k0]))
+            elif TMA == 2:
+                w = w_desc.load([(expert * KDIM + k0).to(tl.int32), pid_n * BN])
+            else:
+                w = tl.load(w_e + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PREC)
         tl.store(out_ptr + rows[:, None] * NOUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -179,11 +199,11 @@ def _expert_mm_kernel(
 
 @triton.jit
 def _down_dgrad_kernel(
-    dy_ptr, row_token_ptr, w_ptr, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+    dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr = 8,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
 ):
     """``da = dy[row_token] @ w_down[e]``, then ``dh = d act`` and per-tile ``dscale`` partials."""
     tiles_n = tl.cdiv(F, BN)
@@ -199,7 +219,10 @@ def _down_dgrad_kernel(
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < D
             dy = tl.load(dy_ptr + src[:, None] * D + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_e + ks[:, None] * F + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if TMA:
+                w = w_desc.load([(expert * D + k0).to(tl.int32), pid_n * BN])
+            else:
+                w = tl.load(w_e + ks[:, None] * F + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             da = tl.dot(dy, w, da, input_precision=PREC)
         H = 2 * F if GATED else F
         mask = row_ok[:, None] & col_ok[None, :]
@@ -290,8 +313,19 @@ def _wgrad_reduce_kernel(part_ptr, dw_ptr, blocks_ptr, slot_start_ptr, OI, BLOCK
 # ---------------------------------------------------------------- launchers
 
 
+def _set_weight_block(nargs: dict) -> None:
+    """Autotune pre-hook: give the weight descriptor (if any) the tile of the config being run."""
+    desc = nargs.get("w_desc")
+    if desc is not None:
+        desc.block_shape = _weight_block(nargs["TMA"], nargs["BN"], nargs["BK"])
+
+
+def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
+    return [bn, bk] if mode == 1 else [bk, bn]
+
+
 def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
-    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
 
 
 _MM_CONFIGS = [
@@ -307,9 +341,9 @@ _WGRAD_CONFIGS = [
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 
 _tuned = {
-    "gate_up": triton.autotune(_GATED_CONFIGS + [_config(4, 4, BN=128, BK=64)], key=["D", "F", "GATED", "BM"])(_gate_up_kernel),
-    "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM"])(_expert_mm_kernel),
-    "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM"])(_down_dgrad_kernel),
+    "gate_up": triton.autotune(_GATED_CONFIGS + [_config(4, 4, BN=128, BK=64)], key=["D", "F", "GATED", "BM", "TMA"])(_gate_up_kernel),
+    "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"])(_expert_mm_kernel),
+    "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM", "TMA"])(_down_dgrad_kernel),
     "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"])(_expert_wgrad_kernel),
 }
 _plain = {"gate_up": _gate_up_kernel, "mm": _expert_mm_kernel, "dgrad": _down_dgrad_kernel, "wgrad": _expert_wgrad_kernel}
@@ -321,6 +355,9 @@ def _launch(name: str, device: torch.device, grid, *args, **constexprs) -> None:
         _tuned[name][grid](*args, **constexprs)
     else:
         tile = _CPU_WGRAD if name == "wgrad" else _CPU_TILE
+        for arg in args:
+            if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+                arg.block_shape = _weight_block(constexprs["TMA"], tile["BN"], tile["BK"])
         _plain[name][grid](*args, **constexprs, **tile)
 
 
@@ -335,6 +372,27 @@ def _prec(dtype: torch.dtype) -> str:
 
 def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def hopper_tma(w_E: torch.Tensor) -> bool:
+    """Whether the weight loads can use TMA descriptors: sm90+ CUDA, Triton's host descriptors,
+    16-bit contiguous weights with 16-byte aligned rows."""
+    return (
+        TensorDescriptor is not None
+        and w_E.is_cuda
+        and torch.cuda.get_device_capability(w_E.device)[0] >= 9
+        and w_E.dtype in (torch.bfloat16, torch.float16)
+        and w_E.is_contiguous()
+        and w_E.shape[-1] % 8 == 0
+        and w_E.data_ptr() % 16 == 0
+    )
+
+
+def _weight_desc(w_E: torch.Tensor, mode: int):
+    """A descriptor of ``w_E`` as ``[E * rows, cols]`` (tile set at launch), or None for mode 0."""
+    if not mode:
+        return None
+    return TensorDescriptor.from_tensor(w_E.reshape(-1, w_E.shape[-1]), _weight_block(mode, 64, 64))
 
 
 @functools.cache
@@ -391,8 +449,10 @@ class WgradSchedule:
         return self.tables[0].shape[0]
 
 
-def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str):
-    """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation."""
+def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
+    """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation.
+
+    ``tma``: weight tiles through TMA descriptors (None: where ``hopper_tma`` allows)."""
     N, (E, H, D) = schedule.num_rows, w_EHD.shape
     gated = activation == "swiglu"
     F = H // 2 if gated else H
@@ -400,13 +460,14 @@ def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: s
     a_NF = x_TD.new_empty((N, F))
     if N and F and x_TD.shape[0]:
         grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
-        _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, scale_N, h_NH, a_NF, *schedule.tables,
-                schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block,
-                ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype))
+        mode = int(hopper_tma(w_EHD) if tma is None else tma)
+        _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF,
+                *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
+                BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype), TMA=mode)
     return h_NH, a_NF
 
 
-def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule) -> torch.Tensor:
+def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None) -> torch.Tensor:
     """``out[r] = a[r] @ w[e]^T`` (transpose) or ``a[r] @ w[e]`` for the expert e owning row r."""
     K = a_NK.shape[1]
     n_out = w_E.shape[1] if transpose else w_E.shape[2]
@@ -414,14 +475,16 @@ def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: 
     stride_k, stride_n = (w_E.stride(2), w_E.stride(1)) if transpose else (w_E.stride(1), w_E.stride(2))
     if schedule.num_rows and n_out and K:
         grid = lambda meta: (schedule.num_blocks * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
-        _launch("mm", a_NK.device, grid, a_NK, w_E, out, *schedule.tables, schedule.num_blocks, K, n_out, w_E.stride(0), stride_k, stride_n,
-                BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype))
+        mode = (1 if transpose else 2) if (hopper_tma(w_E) if tma is None else tma) else 0
+        _launch("mm", a_NK.device, grid, a_NK, w_E, _weight_desc(w_E, mode), out, *schedule.tables, schedule.num_blocks, K,
+                n_out, w_E.stride(0), stride_k, stride_n, BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype),
+                TMA=mode)
     elif K == 0:
         out.zero_()
     return out
 
 
-def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str):
+def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
     """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load."""
     N, (E, D, F) = schedule.num_rows, w_EDF.shape
     gated = activation == "swiglu"
@@ -431,9 +494,10 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
     block_n = _DGRAD_BN if dy_TD.device.type == "cuda" else _CPU_TILE["BN"]
     tiles_n = triton.cdiv(F, block_n)
     part_NP = torch.zeros((N, tiles_n), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
-    _launch("dgrad", dy_TD.device, (schedule.num_blocks * tiles_n,), dy_TD, row_token_N, w_EDF, h_NH, scale_N, dh_NH,
-            part_NP, *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
-            BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype))
+    mode = 2 if (hopper_tma(w_EDF) if tma is None else tma) else 0
+    _launch("dgrad", dy_TD.device, (schedule.num_blocks * tiles_n,), dy_TD, row_token_N, w_EDF, _weight_desc(w_EDF, mode),
+            h_NH, scale_N, dh_NH, part_NP, *schedule.tables, schedule.num_blocks, D, F, GATED=gated,
+            ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype), TMA=mode)
     return dh_NH, part_NP.sum(1).to(scale_N.dtype)
 
 
