@@ -182,6 +182,11 @@ def test_cuda_graph_layer_refuses_cpu_and_unsupported_configs():
         flexmoe.cuda_graph_layer(layer, torch.randn(3, 8))
     with pytest.raises(TypeError, match="MoELayer"):
         flexmoe.cuda_graph_layer(torch.nn.Linear(8, 8), torch.randn(3, 8))
+    for field, value, match in [("aux_loss_coef", 0.01, "aux_loss_coef"), ("router", "dts", "dts"),
+                                ("kernels", "per_expert", "per_expert")]:
+        cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, **{field: value})
+        with pytest.raises(ValueError, match=match):
+            flexmoe.cuda_graph_layer(flexmoe.MoELayer(cfg), torch.randn(3, 8))
 
 
 

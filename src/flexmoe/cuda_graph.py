@@ -27,8 +27,6 @@ def cuda_graph_layer(layer: MoELayer, sample_x: torch.Tensor, warmup_iters: int 
     """
     if not isinstance(layer, MoELayer):
         raise TypeError(f"cuda_graph_layer expects a MoELayer, got {type(layer).__name__}")
-    if not isinstance(sample_x, torch.Tensor) or not sample_x.is_cuda or not torch.cuda.is_available():
-        raise RuntimeError("cuda_graph_layer needs CUDA: sample_x must be a tensor on a CUDA device")
     cfg = layer.config
     if layer.expert_parallel is not None:
         raise ValueError("cuda_graph_layer supports the one-device layer only (no expert parallelism)")
@@ -38,4 +36,6 @@ def cuda_graph_layer(layer: MoELayer, sample_x: torch.Tensor, warmup_iters: int 
         raise ValueError("cuda_graph_layer: router='dts' keeps host state per step; use softmax or sigmoid")
     if cfg.kernels == "per_expert":
         raise ValueError("cuda_graph_layer: kernels='per_expert' synchronises with the host; use 'auto' or 'fused'")
+    if not isinstance(sample_x, torch.Tensor) or not sample_x.is_cuda or not torch.cuda.is_available():
+        raise RuntimeError("cuda_graph_layer needs CUDA: sample_x must be a tensor on a CUDA device")
     return torch.cuda.make_graphed_callables(layer, (sample_x,), num_warmup_iters=warmup_iters)
