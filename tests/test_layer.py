@@ -87,7 +87,7 @@ def test_triton_kernels_match_reference(seed):
     check_against_reference(layer, x, tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", "triton", "fused"])
 @pytest.mark.parametrize(
     "case",
     ["top_k_equals_num_experts", "one_expert", "empty_experts", "all_to_one_expert", "single_token", "no_tokens"],

@@ -27,6 +27,7 @@ _EXPORTS = {
     "PlacementScheduler": ".runtime",
     "PlacementTable": ".placement",
     "aux_loss": ".layer",
+    "cuda_graph_layer": ".cuda_graph",
     "make_planner": ".placement",
     "moe_layers": ".layer",
 }

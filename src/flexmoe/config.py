@@ -17,12 +17,12 @@ import torch
 Activation = Literal["swiglu", "gelu", "relu"]
 RouterKind = Literal["softmax", "sigmoid", "dts"]
 TauSchedule = Literal["linear", "exponential"]
-KernelChoice = Literal["auto", "triton", "torch"]
+KernelChoice = Literal["auto", "triton", "torch", "fused", "per_expert"]
 
 _ACTIVATIONS = ("swiglu", "gelu", "relu")
 _ROUTERS = ("softmax", "sigmoid", "dts")
 _TAU_SCHEDULES = ("linear", "exponential")
-_KERNELS = ("auto", "triton", "torch")
+_KERNELS = ("auto", "triton", "torch", "fused", "per_expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +95,14 @@ class MoEConfig:
     shared_expert_gate: scale the shared experts by ``sigmoid(x @ w)`` (Qwen2-MoE style).
     router_dtype: dtype of router logits and probabilities (float32 by default).
     kernels: "auto" uses Triton kernels on CUDA and plain torch elsewhere; "triton" forces them
-        (on CPU only under ``TRITON_INTERPRET=1``); "torch" never uses them.
+        (on CPU only under ``TRITON_INTERPRET=1``); "torch" never uses them. "fused" (opt-in,
+        docs/kernels.md) runs the one-device expert stage in fused Triton grouped GEMMs (gather
+        in the operand load, activation in the epilogue); with expert parallelism it acts as
+        "triton". "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
+        GEMM (one host synchronisation per GEMM call, for few large experts).
     validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
-        The finiteness check costs one host synchronisation on GPU; it is skipped under
+        On CPU a non-finite input raises ValueError; on GPU the check is an asynchronous device
+        assert (no host synchronisation; a failure surfaces at a later CUDA call). Skipped under
         ``torch.compile``.
     init_std: standard deviation of the normal initialisation of all weights.
     dts: settings of the dense-to-sparse gate (used when ``router == "dts"``).

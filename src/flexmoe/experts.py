@@ -14,6 +14,10 @@ from torch import nn
 
 from .config import MoEConfig
 from .ops import grouped_mm, scaled_activation
+from .ops.fused_experts import fused_expert_ffn
+
+if TYPE_CHECKING:
+    from .plan import DispatchPlan
 
 if TYPE_CHECKING:
     from .plan import DispatchPlan
@@ -44,9 +48,19 @@ class GroupedExperts(nn.Module):
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
         unless running under autocast with float32 parameters).
         """
-        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E)
+        per_expert = self.config.kernels == "per_expert"
+        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E, per_expert)
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
-        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E)
+        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+
+    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:
+        ``y[t] = sum_k weight[t, k] * FFN_e(x[t])`` over the plan's kept pairs, gather and combine included."""
+        dtype = x_TD.dtype
+        return fused_expert_ffn(
+            x_TD, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), plan.offsets_E, plan.row_token_N,
+            plan.pair_row_TK, plan.row_weight_N, self.config.activation,
+        )
 
     def run(self, x_ND: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
         """The layer's expert stage: grouped rows in, weighted expert outputs out, same row order

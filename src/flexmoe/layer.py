@@ -12,6 +12,7 @@ from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
 from .ops import permute, unpermute_sum
 from .ops._backend import use_triton as resolve_use_triton
+from .ops.checks import check_finite
 from .parallel import EPGroup, ParallelConfig, ParallelExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
@@ -66,9 +67,12 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
-        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
-        y_ND = self.experts.run(x_ND, plan, use_triton)
-        y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
+        if self.config.kernels == "fused" and not isinstance(self.experts, ParallelExperts):
+            y_TD = self.experts.forward_tokens(x_TD, plan)
+        else:
+            x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
+            y_ND = self.experts.run(x_ND, plan, use_triton)
+            y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
@@ -94,8 +98,8 @@ class MoELayer(nn.Module):
                 f"MoELayer input dtype {x.dtype} differs from its parameters' dtype {weight_dtype}; "
                 "cast one of them (e.g. layer.to(x.dtype))"
             )
-        if cfg.validate_inputs and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ValueError("MoELayer input contains NaN or Inf")
+        if cfg.validate_inputs and not torch.compiler.is_compiling():
+            check_finite(x, "MoELayer input contains NaN or Inf")
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -18,18 +18,24 @@ def triton_kernels() -> ModuleType:
     return module
 
 
+def fused_gemm() -> ModuleType:
+    from . import fused_gemm as module
+
+    return module
+
+
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve a ``MoEConfig.kernels`` choice for tensors on ``device``.
 
-    "auto": Triton on CUDA when installed. "triton": always (CPU tensors need
-    ``TRITON_INTERPRET=1``). "torch": never.
+    "auto" and "per_expert": Triton on CUDA when installed. "triton" and "fused": always (CPU
+    tensors need ``TRITON_INTERPRET=1``). "torch": never.
     """
     if kernels == "torch":
         return False
-    if kernels == "triton":
+    if kernels in ("triton", "fused"):
         if not _TRITON_INSTALLED:
-            raise RuntimeError("MoEConfig.kernels='triton' but triton is not installed")
+            raise RuntimeError(f"MoEConfig.kernels={kernels!r} but triton is not installed")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("MoEConfig.kernels='triton' on CPU tensors needs TRITON_INTERPRET=1")
+            raise RuntimeError(f"MoEConfig.kernels={kernels!r} on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return device.type == "cuda" and _TRITON_INSTALLED

@@ -78,8 +78,12 @@ def has_fast_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     )
 
 
-def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Grouped ``x @ w[e]^T`` over row groups given by ``offsets_E``."""
-    if has_fast_grouped_mm(x_NI, w_EOI):
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor, per_expert: bool = False) -> torch.Tensor:
+    """Grouped ``x @ w[e]^T`` over row groups given by ``offsets_E``.
+
+    ``per_expert``: one ``torch.mm`` (cuBLAS on CUDA) per group instead of the grouped kernel;
+    it reads the offsets on the host (one synchronisation), which few large experts can afford.
+    """
+    if not per_expert and has_fast_grouped_mm(x_NI, w_EOI):
         return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E)
     return grouped_mm_loop(x_NI.contiguous(), w_EOI.contiguous(), offsets_E)

@@ -1,0 +1,315 @@
+"""Fused expert kernels against the unfused stages they replace, and the whole layer.
+
+For each shape and routing: first the fused kernels' outputs and gradients are checked against
+the unfused path on the same inputs (max errors printed), then each fused kernel is timed against
+its unfused stage, then the layer forward+backward: unfused ("auto"), fused, fused in a CUDA
+graph, and (few experts only) one cuBLAS GEMM per expert. TFLOP/s and % of a dense bf16 matmul
+measured in the same run. A failing case prints its error and the run goes on.
+
+GPU:  python benchmarks/kernels.py            (all shapes)    --quick: one shape, uniform
+CPU smoke check (interpreted Triton, tiny shapes):  python benchmarks/kernels.py --tiny
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--tiny" in sys.argv:  # CPU smoke run: Triton must be interpreted, set before it is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import traceback  # noqa: E402
+
+import torch  # noqa: E402
+
+import flexmoe  # noqa: E402
+from flexmoe.ops import grouped_mm, permute, scaled_activation, unpermute_sum  # noqa: E402
+from flexmoe.ops import fused_gemm as fg  # noqa: E402
+from flexmoe.ops.activation import swiglu_scaled_backward  # noqa: E402
+from flexmoe.ops.grouped_gemm import grouped_mm_loop_wgrad, has_fast_grouped_mm  # noqa: E402
+from flexmoe.ops.triton_kernels import gather_sum  # noqa: E402
+from flexmoe.plan import make_dispatch_plan  # noqa: E402
+from layer import SHAPES, matmul_tflops, skew_router_, timed, training_step  # noqa: E402
+
+TINY = {"tiny": (64, 32, 8, 2)}
+PER_EXPERT_MAX_E = 16  # the per-expert GEMM loop is only a candidate for few experts
+
+
+def same_layer(layer: flexmoe.MoELayer, kernels: str) -> flexmoe.MoELayer:
+    """A copy of ``layer`` (same weights) with another ``kernels`` choice."""
+    cfg = dataclasses.replace(layer.config, kernels=kernels)
+    weight = layer.experts.gate_up_proj
+    other = flexmoe.MoELayer(cfg).to(device=weight.device, dtype=weight.dtype)
+    other.load_state_dict(layer.state_dict())
+    return other
+
+
+def wgrad_unfused(g_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``dw[e] = g_e^T @ x_e`` as the unfused backward computes it."""
+    if has_fast_grouped_mm(g_NO, x_NI.unsqueeze(0)):
+        return torch._grouped_mm(g_NO.t(), x_NI, offs=offsets_E)
+    return grouped_mm_loop_wgrad(g_NO, x_NI, offsets_E)
+
+
+class Stages:
+    """Inputs of one layer call and both versions of each expert-stage kernel on them."""
+
+    def __init__(self, layer: flexmoe.MoELayer, x_TD: torch.Tensor):
+        cfg = layer.config
+        self.act = cfg.activation
+        with torch.no_grad():
+            routing = layer.router(x_TD)
+        self.plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, cfg.num_experts)
+        self.x_TD = x_TD
+        self.w_gu = layer.experts.gate_up_proj.detach()
+        self.w_dn = layer.experts.down_proj.detach()
+        self.scale_N = self.plan.row_weight_N.detach().contiguous()
+        self.dy_TD = torch.randn_like(x_TD)
+        self.schedule = fg.Schedule(self.plan.offsets_E, self.plan.num_rows)
+        p = self.plan
+        self.x_ND = permute(x_TD, p.row_token_N, p.pair_row_TK, True)
+        self.h_NH = grouped_mm(self.x_ND, self.w_gu, p.offsets_E)
+        self.a_NF = scaled_activation(self.h_NH, self.scale_N, p.offsets_E[-1:], self.act, True)
+        self.dy_ND = permute(self.dy_TD, p.row_token_N, p.pair_row_TK, True)
+        self.dh_NH = self.unfused_dgrad()[0]
+        self.uses_tma = fg.hopper_tma(self.w_gu) and fg.hopper_tma(self.w_dn)
+        self.tma = None  # fused kernels: TMA weight loads where fg.hopper_tma allows (None), or pointer loads (False)
+
+    # unfused stages
+    def unfused_gate_up(self):
+        p = self.plan
+        x_ND = permute(self.x_TD, p.row_token_N, p.pair_row_TK, True)
+        h = grouped_mm(x_ND, self.w_gu, p.offsets_E)
+        return h, scaled_activation(h, self.scale_N, p.offsets_E[-1:], self.act, True)
+
+    def unfused_down(self):
+        y_ND = grouped_mm(self.a_NF, self.w_dn, self.plan.offsets_E)
+        return unpermute_sum(y_ND, self.plan.pair_row_TK, self.plan.row_token_N, True)
+
+    def unfused_dgrad(self):
+        p = self.plan
+        dy_ND = permute(self.dy_TD, p.row_token_N, p.pair_row_TK, True)
+        da = grouped_mm(dy_ND, self.w_dn.transpose(1, 2), p.offsets_E)
+        if self.act != "swiglu":
+            raise NotImplementedError("the stage benchmark covers swiglu")
+        return swiglu_scaled_backward(self.h_NH, self.scale_N, p.offsets_E[-1:], da, True)
+
+    def unfused_wgrad_down(self):
+        return wgrad_unfused(self.dy_ND, self.a_NF, self.plan.offsets_E)
+
+    def unfused_wgrad_gate_up(self):
+        return wgrad_unfused(self.dh_NH, self.x_ND, self.plan.offsets_E)
+
+    def unfused_dx(self):
+        dx_ND = grouped_mm(self.dh_NH, self.w_gu.transpose(1, 2), self.plan.offsets_E)
+        return unpermute_sum(dx_ND, self.plan.pair_row_TK, self.plan.row_token_N, True)
+
+    # fused kernels
+    def fused_gate_up(self):
+        return fg.gate_up(self.x_TD, self.plan.row_token_N, self.w_gu, self.scale_N, self.schedule, self.act, self.tma)
+
+    def fused_down(self):
+        return gather_sum(fg.expert_mm(self.a_NF, self.w_dn, True, self.schedule, self.tma), self.plan.pair_row_TK)
+
+    def fused_dgrad(self):
+        return fg.down_dgrad(self.dy_TD, self.plan.row_token_N, self.w_dn, self.h_NH, self.scale_N, self.schedule, self.act,
+                             self.tma)
+
+    def fused_wgrad_down(self):
+        return fg.expert_wgrad(self.dy_TD, self.plan.row_token_N, self.a_NF, None, self.w_gu.shape[0], self.schedule)
+
+    def fused_wgrad_gate_up(self):
+        return fg.expert_wgrad(self.dh_NH, None, self.x_TD, self.plan.row_token_N, self.w_gu.shape[0], self.schedule)
+
+    def fused_dx(self):
+        return gather_sum(fg.expert_mm(self.dh_NH, self.w_gu, False, self.schedule, self.tma), self.plan.pair_row_TK)
+
+
+STAGES = ["gate_up", "down", "dgrad", "wgrad_down", "wgrad_gate_up", "dx"]
+TMA_STAGES = ("gate_up", "down", "dgrad", "dx")  # the stages whose weight loads can go through TMA
+
+
+def stage_flops(name: str, N: int, D: int, F: int, H: int) -> float:
+    return 2 * N * D * (H if name in ("gate_up", "wgrad_gate_up", "dx") else F)
+
+
+def max_rel_err(a, b) -> tuple[float, float]:
+    """(max abs error, max abs error / max |reference|) over the kept rows of a and b."""
+    a, b = a.float(), b.float()
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    return err, err / max(b.abs().max().item() if b.numel() else 0.0, 1e-30)
+
+
+def check_stages(st: Stages) -> list[tuple[str, float, float]]:
+    """Each fused kernel (both weight-load variants) against its unfused stage; rows past the kept
+    ones are not compared."""
+    n = int(st.plan.offsets_E[-1])
+    out = []
+    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.uses_tma]:
+        st.tma = tma
+        got, want = getattr(st, f"fused_{name}")(), getattr(st, f"unfused_{name}")()
+        label = f"{name} (pointer loads)" if tma is False else name
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g.dim() == 2 and g.shape[0] == st.plan.num_rows:
+                g, w = g[:n], w[:n]
+            elif g.dim() == 1:
+                g, w = g[:n], w[:n]
+            out.append((f"{label}[{i}]", *max_rel_err(g, w)))
+    st.tma = None
+    return out
+
+
+def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tensor) -> list[tuple[str, float, float]]:
+    """Fused layer against the unfused one: output, input gradient, every parameter gradient."""
+    grad = torch.randn_like(x)
+    results = []
+    outs = []
+    for module in (layer, fused):
+        xi = x.detach().clone().requires_grad_(True)
+        y = module(xi)
+        y.backward(grad)
+        outs.append((y, xi.grad, [p.grad for p in module.parameters()]))
+        for p in module.parameters():
+            p.grad = None
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    results.append(("layer y", *max_rel_err(y1, y0)))
+    results.append(("layer dx", *max_rel_err(gx1, gx0)))
+    for (name, _), g0, g1 in zip(layer.named_parameters(), gp0, gp1):
+        results.append((f"layer d{name}", *max_rel_err(g1, g0)))
+    return results
+
+
+def check_graph(fused: flexmoe.MoELayer, x: torch.Tensor) -> list[tuple[str, float, float]]:
+    """The CUDA-graphed fused layer against the eager fused layer on a fresh input."""
+    graphed = flexmoe.cuda_graph_layer(copy.deepcopy(fused), x.detach().clone().requires_grad_(True))
+    x2 = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    results = []
+    ys = []
+    for module in (fused, graphed):
+        xi = x2.clone().requires_grad_(True)
+        y = module(xi)
+        y.backward(grad)
+        ys.append((y.detach().clone(), xi.grad.clone(), [p.grad.clone() for p in module.parameters()]))
+        for p in module.parameters():
+            p.grad = None
+    results.append(("graph y", *max_rel_err(ys[1][0], ys[0][0])))
+    results.append(("graph dx", *max_rel_err(ys[1][1], ys[0][1])))
+    for (name, _), g0, g1 in zip(fused.named_parameters(), ys[0][2], ys[1][2]):
+        results.append((f"graph d{name}", *max_rel_err(g1, g0)))
+    return results, graphed
+
+
+def print_errors(rows) -> None:
+    print("| checked | max abs err | max abs err / max abs ref |\n|---|---|---|")
+    for name, err, rel in rows:
+        print(f"| {name} | {err:.2e} | {rel:.2e} |")
+
+
+def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
+    torch.manual_seed(0)
+    dtype = torch.float32 if args.tiny else torch.bfloat16  # the Triton interpreter's bf16 tl.dot is wrong
+    cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
+    layer = flexmoe.MoELayer(cfg).to(device=device, dtype=dtype)
+    x_TD = torch.randn(args.tokens, D, device=device, dtype=dtype)
+    if routing == "zipf":
+        with torch.no_grad():
+            skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
+    fused = same_layer(layer, "fused")
+    st = Stages(layer, x_TD)
+    counts = st.plan.counts_E.float()
+    N, H = int(st.plan.offsets_E[-1]), st.w_gu.shape[1]
+    print(f"\n## {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
+          f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}")
+
+    print(f"\n### correctness on this device (fused vs unfused, {dtype})")
+    errors = check_stages(st) + check_layer(layer, fused, x_TD.unsqueeze(0))
+    graphed = None
+    if device.type == "cuda":
+        try:
+            graph_errors, graphed = check_graph(fused, x_TD.unsqueeze(0))
+            errors += graph_errors
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"CUDA graph check FAILED: {type(exc).__name__}: {exc}")
+    print_errors(errors)
+
+    print(f"\n### kernels (same inputs; fused weight loads: {'TMA' if st.uses_tma else 'pointer'})")
+    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, pointer loads ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name in STAGES:
+        try:
+            t_u = timed(getattr(st, f"unfused_{name}"), args.reps, device)
+            t_f = timed(getattr(st, f"fused_{name}"), args.reps, device)
+            t_p = float("nan")
+            if st.uses_tma and name in TMA_STAGES:
+                st.tma = False
+                t_p = timed(getattr(st, f"fused_{name}"), args.reps, device)
+                st.tma = None
+            tf = stage_flops(name, N, D, F, H) / (t_f * 1e-3) / 1e12
+            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% | {t_p:.3f} |")
+        except Exception as exc:  # noqa: BLE001
+            st.tma = None
+            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | |")
+
+    if device.type == "cuda":
+        picked = {name: getattr(tuner, "best_config", None) for name, tuner in fg._tuned.items()}
+        print("last autotuned configs: " + "; ".join(f"{name} {cfg}" for name, cfg in picked.items()))
+
+    flops = 18 * args.tokens * k * D * F
+    print("\n### layer forward+backward\n| impl | ms | TFLOP/s | % of matmul | vs unfused |\n|---|---|---|---|---|")
+    impls = [("unfused (auto)", layer), ("fused", fused)]
+    if graphed is not None:
+        impls.append(("fused + CUDA graph", graphed))
+    if E <= PER_EXPERT_MAX_E:
+        impls.append(("per-expert cuBLAS", same_layer(layer, "per_expert")))
+    base = None
+    x_BTD = x_TD.unsqueeze(0)
+    for name, module in impls:
+        try:
+            ms = timed(training_step(module, x_BTD), args.reps, device)
+            base = base or ms
+            tf = flops / (ms * 1e-3) / 1e12
+            print(f"| {name} | {ms:.2f} | {tf:.0f} | {100 * tf / tflops:.0f}% | {base / ms:.2f}x |")
+        except Exception as exc:  # noqa: BLE001
+            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | |")
+    print(f"ideal at the measured matmul rate: {flops / (tflops * 1e12) * 1e3:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU (interpreted Triton)")
+    parser.add_argument("--quick", action="store_true", help="one shape (olmoe), uniform routing")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
+    parser.add_argument("--zipf-alpha", type=float, default=1.2)
+    parser.add_argument("--reps", type=int, default=10, help="calls per timed trial (5 trials)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
+    if args.quick:
+        shapes, args.routing = {"olmoe": SHAPES["olmoe"]}, "uniform"
+    if args.tiny:
+        shapes, args.tokens, args.reps = TINY, 64, 1
+    tflops = matmul_tflops(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreted Triton)"
+    print(f"# {datetime.date.today()}  device: {name}  torch {torch.__version__}  dense bf16 matmul: {tflops:.0f} TFLOP/s")
+    for shape, (D, F, E, k) in shapes.items():
+        for routing in args.routing.split(","):
+            try:
+                run_case(shape, D, F, E, k, routing, args, device, tflops)
+            except Exception:  # noqa: BLE001 - one failing case must not end the run
+                print(f"\n## {shape}, {routing}: FAILED")
+                traceback.print_exc(file=sys.stdout)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

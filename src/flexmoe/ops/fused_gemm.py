@@ -1,0 +1,528 @@
+"""Triton grouped GEMMs of the expert stage with the gathers and activations fused in.
+
+Legend: T tokens, K slots, N grouped rows, E experts, D model width, F expert hidden width,
+H = 2F (gated) or F, Q row blocks, B rows per block, P programs.
+A *row block* is up to B consecutive grouped rows of one expert; the table of row blocks
+(``row_blocks``) is built on the device from the offsets, so no kernel needs a host sync and
+every program has at most B rows to do whatever the routing skew.
+
+- ``gate_up``: ``h = x[row_token] @ w_gu[e]^T`` with the gather in the operand load (no ``x_ND``)
+  and ``a = act(h) * scale`` in the epilogue; writes ``h`` (for backward) and ``a``.
+- ``expert_mm``: ``out = a @ w[e]`` with strides choosing ``w[e]`` or ``w[e]^T``.
+- ``down_dgrad``: ``da = dy[row_token] @ w_down[e]`` with the gather in the load (no permuted
+  gradient) and the activation backward (and the routing-weight gradient) in the epilogue.
+- ``expert_wgrad``: ``dw[e] = g[rows of e]^T @ x[rows of e]``, either operand gathered; a
+  persistent grid walks (row block, output tile) items, so a hot expert's rows are spread over
+  all programs. An expert's only block writes ``dw[e]`` directly; the blocks of a split (hot)
+  expert write float32 (float64) partials that a second kernel sums in a fixed order.
+On CUDA each kernel is autotuned over a small tile set keyed on the shape; on CPU tensors (under
+``TRITON_INTERPRET=1``) one small fixed tile runs. On sm90+ (``hopper_tma``) the weight tiles are
+loaded through TMA descriptors of ``w`` viewed as ``[E * rows, cols]``: columns past the end are
+zero-filled; rows that run into the next expert only meet masked outputs or zero operands.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side TMA descriptors: the pointer path only
+    TensorDescriptor = None
+
+ACTIVATION_CODES = {"swiglu": 0, "gelu": 1, "relu": 2}
+_CPU_TILE = dict(BN=32, BK=32)
+_CPU_ROWS = 32
+
+
+# ---------------------------------------------------------------- schedule (torch, on device)
+
+
+def row_block_size(num_rows: int, num_experts: int, device: torch.device) -> int:
+    """Rows per block of the forward / dgrad GEMMs: 128, or 64 when experts are small."""
+    if device.type != "cuda":
+        return _CPU_ROWS
+    return 128 if num_rows >= 128 * num_experts else 64
+
+
+def expert_blocks(offsets_E: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first row, end row, blocks of ``block`` rows) of each expert, int64."""
+    ends_E = offsets_E.to(torch.int64)
+    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    return starts_E, ends_E, (ends_E - starts_E + block - 1) // block
+
+
+def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks of at most ``block`` rows of one expert: (expert_Q, first_row_Q, end_row_Q), int32.
+
+    ``num_rows`` (the grouped buffer's length, known on the host) bounds the count:
+    Q = num_rows // block + E + 1; unused blocks have ``first_row == end_row``.
+    """
+    E = offsets_E.shape[0]
+    starts_E, ends_E, blocks_E = expert_blocks(offsets_E, block)
+    cum_E = torch.cumsum(blocks_E, 0)
+    Q = num_rows // block + E + 1
+    q_Q = torch.arange(Q, device=offsets_E.device)
+    expert_Q = torch.searchsorted(cum_E, q_Q, right=True).clamp_max(E - 1)
+    first_Q = starts_E[expert_Q] + (q_Q - (cum_E - blocks_E)[expert_Q]) * block
+    used_Q = q_Q < cum_E[-1]
+    end_Q = torch.where(used_Q, torch.minimum(first_Q + block, ends_E[expert_Q]), 0)
+    first_Q = torch.where(used_Q, first_Q, 0)
+    return expert_Q.to(torch.int32), first_Q.to(torch.int32), end_Q.to(torch.int32)
+
+
+# ---------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _act_fwd(g, u, ACT: tl.constexpr):
+    """act(h) (ungated: g is h, u unused) or silu(g) * u."""
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g)) * u
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM: tl.constexpr):
+    expert = tl.load(block_expert_ptr + q).to(tl.int64)
+    first = tl.load(block_first_ptr + q).to(tl.int64)
+    end = tl.load(block_end_ptr + q).to(tl.int64)
+    rows = first + tl.arange(0, BM)
+    return expert, first, end, rows, rows < end
+
+
+@triton.jit
+def _source_rows(index_ptr, rows, row_ok, GATHER: tl.constexpr):
+    """Rows of the operand to read: ``index[rows]`` (gathered) or ``rows``; -1 rows read zeros."""
+    if GATHER:
+        src = tl.load(index_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        return src, row_ok & (src >= 0)
+    return rows, row_ok
+
+
+@triton.jit
+def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
+    """(row block, column tile) of this program on a 1-D grid: GROUP consecutive row blocks sweep
+    all column tiles together, so their operand rows and the weight tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP * tiles_n
+    first_q = (pid // per_group) * GROUP
+    size = tl.minimum(num_blocks - first_q, GROUP)
+    return first_q + (pid % per_group) % size, (pid % per_group) // size
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
+    D, F,
+    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
+):
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
+    expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
+    if first < end:
+        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < F
+        H = 2 * F if GATED else F
+        w_e = w_ptr + expert * H * D
+        acc_g = tl.zeros([BM, BN], dtype=ACC)
+        acc_u = tl.zeros([BM, BN], dtype=ACC)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < D
+            x = tl.load(x_ptr + src[:, None] * D + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if TMA:
+                wg = tl.trans(w_desc.load([(expert * H + pid_n * BN).to(tl.int32), k0]))
+            else:
+                wg = tl.load(w_e + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_g = tl.dot(x, wg, acc_g, input_precision=PREC)
+            if GATED:
+                if TMA:
+                    wu = tl.trans(w_desc.load([(expert * H + F + pid_n * BN).to(tl.int32), k0]))
+                else:
+                    wu = tl.load(w_e + (F + cols[None, :]) * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc_u = tl.dot(x, wu, acc_u, input_precision=PREC)
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        a = _act_fwd(acc_g, acc_u, ACT) * scale[:, None]
+        mask = row_ok[:, None] & col_ok[None, :]
+        out_ty = h_ptr.dtype.element_ty
+        tl.store(h_ptr + rows[:, None] * H + cols[None, :], acc_g.to(out_ty), mask=mask)
+        if GATED:
+            tl.store(h_ptr + rows[:, None] * H + F + cols[None, :], acc_u.to(out_ty), mask=mask)
+        tl.store(a_ptr + rows[:, None] * F + cols[None, :], a.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _expert_mm_kernel(
+    a_ptr, w_ptr, w_desc, out_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
+    KDIM, NOUT, stride_we, stride_wk, stride_wn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
+):
+    """``out[r] = a[r] @ W_e`` with ``W_e[k, n] = w[e, k * stride_wk + n * stride_wn]``.
+
+    TMA 1: ``w_desc`` rows are (expert, n) (``w[e]^T`` use); TMA 2: they are (expert, k)."""
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(NOUT, BN), GROUP)
+    expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
+    if first < end:
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < NOUT
+        w_e = w_ptr + expert * stride_we
+        acc = tl.zeros([BM, BN], dtype=ACC)
+        for k0 in range(0, KDIM, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < KDIM
+            a = tl.load(a_ptr + rows[:, None] * KDIM + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if TMA == 1:
+                w = tl.trans(w_desc.load([(expert * NOUT + pid_n * BN).to(tl.int32), k0]))
+            elif TMA == 2:
+                w = w_desc.load([(expert * KDIM + k0).to(tl.int32), pid_n * BN])
+            else:
+                w = tl.load(w_e + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PREC)
+        tl.store(out_ptr + rows[:, None] * NOUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_dgrad_kernel(
+    dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
+    D, F,
+    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
+):
+    """``da = dy[row_token] @ w_down[e]``, then ``dh = d act`` and per-tile ``dscale`` partials."""
+    tiles_n = tl.cdiv(F, BN)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tiles_n, GROUP)
+    expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
+    if first < end:
+        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < F
+        w_e = w_ptr + expert * D * F
+        da = tl.zeros([BM, BN], dtype=ACC)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < D
+            dy = tl.load(dy_ptr + src[:, None] * D + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if TMA:
+                w = w_desc.load([(expert * D + k0).to(tl.int32), pid_n * BN])
+            else:
+                w = tl.load(w_e + ks[:, None] * F + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            da = tl.dot(dy, w, da, input_precision=PREC)
+        H = 2 * F if GATED else F
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(h_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC)
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+        out_ty = dh_ptr.dtype.element_ty
+        if GATED:
+            u = tl.load(h_ptr + rows[:, None] * H + F + cols[None, :], mask=mask, other=0.0).to(ACC)
+            sig = 1.0 / (1.0 + tl.exp(-g))
+            silu = g * sig
+            act = silu * u
+            dg = da * scale * u * sig * (1.0 + g * (1.0 - sig))
+            tl.store(dh_ptr + rows[:, None] * H + cols[None, :], dg.to(out_ty), mask=mask)
+            tl.store(dh_ptr + rows[:, None] * H + F + cols[None, :], (da * scale * silu).to(out_ty), mask=mask)
+        else:
+            act = _act_fwd(g, g, ACT)
+            if ACT == 1:
+                cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+                dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+            else:
+                dact = tl.where(g > 0, 1.0, 0.0)
+            tl.store(dh_ptr + rows[:, None] * H + cols[None, :], (da * scale * dact).to(out_ty), mask=mask)
+        partial = tl.sum(tl.where(mask, act * da, 0.0), axis=1)
+        tl.store(dscale_part_ptr + rows * tiles_n + pid_n, partial, mask=row_ok)
+
+
+@triton.jit
+def _expert_wgrad_kernel(
+    g_ptr, g_index_ptr, x_ptr, x_index_ptr, dw_ptr, part_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, block_slot_ptr,
+    NUM_BLOCKS, O, I,
+    GATHER_G: tl.constexpr, GATHER_X: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    """``g[rows]^T @ x[rows]`` for every (row block, BM x BN tile of dw[e]) item.
+
+    Persistent: program p takes items p, p + P, ...; items are block-major, so the programs
+    working on one block at a time share its rows in cache. Each item walks its block BK rows
+    at a time; the only block of an expert stores its tile in ``dw`` directly, the blocks of a
+    split expert store theirs in their slot of ``part`` (summed by ``_wgrad_reduce_kernel``).
+    """
+    tiles_o = tl.cdiv(O, BM)
+    tiles_i = tl.cdiv(I, BN)
+    items = NUM_BLOCKS * tiles_o * tiles_i
+    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+        q = item // (tiles_o * tiles_i)
+        t = item % (tiles_o * tiles_i)
+        expert = tl.load(block_expert_ptr + q).to(tl.int64)
+        first = tl.load(block_first_ptr + q).to(tl.int64)
+        end = tl.load(block_end_ptr + q).to(tl.int64)
+        if first < end:
+            outs = (t // tiles_i) * BM + tl.arange(0, BM)
+            ins = (t % tiles_i) * BN + tl.arange(0, BN)
+            out_ok = outs < O
+            in_ok = ins < I
+            acc = tl.zeros([BM, BN], dtype=ACC)
+            for r0 in range(first, end, BK):
+                rows = r0 + tl.arange(0, BK)
+                row_ok = rows < end
+                g_rows, g_ok = _source_rows(g_index_ptr, rows, row_ok, GATHER_G)
+                x_rows, x_ok = _source_rows(x_index_ptr, rows, row_ok, GATHER_X)
+                g = tl.load(g_ptr + g_rows[None, :] * O + outs[:, None], mask=g_ok[None, :] & out_ok[:, None], other=0.0)
+                x = tl.load(x_ptr + x_rows[:, None] * I + ins[None, :], mask=x_ok[:, None] & in_ok[None, :], other=0.0)
+                acc = tl.dot(g, x, acc, input_precision=PREC)
+            tile = outs[:, None] * I + ins[None, :]
+            slot = tl.load(block_slot_ptr + q).to(tl.int64)
+            if slot < 0:
+                tl.store(dw_ptr + expert * O * I + tile, acc.to(dw_ptr.dtype.element_ty), mask=out_ok[:, None] & in_ok[None, :])
+            else:
+                tl.store(part_ptr + slot * O * I + tile, acc, mask=out_ok[:, None] & in_ok[None, :])
+
+
+@triton.jit
+def _wgrad_reduce_kernel(part_ptr, dw_ptr, blocks_ptr, slot_start_ptr, OI, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``dw[e] = sum of e's slots`` in slot order (deterministic) for experts with 0 or >= 2 blocks."""
+    e = tl.program_id(1).to(tl.int64)
+    n = tl.load(blocks_ptr + e)
+    if n != 1:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < OI
+        first = tl.load(slot_start_ptr + e).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for j in range(0, n):
+            acc += tl.load(part_ptr + (first + j) * OI + offs, mask=ok, other=0.0)
+        tl.store(dw_ptr + e * OI + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _set_weight_block(nargs: dict) -> None:
+    """Autotune pre-hook: give the weight descriptor (if any) the tile of the config being run."""
+    desc = nargs.get("w_desc")
+    if desc is not None:
+        desc.block_shape = _weight_block(nargs["TMA"], nargs["BN"], nargs["BK"])
+
+
+def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
+    return [bn, bk] if mode == 1 else [bk, bn]
+
+
+def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
+
+
+_MM_CONFIGS = [
+    _config(4, 4, BN=64, BK=64), _config(4, 4, BN=128, BK=64), _config(8, 3, BN=128, BK=64),
+    _config(8, 3, BN=256, BK=64),
+]
+_GATED_CONFIGS = [_config(4, 4, BN=64, BK=64), _config(8, 3, BN=64, BK=64), _config(8, 3, BN=128, BK=64)]
+_DGRAD_BN = 64  # fixed: the routing-weight gradient has one partial sum per BN columns
+_DGRAD_CONFIGS = [_config(4, 4, BN=_DGRAD_BN, BK=64), _config(8, 3, BN=_DGRAD_BN, BK=64), _config(4, 3, BN=_DGRAD_BN, BK=128)]
+_WGRAD_CONFIGS = [
+    _config(4, 4, BM=64, BN=128, BK=64), _config(8, 3, BM=128, BN=128, BK=64), _config(8, 3, BM=128, BN=256, BK=64),
+]
+_CPU_WGRAD = dict(BM=32, BN=32, BK=16)
+
+_tuned = {
+    "gate_up": triton.autotune(_GATED_CONFIGS + [_config(4, 4, BN=128, BK=64)], key=["D", "F", "GATED", "BM", "TMA"])(_gate_up_kernel),
+    "mm": triton.autotune(_MM_CONFIGS, key=["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"])(_expert_mm_kernel),
+    "dgrad": triton.autotune(_DGRAD_CONFIGS, key=["D", "F", "GATED", "BM", "TMA"])(_down_dgrad_kernel),
+    "wgrad": triton.autotune(_WGRAD_CONFIGS, key=["NUM_BLOCKS", "O", "I"])(_expert_wgrad_kernel),
+}
+_plain = {"gate_up": _gate_up_kernel, "mm": _expert_mm_kernel, "dgrad": _down_dgrad_kernel, "wgrad": _expert_wgrad_kernel}
+
+
+def _launch(name: str, device: torch.device, grid, *args, **constexprs) -> None:
+    """Run kernel ``name``: autotuned on CUDA, with the fixed small CPU tile elsewhere."""
+    if device.type == "cuda":
+        _tuned[name][grid](*args, **constexprs)
+    else:
+        tile = _CPU_WGRAD if name == "wgrad" else _CPU_TILE
+        for arg in args:
+            if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+                arg.block_shape = _weight_block(constexprs["TMA"], tile["BN"], tile["BK"])
+        _plain[name][grid](*args, **constexprs, **tile)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: exact products for float32 / float64 data (no TF32)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def hopper_tma(w_E: torch.Tensor) -> bool:
+    """Whether the weight loads can use TMA descriptors: sm90+ CUDA, Triton's host descriptors,
+    16-bit contiguous weights with 16-byte aligned rows."""
+    return (
+        TensorDescriptor is not None
+        and w_E.is_cuda
+        and torch.cuda.get_device_capability(w_E.device)[0] >= 9
+        and w_E.dtype in (torch.bfloat16, torch.float16)
+        and w_E.is_contiguous()
+        and w_E.shape[-1] % 8 == 0
+        and w_E.data_ptr() % 16 == 0
+    )
+
+
+def _weight_desc(w_E: torch.Tensor, mode: int):
+    """A descriptor of ``w_E`` as ``[E * rows, cols]`` (tile set at launch), or None for mode 0."""
+    if not mode:
+        return None
+    return TensorDescriptor.from_tensor(w_E.reshape(-1, w_E.shape[-1]), _weight_block(mode, 64, 64))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class Schedule:
+    """The row blocks of one grouped buffer (built once, used by every GEMM of a pass)."""
+
+    def __init__(self, offsets_E: torch.Tensor, num_rows: int):
+        self.num_rows = num_rows
+        self.block = row_block_size(num_rows, offsets_E.shape[0], offsets_E.device)
+        self.tables = row_blocks(offsets_E, num_rows, self.block)
+        self.offsets_E = offsets_E
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tables[0].shape[0]
+
+    @functools.cached_property
+    def wgrad(self) -> WgradSchedule:
+        """Coarser blocks for the weight gradients: one per expert at even load (up to twice the
+        mean rows), so only hot experts are split."""
+        E = self.offsets_E.shape[0]
+        chunk = 16 if self.offsets_E.device.type != "cuda" else max(256, triton.cdiv(2 * self.num_rows, E * 64) * 64)
+        return WgradSchedule(self.offsets_E, self.num_rows, chunk)
+
+
+class WgradSchedule:
+    """Row blocks of at most ``chunk`` rows for the weight gradients, and the scratch slots of the
+    blocks of split experts (``slot_Q`` -1 for an expert's only block).
+
+    A split expert has more than ``chunk`` rows and at most ``2 * rows / chunk`` blocks, so
+    ``2 * num_rows // chunk`` slots always suffice.
+    """
+
+    def __init__(self, offsets_E: torch.Tensor, num_rows: int, chunk: int):
+        self.tables = row_blocks(offsets_E, num_rows, chunk)
+        expert_Q, first_Q, end_Q = self.tables
+        starts_E, _, blocks_E = expert_blocks(offsets_E, chunk)
+        slots_E = torch.where(blocks_E > 1, blocks_E, 0)
+        slot_start_E = torch.cumsum(slots_E, 0) - slots_E
+        e_Q = expert_Q.to(torch.int64)
+        within_Q = (first_Q.to(torch.int64) - starts_E[e_Q]) // chunk
+        split_Q = (blocks_E[e_Q] > 1) & (end_Q > first_Q)
+        self.slot_Q = torch.where(split_Q, slot_start_E[e_Q] + within_Q, -1).to(torch.int32)
+        self.blocks_E = blocks_E.to(torch.int32)
+        self.slot_start_E = slot_start_E.to(torch.int32)
+        self.num_slots = max(1, 2 * num_rows // chunk)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tables[0].shape[0]
+
+
+def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
+    """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation.
+
+    ``tma``: weight tiles through TMA descriptors (None: where ``hopper_tma`` allows)."""
+    N, (E, H, D) = schedule.num_rows, w_EHD.shape
+    gated = activation == "swiglu"
+    F = H // 2 if gated else H
+    h_NH = x_TD.new_empty((N, H))
+    a_NF = x_TD.new_empty((N, F))
+    if N and F and x_TD.shape[0]:
+        grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
+        mode = int(hopper_tma(w_EHD) if tma is None else tma)
+        _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF,
+                *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
+                BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype), TMA=mode)
+    return h_NH, a_NF
+
+
+def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None) -> torch.Tensor:
+    """``out[r] = a[r] @ w[e]^T`` (transpose) or ``a[r] @ w[e]`` for the expert e owning row r."""
+    K = a_NK.shape[1]
+    n_out = w_E.shape[1] if transpose else w_E.shape[2]
+    out = a_NK.new_empty((a_NK.shape[0], n_out))
+    stride_k, stride_n = (w_E.stride(2), w_E.stride(1)) if transpose else (w_E.stride(1), w_E.stride(2))
+    if schedule.num_rows and n_out and K:
+        grid = lambda meta: (schedule.num_blocks * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
+        mode = (1 if transpose else 2) if (hopper_tma(w_E) if tma is None else tma) else 0
+        _launch("mm", a_NK.device, grid, a_NK, w_E, _weight_desc(w_E, mode), out, *schedule.tables, schedule.num_blocks, K,
+                n_out, w_E.stride(0), stride_k, stride_n, BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype),
+                TMA=mode)
+    elif K == 0:
+        out.zero_()
+    return out
+
+
+def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
+    """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load."""
+    N, (E, D, F) = schedule.num_rows, w_EDF.shape
+    gated = activation == "swiglu"
+    dh_NH = torch.empty_like(h_NH)
+    if not (N and F and dy_TD.shape[0]):
+        return dh_NH.zero_(), torch.zeros_like(scale_N)
+    block_n = _DGRAD_BN if dy_TD.device.type == "cuda" else _CPU_TILE["BN"]
+    tiles_n = triton.cdiv(F, block_n)
+    part_NP = torch.zeros((N, tiles_n), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
+    mode = 2 if (hopper_tma(w_EDF) if tma is None else tma) else 0
+    _launch("dgrad", dy_TD.device, (schedule.num_blocks * tiles_n,), dy_TD, row_token_N, w_EDF, _weight_desc(w_EDF, mode),
+            h_NH, scale_N, dh_NH, part_NP, *schedule.tables, schedule.num_blocks, D, F, GATED=gated,
+            ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype), TMA=mode)
+    return dh_NH, part_NP.sum(1).to(scale_N.dtype)
+
+
+def expert_wgrad(g_M, g_index, x_M, x_index, num_experts: int, schedule: Schedule) -> torch.Tensor:
+    """``dw[e] = g[rows of e]^T @ x[rows of e]`` (``[E, O, I]``), g / x rows gathered by index or not.
+
+    Deterministic: split experts' blocks are summed in a fixed order in float32 (float64).
+    """
+    O, I = g_M.shape[1], x_M.shape[1]
+    if not (schedule.num_rows and O and I and g_M.shape[0] and x_M.shape[0]):
+        return g_M.new_zeros((num_experts, O, I))
+    device = g_M.device
+    ws = schedule.wgrad
+    dw_EOI = g_M.new_empty((num_experts, O, I))
+    part_SOI = torch.empty((ws.num_slots, O, I), dtype=_acc_torch(g_M.dtype), device=device)
+    if device.type == "cuda":
+        programs = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        programs = 1 << 30
+    grid = lambda meta: (max(1, min(programs, ws.num_blocks * triton.cdiv(O, meta["BM"]) * triton.cdiv(I, meta["BN"]))),)  # noqa: E731
+    dummy = ws.slot_Q
+    _launch("wgrad", device, grid, g_M, g_index if g_index is not None else dummy, x_M,
+            x_index if x_index is not None else dummy, dw_EOI, part_SOI, *ws.tables, ws.slot_Q, ws.num_blocks, O, I,
+            GATHER_G=g_index is not None, GATHER_X=x_index is not None, ACC=_acc(g_M.dtype), PREC=_prec(g_M.dtype))
+    block = 4096 if device.type == "cuda" else 256
+    _wgrad_reduce_kernel[(triton.cdiv(O * I, block), num_experts)](
+        part_SOI, dw_EOI, ws.blocks_E, ws.slot_start_E, O * I, BLOCK=block, ACC=_acc(g_M.dtype))
+    return dw_EOI
