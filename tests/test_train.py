@@ -76,12 +76,14 @@ def test_training_on_the_standard_library_learns(stdlib_run, capsys):
     trace = read_trace(stdlib_run / "routing_trace.jsonl")
     assert trace.counts_TLWE.shape == (60, 2, 1, 4)
     assert (trace.counts_TLWE.sum(axis=-1) == 8 * 64 * 2).all()  # every token goes to top-2 experts
+    assert all(r["experts_per_token"] == 2.0 for r in last_per_step(records, "train"))
+    assert all(-1 <= r["expert_weight_cos"] <= 1 and len(r["expert_output_cos_per_layer"]) == 2 for r in val)
     assert [p.name for p in list_checkpoints(stdlib_run)] == ["step_0000030", "step_0000060"]
 
 
 def test_plot_writes_pngs(stdlib_run, capsys):
     assert main(["plot", str(stdlib_run)]) == 0
-    for name in ("loss.png", "balance.png", "expert_load.png"):
+    for name in ("loss.png", "balance.png", "expert_load.png", "similarity.png", "active_experts.png"):
         png = stdlib_run / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
     assert main(["plot", str(stdlib_run / "missing")]) == 2

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import WindowStream
 from .distributed import DistInfo, clip_gradients, rank_seed, sync_gradients
 from .metrics import MetricsLog, balance_ratio
+from .similarity import expert_similarity
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -213,6 +214,9 @@ class Trainer:
             ratio_L = balance_ratio(counts_WLE.sum(0))
             record["balance"] = float(ratio_L.mean())
             record["balance_per_layer"] = [round(float(r), 4) for r in ratio_L]
+            per_layer = counts_WLE.sum(axis=(0, 2)) / tokens
+            record["experts_per_token"] = float(per_layer.mean())
+            record["experts_per_token_per_layer"] = [round(float(k), 4) for k in per_layer]
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
                     self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
@@ -256,6 +260,7 @@ class Trainer:
     def _validate(self, bar) -> None:
         val = self.evaluate()
         record = {"kind": "val", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+        record.update(expert_similarity(self.model, self.val_windows[:2, :-1].to(self.device)))
         self.val_history.append(record)
         if self.info.is_main:
             self.metrics.write(record)
