@@ -23,7 +23,8 @@ _HELP = {
     "moe_every": "MoE FFN in every n-th block (1 = all), dense FFN elsewhere",
     "router": "top-k gate 'softmax' or 'sigmoid', or 'dts' (EvoMoE dense-to-sparse gate)",
     "bias_update_rate": "auxiliary-loss-free balancing (DeepSeek-V3) bias step; 0 = off",
-    "data": "a text file or folder of text files (default: the Python standard library's .py files)",
+    "data": "a text file or folder of text files, or 'site-packages' (every installed package's .py "
+            "files, deduplicated; ~250 MB) (default: the Python standard library's .py files)",
     "tokenizer": "'byte' (256 byte values) or 'bpe' (trained on the training split)",
     "precision": "'fp32', or 'bf16' autocast on CUDA (float32 master weights; MoE experts run in bf16, router in fp32)",
     "steps": "optimizer steps in total (the LR schedule spans them)",

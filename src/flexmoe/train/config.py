@@ -20,7 +20,8 @@ class TrainConfig:
     checkpoint_every, keep_checkpoints: checkpoint cadence (a checkpoint is also written at the
         end) and how many of the newest to keep.
     tokenizer: "byte" or "bpe" (trained on the training split, ``bpe_vocab_size`` tokens).
-    data: a text file or folder; None is the Python standard library's source.
+    data: a text file or folder; None is the Python standard library's source; "site-packages"
+        every .py file of the installed packages, deduplicated (``flexmoe.train.data``).
     val_fraction: share of files (by a hash of their path) held out for validation.
     precision: "fp32", or "bf16" (CUDA: autocast; MoE experts in bf16, router in fp32).
     expert_parallel: under torchrun, spread each MoE block's experts over the ranks
