@@ -90,11 +90,12 @@ def test_plot_writes_pngs(stdlib_run, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("router", ["softmax", "dts"])
+@pytest.mark.parametrize("router", ["softmax", "dts", "omoe"])
 def test_kill_and_resume_equals_uninterrupted(corpus, tmp_path, router):
     """Stop after step 7 (as a kill after the checkpoint would), resume to 14: identical losses."""
-    gate = (["--router", "softmax", "--bias-update-rate", "0.01", "--z-loss-coef", "0.001"] if router == "softmax"
-            else ["--router", "dts", "--dts-anneal-steps", "8", "--dts-sparse-step", "10", "--dts-tau-min", "0.2"])
+    gate = {"softmax": ["--router", "softmax", "--bias-update-rate", "0.01", "--z-loss-coef", "0.001"],
+            "dts": ["--router", "dts", "--dts-anneal-steps", "8", "--dts-sparse-step", "10", "--dts-tau-min", "0.2"],
+            "omoe": ["--omoe", "--omoe-accumulate-steps", "2", "--omoe-orthogonal-steps", "3"]}[router]
     common = ["--data", corpus, *TINY, *gate, "--steps", "14", "--eval-every", "5"]
     assert train("--run-dir", tmp_path / "full", *common, "--checkpoint-every", "100") == 0
     assert train("--run-dir", tmp_path / "split", *common, "--checkpoint-every", "7", "--stop-at", "9") == 0

@@ -31,6 +31,9 @@ class TrainConfig:
         gain little from threads, and oversubscribed threads on a busy machine are much slower.
     placement_interval: re-plan expert placement every so many steps with
         ``flexmoe.PlacementScheduler`` (greedy planner); 0 = static placement. Needs expert_parallel.
+    omoe: OMoE (``flexmoe.optim.OMoE``, arXiv 2310.09762): after ``omoe_accumulate_steps`` plain
+        AdamW steps, ``omoe_orthogonal_steps`` steps whose expert updates are projected orthogonally
+        to the other experts' weights (ridge ``omoe_alpha``), repeated.
     """
 
     steps: int = 300
@@ -58,6 +61,10 @@ class TrainConfig:
     expert_parallel: bool = False
     spare_slots: int = 0
     placement_interval: int = 0
+    omoe: bool = False
+    omoe_accumulate_steps: int = 1
+    omoe_orthogonal_steps: int = 1
+    omoe_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -80,8 +87,20 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.expert_parallel must be a bool, got {self.expert_parallel!r}")
         if self.placement_interval and not self.expert_parallel:
             raise ValueError("TrainConfig.placement_interval needs expert_parallel=True")
+        if not isinstance(self.omoe, bool):
+            raise ValueError(f"TrainConfig.omoe must be a bool, got {self.omoe!r}")
+        self.omoe_config()
         if self.data is not None and not isinstance(self.data, str):
             raise ValueError(f"TrainConfig.data must be a path string or None, got {self.data!r}")
+
+    def omoe_config(self):
+        """The OMoEConfig of the omoe_* fields (their errors name the TrainConfig field)."""
+        from ..optim.omoe import OMoEConfig
+
+        try:
+            return OMoEConfig(self.omoe_accumulate_steps, self.omoe_orthogonal_steps, self.omoe_alpha)
+        except ValueError as err:
+            raise ValueError(str(err).replace("OMoEConfig.", "TrainConfig.omoe_")) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

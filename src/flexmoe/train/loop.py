@@ -78,6 +78,11 @@ class Trainer:
         self.checkpoint_meta = checkpoint_meta or {}
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
+        self.omoe = None
+        if cfg.omoe and model_cfg.is_moe:
+            from ..optim import OMoE
+
+            self.omoe = OMoE(self.optimizer, model, cfg.omoe_config())
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_s = 0.0
@@ -129,6 +134,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.scheduler.last_epoch)
         self.step = int(state["step"])
+        if self.omoe is not None:
+            self.omoe.load_state_dict({"steps": self.step})  # one optimizer step per training step
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed_s = float(state["elapsed_s"])
         self.stream.load_state_dict(state["data"])
