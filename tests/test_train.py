@@ -196,6 +196,25 @@ def test_expert_diversify_from_a_dense_model(corpus, tmp_path, capsys):
     assert train("--run-dir", bad, "--data", corpus, *TINY, "--d-model", "16", "--steps", "1",
                  "--init-from-dense", dense) == 2
     assert "another model shape" in capsys.readouterr().err and not bad.exists()
+    assert train("--run-dir", bad, "--data", corpus, *TINY, "--steps", "1", "--init-from-dense", dense,
+                 "--diversify-mask", "1.0") == 2
+    assert "DiversifyConfig.mask" in capsys.readouterr().err and not bad.exists()
+    for mode, flags in (("upcycle", ["--diversify-noise", "0"]),
+                        ("mask", ["--diversify-noise", "0", "--diversify-mask", "0.3"])):
+        run = tmp_path / mode
+        assert train("--run-dir", run, "--data", corpus, *TINY, "--steps", "1", "--eval-every", "1", "--lr", "1e-9",
+                     "--min-lr", "0", "--init-from-dense", dense, *flags) == 0
+        spawned, _, _ = read_checkpoint(run / "checkpoints" / "step_0000001")
+        w = dense_w["blocks.0.ffn.down_proj"]
+        experts = spawned["blocks.0.ffn.experts.down_proj"]
+        if mode == "upcycle":  # every expert a copy of the dense FFN (up to the 1e-9 learning rate)
+            torch.testing.assert_close(experts, w.expand_as(experts), rtol=0, atol=1e-6)
+        else:  # about 30 % of each expert zeroed, the rest copied, and differently per expert
+            zeroed = (experts.abs() < 1e-6).float().mean(dim=(1, 2))
+            assert ((zeroed > 0.25) & (zeroed < 0.35)).all(), zeroed
+            kept = experts.abs() >= 1e-6
+            torch.testing.assert_close(experts[kept], w.expand_as(experts)[kept], rtol=0, atol=1e-6)
+            assert not torch.equal(kept[0], kept[1])
 
 
 def test_bpe_tokenizer_trains_and_resumes(corpus, tmp_path):

@@ -75,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expert-diversify: spawn every MoE block's experts from this dense model "
                              "checkpoint (num_experts=1, e.g. a run of --preset tiny-dense)")
     parser.add_argument("--diversify-noise", type=float, default=0.1,
-                        help="per-expert Gaussian perturbation, relative to each weight's std (default 0.1)")
+                        help="per-expert Gaussian perturbation, relative to each weight's std (default 0.1; "
+                             "0 with --diversify-mask 0 is upcycling)")
+    parser.add_argument("--diversify-mask", type=float, default=0.0,
+                        help="fraction of each expert's weights set to zero, drawn per expert (EvoMoE's "
+                             "random masking; default 0)")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="stop after this step with a checkpoint, as if killed; --resume continues")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or validation lines")
@@ -95,7 +99,7 @@ def options_from_args(args: argparse.Namespace):
                 bucket[key[len(prefix):]] = value
     return RunOptions(
         preset=args.preset, run_dir=args.run_dir, resume=args.resume, init_from_dense=args.init_from_dense,
-        diversify_noise=args.diversify_noise, stop_at=args.stop_at, progress=not args.quiet,
+        diversify_noise=args.diversify_noise, diversify_mask=args.diversify_mask, stop_at=args.stop_at, progress=not args.quiet,
         model_overrides=groups["model."], dts_overrides=groups["dts."], train_overrides=groups["train."],
     )
 
