@@ -2,12 +2,13 @@
 
 The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
 dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
-placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
+placement simulator, the dense-to-sparse gate, and the OMoE orthogonal expert optimizer. The HuggingFace backend is
 ``flexmoe.integrations.hf`` (needs transformers).
 """
 
 from .config import DTSGateConfig, MoEConfig
 from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
+from .optim import OMoE, OMoEConfig
 from .parallel import EPGroup, ParallelConfig, sync_gradients
 from .placement import (
     CostModel,
@@ -31,6 +32,8 @@ __all__ = [
     "LoadPredictor",
     "MoEConfig",
     "MoELayer",
+    "OMoE",
+    "OMoEConfig",
     "ParallelConfig",
     "PlacementScheduler",
     "PlacementTable",
