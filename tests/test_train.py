@@ -228,3 +228,24 @@ def test_bpe_tokenizer_trains_and_resumes(corpus, tmp_path):
     assert (run_dir / "tokens_cache.npz").exists()
     assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == 400
     assert read_metrics(run_dir)[-1]["finished"]
+
+
+def test_whole_evomoe_path_in_one_command(corpus, tmp_path, capsys):
+    """--dense-phase-steps: dense stage in RUN/dense, experts spawned from it, then the DTS gate."""
+    run = tmp_path / "evo"
+    args = ["--run-dir", run, "--data", corpus, *TINY, "--router", "dts", "--top-k", "1", "--dts-anneal-steps", "2",
+            "--dts-sparse-step", "3", "--dts-sparse-gate", "gumbel_top1", "--dts-balance", "masked",
+            "--diversify-noise", "0", "--diversify-mask", "0.3", "--eval-every", "2"]
+    assert train(*args, "--steps", "4", "--dense-phase-steps", "3") == 0
+    dense_w, _, _ = read_checkpoint(run / "dense" / "checkpoints" / "step_0000003")
+    assert json.loads((run / "dense" / "config.json").read_text())["model"]["num_experts"] == 1
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["num_experts"] == 4 and config["router"] == "dts" and config["dts"]["sparse_gate"] == "gumbel_top1"
+    train_records = last_per_step(read_metrics(run), "train")
+    assert [r["experts_per_token"] for r in train_records][3] == 1.0  # Gumbel top-1 after the switch
+    val = last_per_step(read_metrics(run), "val")
+    # step 0 of the MoE stage: experts are masked copies of the dense FFN, so close to it
+    assert val[0]["expert_weight_cos"] > 0.5
+    assert val[0]["val_loss"] < last_per_step(read_metrics(run / "dense"), "val")[0]["val_loss"]
+    assert train(*args, "--steps", "4", "--dense-phase-steps", "3", "--resume") == 2
+    assert "does not take --resume" in capsys.readouterr().err

@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diversify-mask", type=float, default=0.0,
                         help="fraction of each expert's weights set to zero, drawn per expert (EvoMoE's "
                              "random masking; default 0)")
+    parser.add_argument("--dense-phase-steps", type=int, metavar="N",
+                        help="the whole EvoMoE path: train the dense model for N steps in RUN/dense, spawn the "
+                             "experts from it (--diversify-*), then train this MoE model for --steps steps")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="stop after this step with a checkpoint, as if killed; --resume continues")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or validation lines")
@@ -111,7 +114,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         info = setup_distributed()
-        prep = prepare(options_from_args(args), info)
+        options = options_from_args(args)
+        if args.dense_phase_steps is not None:
+            from .evomoe import plan_stages
+
+            options, dense = plan_stages(options, args.dense_phase_steps)
+            if dense is not None:
+                dense_summary = execute(prepare(dense, info))
+                if info.is_main:
+                    print(summary_line(dense_summary))
+        prep = prepare(options, info)
     except (DataError, CheckpointError, ValueError) as err:
         print(f"flexmoe train: error: {err}", file=sys.stderr)
         return 2
