@@ -148,7 +148,8 @@ class OMoE:
             group, size = layer.ep_group, layer.ep_size
             mine = torch.tensor([self.steps, len(self.layers), i, layer.config.num_experts,
                                  sum(p.numel() for p in layer.experts.parameters()),
-                                 table_digest(layer.placement)], dtype=torch.int64)
+                                 table_digest(layer.placement)], dtype=torch.int64,
+                                device=layer.experts.gate_up_proj.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(parts, mine, group=group)
             names = ("OMoE step", "MoE layers", "layer index", "num_experts", "expert numel", "placement digest")
