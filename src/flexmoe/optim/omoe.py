@@ -33,7 +33,9 @@ from torch import nn
 
 from ..config import _require_float, _require_int
 from ..layer import MoELayer, moe_layers
+from ..parallel import ParallelExperts
 from ..parallel.checkpoint import logical_rows
+from ..placement.table import table_digest
 
 
 @dataclasses.dataclass
@@ -141,14 +143,13 @@ class OMoE:
         """Before the gathers: every rank of each EP group is at the same step with the same
         layer shapes and placement (a mismatch is named on every rank instead of hanging)."""
         for i, layer in enumerate(self.layers):
-            if layer.expert_parallel is None:
+            experts = layer.experts
+            if not isinstance(experts, ParallelExperts):
                 continue
-            from ..placement.migration import table_digest
-
-            group, size = layer.ep_group, layer.ep_size
+            group, size = experts.ep_group.group, experts.size
             mine = torch.tensor([self.steps, len(self.layers), i, layer.config.num_experts,
                                  sum(p.numel() for p in layer.experts.parameters()),
-                                 table_digest(layer.placement)], dtype=torch.int64,
+                                 table_digest(experts.placement)], dtype=torch.int64,
                                 device=layer.experts.gate_up_proj.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(parts, mine, group=group)
@@ -161,13 +162,15 @@ class OMoE:
 
 def _slot_experts(layer: MoELayer) -> torch.Tensor:
     """Logical expert of every local slot (-1 = empty)."""
-    if layer.expert_parallel is None:
+    experts = layer.experts
+    if not isinstance(experts, ParallelExperts):
         return torch.arange(layer.config.num_experts)
-    return torch.as_tensor(layer.placement.slot_expert_WS[layer.ep_rank])
+    return torch.as_tensor(experts.placement.slot_expert_WS[experts.rank])
 
 
 def _logical(layer: MoELayer, slots: torch.Tensor) -> torch.Tensor:
     """``[E, ...]`` weights of all logical experts (collective over the EP group)."""
-    if layer.expert_parallel is None:
+    experts = layer.experts
+    if not isinstance(experts, ParallelExperts):
         return slots
-    return logical_rows(layer.expert_parallel.ep_group, layer.placement, slots)
+    return logical_rows(experts.ep_group, experts.placement, slots)

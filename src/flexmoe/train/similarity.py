@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..layer import MoELayer, moe_layers
+from ..parallel import ParallelExperts
 from ..parallel.checkpoint import logical_rows
 
 
@@ -30,12 +31,13 @@ def mean_pairwise_cosine(rows_EN: torch.Tensor) -> float:
 
 def logical_expert_weights(layer: MoELayer) -> dict[str, torch.Tensor]:
     """``{name: [E, ...]}`` of every expert tensor in logical order (collective under EP)."""
+    experts = layer.experts
     out = {}
-    for name, p in layer.experts.named_parameters():
-        if layer.expert_parallel is None:
-            out[name] = p.detach()
+    for name, p in experts.named_parameters():
+        if isinstance(experts, ParallelExperts):
+            out[name] = logical_rows(experts.ep_group, experts.placement, p.detach())
         else:
-            out[name] = logical_rows(layer.expert_parallel.ep_group, layer.placement, p.detach())
+            out[name] = p.detach()
     return out
 
 

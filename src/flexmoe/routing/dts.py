@@ -28,11 +28,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import DTSGateConfig, MoEConfig
-from .routing import Routing
+from ..config import DTSGateConfig, MoEConfig
+from .base import Routing, router_logits
 
 
 def gate_temperature(dts: DTSGateConfig, step: int) -> float:
@@ -109,8 +108,7 @@ class DTSRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.config
-        dtype = torch.promote_types(cfg.router_dtype, x_TD.dtype)
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        logits_TE = router_logits(x_TD, self.weight, cfg.router_dtype)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         dts = cfg.dts
         keep_TK = None
