@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dts_vs_topk import step_flops  # noqa: E402
 
+from flexmoe.models.gpt import ModelConfig  # noqa: E402
 from flexmoe.sim.trace import read_trace  # noqa: E402
 from flexmoe.train.metrics import last_per_step, read_metrics  # noqa: E402
 from flexmoe.train.session import RunOptions, execute, prepare  # noqa: E402
@@ -56,28 +58,43 @@ def authors_dts(args) -> dict:
 
 def train(run_dir: Path, args, seed: int, steps: int, model: dict, dts: dict | None = None,
           train: dict | None = None, init_from: Path | None = None, mask: float = 0.0, noise: float = 0.0) -> dict:
-    """One run; returns its validation curve, cumulative FLOPs per step and wall time."""
-    options = RunOptions(
-        preset=args.preset, run_dir=str(run_dir), progress=not args.quiet, model_overrides=model,
-        dts_overrides=dts or {}, init_from_dense=None if init_from is None else str(init_from),
-        diversify_noise=noise, diversify_mask=mask,
-        train_overrides={"steps": steps, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
-                         "checkpoint_every": steps, "keep_checkpoints": 1, "seed": seed, "data": args.data,
-                         "threads": args.threads, **({"batch_size": args.batch_size} if args.batch_size else {}),
-                         **(train or {})},
-    )
-    tic = time.perf_counter()
-    prep = prepare(options)
-    execute(prep)
-    cfg = prep.model_cfg
-    tokens = prep.train_cfg.batch_size * prep.train_cfg.grad_accum * cfg.seq_len
+    """One run (skipped when ``run_dir`` already holds it finished: ``--out`` of an earlier call
+    continues that comparison); returns its validation curve, cumulative FLOPs per step, time."""
+    if not finished(run_dir, steps):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a run that was cut short: start it again
+        options = RunOptions(
+            preset=args.preset, run_dir=str(run_dir), progress=not args.quiet, model_overrides=model,
+            dts_overrides=dts or {}, init_from_dense=None if init_from is None else str(init_from),
+            diversify_noise=noise, diversify_mask=mask,
+            train_overrides={"steps": steps, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
+                             "checkpoint_every": steps, "keep_checkpoints": 1, "seed": seed, "data": args.data,
+                             "threads": args.threads, **({"batch_size": args.batch_size} if args.batch_size else {}),
+                             **(train or {})},
+        )
+        execute(prepare(options))
+    return read_run(run_dir, steps)
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    return any(r.get("kind") == "summary" and r.get("finished") and r.get("step") == steps
+               for r in read_metrics(run_dir))
+
+
+def read_run(run_dir: Path, steps: int) -> dict:
+    """A finished run's curve and modelled FLOPs, from its config, metrics and routing trace."""
+    config = json.loads((run_dir / "config.json").read_text())
+    cfg, tcfg = ModelConfig.from_dict(config["model"]), config["train"]
+    tokens = tcfg["batch_size"] * tcfg["grad_accum"] * cfg.seq_len * config["world_size"]
     trace_file = run_dir / "routing_trace.jsonl"
     rows_T = (read_trace(trace_file).counts_TLWE.sum(axis=(1, 2, 3)) if trace_file.exists()
               else np.zeros(steps, dtype=np.int64))
-    val = last_per_step(read_metrics(run_dir), "val")
+    records = read_metrics(run_dir)
+    val = last_per_step(records, "val")
+    summary = [r for r in records if r.get("kind") == "summary"][-1]
     return {"steps": [r["step"] for r in val], "loss": [r["val_loss"] for r in val],
             "cum_flops": np.concatenate([[0.0], np.cumsum(step_flops(cfg, tokens, rows_T))]).tolist(),
-            "weight_cos": [r.get("expert_weight_cos") for r in val], "wall_s": time.perf_counter() - tic,
+            "weight_cos": [r.get("expert_weight_cos") for r in val], "wall_s": summary["elapsed_s"],
             "rows_per_token": float(rows_T.sum() / max(1, tokens * steps * max(1, len(cfg.moe_block_indices))))}
 
 
@@ -139,14 +156,14 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--data", default=None, help="corpus (default: the standard library; 'site-packages')")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="runs/evomoe")
+    parser.add_argument("--out", help="run folder (default runs/evomoe/DATE-TIME); finished runs in it are reused")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if not 0 < args.dense_steps < args.steps:
         parser.error("--dense-steps must be between 0 and --steps")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs/evomoe") / time.strftime("%Y%m%d-%H%M%S")
     dense_cache: dict = {}
     results: dict[str, list[dict]] = {}
     tic = time.perf_counter()
@@ -167,9 +184,9 @@ def main() -> None:
     print(f"\nEvoMoE comparison: preset {args.preset}, {args.steps} steps per arm (dense phase {args.dense_steps}), "
           f"seeds {args.seeds} for {args.main_arms}, corpus {args.data or 'stdlib'}; compute relative to top2; "
           f"equal-FLOP reading at {budget / ref_flops:.2f} of top2's compute ({budget:.3e} FLOPs, modelled). "
-          f"Total wall {wall / 60:.1f} min.\n")
+          f"Wall {wall / 60:.1f} min (this call).\n")
     print("| arm | seeds | compute | rows/token/layer (MoE stage) | val loss @ equal steps | vs top2 | "
-          "val loss @ equal FLOPs | vs top2 | wall s |")
+          "val loss @ equal FLOPs | vs top2 | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = table.get("top2")
     for arm, t in table.items():
