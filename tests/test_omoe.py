@@ -114,6 +114,13 @@ def test_config_and_model_checks():
                           (dict(alpha=-1.0), "alpha"), (dict(alpha=True), "alpha")):
         with pytest.raises(ValueError, match=field):
             OMoEConfig(**kwargs)
+    from flexmoe.train.config import TrainConfig
+
+    for kwargs, field in ((dict(omoe_alpha=-1.0), "TrainConfig.omoe_alpha"),
+                          (dict(omoe_orthogonal_steps=0), "TrainConfig.omoe_orthogonal_steps"),
+                          (dict(omoe="yes"), "TrainConfig.omoe")):
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**kwargs)
     layer = MoELayer(_cfg())
     with pytest.raises(ValueError, match="not in the optimizer"):
         OMoE(torch.optim.AdamW(layer.router.parameters()), layer)
