@@ -16,6 +16,7 @@ import argparse
 import torch
 import transformers
 
+import flexmoe
 import flexmoe.integrations.hf  # noqa: F401  (registers "flexmoe")
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -63,15 +64,19 @@ def main(argv=None) -> None:
     print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"experts implementation {model.config._experts_implementation!r}, {next(model.parameters()).dtype}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    moe = flexmoe.MoERuntime(model)  # HF computes its router aux loss in out.loss; the runtime syncs gradients
     gen = torch.Generator().manual_seed(1)
     model.train()
     for step in range(1, args.steps + 1):
         ids = counting_batch(args.batch, args.seq, args.vocab, gen).to(device)
+        moe.before_forward(step - 1)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
+        moe.after_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        moe.after_optimizer_step()
         if step == 1 or step % 5 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {out.loss.item():.4f}  (router aux loss {out.aux_loss.item():.4f})")
 

@@ -22,7 +22,6 @@ from torch import nn
 
 import flexmoe
 from flexmoe.parallel import EPGroup, ParallelConfig
-from flexmoe.runtime import sync_gradients
 
 
 class Block(nn.Module):
@@ -106,6 +105,7 @@ def main() -> None:
     torch.manual_seed(0)  # same seed on every rank: replicated weights start equal
     model = TinyMoELM(args, ep_group, parallel).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    moe = flexmoe.MoERuntime(model)  # the MoE-specific work of every step
     data = torch.Generator().manual_seed(1000 + rank)  # every rank reads its own batches
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -115,22 +115,24 @@ def main() -> None:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         seq = synthetic_batch(args, data, device)
+        moe.before_forward(step - 1)
         logits = model(seq[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, args.vocab), seq[:, 1:].reshape(-1))
-        (loss + flexmoe.aux_loss(model)).backward()
-        sync_gradients(model)
+        (loss + moe.aux_loss()).backward()
+        moe.after_backward()  # dense gradients averaged, expert replica gradients summed
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        moe.after_optimizer_step()
         if step % 10 == 0 or step == args.steps:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             elapsed = time.perf_counter() - start
-            moe = model.blocks[0].moe.experts
+            stage = model.blocks[0].moe.experts
             if rank == 0:
                 print(f"step {step:4d}  loss {mean_loss.item() / world:.3f}  "
                       f"{step * args.batch * args.seq_len * world / elapsed:8.0f} tokens/s  "
-                      f"pipeline {moe.last_pipeline_degree}  memory {moe.memory_report.strategy} "
-                      f"(saved {moe.memory_report.saved_bytes / 1024:.1f} KiB in layer 0)", flush=True)
+                      f"pipeline {stage.last_pipeline_degree}  memory {stage.memory_report.strategy} "
+                      f"(saved {stage.memory_report.saved_bytes / 1024:.1f} KiB in layer 0)", flush=True)
 
     state = model.state_dict()  # collective: every rank gathers the logical experts
     if args.save and rank == 0:

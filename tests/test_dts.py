@@ -337,7 +337,7 @@ def test_sparse_switch_and_gate_step_persistence():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="gate step"):
             set_gate_step(model, bad)
-    flexmoe.update_router_bias(model)  # a no-op for the DTS gate, never an error
+    flexmoe.runtime.update_router_bias(model)  # a no-op for the DTS gate, never an error
 
 
 @pytest.mark.parametrize(
@@ -419,3 +419,20 @@ def test_fullgraph_compile_matches_eager_and_compiles_once_per_phase():
         torch.testing.assert_close(compiled_layer.router.weight.grad, eager.router.weight.grad, rtol=1e-12, atol=1e-12)
         assert torch.equal(compiled_layer.last_counts, eager.last_counts)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("step", [0, 10])
+def test_dts_logits_take_the_shared_router_path_under_autocast(step):
+    """Under autocast the DTS gate's logits stay in the router dtype (float32), like the top-k
+    router's (they used to be a bare F.linear that autocast ran in bf16)."""
+    torch.manual_seed(0)
+    cfg = flexmoe.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, router="dts", kernels="torch",
+                            dts=DTSGateConfig(anneal_steps=5))
+    router = DTSRouter(cfg)
+    router.set_step(step)
+    x = torch.randn(7, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(x)
+    reference = x.double() @ router.weight.double().t()
+    assert routing.logits_TE.dtype == torch.float32 and routing.probs_TE.dtype == torch.float32
+    torch.testing.assert_close(routing.logits_TE.double(), reference, rtol=1e-6, atol=1e-7)

@@ -182,6 +182,60 @@ def test_weights_are_not_copied():
     assert mix.act_fn is None and mix.up_bias_EH is None  # plain SwiGLU: flexmoe's fused op
 
 
+def _no_flexmoe_models():
+    """(name, config class, config kwargs, model class) of tiny models flexmoe's experts interface cannot serve."""
+    t = transformers
+    attn = dict(vocab_size=VOCAB, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    return [
+        ("dense-llama", t.LlamaConfig, dict(attn, hidden_size=16, intermediate_size=32), t.LlamaForCausalLM,
+         "no MoE experts module"),
+        ("jetmoe", t.JetMoeConfig, dict(attn, hidden_size=16, intermediate_size=32, num_key_value_heads=1,
+                                        kv_channels=8, num_local_experts=4, num_experts_per_tok=2),
+         t.JetMoeForCausalLM, "JetMoeParallelExperts"),
+        ("switch", t.SwitchTransformersConfig, dict(vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=2,
+                                                    num_decoder_layers=2, num_heads=2, num_experts=4,
+                                                    num_sparse_encoder_layers=1, num_sparse_decoder_layers=1),
+         t.SwitchTransformersForConditionalGeneration, "SwitchTransformersExperts"),
+        ("llama4", t.Llama4TextConfig, dict(attn, hidden_size=16, intermediate_size=8, intermediate_size_mlp=16,
+                                            head_dim=8, num_local_experts=4), t.Llama4ForCausalLM,
+         "Llama4TextExperts"),
+    ]
+
+
+@pytest.mark.parametrize("case", _no_flexmoe_models(), ids=lambda c: c[0])
+def test_choosing_flexmoe_where_it_would_never_run_raises(case):
+    _, config_cls, kwargs, model_cls, match = case
+    with pytest.raises(fhf.UnsupportedBlockError, match=match):
+        model_cls(config_cls(**kwargs, experts_implementation="flexmoe"))
+    net = model_cls(config_cls(**kwargs))
+    before = net.config._experts_implementation
+    with pytest.raises(fhf.UnsupportedBlockError, match=match):
+        net.set_experts_implementation("flexmoe")
+    assert net.config._experts_implementation == before
+    with pytest.raises(fhf.UnsupportedBlockError, match="no MoE experts" if "no MoE" in match else match):
+        fhf.patch(net)
+
+
+def test_choosing_flexmoe_for_a_composite_model_is_no_error_for_its_vision_tower(dispatch_count):
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    net = transformers.Qwen3VLMoeForConditionalGeneration(
+        transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, experts_implementation="flexmoe"))
+    assert net.model.visual.config._experts_implementation == "flexmoe"  # the tower without experts was checked
+    net(input_ids=torch.randint(0, VOCAB, (1, 4)))
+    assert len(dispatch_count) == 1  # and the text model's experts run through flexmoe
+
+
+def test_choosing_flexmoe_for_dbrx_points_to_patch():
+    with pytest.raises(fhf.UnsupportedBlockError, match=r"DbrxExperts.*patch\(model\)"):
+        build("dbrx", 4).set_experts_implementation("flexmoe")
+    fhf.register()  # idempotent: the checks are not stacked twice
+    assert not hasattr(transformers.PreTrainedModel.post_init._flexmoe_original, "_flexmoe_original")
+
+
 # ----- patch(): blocks outside the experts interface, and kernel choice -----
 
 def test_patch_runs_dbrx_which_has_no_experts_interface(dispatch_count):

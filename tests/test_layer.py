@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -104,11 +105,12 @@ def test_awkward_cases(case, kernels):
         T = 1
     elif case == "no_tokens":
         T = 0
+    elif case == "all_to_one_expert":
+        k = 1
     cfg = flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=E, top_k=k, aux_loss_coef=0.1, kernels=kernels, init_std=0.5)
     layer = flexmoe.MoELayer(cfg).double()
     x = torch.randn(T, 8, dtype=torch.float64)
     if case == "all_to_one_expert":
-        cfg.top_k = 1
         with torch.no_grad():
             layer.router.weight.zero_()
             layer.router.weight[3, 0] = 50.0
@@ -161,7 +163,7 @@ def test_bias_balancing_moves_load_to_underused_experts():
     for _ in range(60):
         with torch.no_grad():
             layer(x)
-        flexmoe.update_router_bias(layer)
+        flexmoe.runtime.update_router_bias(layer)
     assert start > 2.0
     assert imbalance() < 0.6 * start
     assert layer.router.expert_bias[0] < 0
@@ -242,6 +244,34 @@ def test_bad_inputs_raise_clear_errors():
         layer(bad)
     with pytest.raises(TypeError, match="MoEConfig"):
         flexmoe.MoELayer({"d_model": 8})
+
+
+def test_integer_and_meta_inputs_say_what_is_wrong():
+    layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4))
+    for dtype in (torch.int64, torch.int32, torch.bool):
+        with pytest.raises(TypeError, match="must be a floating-point tensor") as err:
+            layer(torch.ones(3, 8, dtype=dtype))
+        assert "layer.to" not in str(err.value)
+    with pytest.raises(ValueError, match="meta device"):
+        layer(torch.empty(3, 8, device="meta"))
+    with torch.device("meta"):
+        meta_layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4))
+    with pytest.raises(ValueError, match="meta device"):
+        meta_layer(torch.empty(3, 8, device="meta"))
+
+
+def test_config_is_frozen_after_validation():
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, router="dts")
+    layer = flexmoe.MoELayer(cfg)
+    for field, value in (("top_k", 0), ("kernels", "bogus"), ("num_experts", 2)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(layer.config, field, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.config.dts.top_k = 99
+    assert layer.config.top_k == 2 and layer.config.kernels == "auto"
+    with pytest.raises(ValueError, match="top_k"):
+        dataclasses.replace(cfg, top_k=0)
+    assert dataclasses.replace(cfg, top_k=1).top_k == 1
 
 
 def test_bfloat16_path_runs_and_is_close():

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flexmoe import MoEConfig, MoELayer, sync_gradients
+from flexmoe import MoEConfig, MoELayer
+from flexmoe.runtime import sync_gradients
 from flexmoe.optim import OMoE, OMoEConfig
 from flexmoe.placement import PlacementTable
 from helpers import free_port

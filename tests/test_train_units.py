@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import flexmoe
 from flexmoe.models import GPTMoE, ModelConfig
-from flexmoe.train.checkpoint import (CheckpointError, optimizer_state_by_name, load_optimizer_state,
-                                      read_checkpoint, save_checkpoint, unique_state_dict)
+from flexmoe.train.checkpoint import (CheckpointError, check_weights_fit, clean_temporaries, load_optimizer_state,
+                                      nonfinite_tensors, optimizer_state_by_name, read_checkpoint, save_checkpoint,
+                                      unique_state_dict)
 from flexmoe.train.config import PRESETS, TrainConfig
 from flexmoe.train.data import DataError, WindowStream, load_corpus, validation_windows
 from flexmoe.train.loop import lr_factor
-from flexmoe.train.tokenizer import BPETokenizer, ByteTokenizer
+from flexmoe.train.tokenizer import BPETokenizer, ByteTokenizer, make_tokenizer
 
 
 def test_default_corpus_is_the_standard_library_split_by_file():
@@ -137,7 +140,7 @@ def test_checkpoint_round_trip_with_tied_weights_and_optimizer_by_name(tmp_path)
                       router="dts", kernels="torch")
     model = GPTMoE(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    flexmoe.set_gate_step(model, 7)
+    flexmoe.runtime.set_gate_step(model, 7)
     model(torch.randint(0, 30, (2, 8))).sum().backward()
     opt.step()
     weights = unique_state_dict(model)
@@ -160,3 +163,78 @@ def test_checkpoint_round_trip_with_tied_weights_and_optimizer_by_name(tmp_path)
     (tmp_path / "checkpoints" / "step_0000004" / "manifest.json").write_text("{")
     with pytest.raises(CheckpointError, match="manifest.json is corrupt"):
         read_checkpoint(tmp_path / "checkpoints" / "step_0000004")
+
+
+def test_plots_count_steps_alike_and_say_the_balance_is_smoothed(tmp_path, monkeypatch):
+    """The heatmap's x axis shows step numbers (trace index + 1, as in loss.png and the metrics);
+    the balance plot's title names its moving-average window."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from flexmoe.train.plot import plot_balance, plot_expert_load
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    counts_TLWE = np.random.default_rng(0).integers(0, 9, size=(40, 2, 1, 4))
+    plot_expert_load(counts_TLWE, np.arange(40), tmp_path, "run")
+    left, right, _, _ = figures[-1].axes[0].images[0].get_extent()
+    assert (left, right) == (0.5, 40.5)  # steps 1..40, the first optimizer step is step 1
+    records = [{"kind": "train", "step": s, "loss": 1.0, "balance_per_layer": [1.0 + s % 3, 1.2]}
+               for s in range(1, 41)]
+    plot_balance(records, tmp_path, "run")
+    assert "moving average over 2 steps" in figures[-1].axes[0].get_title()
+    for figure in figures:
+        close(figure)
+
+
+def test_weights_of_another_shape_name_each_tensor():
+    small = GPTMoE(ModelConfig(vocab_size=30, seq_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=8, num_experts=4))
+    big = GPTMoE(ModelConfig(vocab_size=30, seq_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=8, num_experts=8))
+    with pytest.raises(CheckpointError, match="another model shape.*gate_up_proj: checkpoint \\[4,"):
+        check_weights_fit(big, unique_state_dict(small), "ckpt")
+
+
+def test_a_saved_tokenizer_of_another_kind_is_a_mismatch(tmp_path):
+    docs = [b"def f(x):\n    return x + 1\n"] * 20
+    (tmp_path / "byte.json").write_text('{"kind": "byte"}')
+    with pytest.raises(ValueError, match="tokenizer mismatch: .*byte.json holds the run's byte tokenizer"):
+        make_tokenizer("bpe", docs, 300, tmp_path / "byte.json")
+    trained = BPETokenizer.train(docs, 300)
+    trained.save(tmp_path / "bpe.json")
+    with pytest.raises(ValueError, match="holds the run's bpe tokenizer, but --tokenizer byte"):
+        make_tokenizer("byte", docs, 300, tmp_path / "bpe.json")
+    assert make_tokenizer("bpe", docs, 300, tmp_path / "bpe.json").vocab_size == trained.vocab_size
+
+
+def test_nonfinite_tensors_are_named_in_weights_and_optimizer_state():
+    weights = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "n": torch.arange(3)}
+    opt = {"state": {"w": {"exp_avg": torch.tensor([float("nan")]), "step": torch.tensor(3.0)}}, "param_groups": []}
+    assert nonfinite_tensors(weights, opt) == ["b", "optimizer.state.w.exp_avg"]
+    assert nonfinite_tensors({"a": torch.ones(2), "e": torch.empty(0)}, {"state": {}}) == []
+    with pytest.raises(CheckpointError, match="refusing to write checkpoint step 1: non-finite values in b"):
+        save_checkpoint(Path("/nonexistent"), 1, weights, {}, {}, keep=1)
+
+
+def test_clean_temporaries_removes_partial_writes_and_restores_a_lone_stale_copy(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step_0000002", ".stale-step_0000002-7", ".stale-step_0000004-7", ".tmp-step_0000006-7"):
+        (root / name).mkdir(parents=True)
+        (root / name / "state.pt").write_text(name)
+    (root / ".latest.tmp-7").write_text("x")
+    (tmp_path / ".config.json.tmp-7").write_text("x")
+    (tmp_path / "config.json").write_text("{}")
+    removed = clean_temporaries(tmp_path)
+    assert sorted(removed) == [".config.json.tmp-7", "checkpoints/.latest.tmp-7", "checkpoints/.stale-step_0000002-7",
+                               "checkpoints/.tmp-step_0000006-7"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000004"]
+    assert (root / "step_0000004" / "state.pt").read_text() == ".stale-step_0000004-7"  # the only copy, kept
+    assert (root / "step_0000002" / "state.pt").read_text() == "step_0000002"
+
+
+def test_rotation_keeps_the_newest_checkpoints_of_the_branch_being_trained(tmp_path):
+    """A resumed branch writes steps 3, 4, 5 in a run whose checkpoints are steps 4 and 6: the old
+    rotation kept the abandoned step 6 and removed every new checkpoint but the last ([5, 6])."""
+    weights, state = {"w": torch.ones(2)}, {"optimizer": {"state": {}, "param_groups": []}}
+    for step in (2, 4, 6, 3, 4, 5):
+        save_checkpoint(tmp_path, step, weights, state, {}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000004", "step_0000005", "step_0000006"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000005"

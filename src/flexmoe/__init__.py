@@ -1,54 +1,51 @@
 """flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
-The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
-dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
-placement simulator, the dense-to-sparse gate, and the OMoE orthogonal expert optimizer. The HuggingFace backend is
+What a training script needs: the layer (``MoEConfig``, ``MoELayer``), the per-step object
+(``MoERuntime``, with ``aux_loss``), expert parallelism (``EPGroup``, ``ParallelConfig``) and
+dynamic placement (``PlacementTable``, ``PlacementScheduler``, ``make_planner``). Everything else
+lives in its subpackage: ``flexmoe.routing``, ``flexmoe.parallel``, ``flexmoe.placement``
+(planning), ``flexmoe.runtime`` (between steps), ``flexmoe.sim``, ``flexmoe.models``,
 ``flexmoe.integrations.hf`` (needs transformers).
+
+Names are imported on first use (PEP 562), so ``import flexmoe`` and the ``flexmoe`` command's
+``--help`` do not pay for importing torch.
 """
 
-from .config import DTSGateConfig, MoEConfig
-from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
-from .optim import OMoE, OMoEConfig
-from .parallel import EPGroup, ParallelConfig
-from .placement import (
-    CostModel,
-    GreedyPlanner,
-    LoadPredictor,
-    PlacementTable,
-    make_planner,
-    replica_quotas,
-    split_tokens,
-)
-from .routing import DTSRouter, set_gate_step
-from .runtime import PlacementScheduler, sync_gradients
-from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
+from __future__ import annotations
 
-__all__ = [
-    "CostModel",
-    "DTSGateConfig",
-    "DTSRouter",
-    "EPGroup",
-    "GreedyPlanner",
-    "LoadPredictor",
-    "MoEConfig",
-    "MoELayer",
-    "OMoE",
-    "OMoEConfig",
-    "ParallelConfig",
-    "PlacementScheduler",
-    "PlacementTable",
-    "SyntheticTraceConfig",
-    "TraceRecorder",
-    "aux_loss",
-    "generate_trace",
-    "make_planner",
-    "moe_layers",
-    "read_trace",
-    "replica_quotas",
-    "set_gate_step",
-    "simulate",
-    "split_tokens",
-    "sync_gradients",
-    "update_router_bias",
-]
+import importlib
+import importlib.util
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "DTSGateConfig": ".config",
+    "EPGroup": ".parallel",
+    "MoEConfig": ".config",
+    "MoELayer": ".layer",
+    "MoERuntime": ".runtime",
+    "ParallelConfig": ".parallel",
+    "PlacementScheduler": ".runtime",
+    "PlacementTable": ".placement",
+    "aux_loss": ".layer",
+    "make_planner": ".placement",
+    "moe_layers": ".layer",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """A public name, or a subpackage (``flexmoe.parallel``) as an eager import used to provide."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'flexmoe' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

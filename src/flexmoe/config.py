@@ -1,6 +1,9 @@
 """MoEConfig: the validated description of one MoE layer.
 
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+The configs are frozen, so a layer never runs on a value that skipped the checks: derive a changed
+config with ``dataclasses.replace(cfg, top_k=1)`` (validated again) and build a new layer.
+(``__post_init__`` only checks; a field it had to normalise would need ``object.__setattr__``.)
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ _DTS_EVAL_ROUTINGS = ("phase", "top1")
 _KERNELS = ("auto", "triton", "torch")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DTSGateConfig:
     """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing.dts``.
 
-    tau_max, tau_min: Gumbel-softmax temperature at gate step 0 and at ``anneal_steps`` onwards.
+    tau_max: Gumbel-softmax temperature at gate step 0.
+    tau_min: Gumbel-softmax temperature from anneal_steps onwards.
     anneal_steps: gate steps over which tau goes from tau_max to tau_min.
     schedule: "linear" or "exponential" (geometric) interpolation of tau.
     threshold: a token goes to every expert whose tempered probability exceeds it (and always
@@ -104,7 +108,7 @@ class DTSGateConfig:
         return self.anneal_steps if self.sparse_step is None else self.sparse_step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """One MoE feed-forward layer.
 
@@ -121,7 +125,7 @@ class MoEConfig:
     aux_loss_coef: Switch-Transformer load-balancing loss coefficient (0 disables it).
     z_loss_coef: router z-loss coefficient (ST-MoE; 0 disables it).
     bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
-        scores for top-k selection only; ``flexmoe.update_router_bias(model)`` (call it once after
+        scores for top-k selection only; ``flexmoe.runtime.update_router_bias(model)`` (call it once after
         each ``optimizer.step()``) moves it by ``rate * sign(mean load - load)`` using the loads
         accumulated since the previous call. 0 disables it.
     num_shared_experts: dense experts of width ``d_ff`` every token passes through.

@@ -15,7 +15,7 @@ from .ops._backend import use_triton as resolve_use_triton
 from .parallel import EPGroup, ParallelConfig, ParallelExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
-from .routing import Routing, load_balancing_loss, make_router, router_z_loss
+from .routing import make_router, router_loss
 
 
 class MoELayer(nn.Module):
@@ -72,19 +72,10 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self.aux_loss = self.router_loss(routing)
+        self.aux_loss = router_loss(routing, self.config)
         self.last_counts = plan.counts_E
         self.router.record_load(plan.counts_E)
         return y_TD.view(x.shape)
-
-    def router_loss(self, routing: Routing) -> torch.Tensor:
-        cfg = self.config
-        loss = routing.logits_TE.new_zeros(())
-        if cfg.aux_loss_coef:
-            loss = loss + cfg.aux_loss_coef * load_balancing_loss(routing)
-        if cfg.z_loss_coef:
-            loss = loss + cfg.z_loss_coef * router_z_loss(routing)
-        return loss
 
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
@@ -92,6 +83,11 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer input must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer input must have last dimension d_model={cfg.d_model}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer input must be a floating-point tensor (hidden states), got dtype {x.dtype}")
+        if x.device.type == "meta":
+            raise ValueError("MoELayer input is on the meta device; routing needs real values "
+                             "(materialise the layer and the input on cpu or cuda first)")
         weight_dtype = self.experts.gate_up_proj.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
@@ -116,9 +112,3 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     for loss in losses[1:]:
         total = total + loss.to(total.device)
     return total
-
-
-def update_router_bias(model: nn.Module) -> None:
-    """Apply the auxiliary-loss-free bias update of every MoE layer; call after ``optimizer.step()``."""
-    for layer in moe_layers(model):
-        layer.router.update_bias()

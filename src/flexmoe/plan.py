@@ -14,7 +14,6 @@ import torch
 from .routing.base import count_keys, expert_keys
 
 
-
 @dataclasses.dataclass
 class DispatchPlan:
     """Index maps between token order and expert-grouped order.
@@ -32,10 +31,6 @@ class DispatchPlan:
     pair_row_TK: torch.Tensor
     row_weight_N: torch.Tensor
     row_pair_N: torch.Tensor
-
-    @property
-    def num_rows(self) -> int:
-        return self.row_token_N.shape[0]
 
 
 def make_dispatch_plan(

@@ -27,16 +27,30 @@ Positions = Literal["rope", "learned"]
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Shape and routing of a GPT-MoE.
+    """Shape and routing of a GPT-MoE. One ``field: meaning`` entry per field.
 
-    vocab_size: tokenizer vocabulary. seq_len: longest context (positions).
-    d_model, n_layers, n_heads: width, depth, attention heads (d_model % n_heads == 0).
+    vocab_size: tokenizer vocabulary (set from the tokenizer).
+    seq_len: tokens per training sequence, the longest context.
+    d_model: model width (a multiple of n_heads with even head width).
+    n_layers: transformer blocks.
+    n_heads: attention heads.
     d_ff: hidden width of each expert and of the dense FFNs.
-    num_experts, top_k: routed experts per MoE block and experts per token; 1 expert = dense model.
-    moe_every: block i is MoE when ``(i + 1) % moe_every == 0`` (1: every block, 2: every other).
-    router, aux_loss_coef, z_loss_coef, bias_update_rate, dts: as in ``flexmoe.MoEConfig``.
-    positions: "rope" (rotary, theta ``rope_theta``) or "learned" absolute embeddings.
+    num_experts: routed experts per MoE block (1 = dense model).
+    top_k: experts per token (with router "dts": in the sparse phase, unless DTSGateConfig.top_k).
+    moe_every: block i is MoE when ``(i + 1) % moe_every == 0`` (1: every block, 2: every other),
+        a dense FFN elsewhere.
+    router: top-k gate "softmax" or "sigmoid", or "dts" (EvoMoE dense-to-sparse gate), as
+        ``flexmoe.MoEConfig.router``.
+    aux_loss_coef: Switch-Transformer load-balancing loss coefficient (0 = off).
+    z_loss_coef: router z-loss coefficient (0 = off).
+    bias_update_rate: auxiliary-loss-free balancing (DeepSeek-V3) bias step per optimizer step (0 = off).
+    dts: the dense-to-sparse gate's settings (``flexmoe.DTSGateConfig``; used with router "dts").
+    positions: "rope" (rotary, theta rope_theta) or "learned" absolute position embeddings.
+    rope_theta: base of the rotary position frequencies.
     tie_embeddings: share the input embedding with the output projection.
+    norm_eps: epsilon of the RMS norms.
+    init_std: standard deviation of the normal weight initialisation.
+    kernels: "auto" (Triton kernels on CUDA), "triton" or "torch", as ``flexmoe.MoEConfig.kernels``.
     """
 
     vocab_size: int = 257

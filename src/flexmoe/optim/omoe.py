@@ -19,7 +19,7 @@ orthogonal projector (pseudo-inverse, so identical upcycled experts are fine).
 Expert parallelism: each rank holds only its slots, so in an orthogonal step every EP layer
 gathers all E experts' weights (one collective per tensor; every rank of the EP group takes
 part, after a header check that names any disagreement). Placement replicas of one expert
-share its gradient (``flexmoe.sync_gradients`` sums them before ``optimizer.step()``), so they
+share its gradient (``flexmoe.runtime.sync_gradients`` sums them before ``optimizer.step()``), so they
 make the same update; the basis of a slot excludes its own logical expert, not just the slot.
 """
 

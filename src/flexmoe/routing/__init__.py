@@ -4,13 +4,15 @@
 from torch import nn
 
 from ..config import MoEConfig
-from .base import Routing, count_keys, expert_counts, expert_keys, load_balancing_loss, router_logits, router_z_loss
+from .base import (
+    Routing, count_keys, expert_counts, expert_keys, load_balancing_loss, router_logits, router_loss, router_z_loss,
+)
 from .dts import DTSRouter, set_gate_step
 from .topk import TopKRouter, capacity_keep_mask
 
 __all__ = [
     "DTSRouter", "Routing", "TopKRouter", "capacity_keep_mask", "count_keys", "expert_counts", "expert_keys",
-    "load_balancing_loss", "make_router", "router_logits", "router_z_loss", "set_gate_step",
+    "load_balancing_loss", "make_router", "router_logits", "router_loss", "router_z_loss", "set_gate_step",
 ]
 
 

@@ -13,6 +13,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..config import MoEConfig
+
 
 @dataclasses.dataclass
 class Routing:
@@ -114,3 +116,14 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
     if routing.logits_TE.shape[0] == 0:
         return routing.logits_TE.sum() * 0.0
     return torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+
+
+def router_loss(routing: Routing, config: MoEConfig) -> torch.Tensor:
+    """The layer's aux loss: ``aux_loss_coef`` x balance loss + ``z_loss_coef`` x z-loss (zero when
+    neither is configured)."""
+    loss = routing.logits_TE.new_zeros(())
+    if config.aux_loss_coef:
+        loss = loss + config.aux_loss_coef * load_balancing_loss(routing)
+    if config.z_loss_coef:
+        loss = loss + config.z_loss_coef * router_z_loss(routing)
+    return loss

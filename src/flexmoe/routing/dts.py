@@ -20,7 +20,7 @@ authors' loss); it is weighted by ``MoEConfig.aux_loss_coef`` (with top-k select
 equals K times the Switch loss).
 
 The gate step lives in a persistent buffer (saved with the model); advance it with
-``flexmoe.set_gate_step(model, step)`` before each training forward.
+``flexmoe.runtime.set_gate_step(model, step)`` before each training forward.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class DTSRouter(nn.Module):
         """The DTS gate has no balancing bias, so loads are not kept."""
 
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
-        """No balancing bias here (``flexmoe.update_router_bias`` may still be called)."""
+        """No balancing bias here (``flexmoe.runtime.update_router_bias`` may still be called)."""
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -1,9 +1,13 @@
-"""What happens between training steps: gradient and load sync, migration, the placement
-scheduler, measuring the cost model's constants."""
+"""What happens between training steps: the per-step object ``MoERuntime`` and the low-level
+functions it calls (gate schedule, gradient and load sync, bias update, placement: migration and
+scheduler), and measuring the cost model's constants."""
+
+from ..routing import set_gate_step
 
 from .measure import measure_cost_model
 from .migration import MigrationReport, apply_placement, check_same_placement
 from .scheduler import PlacementScheduler
+from .step import MoERuntime, update_router_bias
 from .sync import (
     expert_parameter_names,
     expert_parameters,
@@ -15,14 +19,17 @@ from .sync import (
 
 __all__ = [
     "MigrationReport",
+    "MoERuntime",
     "PlacementScheduler",
     "apply_placement",
     "check_same_placement",
     "expert_parameter_names",
     "expert_parameters",
     "measure_cost_model",
+    "set_gate_step",
     "sync_dense_gradients",
     "sync_expert_gradients",
     "sync_gradients",
     "sync_router_loads",
+    "update_router_bias",
 ]

@@ -213,7 +213,7 @@ def _run(ops: list) -> None:
 
 def sync_router_loads(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
     """Sum over ``dp_group`` the expert loads every router accumulated for the auxiliary-loss-free
-    bias, so ``flexmoe.update_router_bias(model)`` (call it right after) moves the replicated
+    bias, so ``flexmoe.runtime.update_router_bias(model)`` (call it right after) moves the replicated
     bias identically on every rank."""
     loads = [m.pending_load_E for m in model.modules() if isinstance(getattr(m, "pending_load_E", None), torch.Tensor)]
     _all_reduce(loads, dp_group, average=False)

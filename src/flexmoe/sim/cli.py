@@ -2,11 +2,19 @@
 
     flexmoe simulate TRACE [--planners static,greedy,...] [--world-size W] [--slots-per-rank S] [--plot out.png]
     flexmoe simulate --synthetic [TRACE] [--steps ...]   # generate a trace (saved to TRACE if given), then replay it
+
+"rank balance" here is max / mean token load over *ranks* (what placement changes); training's
+"expert balance" is max / mean over *experts*. ``--world-size`` smaller than the trace's merges
+neighbouring ranks; larger (a multiple) deals each recorded rank's rows round-robin to virtual
+ranks (``deal_to_ranks``), e.g. the one-rank trace of ``flexmoe train`` over 8 ranks.
+A bad input is a one-line error with exit status 2, raised before the replay and before any
+``--json`` or ``--plot`` file is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -14,47 +22,59 @@ from ..placement.cost_model import CostModel
 from ..placement.planner import PLANNERS, make_planner
 from .simulator import format_table, plot_results, simulate
 from .synthetic import SyntheticTraceConfig, generate_trace
-from .trace import read_trace
+from .trace import RoutingTrace, deal_to_ranks, read_trace
 
-HELP = "replay a routing trace under placement planners and compare modelled step time"
 
 DEFAULT_PLANNERS = "static,shadow,eplb,proportional,greedy,oracle"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", nargs="?", help="trace file (JSON Lines); with --synthetic, where to save it")
-    parser.add_argument("--planners", default=DEFAULT_PLANNERS, help=f"comma list of {', '.join(PLANNERS)}")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks (divides the trace's; default: the trace's)")
+    parser.add_argument("--planners", default=DEFAULT_PLANNERS,
+                        help=f"comma list of planners to compare, of {', '.join(PLANNERS)} (default: %(default)s)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to simulate: a divisor of the trace's (neighbours merged) or a multiple of it "
+                             "(each rank's rows dealt round-robin to virtual ranks) (default: the trace's)")
     parser.add_argument("--slots-per-rank", type=int, default=None,
                         help="expert slots per rank (default: ceil(E / W) + 2)")
-    parser.add_argument("--steps", type=int, default=None, help="replay only the first STEPS steps")
-    parser.add_argument("--plot", default=None, help="write a PNG of balance ratio and step time over steps")
-    parser.add_argument("--json", default=None, help="write the summary rows as JSON")
+    parser.add_argument("--steps", type=int, default=None, help="replay only the first STEPS steps (default: all)")
+    parser.add_argument("--plot", default=None,
+                        help="write a PNG of rank balance and step time over steps (needs matplotlib; default: none)")
+    parser.add_argument("--json", default=None, help="write the summary rows as JSON to this file (default: none)")
     cost = parser.add_argument_group("cost model (per expert shape and hardware rates)")
-    cost.add_argument("--d-model", type=int, default=2048)
-    cost.add_argument("--d-ff", type=int, default=768)
-    cost.add_argument("--flops", type=float, default=764e12, help="expert GEMM FLOP/s (H100 bf16 measured: 764e12)")
-    cost.add_argument("--mem-bw", type=float, default=3.0e12, help="memory bytes/s (H100 measured: 3.0e12)")
-    cost.add_argument("--a2a-bw", type=float, default=350e9, help="all-to-all bytes/s per rank within a node")
-    cost.add_argument("--a2a-bw-inter", type=float, default=None, help="all-to-all bytes/s per rank across nodes")
-    cost.add_argument("--ranks-per-node", type=int, default=None)
+    cost.add_argument("--d-model", type=int, default=2048, help="model width D of the experts (default: %(default)s)")
+    cost.add_argument("--d-ff", type=int, default=768, help="expert hidden width F (default: %(default)s)")
+    cost.add_argument("--flops", type=float, default=764e12,
+                      help="expert GEMM FLOP/s (default: %(default)s, H100 bf16 measured)")
+    cost.add_argument("--mem-bw", type=float, default=3.0e12,
+                      help="memory bytes/s (default: %(default)s, H100 measured)")
+    cost.add_argument("--a2a-bw", type=float, default=350e9,
+                      help="all-to-all bytes/s per rank within a node (default: %(default)s, assumed)")
+    cost.add_argument("--a2a-bw-inter", type=float, default=None,
+                      help="all-to-all bytes/s per rank across nodes (default: same as --a2a-bw)")
+    cost.add_argument("--ranks-per-node", type=int, default=None,
+                      help="ranks per node, for --a2a-bw-inter (default: all ranks on one node)")
     cost.add_argument("--measure", action="store_true",
                       help="time the expert FFN and a local copy on this machine instead of --flops/--mem-bw")
     syn = parser.add_argument_group("synthetic trace")
     syn.add_argument("--synthetic", action="store_true", help="generate a synthetic trace instead of reading TRACE")
     syn.add_argument("--generate-only", action="store_true", help="with --synthetic: only write TRACE")
     defaults = SyntheticTraceConfig()
-    syn.add_argument("--num-steps", type=int, default=defaults.num_steps)
-    syn.add_argument("--num-layers", type=int, default=defaults.num_layers)
-    syn.add_argument("--trace-world-size", type=int, default=defaults.world_size)
-    syn.add_argument("--num-experts", type=int, default=defaults.num_experts)
-    syn.add_argument("--tokens-per-rank", type=int, default=defaults.tokens_per_rank)
-    syn.add_argument("--top-k", type=int, default=defaults.top_k)
-    syn.add_argument("--alpha", type=float, default=defaults.alpha, help="Zipf exponent of expert popularity")
-    syn.add_argument("--drift", type=float, default=defaults.drift, help="popularity drift rate per step")
-    syn.add_argument("--rank-skew", type=float, default=defaults.rank_skew)
-    syn.add_argument("--step-noise", type=float, default=defaults.step_noise)
-    syn.add_argument("--seed", type=int, default=defaults.seed)
+    for flag, kind, help_text in (
+        ("--num-steps", int, "training steps in the trace"),
+        ("--num-layers", int, "MoE layers"),
+        ("--trace-world-size", int, "source ranks recorded in the trace"),
+        ("--num-experts", int, "experts per layer"),
+        ("--tokens-per-rank", int, "tokens each rank routes per step and layer"),
+        ("--top-k", int, "experts per token"),
+        ("--alpha", float, "Zipf exponent of expert popularity (0 = uniform)"),
+        ("--drift", float, "popularity drift rate per step"),
+        ("--rank-skew", float, "how much the ranks' expert mixes differ (0 = same mix everywhere)"),
+        ("--step-noise", float, "step-to-step noise of the popularity"),
+        ("--seed", int, "random seed"),
+    ):
+        field = flag[2:].replace("-", "_").replace("trace_world_size", "world_size")
+        syn.add_argument(flag, type=kind, default=getattr(defaults, field), help=f"{help_text} (default: %(default)s)")
 
 
 def _cost(args) -> CostModel:
@@ -68,39 +88,90 @@ def _cost(args) -> CostModel:
 
 
 def run(args) -> int:
-    if args.synthetic:
-        config = SyntheticTraceConfig(
-            num_steps=args.num_steps, num_layers=args.num_layers, world_size=args.trace_world_size,
-            num_experts=args.num_experts, tokens_per_rank=args.tokens_per_rank, top_k=args.top_k,
-            alpha=args.alpha, drift=args.drift, rank_skew=args.rank_skew, step_noise=args.step_noise,
-            seed=args.seed,
-        )
-        trace = generate_trace(config)
-        if args.trace:
-            trace.save(args.trace)
-            print(f"wrote {args.trace}: {trace.num_steps} steps, {trace.num_layers} layers, "
-                  f"{trace.world_size} ranks, {trace.num_experts} experts")
-        if args.generate_only:
-            return 0
-    elif args.trace:
-        trace = read_trace(args.trace)
-    else:
-        print("flexmoe simulate: give a TRACE file or --synthetic", file=sys.stderr)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # bad input: TraceError, config errors, unwritable files
+        print(f"flexmoe simulate: error: {err}", file=sys.stderr)
         return 2
-    if args.steps is not None:
-        trace.counts_TLWE, trace.steps_T = trace.counts_TLWE[: args.steps], trace.steps_T[: args.steps]
+
+
+def _check_args(args) -> list:
+    """The planners, after every check that needs no trace (so nothing runs or is written first)."""
+    if not args.synthetic and not args.trace:
+        raise ValueError("give a TRACE file or --synthetic")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'flexmoe[train]' (or leave out --plot)")
+    for flag, value in (("--world-size", args.world_size), ("--slots-per-rank", args.slots_per_rank),
+                        ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     names = [n.strip() for n in args.planners.split(",") if n.strip()]
-    planners = [make_planner(n) for n in names]
-    W = args.world_size or trace.world_size
+    unknown = [n for n in names if n not in PLANNERS]
+    if unknown or not names:
+        what = f"unknown planner {', '.join(map(repr, unknown))}" if unknown else "no planner"
+        raise ValueError(f"{what} in --planners; choose from {', '.join(PLANNERS)}")
+    return [make_planner(n) for n in names]
+
+
+def _load_trace(args) -> RoutingTrace | None:
+    """The trace to replay (None after --generate-only)."""
+    if not args.synthetic:
+        return read_trace(args.trace)
+    config = SyntheticTraceConfig(
+        num_steps=args.num_steps, num_layers=args.num_layers, world_size=args.trace_world_size,
+        num_experts=args.num_experts, tokens_per_rank=args.tokens_per_rank, top_k=args.top_k,
+        alpha=args.alpha, drift=args.drift, rank_skew=args.rank_skew, step_noise=args.step_noise,
+        seed=args.seed,
+    )
+    trace = generate_trace(config)
+    if args.trace:
+        trace.save(args.trace)
+        print(f"wrote {args.trace}: {trace.num_steps} steps, {trace.num_layers} layers, "
+              f"{trace.world_size} ranks, {trace.num_experts} experts")
+    return None if args.generate_only else trace
+
+
+def _ranks(trace: RoutingTrace, world_size: int | None) -> tuple[RoutingTrace, int, str]:
+    """The trace over ``world_size`` ranks (virtual ranks dealt when it is a multiple), W, and a note."""
+    W0 = trace.world_size
+    W = world_size or W0
+    if W % W0 == 0 and W > W0:
+        dealt = RoutingTrace(deal_to_ranks(trace.counts_TLWE, W), trace.steps_T, trace.meta)
+        return dealt, W, (f"note: the trace has {W0} rank{'s' if W0 > 1 else ''}; each one's rows are dealt round-robin to "
+                          f"{W // W0} virtual ranks (same expert mix on every rank, so this models expert "
+                          "load over ranks, not token locality)")
+    if W0 % W:
+        raise ValueError(f"--world-size {W} must divide the trace's {W0} ranks or be a multiple of them")
+    if W == 1:
+        return trace, W, ("note: with 1 rank every planner has rank balance 1.00 and runs at 1.00x static, "
+                          "so this compares nothing; pass --world-size W (e.g. --world-size 8) to deal "
+                          "the trace's tokens over W virtual ranks")
+    return trace, W, ""
+
+
+def _run(args) -> int:
+    planners = _check_args(args)
+    trace = _load_trace(args)
+    if trace is None:
+        return 0
+    if args.steps is not None:
+        trace = RoutingTrace(trace.counts_TLWE[: args.steps], trace.steps_T[: args.steps], trace.meta)
+    if trace.num_steps == 0:
+        raise ValueError(f"{args.trace} holds no complete step (every layer recorded) to replay")
+    trace, W, note = _ranks(trace, args.world_size)
     S = args.slots_per_rank or -(-trace.num_experts // W) + 2
     results = simulate(trace, planners, _cost(args), world_size=W, slots_per_rank=S)
     print(f"{trace.num_steps} steps x {trace.num_layers} layers, {W} ranks, {trace.num_experts} experts, "
           f"{S} slots per rank")
+    if note:
+        print(note)
     print(format_table(results))
-    if args.plot:
-        plot_results(results, args.plot, title=f"{W} ranks, {trace.num_experts} experts, {S} slots per rank")
-        print(f"wrote {args.plot}")
+    print("rank balance: max / mean token load over ranks (1 = even); training's expert balance is over experts")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r.summary() for r in results], f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_results(results, args.plot, title=f"{W} ranks, {trace.num_experts} experts, {S} slots per rank")
+        print(f"wrote {args.plot}")
     return 0

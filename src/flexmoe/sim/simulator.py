@@ -110,10 +110,11 @@ def simulate(
 
 
 def format_table(results: list[SimResult], baseline: str = "static") -> str:
-    """A Markdown table; ``vs static`` = baseline mean step time / this planner's."""
+    """A Markdown table; ``vs static`` = baseline mean step time / this planner's; rank balance =
+    max / mean token load over ranks."""
     rows = [r.summary() for r in results]
     base = next((r["step_ms"] for r in rows if r["planner"] == baseline), None)
-    head = ("| planner | balance mean | balance p99 | step ms | compute | a2a | sync | move "
+    head = ("| planner | rank balance mean | rank balance p99 | step ms | compute | a2a | sync | move "
             f"| vs {baseline} | GB moved | re-plans | share updates |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:

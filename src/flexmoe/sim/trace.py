@@ -1,7 +1,7 @@
 """Routing traces: routed rows per (step, layer, source rank, expert), recorded during training or
 generated, replayed by the simulator.
 
-Legend: T steps, L layers, W source ranks, E experts.
+Legend: T steps, L layers, W source ranks, E experts, k virtual ranks per recorded rank.
 
 File format (JSON Lines, UTF-8, appendable, one record per line):
 
@@ -125,11 +125,30 @@ class TraceRecorder:
         self.close()
 
 
+class TraceError(ValueError):
+    """A file that is missing or is not a flexmoe routing trace."""
+
+
+def _not_a_trace(path: str, why: str) -> TraceError:
+    return TraceError(f"{path} is not a flexmoe trace (format {FORMAT_VERSION}): {why}")
+
+
 def _read_header(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        header = json.loads(f.readline())
-    if header.get("flexmoe_trace") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a flexmoe trace (version {FORMAT_VERSION})")
+    if not os.path.isfile(path):
+        raise TraceError(f"trace file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _not_a_trace(path, "its first line is not a JSON header") from None
+    if not isinstance(header, dict) or header.get("flexmoe_trace") != FORMAT_VERSION:
+        raise _not_a_trace(path, 'its header lacks "flexmoe_trace": 1')
+    for key in ("world_size", "num_experts", "num_layers"):
+        value = header.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _not_a_trace(path, f"header field {key!r} must be an int >= 1, got {value!r}")
+    if not isinstance(header.get("meta", {}), dict):
+        raise _not_a_trace(path, 'header field "meta" must be an object')
     return header
 
 
@@ -147,8 +166,11 @@ def read_trace(path: str | os.PathLike) -> RoutingTrace:
     header = _read_header(path)
     W, E, L = header["world_size"], header["num_experts"], header["num_layers"]
     records: dict[int, dict[int, list]] = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")[1:]
+    except UnicodeDecodeError:
+        raise _not_a_trace(path, "it is not UTF-8 text") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -157,11 +179,56 @@ def read_trace(path: str | os.PathLike) -> RoutingTrace:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 2} is not valid JSON")
-        records.setdefault(int(rec["step"]), {})[int(rec["layer"])] = rec["counts"]
+            raise TraceError(f"{path}: line {i + 2} is not valid JSON") from None
+        step, layer, counts_WE = _record_fields(path, i + 2, rec, W, E, L)
+        records.setdefault(step, {})[layer] = counts_WE
     steps = sorted(s for s, layers in records.items() if len(layers) == L)
     counts = np.zeros((len(steps), L, W, E), dtype=np.int64)
     for t, step in enumerate(steps):
         for layer, c in records[step].items():
-            counts[t, layer] = np.asarray(c, dtype=np.int64).reshape(W, E)
+            counts[t, layer] = c
     return RoutingTrace(counts, np.array(steps, dtype=np.int64), header.get("meta", {}))
+
+
+def _record_fields(path: str, line_no: int, rec, W: int, E: int, L: int) -> tuple[int, int, np.ndarray]:
+    """(step, layer, counts_WE) of one record, or a ``TraceError`` naming the line."""
+    where = f"{path}: line {line_no}"
+    if not isinstance(rec, dict) or not all(k in rec for k in ("step", "layer", "counts")):
+        raise TraceError(f'{where} is not a record with "step", "layer" and "counts"')
+    step, layer = rec["step"], rec["layer"]
+    for name, value in (("step", step), ("layer", layer)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TraceError(f"{where}: {name} must be an int >= 0, got {value!r}")
+    if layer >= L:
+        raise TraceError(f"{where}: layer {layer} is not below the header's num_layers={L}")
+    try:
+        counts_WE = np.asarray(rec["counts"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise TraceError(f"{where}: counts must be a [world_size][num_experts] array of integers") from None
+    if counts_WE.shape != (W, E) or (counts_WE < 0).any():
+        raise TraceError(f"{where}: counts must be {W} x {E} non-negative integers, got shape {counts_WE.shape}")
+    return step, layer, counts_WE
+
+
+def deal_to_ranks(counts_TLWE: np.ndarray, world_size: int) -> np.ndarray:
+    """Counts of ``world_size`` virtual source ranks from a trace of fewer (a divisor of it).
+
+    Each recorded rank's rows, ordered by expert, are dealt round-robin to its
+    ``world_size / W`` virtual ranks (row i to virtual rank i mod k), so every virtual rank gets
+    the same expert mix and its total differs from the others' by at most one row: this models
+    expert load over more ranks, not where tokens come from.
+    """
+    T, L, W, E = counts_TLWE.shape
+    if world_size % W:
+        raise ValueError(f"world_size={world_size} must be a multiple of the trace's {W} ranks")
+    k = world_size // W
+    end_TLWE = np.cumsum(counts_TLWE, axis=-1)
+    start_TLWE = end_TLWE - counts_TLWE
+    dealt_TLWKE = _rows_below(end_TLWE, k) - _rows_below(start_TLWE, k)
+    return dealt_TLWKE.reshape(T, L, world_size, E)
+
+
+def _rows_below(x_TLWE: np.ndarray, k: int) -> np.ndarray:
+    """[T, L, W, k, E]: how many rows i < x have i % k == j, i.e. max(ceil((x - j) / k), 0)."""
+    j_K1 = np.arange(k).reshape(k, 1)
+    return np.maximum(-((j_K1 - x_TLWE[..., None, :]) // k), 0)

@@ -9,7 +9,10 @@ RUN/checkpoints/latest                           name of the newest complete che
 
 A checkpoint is written to a hidden temporary folder and renamed into place (``os.replace``),
 then ``latest`` is replaced the same way, so a kill at any moment leaves the previous checkpoint
-intact. Reading validates everything before the caller changes anything.
+intact; ``clean_temporaries`` removes what a killed or failed write left behind. A checkpoint
+holding a non-finite value is never written (nor read back), so rotation can only push out
+finite checkpoints in favour of a newer finite one. Reading validates everything (manifest,
+checksums, the types of the training state) before the caller changes anything.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -36,6 +40,10 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, or for another model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -74,35 +82,116 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict,
                     metadata: dict[str, str], keep: int) -> Path:
-    """Write ``step_<step>`` atomically, point ``latest`` at it, keep the ``keep`` newest."""
+    """Write ``step_<step>`` atomically, point ``latest`` at it, keep the ``keep`` newest up to it.
+
+    Refuses non-finite tensors. On an OSError (a full disk) the temporary files are removed and a
+    one-line ``CheckpointWriteError`` names the checkpoint that is still the newest.
+    """
+    bad = nonfinite_tensors(weights, state.get("optimizer", {}))
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint step {step}: non-finite values in {_names(bad)}")
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_folder(tmp, step, weights, state, metadata)
+        _move_into_place(tmp, final)
+        _atomic_write_text(root / "latest", final.name + "\n")
+        _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in root.glob(f".latest.tmp-{os.getpid()}"):
+            leftover.unlink(missing_ok=True)
+        raise CheckpointWriteError(write_failure(run_dir, f"checkpoint {final}", err, final)) from None
+    # Rotation counts this checkpoint and older ones: newer ones are of a branch the run left (a
+    # resume from an older checkpoint) and go only when this branch rewrites them.
+    for old in [p for p in list_checkpoints(run_dir) if p.name <= final.name][:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_failure(run_dir: Path, what: str, err: OSError, unfinished: Path | None = None) -> str:
+    """One line for a failed write into a run folder: what failed, why, and the checkpoint to resume."""
+    newest = [p.name for p in list_checkpoints(run_dir) if p != unfinished]
+    kept = f"the newest checkpoint is still {newest[-1]}" if newest else "no earlier checkpoint exists"
+    return f"cannot write {what}: {err.strerror or err}; {kept} (free space or fix the folder, then --resume)"
+
+
+def _write_folder(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: dict,
+                  metadata: dict[str, str]) -> None:
+    """The three files of one checkpoint in ``tmp``, fsynced, every file with the umask's mode."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", **metadata})
     with open(tmp / STATE, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", **metadata})
+    os.chmod(tmp / WEIGHTS, (tmp / STATE).stat().st_mode & 0o777)  # safetensors writes 0600
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (WEIGHTS, STATE)}
     _atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
-    if final.exists():
-        stale = root / f".stale-{final.name}-{os.getpid()}"
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # the same step again (a resumed branch): the old copy goes only once replaced
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
         os.replace(final, stale)
         os.replace(tmp, final)
         shutil.rmtree(stale)
     else:
         os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name + "\n")
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def clean_temporaries(run_dir: Path) -> list[str]:
+    """Remove what killed or failed writes left in a run folder; returns the names removed.
+
+    A ``.stale-step_N-*`` folder whose ``step_N`` is missing (a kill between the two renames of
+    a re-written step) is the only copy of that checkpoint: it is renamed back, not removed.
+    """
+    run_dir, root = Path(run_dir), checkpoint_root(run_dir)
+    removed = []
+    for folder in (run_dir, root):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            name = path.name
+            if name.startswith(".stale-step_"):
+                final = root / name[len(".stale-"):].rsplit("-", 1)[0]
+                if not final.exists():
+                    os.replace(path, final)
+                    continue
+            elif not (name.startswith(".") and ".tmp-" in name):  # .tmp-step_N-PID, .latest.tmp-PID, ...
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(str(path.relative_to(run_dir)))
+    return removed
+
+
+def nonfinite_tensors(*trees) -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in nested dicts/lists holding NaN or inf."""
+    bad: list[str] = []
+
+    def visit(item, name: str) -> None:
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() and item.numel() and not bool(torch.isfinite(item).all()):
+                bad.append(name)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                visit(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(item, (list, tuple)):
+            for i, value in enumerate(item):
+                visit(value, f"{name}.{i}" if name else str(i))
+
+    for i, tree in enumerate(trees):
+        visit(tree, "" if i == 0 else "optimizer")
+    return bad
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -116,12 +205,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder from a run folder (its ``latest``), a checkpoints folder, or itself."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint found: {path} does not exist")
     if any((path / name).exists() for name in (WEIGHTS, STATE, MANIFEST)):
         return path
     for root in (checkpoint_root(path), path):
         latest = root / "latest"
         if latest.is_file():
-            name = latest.read_text().strip()
+            name = latest.read_text(errors="replace").strip()
+            if not re.fullmatch(r"step_\d+", name):
+                raise CheckpointError(f"{latest} is corrupt (it names {name[:40]!r}, not a step_N folder)")
             if (root / name).is_dir():
                 return root / name
             raise CheckpointError(f"{latest} names {name!r}, which does not exist")
@@ -146,9 +239,9 @@ def verify_checkpoint(path: Path) -> None:
     if not manifest.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST})")
     try:
-        files = json.loads(manifest.read_text())["files"]
+        files = _manifest_files(json.loads(manifest.read_text()))
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
+        raise CheckpointError(f"checkpoint file {manifest} is corrupt ({err})") from None
     for name in (WEIGHTS, STATE):
         file = path / name
         if name not in files or not file.is_file():
@@ -157,11 +250,31 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"checkpoint file {file} is corrupt (its checksum does not match {MANIFEST})")
 
 
+def _manifest_files(manifest) -> dict:
+    """The ``files`` table of a parsed manifest, every entry checked for its type."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("expected an object with a 'files' object")
+    if isinstance(manifest.get("step"), bool) or not isinstance(manifest.get("step"), int):
+        raise ValueError(f"'step' must be an integer, got {manifest.get('step')!r}")
+    for name, entry in manifest["files"].items():
+        if (not isinstance(entry, dict) or isinstance(entry.get("bytes"), bool)
+                or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"entry {name!r} must hold an integer 'bytes' and a string 'sha256'")
+    return manifest["files"]
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
-    """Verified weights, weight metadata and training state of one checkpoint folder."""
+    """Verified weights, weight metadata and training state of one checkpoint folder.
+
+    A checkpoint holding NaN or inf (written before flexmoe refused them) is refused too."""
     verify_checkpoint(path)
     weights, metadata = read_weights(path)
-    return weights, metadata, read_state(path)
+    state = read_state(path)
+    bad = nonfinite_tensors(weights, state.get("optimizer", {}))
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values ({_names(bad)}); "
+                              "it cannot be resumed or trained from")
+    return weights, metadata, state
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -181,6 +294,11 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return weights, metadata
 
 
+# Entries of state.pt that every reader needs, with their types.
+_STATE_TYPES = {"step": int, "tokens_seen": int, "elapsed_s": (int, float), "data": dict, "optimizer": dict,
+                "scheduler": dict, "rng": list, "world_size": int, "model_config": dict, "train_config": dict}
+
+
 def read_state(path: Path) -> dict:
     """The training state of a checkpoint folder."""
     file = Path(path) / STATE
@@ -193,6 +311,39 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint file {file} is not a flexmoe training state (format {FORMAT})")
     return state
+
+
+def check_training_state(path: Path, state: dict) -> None:
+    """Every entry a resume reads is in ``state`` (of checkpoint folder ``path``) with its type."""
+    file = Path(path) / STATE
+    for key, kind in _STATE_TYPES.items():
+        value = state.get(key)
+        if key not in state or isinstance(value, bool) or not isinstance(value, kind):
+            got = "missing" if key not in state else f"a {type(value).__name__}, not {_type_names(kind)}"
+            raise CheckpointError(f"checkpoint file {file} is corrupt: its {key!r} entry is {got}")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise CheckpointError(f"checkpoint file {file} is corrupt: its optimizer state lacks 'state' or 'param_groups'")
+
+
+def _type_names(kind) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def intact_older(root: Path, before: str | None = None) -> Path | None:
+    """The newest checkpoint folder in ``root`` (a run's checkpoints folder) whose name sorts before
+    ``before`` and that verifies and reads completely, or None: what to suggest instead of a
+    corrupt checkpoint."""
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    for other in reversed(found):
+        if before is not None and other.name >= before:
+            continue
+        try:
+            check_training_state(other, read_checkpoint(other)[2])
+        except CheckpointError:
+            continue
+        return other
+    return None
 
 
 def check_weights_fit(model: nn.Module, weights: dict[str, torch.Tensor], source: str, hint: str = "") -> None:

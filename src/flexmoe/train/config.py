@@ -10,30 +10,48 @@ from ..config import _require_choice, _require_float, _require_int
 
 @dataclasses.dataclass
 class TrainConfig:
-    """How to train.
+    """How to train. One ``field: meaning`` entry per field (``flexmoe train --help`` shows them).
 
-    steps: optimizer steps. batch_size: sequences per step and rank; grad_accum: micro-batches
-        of that size per step. seq_len of the sequences is ``ModelConfig.seq_len``.
-    lr, min_lr, warmup_steps: linear warm-up to lr, then cosine decay to min_lr at ``steps``.
-    weight_decay, beta1, beta2, grad_clip: AdamW and global-norm clipping (0 disables clipping).
-    eval_every, eval_batches: validation loss every so many steps, on that many fixed batches.
-    checkpoint_every, keep_checkpoints: checkpoint cadence (a checkpoint is also written at the
-        end) and how many of the newest to keep.
-    tokenizer: "byte" or "bpe" (trained on the training split, ``bpe_vocab_size`` tokens).
-    data: a text file or folder; None is the Python standard library's source; "site-packages"
-        every .py file of the installed packages, deduplicated (``flexmoe.train.data``).
+    steps: optimizer steps in total (the learning-rate schedule spans them).
+    batch_size: sequences per micro-batch and rank, each ``ModelConfig.seq_len`` tokens.
+    grad_accum: micro-batches per optimizer step.
+    lr: peak learning rate, reached by linear warm-up, then cosine decay to min_lr at the last step.
+    min_lr: learning rate at the end of the cosine decay.
+    warmup_steps: steps of linear learning-rate warm-up.
+    weight_decay: AdamW weight decay (on matrices only, not on norms, biases or the gate step).
+    beta1: AdamW first-moment decay rate.
+    beta2: AdamW second-moment decay rate.
+    grad_clip: global gradient-norm clipping threshold (0 disables clipping).
+    eval_every: validation loss every so many steps (and at the last step).
+    eval_batches: fixed validation batches per evaluation.
+    checkpoint_every: checkpoint every so many steps (a checkpoint is also written at the end).
+    keep_checkpoints: how many of the newest checkpoints to keep.
+    seed: seed of the weight initialisation, the data order and every step's random numbers.
+    tokenizer: "byte" (256 byte values) or "bpe" (trained on the training split).
+    bpe_vocab_size: vocabulary size of the "bpe" tokenizer.
+    data: a text file or folder of text files; None is the Python standard library's source;
+        "site-packages" every .py file of the installed packages, deduplicated (``flexmoe.train.data``).
     val_fraction: share of files (by a hash of their path) held out for validation.
-    precision: "fp32", or "bf16" (CUDA: autocast; MoE experts in bf16, router in fp32).
-    expert_parallel: under torchrun, spread each MoE block's experts over the ranks
-        (``MoELayer(config, ep_group=WORLD)``) instead of replicating them; ``spare_slots`` extra
-        expert slots per rank give the placement scheduler room for replicas.
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    precision: "fp32", or "bf16": on CUDA, bfloat16 autocast with float32 master weights (attention,
+        dense FFNs, LM head and MoE experts compute in bfloat16, the router in float32); on CPU
+        the run stays fp32.
     threads: torch CPU threads (``torch.set_num_threads``); 0 keeps torch's default. Small models
         gain little from threads, and oversubscribed threads on a busy machine are much slower.
+    expert_parallel: under torchrun, spread each MoE block's experts over the ranks
+        (``MoELayer(config, ep_group=WORLD)``) instead of replicating them.
+    spare_slots: extra expert slots per rank (with expert_parallel), room for the placement
+        scheduler's replicas.
     placement_interval: re-plan expert placement every so many steps with
         ``flexmoe.PlacementScheduler`` (greedy planner); 0 = static placement. Needs expert_parallel.
-    omoe: OMoE (``flexmoe.optim.OMoE``, arXiv 2310.09762): after ``omoe_accumulate_steps`` plain
-        AdamW steps, ``omoe_orthogonal_steps`` steps whose expert updates are projected orthogonally
-        to the other experts' weights (ridge ``omoe_alpha``), repeated.
+    on_nonfinite: a step whose loss or gradients hold NaN or inf (on any rank) is never applied;
+        "stop" ends training with an error naming the step (the checkpoints stay finite), "skip"
+        drops that step's update and goes on with the next batch (recorded as ``skipped``).
+    omoe: OMoE (``flexmoe.optim.OMoE``, arXiv 2310.09762): expert updates projected orthogonally to
+        the other experts' weights, alternating with plain AdamW steps.
+    omoe_accumulate_steps: plain AdamW steps of each OMoE cycle.
+    omoe_orthogonal_steps: projected steps of each OMoE cycle.
+    omoe_alpha: OWM's ridge term of the OMoE projection (0 = exact orthogonal projection).
     """
 
     steps: int = 300
@@ -61,6 +79,7 @@ class TrainConfig:
     expert_parallel: bool = False
     spare_slots: int = 0
     placement_interval: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     omoe: bool = False
     omoe_accumulate_steps: int = 1
     omoe_orthogonal_steps: int = 1
@@ -83,10 +102,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must not exceed lr={self.lr}")
         _require_choice(self, "tokenizer", ("byte", "bpe"))
         _require_choice(self, "precision", ("fp32", "bf16"))
+        _require_choice(self, "on_nonfinite", ("stop", "skip"))
         if not isinstance(self.expert_parallel, bool):
             raise ValueError(f"TrainConfig.expert_parallel must be a bool, got {self.expert_parallel!r}")
         if self.placement_interval and not self.expert_parallel:
             raise ValueError("TrainConfig.placement_interval needs expert_parallel=True")
+        _check_device(self.device)
         if not isinstance(self.omoe, bool):
             raise ValueError(f"TrainConfig.omoe must be a bool, got {self.omoe!r}")
         self.omoe_config()
@@ -104,6 +125,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_device(name) -> None:
+    """``device`` is "auto", "cpu", "cuda" or "cuda:N" (availability is checked when the run starts)."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if name == "auto" or (kind in ("cpu", "cuda") and (not index or (index.isdigit() and kind == "cuda"))):
+        return
+    raise ValueError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
 
 
 @dataclasses.dataclass

@@ -36,10 +36,6 @@ class Corpus:
     train_names: list[str]
     val_names: list[str]
 
-    @property
-    def num_bytes(self) -> tuple[int, int]:
-        return sum(map(len, self.train_docs)), sum(map(len, self.val_docs))
-
     def fingerprint(self) -> str:
         """A short hash of the names and sizes of both splits (detects a changed corpus on resume)."""
         h = hashlib.sha256()

@@ -28,14 +28,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def sync_gradients(model: nn.Module, info: DistInfo) -> None:
-    """Average dense gradients over the ranks; synchronise expert-parallel expert gradients."""
-    if info.world_size > 1:
-        from ..runtime import sync_gradients as sync_all
-
-        sync_all(model, info.group)
-
-
 def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping.
 

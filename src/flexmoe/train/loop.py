@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layer import aux_loss, moe_layers, update_router_bias
+from ..layer import moe_layers
 from ..models.gpt import GPTMoE, ModelConfig
-from ..routing import set_gate_step
+from ..placement import CostModel, make_planner
+from ..runtime import MoERuntime, PlacementScheduler
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
-from .distributed import DistInfo, clip_gradients, rank_seed, sync_gradients
+from .distributed import DistInfo, clip_gradients, rank_seed
+from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
 from .similarity import expert_similarity
 
@@ -92,12 +95,10 @@ class Trainer:
         self.val_history: list[dict] = []
         self.placement = None
         if cfg.placement_interval:
-            from ..placement import CostModel, make_planner
-            from ..runtime import PlacementScheduler
-
             self.placement = PlacementScheduler(
                 model, self.optimizer, planner=make_planner("greedy"), interval=cfg.placement_interval,
                 cost_model=None if cost_model is None else CostModel(**cost_model))
+        self.moe_runtime = MoERuntime(model, dp_group=info.group, placement=self.placement)
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -134,8 +135,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.scheduler.last_epoch)
         self.step = int(state["step"])
-        if self.omoe is not None:
-            self.omoe.load_state_dict({"steps": self.step})  # one optimizer step per training step
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed_s = float(state["elapsed_s"])
         self.stream.load_state_dict(state["data"])
@@ -157,13 +156,25 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path | None:
-        """Collective: every rank gathers its share; the main rank writes."""
+        """Collective: every rank gathers its share; the main rank writes; a failed write (full
+        disk, non-finite values) raises on every rank, so none waits for the others."""
         state = self.state_dict()
         weights = ckpt.unique_state_dict(self.model)
-        if not self.info.is_main:
-            return None
-        meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
-        return ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta, keep=self.cfg.keep_checkpoints)
+        path, error = None, None
+        if self.info.is_main:
+            meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
+            try:
+                path = ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta,
+                                            keep=self.cfg.keep_checkpoints)
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        if self.info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.info.group)
+            error = box[0]
+        if error is not None:
+            raise ckpt.CheckpointWriteError(error)
+        return path
 
     # ---- steps -------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,40 +191,36 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         self.model.train()
-        set_gate_step(self.model, self.step)
+        self.moe_runtime.before_forward(self.step)
         lm_total = aux_total = 0.0
         counts_LE = None
         for _ in range(cfg.grad_accum):
             x_BS, y_BS = self._batch()
             lm_loss = self._forward_loss(x_BS, y_BS)
-            extra = aux_loss(self.model)
+            extra = self.moe_runtime.aux_loss()
             ((lm_loss + extra) / cfg.grad_accum).backward()
-            if self.placement is not None and cfg.grad_accum > 1:
-                self.placement.observe()
+            if cfg.grad_accum > 1:
+                self.moe_runtime.observe()
             lm_total += lm_loss.detach() / cfg.grad_accum
             aux_total += extra.detach() / cfg.grad_accum
             if self.moe:
                 micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
                 counts_LE = micro if counts_LE is None else counts_LE + micro
-        sync_gradients(self.model, self.info)
+        self.moe_runtime.after_backward()
+        lm, aux, nonfinite = reduce_losses(lm_total, aux_total, self.model, self.info)
+        if nonfinite is not None:
+            return self._nonfinite_step(nonfinite, lm, aux)
         grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.omoe is not None:
+            self.omoe.load_state_dict({"steps": self.step})  # OMoE's alternation follows the training step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._update_bias()
-        if self.placement is not None:
-            planned = self.placement.step()
-        else:
-            planned = None
+        planned = self.moe_runtime.after_optimizer_step()
         self.step += 1
         tokens = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
         self.tokens_seen += tokens
-        losses = torch.stack([torch.as_tensor(lm_total), torch.as_tensor(aux_total).to(lm_total.device)])
-        if self.info.world_size > 1:
-            dist.all_reduce(losses, group=self.info.group)
-            losses /= self.info.world_size
-        lm, aux = (float(v) for v in losses.tolist())
         record = {"kind": "train", "step": self.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
                   "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
         if counts_LE is not None:
@@ -227,19 +234,36 @@ class Trainer:
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
                     self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
-        if self.placement is not None and planned:
+        if planned:
             record["placement"] = {"bytes_moved": planned.get("bytes_moved"),
                                    "balance_predicted": [m.get("balance_predicted_new") for m in planned["layers"]]}
         return record
 
-    def _update_bias(self) -> None:
-        if not self.model_cfg.bias_update_rate or not self.moe:
-            return
-        if self.info.world_size > 1:
-            from ..runtime import sync_router_loads
-
-            sync_router_loads(self.model, self.info.group)
-        update_router_bias(self.model)
+    def _nonfinite_step(self, reason: str, lm: float, aux: float) -> dict:
+        """A step with a non-finite loss or gradient (every rank agrees): stop before anything is
+        updated (``on_nonfinite="stop"``), or drop its gradients and move on to the next batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.step + 1
+        in_a_row = 1 + next((i for i, r in enumerate(reversed(self.history)) if "skipped" not in r), len(self.history))
+        if self.cfg.on_nonfinite == "stop" or in_a_row >= MAX_SKIPS_IN_A_ROW:
+            newest = ckpt.list_checkpoints(self.run_dir)
+            if in_a_row > 1:
+                reason += f" ({in_a_row} non-finite steps in a row: the weights have diverged)"
+            remedy = "a lower learning rate (--resume --lr X --override lr)"
+            if self.cfg.on_nonfinite == "stop":
+                remedy += " or --on-nonfinite skip --override on-nonfinite"
+            resume = (f"resume from the newest checkpoint, {newest[-1].name} (finite), with {remedy}" if newest
+                      else "no checkpoint was written yet: start again with a lower --lr")
+            raise DivergenceError(f"step {step}: {reason}; training stopped before the update, "
+                                  f"no checkpoint was written for it; {resume}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step = step
+        self.tokens_seen += self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
+        if self.info.is_main:
+            tqdm.write(f"flexmoe train: step {step}: {reason}; step skipped (--on-nonfinite skip)", file=sys.stderr)
+        return {"kind": "train", "step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
+                "tokens": self.tokens_seen, "skipped": reason}
 
     def _gather_counts(self, counts_LE: torch.Tensor) -> np.ndarray:
         if self.info.world_size == 1:
@@ -299,7 +323,7 @@ class Trainer:
                     self.metrics.write(record)
                     postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                     if "balance" in record:
-                        postfix["bal"] = f"{record['balance']:.2f}"
+                        postfix["expert_bal"] = f"{record['balance']:.2f}"
                     bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -317,11 +341,16 @@ class Trainer:
         train = [r["loss"] for r in self.history]
         out = {"kind": "summary", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": self.elapsed_s,
                "finished": self.step >= self.cfg.steps}
+        skipped = sum(1 for r in self.history if "skipped" in r)
+        if skipped:
+            out["skipped_steps"] = skipped
+        train = [loss for loss in train if math.isfinite(loss)]
         if train:
             k = max(1, min(10, len(train) // 4))
             head, tail = train[:k], train[-k:]
             out["train_loss_first"] = sum(head) / len(head)
             out["train_loss_last"] = sum(tail) / len(tail)
+            out["train_loss_window"] = k  # both are means over this many steps
         if self.val_history:
             out["val_loss_first"] = self.val_history[0]["val_loss"]
             out["val_loss"] = self.val_history[-1]["val_loss"]

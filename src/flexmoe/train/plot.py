@@ -76,7 +76,8 @@ def plot_balance(records: list[dict], out: Path, title: str) -> Path | None:
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("max expert load / mean")
-    ax.set_title(f"{title}: load balance (1 = even)")
+    smoothed = f", moving average over {window} steps" if window > 1 else ""
+    ax.set_title(f"{title}: expert-load balance (1 = even{smoothed})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
@@ -144,14 +145,18 @@ def plot_active_experts(records: list[dict], out: Path, title: str) -> Path | No
 
 def plot_expert_load(counts_TLWE: np.ndarray, steps_T: np.ndarray, out: Path, title: str,
                      blocks: list[int] | None = None, max_columns: int = 400) -> Path:
-    """Heatmap per MoE layer: share of routed rows per expert (rows) over steps (columns)."""
+    """Heatmap per MoE layer: share of routed rows per expert (rows) over steps (columns).
+
+    ``steps_T`` are the trace's 0-based indices; the x axis shows step numbers (index + 1), the
+    numbering of the metrics and of the loss plot, where step 1 is the first optimizer step.
+    """
     plt = _pyplot()
     counts_TLE = counts_TLWE.sum(axis=2).astype(np.float64)
     T, L, E = counts_TLE.shape
     starts_B = np.array([g[0] for g in np.array_split(np.arange(T), min(T, max_columns))])
     binned_BLE = np.add.reduceat(counts_TLE, starts_B, axis=0)
     share_BLE = binned_BLE / np.maximum(binned_BLE.sum(axis=-1, keepdims=True), 1)
-    first, last = int(steps_T[0]), int(steps_T[-1])
+    first, last = int(steps_T[0]) + 1, int(steps_T[-1]) + 1  # the trace's 0-based index: step numbers as in loss.png
     fig, axes = plt.subplots(L, 1, figsize=(9, 1.2 + 0.25 * E * L + 0.4 * L), squeeze=False)
     vmax = max(float(share_BLE.max()), 1.0 / E)
     for layer in range(L):
@@ -164,7 +169,7 @@ def plot_expert_load(counts_TLWE: np.ndarray, steps_T: np.ndarray, out: Path, ti
         if E <= 16:
             ax.set_yticks(range(E))
         fig.colorbar(im, ax=ax, pad=0.01, label="share of rows")
-    axes[-1, 0].set_xlabel("step (0-based)")
+    axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title(f"{title}: expert load per MoE layer (even = {1 / E:.3f})")
     fig.tight_layout()
     path = out / "expert_load.png"

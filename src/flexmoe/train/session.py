@@ -2,7 +2,9 @@
 
 ``prepare`` reads and validates everything (configs, data, tokenizer, checkpoints) and writes
 nothing, so a bad data path or checkpoint leaves the run folder as it was; ``execute`` writes.
-Config precedence: preset < the checkpoint's saved configs (on --resume) < explicit options.
+Config precedence: preset < the checkpoint's saved configs (on --resume) < explicit options;
+an explicit option that changes the resumed run's config must be named by ``--override``
+(``resume.py``), and the change is recorded in ``config.json``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch.distributed as dist
 from ..config import DTSGateConfig
 from ..models.gpt import GPTMoE, ModelConfig
 from . import checkpoint as ckpt
+from . import resume
 from .config import PRESETS, TrainConfig
 from .data import Corpus, DataError, WindowStream, load_corpus, validation_windows
 from .diversify import DiversifyConfig, diversify_from_dense
 from .distributed import DistInfo, rank_seed
+from .guard import DivergenceError
 from .loop import Trainer
 from .metrics import METRICS, MetricsLog, last_per_step, read_metrics, truncate_metrics
 from .tokenizer import make_tokenizer
@@ -45,6 +49,7 @@ class RunOptions:
     diversify_noise: float = 0.1
     diversify_mask: float = 0.0
     stop_at: int | None = None
+    override: str | None = None
     progress: bool = True
     model_overrides: dict = dataclasses.field(default_factory=dict)
     dts_overrides: dict = dataclasses.field(default_factory=dict)
@@ -66,6 +71,7 @@ class Prepared:
     trainer: Trainer
     resumed_from: Path | None
     token_cache_hit: bool
+    history: dict | None = None  # on --resume: "preset" and "resumes" of the run's config.json, this one added
 
 
 def setup_distributed() -> DistInfo:
@@ -88,7 +94,9 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -106,7 +114,67 @@ def _resolve_configs(options: RunOptions, saved: dict | None) -> tuple[ModelConf
 
 
 def _holds_run(run_dir: Path) -> bool:
-    return (run_dir / METRICS).exists() or bool(ckpt.list_checkpoints(run_dir))
+    """A run folder with a checkpoint; one killed before its first checkpoint can start again."""
+    return bool(ckpt.list_checkpoints(run_dir))
+
+
+def _read_resumed(options: RunOptions) -> tuple[Path, Path, dict, dict]:
+    """The checkpoint ``--resume`` names, its run folder, weights and state; a corrupt one's error
+    names an intact older checkpoint of the run when there is one."""
+    if options.resume == "latest" and options.run_dir is None:
+        raise ValueError("--resume needs --run-dir (or --resume PATH to a run or checkpoint folder)")
+    target = Path(options.run_dir if options.resume == "latest" else options.resume)
+    if not ckpt.list_checkpoints(target) and any((target / n).exists() for n in (METRICS, "config.json")):
+        raise ckpt.CheckpointError(f"{target} holds no complete checkpoint (the run stopped before its first one): "
+                                   f"nothing to resume; start it again with --run-dir {target} and without --resume")
+    try:
+        resumed_from = ckpt.resolve_checkpoint(target)
+    except ckpt.CheckpointError as err:
+        raise _with_older(err, ckpt.checkpoint_root(target), None) from None
+    run_dir = Path(options.run_dir) if options.run_dir else resumed_from.parent.parent
+    try:
+        weights, _, state = ckpt.read_checkpoint(resumed_from)
+        ckpt.check_training_state(resumed_from, state)
+    except ckpt.CheckpointError as err:
+        raise _with_older(err, resumed_from.parent, resumed_from.name) from None
+    return resumed_from, run_dir, weights, state
+
+
+def _with_older(err: Exception, root: Path, before: str | None) -> ckpt.CheckpointError:
+    """``err`` with the advice to resume from the newest intact checkpoint in ``root`` before ``before``."""
+    older = ckpt.intact_older(root, before)
+    hint = f"; the {'older ' if before else ''}checkpoint {older} is intact: continue from it with --resume {older}"
+    return ckpt.CheckpointError(f"{err}{hint if older else ''}")
+
+
+def _check_resume(options: RunOptions, saved: dict, source: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  run_dir: Path, world_size: int) -> dict:
+    """Refuse changed options that --override does not name, and a finished run; returns the run's
+    history (config.json's preset and resumes) with this resume added."""
+    plain = dataclasses.replace(options, model_overrides={}, dts_overrides={}, train_overrides={})
+    old_model, old_train = _resolve_configs(plain, saved)
+    changes = resume.config_changes(old_model, old_train, model_cfg, train_cfg)
+    resume.check_changes(changes, resume.parse_override(options.override), str(source))
+    step = saved["step"]
+    summarised = any(r.get("kind") == "summary" and r.get("step") == step for r in read_metrics(run_dir))
+    if step > train_cfg.steps or (step == train_cfg.steps and summarised):  # else: killed before its summary
+        extend = (f"the run finished at step {step}" if step == train_cfg.steps
+                  else f"--steps {train_cfg.steps} is before its step {step}")
+        raise ValueError(f"--resume {source}: {extend}: nothing to train; to train further pass a larger --steps "
+                         "with --override steps")
+    history = {"preset": options.preset, "resumes": []}
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():  # a branch into a new folder inherits the history of its source run
+        config_file = source.parent.parent / "config.json"
+    if config_file.is_file():
+        try:
+            old = json.loads(config_file.read_text())
+            history = {"preset": old.get("preset", options.preset), "resumes": list(old.get("resumes", []))}
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"{config_file} is not a flexmoe run config (its history would be lost); "
+                             "repair or remove it, then resume again") from None
+    history["resumes"].append(resume.history_entry(step, str(source), world_size, changes))
+    return history
 
 
 def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
@@ -116,15 +184,10 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     saved_state = weights = None
     resumed_from = None
     if options.resume is not None:
-        if options.resume == "latest":
-            if options.run_dir is None:
-                raise ValueError("--resume needs --run-dir (or --resume PATH to a run or checkpoint folder)")
-            resumed_from = ckpt.resolve_checkpoint(Path(options.run_dir))
-        else:
-            resumed_from = ckpt.resolve_checkpoint(Path(options.resume))
-        weights, _, saved_state = ckpt.read_checkpoint(resumed_from)
-        run_dir = Path(options.run_dir) if options.run_dir else resumed_from.parent.parent
+        resumed_from, run_dir, weights, saved_state = _read_resumed(options)
     else:
+        if options.override:
+            raise ValueError("--override only applies with --resume (it names the options a resumed run may change)")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(options.run_dir) if options.run_dir else Path("runs") / f"{options.preset}-{stamp}"
         if _holds_run(run_dir):
@@ -133,6 +196,9 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
         model_cfg, train_cfg = _resolve_configs(options, saved_state)
     except TypeError as err:
         raise ValueError(f"bad configuration: {err}") from None
+    history = None
+    if saved_state is not None:
+        history = _check_resume(options, saved_state, resumed_from, model_cfg, train_cfg, run_dir, info.world_size)
     device = pick_device(train_cfg.device)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
@@ -146,6 +212,8 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
             "(pass the same --data, or start a new run)"
         )
     tok_file = run_dir / TOKENIZER
+    if resumed_from is not None and (resumed_from.parent.parent / TOKENIZER).is_file():
+        tok_file = resumed_from.parent.parent / TOKENIZER  # the run the checkpoint belongs to (a branch-off)
     if saved_state is not None and train_cfg.tokenizer == "bpe" and not tok_file.exists():
         raise ckpt.CheckpointError(f"cannot resume a BPE run without its tokenizer file {tok_file}")
     tokenizer = make_tokenizer(train_cfg.tokenizer, corpus.train_docs, train_cfg.bpe_vocab_size,
@@ -179,13 +247,20 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
                       checkpoint_meta={"corpus": corpus.fingerprint(), "tokenizer": train_cfg.tokenizer},
                       cost_model=(saved_state or {}).get("placement_cost_model"))
     if saved_state is not None:
-        trainer.load_state_dict(saved_state, weights, str(resumed_from))
+        try:
+            trainer.load_state_dict(saved_state, weights, str(resumed_from))
+        except ckpt.CheckpointError as err:
+            raise _with_older(err, resumed_from.parent, resumed_from.name) from None
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            bad = ckpt.CheckpointError(f"checkpoint file {resumed_from / ckpt.STATE} is corrupt "
+                                       f"({type(err).__name__}: {err})")
+            raise _with_older(bad, resumed_from.parent, resumed_from.name) from None
     else:
         torch.manual_seed(rank_seed(train_cfg.seed, info.rank))
     if options.stop_at is not None and options.stop_at <= trainer.step:
         raise ValueError(f"--stop-at {options.stop_at} is not after the checkpoint step {trainer.step}")
     return Prepared(options, run_dir, info, device, model_cfg, train_cfg, corpus, tokenizer, train_tokens,
-                    val_tokens, trainer, resumed_from, cache_hit)
+                    val_tokens, trainer, resumed_from, cache_hit, history)
 
 
 def _build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, info: DistInfo, device: torch.device) -> GPTMoE:
@@ -212,13 +287,27 @@ def _encode(corpus: Corpus, tokenizer, cfg: TrainConfig, run_dir: Path):
 
 
 def execute(prep: Prepared) -> dict:
-    """Write the run folder, train, and return the summary record."""
+    """Write the run folder, train, and return the summary record.
+
+    Raises ``DivergenceError`` (non-finite step, with on_nonfinite="stop") or
+    ``CheckpointWriteError`` (a checkpoint, after a summary record that says why the run stopped,
+    or any other file of the run folder: a full disk)."""
+    try:
+        return _execute(prep)
+    except OSError as err:
+        what = err.filename or str(prep.run_dir)
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(prep.run_dir, what, err)) from None
+
+
+def _execute(prep: Prepared) -> dict:
     trainer, info, run_dir = prep.trainer, prep.info, prep.run_dir
     trace = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_temporaries(run_dir)
+        history = prep.history or {"preset": prep.options.preset}
         _write_json(run_dir / "config.json", {
-            "preset": prep.options.preset, "model": prep.model_cfg.to_dict(), "train": prep.train_cfg.to_dict(),
+            **history, "model": prep.model_cfg.to_dict(), "train": prep.train_cfg.to_dict(),
             "world_size": info.world_size, "corpus": {"root": prep.corpus.root, "fingerprint": prep.corpus.fingerprint(),
                                                       "train_files": len(prep.corpus.train_docs),
                                                       "val_files": len(prep.corpus.val_docs)},
@@ -231,6 +320,9 @@ def execute(prep: Prepared) -> dict:
             records = read_metrics(run_dir)
             trainer.history = last_per_step(records, "train")
             trainer.val_history = last_per_step(records, "val")
+        else:  # a run killed before its first checkpoint starts again from scratch
+            for stale in (run_dir / METRICS, *run_dir.glob("routing_trace*.jsonl")):
+                stale.unlink(missing_ok=True)
         trainer.metrics = MetricsLog(run_dir)
         if prep.model_cfg.is_moe:
             trace = _open_trace(run_dir, prep)
@@ -239,6 +331,11 @@ def execute(prep: Prepared) -> dict:
     trainer.trace = trace
     try:
         summary = trainer.run(prep.options.stop_at)
+    except (DivergenceError, ckpt.CheckpointWriteError) as err:
+        if info.is_main:
+            trainer.metrics.write({**trainer.summary(), "stopped": str(err), "run_dir": str(run_dir)})
+            trainer.metrics.close()
+        raise
     finally:
         if trace is not None:
             trace.close()
@@ -281,8 +378,12 @@ def summary_line(summary: dict) -> str:
     parts = [f"flexmoe train: {'done' if summary['finished'] else 'stopped'} at step {summary['step']}",
              f"{_count(summary['tokens'])} tokens in {summary['elapsed_s']:.0f}s "
              f"({summary['tokens'] / max(summary['elapsed_s'], 1e-9):.0f} tokens/s)"]
+    if summary.get("skipped_steps"):
+        parts.append(f"{summary['skipped_steps']} non-finite steps skipped")
     if "train_loss_last" in summary:
-        parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}")
+        k = summary.get("train_loss_window", 1)
+        window = "of the first / last step" if k == 1 else f"means of the first / last {k} steps"
+        parts.append(f"train loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} ({window})")
     if "val_loss" in summary:
         parts.append(f"val loss {summary['val_loss_first']:.3f} -> {summary['val_loss']:.3f} "
                      f"(ppl {summary['val_ppl']:.2f})")

@@ -82,7 +82,7 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what a kill leaves is cleaned up
         self._tok.save(str(tmp))
         os.replace(tmp, path)
 
@@ -91,13 +91,28 @@ def make_tokenizer(kind: str, train_docs: list[bytes], vocab_size: int, saved: P
     """The run's tokenizer: loaded from ``saved`` when that file exists (resume), else built."""
     if kind not in ("byte", "bpe"):
         raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {kind!r}")
+    saved_kind = _saved_kind(saved) if saved is not None and saved.exists() else None
+    if saved_kind not in (None, kind):
+        raise ValueError(f"tokenizer mismatch: {saved} holds the run's {saved_kind} tokenizer, "
+                         f"but --tokenizer {kind} was asked for")
     if kind == "byte":
         return ByteTokenizer()
-    if saved is not None and saved.exists():
+    if saved_kind is not None:
         return BPETokenizer.load(saved)
     if vocab_size < 257:
         raise ValueError(f"BPE vocab_size must be >= 257, got {vocab_size}")
     return BPETokenizer.train(train_docs, vocab_size)
+
+
+def _saved_kind(path: Path) -> str | None:
+    """'byte' or 'bpe' for a saved tokenizer file (None when it is neither: ``load`` says why)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("kind") == "byte":
+        return "byte"
+    return "bpe" if isinstance(data, dict) and "model" in data else None
 
 
 def _require_tokenizers() -> None:
@@ -108,6 +123,6 @@ def _require_tokenizers() -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what a kill leaves is cleaned up
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""`flexmoe train`: the GPT-MoE training run (data, loop, checkpoints, metrics, CLI)."""
