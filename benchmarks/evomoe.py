@@ -132,6 +132,8 @@ def spread(values: list[float]) -> float:
 
 
 def verdict(gap: float, tol: float) -> str:
+    if tol == 0:
+        return "one seed each: no spread"
     if abs(gap) <= tol:
         return "tie"
     return "better" if gap < 0 else "worse"
