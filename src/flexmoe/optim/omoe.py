@@ -14,7 +14,10 @@ optimizer made, ``delta_e = w_e' - w_e``, not the gradient: with SGD (the settin
 derived for) the two are the same, but AdamW rescales every coordinate, so a projected gradient
 would no longer give an orthogonal step. So any torch optimizer (AdamW included) is wrapped
 unchanged, with its own moments built from the true gradients. ``alpha = 0`` is the exact
-orthogonal projector (pseudo-inverse, so identical upcycled experts are fine).
+orthogonal projector (pseudo-inverse, so identical upcycled experts are fine). This is our
+reading of the paper's abstract-level description ("orthogonal to the subspace spanned by the
+other experts"); how the paper builds and averages its projector matrices in detail was not
+available to us, so treat the match as approximate.
 
 Expert parallelism: each rank holds only its slots, so in an orthogonal step every EP layer
 gathers all E experts' weights (one collective per tensor; every rank of the EP group takes
