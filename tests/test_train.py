@@ -267,3 +267,17 @@ def test_whole_evomoe_path_in_one_command(corpus, tmp_path, capsys):
     assert val[0]["val_loss"] < last_per_step(read_metrics(run / "dense"), "val")[0]["val_loss"]
     assert train(*args, "--steps", "4", "--dense-phase-steps", "3", "--resume") == 2
     assert "does not take --resume" in capsys.readouterr().err
+
+
+def test_evomoe_path_continues_a_stopped_dense_stage(corpus, tmp_path):
+    """A dense stage that died after its checkpoint is resumed, not restarted, by the same command."""
+    run = tmp_path / "evo"
+    moe_args = ["--data", corpus, *TINY, "--router", "dts", "--dts-anneal-steps", "2", "--eval-every", "2"]
+    dense_args = [a if a != "4" or i != TINY.index("--num-experts") + 1 else "1" for i, a in enumerate(TINY)]
+    assert train("--run-dir", run / "dense", "--data", corpus, *dense_args, "--top-k", "1", "--router", "softmax",
+                 "--eval-every", "2", "--steps", "4", "--stop-at", "2") == 0
+    assert train("--run-dir", run, *moe_args, "--steps", "2", "--dense-phase-steps", "4") == 0
+    dense = last_per_step(read_metrics(run / "dense"), "train")
+    assert [r["step"] for r in dense] == [1, 2, 3, 4]
+    assert read_metrics(run / "dense")[-1]["finished"]
+    assert last_per_step(read_metrics(run), "train")[-1]["step"] == 2
