@@ -20,8 +20,10 @@ interpolated in cumulative FLOPs). A gap to top2 no larger than the seed spread 
 standard deviation of the two arms; with one seed, the other arm's) is called a tie.
 
     python benchmarks/evomoe.py --preset tiny --steps 150 --seeds 0 1 2          # CPU
-    python benchmarks/evomoe.py --preset small --steps 3000 --dense-steps 600 --eval-every 150 \
-        --data site-packages --threads 0                                          # 1 GPU
+    python benchmarks/evomoe.py --preset small --steps 2000 --dense-steps 400 --eval-every 100 \
+        --data site-packages --threads 0 --arms top2 evomoe switch upcycle top2_omoe   # 1 GPU
+(small: 32768 tokens per step; keep steps x 32768 below the training tokens the first run prints,
+so every arm stays within one epoch.)
 """
 
 from __future__ import annotations
