@@ -69,7 +69,7 @@ class Stages:
         self.w_dn = layer.experts.down_proj.detach()
         self.scale_N = self.plan.row_weight_N.detach().contiguous()
         self.dy_TD = torch.randn_like(x_TD)
-        self.schedule = fg.Schedule(self.plan.offsets_E, self.plan.num_rows)
+        self.schedule = fg.Schedule(self.plan.offsets_E, self.plan.row_token_N.shape[0])
         p = self.plan
         self.x_ND = permute(x_TD, p.row_token_N, p.pair_row_TK, True)
         self.h_NH = grouped_mm(self.x_ND, self.w_gu, p.offsets_E)
@@ -156,7 +156,7 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         for i, (g, w) in enumerate(zip(got, want)):
-            if g.dim() == 2 and g.shape[0] == st.plan.num_rows:
+            if g.dim() == 2 and g.shape[0] == st.plan.row_token_N.shape[0]:
                 g, w = g[:n], w[:n]
             elif g.dim() == 1:
                 g, w = g[:n], w[:n]

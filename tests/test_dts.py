@@ -42,6 +42,14 @@ def reference_dts(layer, x, noise_TE):
     probs = torch.softmax(logits, -1)
     chosen = []
     for t in range(T):
+        if not layer.training and dts.eval_routing == "top1":
+            chosen.append({max(range(E), key=lambda e: float(logits[t, e].detach()))})
+            continue
+        if sparse and dts.sparse_gate == "gumbel_top1":
+            z = [float(logits[t, e].detach()) + (float(noise_TE[t, e]) if noise_TE is not None else 0.0)
+                 for e in range(E)]
+            chosen.append({max(range(E), key=lambda e: z[e])})
+            continue
         if sparse:
             order = sorted(range(E), key=lambda e: -float(probs[t, e].detach()))
             chosen.append(set(order[:top_k]))
@@ -55,8 +63,9 @@ def reference_dts(layer, x, noise_TE):
         chosen.append(sel)
     gu, dn = layer.experts.gate_up_proj.double(), layer.experts.down_proj.double()
     rows, weights = [], []
+    renormalize = cfg.norm_topk_prob if dts.renormalize is None else dts.renormalize
     for t in range(T):
-        total = sum(probs[t, e] for e in chosen[t]) if cfg.norm_topk_prob else 1.0
+        total = sum(probs[t, e] for e in chosen[t]) if renormalize else 1.0
         w_t = {e: probs[t, e] / total for e in chosen[t]}
         weights.append(w_t)
         y = torch.zeros(cfg.d_model, dtype=torch.float64)
@@ -71,7 +80,10 @@ def reference_dts(layer, x, noise_TE):
     if cfg.aux_loss_coef and T:
         balance = 0.0
         for e in range(E):
-            mean_p = sum(probs[t, e] for t in range(T)) / T
+            if dts.balance == "masked":  # the masked gates p * mask
+                mean_p = sum(probs[t, e] for t in range(T) if e in chosen[t]) / T
+            else:
+                mean_p = sum(probs[t, e] for t in range(T)) / T
             mean_mask = sum(1.0 for t in range(T) if e in chosen[t]) / T
             balance = balance + mean_p * mean_mask
         aux = aux + cfg.aux_loss_coef * E * balance
@@ -91,7 +103,7 @@ def check_dts(layer, x, seed, tol):
     ref_layer = copy.deepcopy(layer).double()
     T, E = x.reshape(-1, layer.config.d_model).shape[0], layer.config.num_experts
     router_dtype = torch.promote_types(layer.config.router_dtype, x.dtype)
-    uses_noise = layer.training and not layer.router.is_sparse
+    uses_noise = layer.training and (not layer.router.is_sparse or layer.config.dts.sparse_gate == "gumbel_top1")
     noise = draw_noise(seed, T, E, router_dtype) if uses_noise else None
     x = x.detach().clone().requires_grad_(True)
     x_ref = x.detach().double().clone().requires_grad_(True)
@@ -130,7 +142,9 @@ def check_dts(layer, x, seed, tol):
     return chosen
 
 
-def dts_config(rng: random.Random, **overrides) -> flexmoe.MoEConfig:
+def dts_config(rng: random.Random, options: bool = False, **overrides) -> flexmoe.MoEConfig:
+    """A random DTS layer config; ``options`` also draws sparse_gate, renormalize, balance and
+    eval_routing (left at their defaults otherwise, so the earlier draws stay as they were)."""
     E = rng.randint(1, 9)
     fields = dict(
         d_model=rng.choice([4, 8]), d_ff=rng.choice([3, 8]), num_experts=E, top_k=rng.randint(1, E),
@@ -147,6 +161,11 @@ def dts_config(rng: random.Random, **overrides) -> flexmoe.MoEConfig:
     )
     if fields["dts"].tau_min > fields["dts"].tau_max:
         fields["dts"] = DTSGateConfig(**{**fields["dts"].__dict__, "tau_min": fields["dts"].tau_max})
+    if options:
+        fields["dts"] = DTSGateConfig(**{
+            **fields["dts"].__dict__, "sparse_gate": rng.choice(["topk", "gumbel_top1"]),
+            "renormalize": rng.choice([None, True, False]), "balance": rng.choice(["probs", "masked"]),
+            "eval_routing": rng.choice(["phase", "top1"])})
     fields.update(overrides)
     return flexmoe.MoEConfig(**fields)
 
@@ -161,6 +180,38 @@ def test_random_dts_configs_match_float64_reference(seed):
     layer.train(rng.random() < 0.8)
     shape = rng.choice([(1, cfg.d_model), (9, cfg.d_model), (2, 5, cfg.d_model)])
     check_dts(layer, torch.randn(shape, dtype=torch.float64), seed=1000 + seed, tol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_gate_options_match_float64_reference(seed):
+    """sparse_gate, renormalize, balance and eval_routing drawn at random, in both phases and modes."""
+    rng = random.Random(500 + seed)
+    torch.manual_seed(seed)
+    cfg = dts_config(rng, options=True, aux_loss_coef=rng.choice([0.01, 0.3]))
+    layer = flexmoe.MoELayer(cfg).double()
+    set_gate_step(layer, rng.choice([0, 9, 10, 60, 200]))
+    layer.train(rng.random() < 0.7)
+    shape = rng.choice([(1, cfg.d_model), (9, cfg.d_model), (2, 5, cfg.d_model)])
+    check_dts(layer, torch.randn(shape, dtype=torch.float64), seed=2000 + seed, tol=1e-10)
+
+
+@pytest.mark.parametrize("phase", ["dense", "sparse"])
+@pytest.mark.parametrize("training", [True, False])
+def test_authors_gate(phase, training):
+    """DTSGateConfig.authors(): Gumbel top-1 after the switch, unnormalised weights, masked
+    balance loss, top-1 in evaluation; checked against the reference with one skewed token."""
+    torch.manual_seed(3)
+    dts = DTSGateConfig.authors(anneal_steps=20, sparse_step=30)
+    assert (dts.tau_min, dts.schedule, dts.sparse_gate, dts.renormalize, dts.balance, dts.eval_routing) == (
+        0.5, "linear", "gumbel_top1", False, "masked", "top1")
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=6, top_k=2, router="dts", aux_loss_coef=0.1,
+                            kernels="torch", init_std=0.5, dts=dts)
+    layer = flexmoe.MoELayer(cfg).double().train(training)
+    set_gate_step(layer, 25 if phase == "dense" else 30)  # 25: on the plateau at tau_min, still dense
+    assert layer.router.tau == 0.5 and layer.router.is_sparse == (phase == "sparse")
+    chosen = check_dts(layer, torch.randn(13, 8, dtype=torch.float64), seed=11, tol=1e-10)
+    if phase == "sparse" or not training:
+        assert all(len(sel) == 1 for sel in chosen)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -313,6 +364,10 @@ def test_config_validation(kwargs, match):
         (dict(tau_min=0.0), "DTSGateConfig.tau_min"),
         (dict(sparse_step=-1), "DTSGateConfig.sparse_step"),
         (dict(top_k=0), "DTSGateConfig.top_k"),
+        (dict(sparse_gate="top2"), "DTSGateConfig.sparse_gate"),
+        (dict(renormalize="yes"), "DTSGateConfig.renormalize"),
+        (dict(balance="switch"), "DTSGateConfig.balance"),
+        (dict(eval_routing="dense"), "DTSGateConfig.eval_routing"),
     ],
 )
 def test_gate_config_validation(kwargs, match):

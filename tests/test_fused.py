@@ -215,7 +215,7 @@ def test_tma_weight_loads_match_pointer_loads(activation):
     w_gu, w_down = torch.randn(E, H, D, dtype=torch.float64), torch.randn(E, D, Fd, dtype=torch.float64)
     expert_TK = torch.stack([torch.randperm(2)[:K] for _ in range(T)]) * 2  # experts 0 and 2; 1 is empty
     plan = make_dispatch_plan(expert_TK, torch.rand(T, K, dtype=torch.float64), None, E)
-    schedule = fg.Schedule(plan.offsets_E, plan.num_rows)
+    schedule = fg.Schedule(plan.offsets_E, plan.row_token_N.shape[0])
     n = int(plan.offsets_E[-1])
     scale = plan.row_weight_N.contiguous()
     runs = {}

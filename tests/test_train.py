@@ -82,12 +82,14 @@ def test_training_on_the_standard_library_learns(stdlib_run, capsys):
     trace = read_trace(stdlib_run / "routing_trace.jsonl")
     assert trace.counts_TLWE.shape == (60, 2, 1, 4)
     assert (trace.counts_TLWE.sum(axis=-1) == 8 * 64 * 2).all()  # every token goes to top-2 experts
+    assert all(r["experts_per_token"] == 2.0 for r in last_per_step(records, "train"))
+    assert all(-1 <= r["expert_weight_cos"] <= 1 and len(r["expert_output_cos_per_layer"]) == 2 for r in val)
     assert [p.name for p in list_checkpoints(stdlib_run)] == ["step_0000030", "step_0000060"]
 
 
 def test_plot_writes_pngs(stdlib_run, capsys):
     assert main(["plot", str(stdlib_run)]) == 0
-    for name in ("loss.png", "balance.png", "expert_load.png"):
+    for name in ("loss.png", "balance.png", "expert_load.png", "similarity.png", "active_experts.png"):
         png = stdlib_run / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
     assert main(["plot", str(stdlib_run / "missing")]) == 2
@@ -106,11 +108,12 @@ def test_simulate_replays_the_runs_one_rank_trace_over_virtual_ranks(stdlib_run,
     assert static["planner"] == "static" and static["balance_mean"] > 1.0  # 2 ranks of 2 experts: uneven
 
 
-@pytest.mark.parametrize("router", ["softmax", "dts"])
+@pytest.mark.parametrize("router", ["softmax", "dts", "omoe"])
 def test_kill_and_resume_equals_uninterrupted(corpus, tmp_path, router):
     """Stop after step 7 (as a kill after the checkpoint would), resume to 14: identical losses."""
-    gate = (["--router", "softmax", "--bias-update-rate", "0.01", "--z-loss-coef", "0.001"] if router == "softmax"
-            else ["--router", "dts", "--dts-anneal-steps", "8", "--dts-sparse-step", "10", "--dts-tau-min", "0.2"])
+    gate = {"softmax": ["--router", "softmax", "--bias-update-rate", "0.01", "--z-loss-coef", "0.001"],
+            "dts": ["--router", "dts", "--dts-anneal-steps", "8", "--dts-sparse-step", "10", "--dts-tau-min", "0.2"],
+            "omoe": ["--omoe", "--omoe-accumulate-steps", "2", "--omoe-orthogonal-steps", "3"]}[router]
     common = ["--data", corpus, *TINY, *gate, "--steps", "14", "--eval-every", "5"]
     assert train("--run-dir", tmp_path / "full", *common, "--checkpoint-every", "100") == 0
     assert train("--run-dir", tmp_path / "split", *common, "--checkpoint-every", "7", "--stop-at", "9") == 0
@@ -211,6 +214,25 @@ def test_expert_diversify_from_a_dense_model(corpus, tmp_path, capsys):
     assert train("--run-dir", bad, "--data", corpus, *TINY, "--d-model", "16", "--steps", "1",
                  "--init-from-dense", dense) == 2
     assert "another model shape" in capsys.readouterr().err and not bad.exists()
+    assert train("--run-dir", bad, "--data", corpus, *TINY, "--steps", "1", "--init-from-dense", dense,
+                 "--diversify-mask", "1.0") == 2
+    assert "DiversifyConfig.mask" in capsys.readouterr().err and not bad.exists()
+    for mode, flags in (("upcycle", ["--diversify-noise", "0"]),
+                        ("mask", ["--diversify-noise", "0", "--diversify-mask", "0.3"])):
+        run = tmp_path / mode
+        assert train("--run-dir", run, "--data", corpus, *TINY, "--steps", "1", "--eval-every", "1", "--lr", "1e-9",
+                     "--min-lr", "0", "--init-from-dense", dense, *flags) == 0
+        spawned, _, _ = read_checkpoint(run / "checkpoints" / "step_0000001")
+        w = dense_w["blocks.0.ffn.down_proj"]
+        experts = spawned["blocks.0.ffn.experts.down_proj"]
+        if mode == "upcycle":  # every expert a copy of the dense FFN (up to the 1e-9 learning rate)
+            torch.testing.assert_close(experts, w.expand_as(experts), rtol=0, atol=1e-6)
+        else:  # about 30 % of each expert zeroed, the rest copied, and differently per expert
+            zeroed = (experts.abs() < 1e-6).float().mean(dim=(1, 2))
+            assert ((zeroed > 0.25) & (zeroed < 0.35)).all(), zeroed
+            kept = experts.abs() >= 1e-6
+            torch.testing.assert_close(experts[kept], w.expand_as(experts)[kept], rtol=0, atol=1e-6)
+            assert not torch.equal(kept[0], kept[1])
 
 
 def test_bpe_tokenizer_trains_and_resumes(corpus, tmp_path):
@@ -224,3 +246,38 @@ def test_bpe_tokenizer_trains_and_resumes(corpus, tmp_path):
     assert (run_dir / "tokens_cache.npz").exists()
     assert json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"] == 400
     assert read_metrics(run_dir)[-1]["finished"]
+
+
+def test_whole_evomoe_path_in_one_command(corpus, tmp_path, capsys):
+    """--dense-phase-steps: dense stage in RUN/dense, experts spawned from it, then the DTS gate."""
+    run = tmp_path / "evo"
+    args = ["--run-dir", run, "--data", corpus, *TINY, "--router", "dts", "--top-k", "1", "--dts-anneal-steps", "2",
+            "--dts-sparse-step", "3", "--dts-sparse-gate", "gumbel_top1", "--dts-balance", "masked",
+            "--diversify-noise", "0", "--diversify-mask", "0.3", "--eval-every", "2"]
+    assert train(*args, "--steps", "4", "--dense-phase-steps", "3") == 0
+    dense_w, _, _ = read_checkpoint(run / "dense" / "checkpoints" / "step_0000003")
+    assert json.loads((run / "dense" / "config.json").read_text())["model"]["num_experts"] == 1
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["num_experts"] == 4 and config["router"] == "dts" and config["dts"]["sparse_gate"] == "gumbel_top1"
+    train_records = last_per_step(read_metrics(run), "train")
+    assert [r["experts_per_token"] for r in train_records][3] == 1.0  # Gumbel top-1 after the switch
+    val = last_per_step(read_metrics(run), "val")
+    # step 0 of the MoE stage: experts are masked copies of the dense FFN, so close to it
+    assert val[0]["expert_weight_cos"] > 0.5
+    assert val[0]["val_loss"] < last_per_step(read_metrics(run / "dense"), "val")[0]["val_loss"]
+    assert train(*args, "--steps", "4", "--dense-phase-steps", "3", "--resume") == 2
+    assert "does not take --resume" in capsys.readouterr().err
+
+
+def test_evomoe_path_continues_a_stopped_dense_stage(corpus, tmp_path):
+    """A dense stage that died after its checkpoint is resumed, not restarted, by the same command."""
+    run = tmp_path / "evo"
+    moe_args = ["--data", corpus, *TINY, "--router", "dts", "--dts-anneal-steps", "2", "--eval-every", "2"]
+    dense_args = [a if a != "4" or i != TINY.index("--num-experts") + 1 else "1" for i, a in enumerate(TINY)]
+    assert train("--run-dir", run / "dense", "--data", corpus, *dense_args, "--top-k", "1", "--router", "softmax",
+                 "--eval-every", "2", "--steps", "4", "--stop-at", "2") == 0
+    assert train("--run-dir", run, *moe_args, "--steps", "2", "--dense-phase-steps", "4") == 0
+    dense = last_per_step(read_metrics(run / "dense"), "train")
+    assert [r["step"] for r in dense] == [1, 2, 3, 4]
+    assert read_metrics(run / "dense")[-1]["finished"]
+    assert last_per_step(read_metrics(run), "train")[-1]["step"] == 2

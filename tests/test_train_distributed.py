@@ -19,7 +19,8 @@ from helpers import free_port
 
 MODEL = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32", "--num-experts", "4",
          "--seq-len", "32", "--eval-batches", "2", "--warmup-steps", "3", "--quiet", "--threads", "1",
-         "--aux-loss-coef", "0", "--steps", "8", "--eval-every", "4", "--checkpoint-every", "4"]
+         "--aux-loss-coef", "0", "--steps", "8", "--eval-every", "4", "--checkpoint-every", "4",
+         "--omoe", "--omoe-accumulate-steps", "1", "--omoe-orthogonal-steps", "2"]  # OMoE gathers across ranks
 EP = ["--expert-parallel", "--spare-slots", "1", "--placement-interval", "2", "--batch-size", "4"]
 
 
@@ -94,6 +95,10 @@ def test_expert_parallel_with_placement_equals_one_process(ep_runs):
         assert abs(ep[step] - single[step]) < 2e-5 * abs(single[step]), (step, ep[step], single[step])
     moves = [r for r in read_metrics(root / "full") if r.get("kind") == "train" and "placement" in r]
     assert len(moves) == 4 and any(r["placement"]["bytes_moved"] for r in moves)
+    ep_val, single_val = (last_per_step(read_metrics(root / name), "val") for name in ("full", "single"))
+    for a, b in zip(ep_val, single_val, strict=True):  # similarity metrics gather the experts from their ranks
+        for key in ("expert_weight_cos", "expert_output_cos"):
+            assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
 
 
 def test_expert_parallel_resume_is_exact(ep_runs):

@@ -17,11 +17,17 @@ import torch
 Activation = Literal["swiglu", "gelu", "relu"]
 RouterKind = Literal["softmax", "sigmoid", "dts"]
 TauSchedule = Literal["linear", "exponential"]
+SparseGate = Literal["topk", "gumbel_top1"]
+DTSBalance = Literal["probs", "masked"]
+DTSEvalRouting = Literal["phase", "top1"]
 KernelChoice = Literal["auto", "triton", "torch", "fused", "per_expert"]
 
 _ACTIVATIONS = ("swiglu", "gelu", "relu")
 _ROUTERS = ("softmax", "sigmoid", "dts")
 _TAU_SCHEDULES = ("linear", "exponential")
+_SPARSE_GATES = ("topk", "gumbel_top1")
+_DTS_BALANCES = ("probs", "masked")
+_DTS_EVAL_ROUTINGS = ("phase", "top1")
 _KERNELS = ("auto", "triton", "torch", "fused", "per_expert")
 
 
@@ -35,9 +41,23 @@ class DTSGateConfig:
     schedule: "linear" or "exponential" (geometric) interpolation of tau.
     threshold: a token goes to every expert whose tempered probability exceeds it (and always
         to its most probable one).
-    sparse_step: gate step from which the gate is plain top-k; None means anneal_steps.
-    top_k: experts per token in the sparse phase; None means ``MoEConfig.top_k``.
-    The balance loss is weighted by ``MoEConfig.aux_loss_coef``.
+    sparse_step: gate step from which the gate is sparse; None means ``anneal_steps``. A value
+        above ``anneal_steps`` keeps tau at tau_min for a plateau before the switch.
+    sparse_gate: the sparse phase: "topk" (deterministic top-k on the softmax) or "gumbel_top1"
+        (argmax of logits + Gumbel noise in training, of the logits in evaluation: Switch-like).
+    top_k: experts per token in the "topk" sparse phase; None means ``MoEConfig.top_k``.
+    renormalize: divide the combine weights of a token by their sum; None means
+        ``MoEConfig.norm_topk_prob``.
+    balance: "probs": ``E * sum_e mean_t(p_te) * mean_t(mask_te)``; "masked": the same with the
+        masked gates ``p_te * mask_te`` in the first mean. Weighted by ``MoEConfig.aux_loss_coef``.
+    eval_routing: in evaluation mode, "phase" routes as the current phase does (without noise),
+        "top1" always sends each token to its most probable expert only.
+
+    Defaults are flexmoe's earlier gate (exponential tau 2.0 -> 0.3, top-k, renormalised, balance
+    on the unmasked probabilities, phase routing in evaluation). The authors' code
+    (codecaution/EvoMoE, fairseq/modules/moe/topkgate.py, fairseq_cli/train.py): tau_max 2.0,
+    tau_min 0.5, schedule "linear", threshold 0.001, sparse_step after anneal_steps (a plateau),
+    sparse_gate "gumbel_top1", renormalize False, balance "masked", eval_routing "top1".
     """
 
     tau_max: float = 2.0
@@ -47,6 +67,10 @@ class DTSGateConfig:
     threshold: float = 0.001
     sparse_step: int | None = None
     top_k: int | None = None
+    sparse_gate: SparseGate = "topk"
+    renormalize: bool | None = None
+    balance: DTSBalance = "probs"
+    eval_routing: DTSEvalRouting = "phase"
 
     def __post_init__(self) -> None:
         for name in ("tau_max", "tau_min"):
@@ -64,10 +88,23 @@ class DTSGateConfig:
             _require_int(self, "sparse_step", minimum=0)
         if self.top_k is not None:
             _require_int(self, "top_k", minimum=1)
+        _require_choice(self, "sparse_gate", _SPARSE_GATES)
+        _require_choice(self, "balance", _DTS_BALANCES)
+        _require_choice(self, "eval_routing", _DTS_EVAL_ROUTINGS)
+        if self.renormalize is not None and not isinstance(self.renormalize, bool):
+            raise ValueError(f"DTSGateConfig.renormalize must be a bool or None, got {self.renormalize!r}")
+
+    @classmethod
+    def authors(cls, anneal_steps: int = 5000, sparse_step: int = 6000) -> "DTSGateConfig":
+        """The gate of the EvoMoE authors' code (see the class docstring), with their step counts
+        by default."""
+        return cls(tau_max=2.0, tau_min=0.5, anneal_steps=anneal_steps, schedule="linear", threshold=0.001,
+                   sparse_step=sparse_step, sparse_gate="gumbel_top1", renormalize=False, balance="masked",
+                   eval_routing="top1")
 
     @property
     def dense_steps(self) -> int:
-        """Gate steps before the gate turns sparse top-k."""
+        """Gate steps before the gate turns sparse."""
         return self.anneal_steps if self.sparse_step is None else self.sparse_step
 
 

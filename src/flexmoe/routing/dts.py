@@ -1,4 +1,4 @@
-"""The EvoMoE dense-to-sparse (DTS) gate: start dense, anneal to sparse top-k.
+"""The EvoMoE dense-to-sparse (DTS) gate: start dense, anneal to sparse.
 
 Legend: T tokens, D model width, E experts, K dispatched slots per token.
 
@@ -7,12 +7,17 @@ Dense phase (gate step < ``dts.dense_steps``):
     torch's default generator (so restoring the RNG state replays it exactly);
     a token goes to every expert with g_te > threshold, and always to its argmax;
     K = E with ``keep_TK`` masking the unselected pairs, so only selected pairs are dispatched.
-Sparse phase: plain top-k (``dts.top_k``, default ``MoEConfig.top_k``) on softmax(x W_g).
+Sparse phase (``dts.sparse_gate``): "topk", plain top-k (``dts.top_k``, default
+``MoEConfig.top_k``) on softmax(x W_g); or "gumbel_top1", the argmax of x W_g + gumbel_TE
+(noise in training only), one expert per token.
+Evaluation mode with ``dts.eval_routing == "top1"``: the argmax of x W_g in either phase.
 
 Combine weights in both phases: the noise-free softmax p_TE = softmax(x W_g) on the selected
-experts, renormalised to sum to one per token when ``MoEConfig.norm_topk_prob`` (the default).
-Balance loss: E * sum_e mean_t(p_te) * mean_t(mask_te), mask_te = 1 where t goes to e; it is
-weighted by ``MoEConfig.aux_loss_coef`` (with top-k selection it equals K times the Switch loss).
+experts, renormalised to sum to one per token when ``dts.renormalize`` (None: as
+``MoEConfig.norm_topk_prob``, default True). Balance loss: E * sum_e mean_t(q_te) * mean_t(mask_te),
+mask_te = 1 where t goes to e, q = p (``dts.balance == "probs"``) or q = p * mask ("masked", the
+authors' loss); it is weighted by ``MoEConfig.aux_loss_coef`` (with top-k selection and q = p it
+equals K times the Switch loss).
 
 The gate step lives in a persistent buffer (saved with the model); advance it with
 ``flexmoe.runtime.set_gate_step(model, step)`` before each training forward.
@@ -52,12 +57,15 @@ def gumbel_noise(like_TE: torch.Tensor) -> torch.Tensor:
     return -exp_TE.clamp_min_(torch.finfo(exp_TE.dtype).tiny).log()
 
 
-def dts_balance_loss(probs_TE: torch.Tensor, mask_TE: torch.Tensor) -> torch.Tensor:
-    """``E * sum_e mean_t(probs_te) * mean_t(mask_te)``; the mask carries no gradient."""
+def dts_balance_loss(probs_TE: torch.Tensor, mask_TE: torch.Tensor, masked: bool = False) -> torch.Tensor:
+    """``E * sum_e mean_t(q_te) * mean_t(mask_te)``, q = probs (or probs * mask when ``masked``);
+    the mask carries no gradient."""
     T, E = probs_TE.shape
     if T == 0:
         return probs_TE.sum() * 0.0
-    return E * torch.sum(probs_TE.mean(0) * mask_TE.to(probs_TE.dtype).mean(0))
+    m_TE = mask_TE.to(probs_TE.dtype)
+    q_TE = probs_TE * m_TE if masked else probs_TE
+    return E * torch.sum(q_TE.mean(0) * m_TE.mean(0))
 
 
 class DTSRouter(nn.Module):
@@ -102,19 +110,27 @@ class DTSRouter(nn.Module):
         cfg = self.config
         logits_TE = router_logits(x_TD, self.weight, cfg.router_dtype)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if self.is_sparse:
+        dts = cfg.dts
+        keep_TK = None
+        if not self.training and dts.eval_routing == "top1":
+            expert_TK = logits_TE.detach().argmax(-1, keepdim=True)
+        elif self.is_sparse and dts.sparse_gate == "gumbel_top1":
+            z_TE = logits_TE.detach()
+            expert_TK = (z_TE + gumbel_noise(z_TE) if self.training else z_TE).argmax(-1, keepdim=True)
+        elif self.is_sparse:
             expert_TK = torch.topk(probs_TE.detach(), self.sparse_top_k, dim=-1, sorted=False).indices
+        else:
+            keep_TK = self._dense_selection(logits_TE.detach())
+            expert_TK = torch.arange(cfg.num_experts, device=x_TD.device).expand_as(keep_TK)
+        if keep_TK is None:
             weight_TK = probs_TE.gather(-1, expert_TK)
-            keep_TK = None
             mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, expert_TK, True)
         else:
-            mask_TE = self._dense_selection(logits_TE.detach())
-            expert_TK = torch.arange(cfg.num_experts, device=x_TD.device).expand_as(mask_TE)
-            weight_TK = probs_TE * mask_TE
-            keep_TK = mask_TE
-        if cfg.norm_topk_prob:
+            weight_TK = probs_TE * keep_TK
+            mask_TE = keep_TK
+        if cfg.norm_topk_prob if dts.renormalize is None else dts.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        balance = dts_balance_loss(probs_TE, mask_TE) if cfg.aux_loss_coef else None
+        balance = dts_balance_loss(probs_TE, mask_TE, dts.balance == "masked") if cfg.aux_loss_coef else None
         return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE, balance)
 
     def _dense_selection(self, logits_TE: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ _SKIP = {ModelConfig: {"vocab_size", "dts"}, DTSGateConfig: set(), TrainConfig: 
 # --help text where the command line needs other words than the field's docstring entry
 _CLI_HELP = {
     (TrainConfig, "data"):
-        "a text file or folder of text files (default: this Python's standard library .py files)",
+        "a text file or folder of text files, or 'site-packages' (every installed package's .py files, "
+        "deduplicated by content; ~250 MB) (default: this Python's standard library .py files)",
     (DTSGateConfig, "sparse_step"):
         "gate step from which the DTS gate is plain top-k (default: --dts-anneal-steps)",
     (DTSGateConfig, "top_k"): "experts per token once the DTS gate is sparse (default: --top-k)",
@@ -115,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: none, random init)")
     parser.add_argument("--diversify-noise", type=float, default=0.1,
                         help="per-expert Gaussian perturbation, relative to each weight's std (default: %(default)s)")
+    parser.add_argument("--diversify-mask", type=float, default=0.0,
+                        help="fraction of each expert's weights set to zero, drawn per expert (EvoMoE's random "
+                             "masking; 0 with --diversify-noise 0 is upcycling) (default: %(default)s)")
+    parser.add_argument("--dense-phase-steps", type=int, metavar="N",
+                        help="the whole EvoMoE path: train the dense model for N steps in RUN/dense, spawn the "
+                             "experts from it (--diversify-*), then train this MoE model for --steps steps "
+                             "(default: no dense stage)")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="stop after this step with a checkpoint, as if killed; --resume continues "
                              "(default: run to --steps)")
@@ -138,7 +146,8 @@ def options_from_args(args: argparse.Namespace):
                 bucket[key[len(prefix):]] = value
     return RunOptions(
         preset=args.preset, run_dir=args.run_dir, resume=args.resume, init_from_dense=args.init_from_dense,
-        diversify_noise=args.diversify_noise, stop_at=args.stop_at, override=args.override, progress=not args.quiet,
+        diversify_noise=args.diversify_noise, diversify_mask=args.diversify_mask,
+        stop_at=args.stop_at, override=args.override, progress=not args.quiet,
         model_overrides=groups["model."], dts_overrides=groups["dts."], train_overrides=groups["train."],
     )
 
@@ -151,7 +160,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         info = setup_distributed()
-        prep = prepare(options_from_args(args), info)
+        options = options_from_args(args)
+        if args.dense_phase_steps is not None:
+            from .evomoe import plan_stages
+
+            options, dense = plan_stages(options, args.dense_phase_steps)
+            if dense is not None:
+                dense_summary = execute(prepare(dense, info))
+                if info.is_main:
+                    print(summary_line(dense_summary))
+        prep = prepare(options, info)
     except (DataError, CheckpointError, ValueError) as err:
         print(f"flexmoe train: error: {err}", file=sys.stderr)
         return 2

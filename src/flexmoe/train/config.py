@@ -29,7 +29,8 @@ class TrainConfig:
     seed: seed of the weight initialisation, the data order and every step's random numbers.
     tokenizer: "byte" (256 byte values) or "bpe" (trained on the training split).
     bpe_vocab_size: vocabulary size of the "bpe" tokenizer.
-    data: a text file or folder of text files; None is the Python standard library's source.
+    data: a text file or folder of text files; None is the Python standard library's source;
+        "site-packages" every .py file of the installed packages, deduplicated (``flexmoe.train.data``).
     val_fraction: share of files (by a hash of their path) held out for validation.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
     precision: "fp32", or "bf16": on CUDA, bfloat16 autocast with float32 master weights (attention,
@@ -46,6 +47,11 @@ class TrainConfig:
     on_nonfinite: a step whose loss or gradients hold NaN or inf (on any rank) is never applied;
         "stop" ends training with an error naming the step (the checkpoints stay finite), "skip"
         drops that step's update and goes on with the next batch (recorded as ``skipped``).
+    omoe: OMoE (``flexmoe.optim.OMoE``, arXiv 2310.09762): expert updates projected orthogonally to
+        the other experts' weights, alternating with plain AdamW steps.
+    omoe_accumulate_steps: plain AdamW steps of each OMoE cycle.
+    omoe_orthogonal_steps: projected steps of each OMoE cycle.
+    omoe_alpha: OWM's ridge term of the OMoE projection (0 = exact orthogonal projection).
     """
 
     steps: int = 300
@@ -74,6 +80,10 @@ class TrainConfig:
     spare_slots: int = 0
     placement_interval: int = 0
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    omoe: bool = False
+    omoe_accumulate_steps: int = 1
+    omoe_orthogonal_steps: int = 1
+    omoe_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -98,8 +108,20 @@ class TrainConfig:
         if self.placement_interval and not self.expert_parallel:
             raise ValueError("TrainConfig.placement_interval needs expert_parallel=True")
         _check_device(self.device)
+        if not isinstance(self.omoe, bool):
+            raise ValueError(f"TrainConfig.omoe must be a bool, got {self.omoe!r}")
+        self.omoe_config()
         if self.data is not None and not isinstance(self.data, str):
             raise ValueError(f"TrainConfig.data must be a path string or None, got {self.data!r}")
+
+    def omoe_config(self):
+        """The OMoEConfig of the omoe_* fields (their errors name the TrainConfig field)."""
+        from ..optim.omoe import OMoEConfig
+
+        try:
+            return OMoEConfig(self.omoe_accumulate_steps, self.omoe_orthogonal_steps, self.omoe_alpha)
+        except ValueError as err:
+            raise ValueError(str(err).replace("OMoEConfig.", "TrainConfig.omoe_")) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from .data import WindowStream
 from .distributed import DistInfo, clip_gradients, rank_seed
 from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
+from .similarity import expert_similarity
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -80,6 +81,11 @@ class Trainer:
         self.checkpoint_meta = checkpoint_meta or {}
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
+        self.omoe = None
+        if cfg.omoe and model_cfg.is_moe:
+            from ..optim import OMoE
+
+            self.omoe = OMoE(self.optimizer, model, cfg.omoe_config())
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_s = 0.0
@@ -206,6 +212,8 @@ class Trainer:
             return self._nonfinite_step(nonfinite, lm, aux)
         grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.omoe is not None:
+            self.omoe.load_state_dict({"steps": self.step})  # OMoE's alternation follows the training step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +228,9 @@ class Trainer:
             ratio_L = balance_ratio(counts_WLE.sum(0))
             record["balance"] = float(ratio_L.mean())
             record["balance_per_layer"] = [round(float(r), 4) for r in ratio_L]
+            per_layer = counts_WLE.sum(axis=(0, 2)) / tokens
+            record["experts_per_token"] = float(per_layer.mean())
+            record["experts_per_token_per_layer"] = [round(float(k), 4) for k in per_layer]
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
                     self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
@@ -280,6 +291,7 @@ class Trainer:
     def _validate(self, bar) -> None:
         val = self.evaluate()
         record = {"kind": "val", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+        record.update(expert_similarity(self.model, self.val_windows[:2, :-1].to(self.device)))
         self.val_history.append(record)
         if self.info.is_main:
             self.metrics.write(record)

@@ -1,9 +1,12 @@
 """Run metrics: RUN/metrics.jsonl (one JSON record per line) and load statistics.
 
 Records: {"kind": "train", "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens",
-"tokens_per_s", "balance", "balance_per_layer", "elapsed_s"} after each optimizer step (a step
-skipped for a non-finite loss or gradient has "skipped": why, and its losses only),
-{"kind": "val", "step", "val_loss", "val_ppl"} after each evaluation, and one
+"tokens_per_s", "balance", "balance_per_layer", "experts_per_token", "experts_per_token_per_layer",
+"elapsed_s"} after each optimizer step (experts_per_token: dispatched (token, expert) pairs per
+token, k for top-k, more in the dense phase of the DTS gate; a step skipped for a non-finite loss
+or gradient has "skipped": why, and its losses only),
+{"kind": "val", "step", "val_loss", "val_ppl", "expert_weight_cos", "expert_output_cos" (and
+their "..._per_layer" lists; see ``flexmoe.train.similarity``)} after each evaluation, and one
 {"kind": "summary", ...} at the end of a run ("stopped": why, when it ended with an error).
 """
 

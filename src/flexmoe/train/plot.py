@@ -1,4 +1,5 @@
-"""PNG plots of a training run: loss curves, balance ratio, and per-layer expert-load heatmaps.
+"""PNG plots of a training run: loss curves, balance ratio, expert similarity, active experts per
+token, and per-layer expert-load heatmaps.
 
 Legend: T steps, L MoE layers, W ranks, E experts.
 """
@@ -86,6 +87,62 @@ def plot_balance(records: list[dict], out: Path, title: str) -> Path | None:
     return path
 
 
+def _plot_series(steps, series_TL: np.ndarray, out: Path, name: str, title: str, ylabel: str,
+                 smooth: bool, marker: str = "") -> Path:
+    """One line per MoE layer of ``series_TL`` over ``steps``, written to ``out/name``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    window = max(1, min(50, len(steps) // 20)) if smooth else 1
+    for layer in range(series_TL.shape[1]):
+        ax.plot(steps, _smooth(series_TL[:, layer], window), marker, label=f"MoE layer {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity(records: list[dict], out: Path, title: str) -> Path | None:
+    """Expert similarity at each evaluation: weight cosine (solid) and output cosine (dashed)."""
+    val = [r for r in last_per_step(records, "val") if "expert_weight_cos_per_layer" in r]
+    if not val:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in val]
+    weight_TL = np.array([r["expert_weight_cos_per_layer"] for r in val])
+    output_TL = np.array([r["expert_output_cos_per_layer"] for r in val])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for layer in range(weight_TL.shape[1]):
+        line, = ax.plot(steps, weight_TL[:, layer], "o-", label=f"layer {layer} weights")
+        ax.plot(steps, output_TL[:, layer], "s--", color=line.get_color(), label=f"layer {layer} outputs")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean pairwise cosine between experts")
+    ax.set_title(f"{title}: expert similarity (1 = identical experts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    path = out / "similarity.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_active_experts(records: list[dict], out: Path, title: str) -> Path | None:
+    """Dispatched experts per token over steps (k for top-k; the DTS gate's dense phase is higher)."""
+    train = [r for r in last_per_step(records, "train") if "experts_per_token_per_layer" in r]
+    if not train:
+        return None
+    steps = np.array([r["step"] for r in train])
+    return _plot_series(steps, np.array([r["experts_per_token_per_layer"] for r in train]), out,
+                        "active_experts.png", f"{title}: active experts per token", "experts per token",
+                        smooth=False)
+
+
 def plot_expert_load(counts_TLWE: np.ndarray, steps_T: np.ndarray, out: Path, title: str,
                      blocks: list[int] | None = None, max_columns: int = 400) -> Path:
     """Heatmap per MoE layer: share of routed rows per expert (rows) over steps (columns).
@@ -136,6 +193,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     balance = plot_balance(records, out, title)
     if balance is not None:
         paths.append(balance)
+    for extra in (plot_similarity(records, out, title), plot_active_experts(records, out, title)):
+        if extra is not None:
+            paths.append(extra)
     trace_file = run_dir / "routing_trace.jsonl"
     if trace_file.is_file():
         from ..sim.trace import read_trace

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import resume
 from .config import PRESETS, TrainConfig
 from .data import Corpus, DataError, WindowStream, load_corpus, validation_windows
-from .diversify import diversify_from_dense
+from .diversify import DiversifyConfig, diversify_from_dense
 from .distributed import DistInfo, rank_seed
 from .guard import DivergenceError
 from .loop import Trainer
@@ -47,6 +47,7 @@ class RunOptions:
     resume: str | None = None
     init_from_dense: str | None = None
     diversify_noise: float = 0.1
+    diversify_mask: float = 0.0
     stop_at: int | None = None
     override: str | None = None
     progress: bool = True
@@ -179,6 +180,7 @@ def _check_resume(options: RunOptions, saved: dict, source: Path, model_cfg: Mod
 def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
     """Validate everything and build the trainer; writes nothing."""
     info = info or DistInfo()
+    spawn = DiversifyConfig(options.diversify_noise, options.diversify_mask)
     saved_state = weights = None
     resumed_from = None
     if options.resume is not None:
@@ -231,7 +233,7 @@ def prepare(options: RunOptions, info: DistInfo | None = None) -> Prepared:
             raise ckpt.CheckpointError(f"{dense_path} has no model config; was it written by flexmoe train?")
         dense_cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
         gen = torch.Generator().manual_seed(train_cfg.seed + 1)
-        diversify_from_dense(model, dense_weights, dense_cfg, options.diversify_noise, gen, str(dense_path))
+        diversify_from_dense(model, dense_weights, dense_cfg, spawn, gen, str(dense_path))
 
     stream = WindowStream(train_tokens, model_cfg.seq_len, train_cfg.seed)
     per_rank = train_cfg.eval_batches * train_cfg.batch_size
