@@ -35,7 +35,10 @@ from flexmoe.runtime import (
     sync_gradients,
     sync_router_loads,
 )
+from flexmoe.parallel.agreement import AgreementError
+from flexmoe.parallel.dispatch import expand_pairs, route_pairs, row_replicas
 from flexmoe.parallel.layout import build_layout
+from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
 from flexmoe.placement.split import split_tokens
@@ -146,6 +149,72 @@ def test_layout_delivers_every_row_once_to_a_replica_of_its_expert(seed):
     assert (per_replica == split_tokens(table, counts_WE)).all(), "the split is placement.split's"
 
 
+def _random_routing(rng, T, K, E):
+    """Distinct experts per token, about one pair in six dropped."""
+    expert_TK = np.array([rng.choice(E, size=K, replace=False) for _ in range(T)], dtype=np.int64).reshape(T, K)
+    keep_TK = rng.random((T, K)) > 1 / 6
+    return torch.as_tensor(expert_TK), torch.as_tensor(keep_TK)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
+    """Simulate the once-per-rank exchange with the routes of all ranks, no communication."""
+    rng = np.random.default_rng(seed)
+    E, W = int(rng.integers(2, 9)), int(rng.integers(1, 5))
+    S = -(-E // W) + int(rng.integers(0, 3))
+    K = int(rng.integers(1, min(E, 4) + 1))
+    n = int(rng.integers(1, 5))
+    table = _random_table(rng, E, W, S)
+    tokens = [int(rng.integers(0, 7)) for _ in range(W)]
+    tokens[int(rng.integers(0, W))] = 0
+    cpu = torch.device("cpu")
+    plans, routing = [], []
+    for T in tokens:
+        expert_TK, keep_TK = _random_routing(rng, T, K, E)
+        routing.append((expert_TK, keep_TK))
+        plans.append(make_dispatch_plan(expert_TK, torch.ones(T, K), keep_TK, E))
+    counts_WE = np.stack([p.counts_E.numpy() for p in plans])
+    send_WWS = split_tokens(table, counts_WE)
+    routes = []
+    for r, plan in enumerate(plans):
+        replica_N = row_replicas(table, send_WWS, counts_WE[r], r, plan.num_rows, cpu)
+        routes.append(route_pairs(replica_N, plan.pair_row_TK, W, S, n, r))
+    everyone = np.stack([route.counts_nWC.numpy() for route in routes])
+    for route in routes:
+        route.finish(everyone)
+    delivered, pairs_seen = [], []
+    for c in range(n):
+        outbox = []
+        for src, route in enumerate(routes):
+            part = route.send_slice(c)
+            token_P, slot_PK = route.token_P[part], route.slot_PK[part]
+            bounds = np.cumsum([0] + route.split_WW(c)[src].tolist())
+            outbox.append([(token_P[bounds[d]:bounds[d + 1]], slot_PK[bounds[d]:bounds[d + 1]]) for d in range(W)])
+        for dst, route in enumerate(routes):
+            assert (route.split_WW(c) == routes[0].split_WW(c)).all(), "ranks agree on the splits"
+            src_P = torch.cat([torch.full((len(outbox[src][dst][0]),), src) for src in range(W)])
+            token_P = torch.cat([outbox[src][dst][0] for src in range(W)])
+            slot_PK = torch.cat([outbox[src][dst][1] for src in range(W)])
+            pairs_seen += [(int(s), int(t), dst) for s, t in zip(src_P, token_P)]
+            row_key_R, offsets_S = expand_pairs(slot_PK, route.recv_rows_S(c))
+            ends = [0] + offsets_S.tolist()
+            for s in range(S):
+                for key in row_key_R[ends[s]:ends[s + 1]].tolist():
+                    p, k = divmod(key, K)
+                    src, t = int(src_P[p]), int(token_P[p])
+                    assert int(slot_PK[p, k]) == s
+                    assert table.slot_expert_WS[dst, s] == int(routing[src][0][t, k]), "a row reached another expert"
+                    delivered.append((src, t, k, dst, s))
+    kept = sorted((src, t, k) for src, (_, keep) in enumerate(routing) for t, k in zip(*np.nonzero(keep.numpy())))
+    assert sorted((src, t, k) for src, t, k, _, _ in delivered) == kept, "every kept pair exactly once"
+    assert len(pairs_seen) == len(set(pairs_seen)), "a token goes once to each rank"
+    assert sorted(pairs_seen) == sorted({(src, t, d) for src, t, _, d, _ in delivered}), "and only where it has rows"
+    per_replica = np.zeros((W, W, S), dtype=np.int64)
+    for src, _, _, d, s in delivered:
+        per_replica[src, d, s] += 1
+    assert (per_replica == send_WWS).all(), "the split is placement.split's"
+
+
 def test_pipeline_tuner_keeps_the_fastest_degree_per_load_level():
     tuner = PipelineTuner((1, 2, 4))
     level = PipelineTuner.level(np.array([[3, 9], [0, 1]]))
@@ -214,6 +283,23 @@ def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
     ep = MoELayer(cfg, placement=PlacementTable.static(8, 1))
     x = torch.randn(2, 9, 8)
     assert torch.equal(ep(x), ref(x))
+
+
+@pytest.mark.parametrize("degree, memory", [(1, "keep"), (4, "both")])
+def test_world_size_one_is_the_one_device_layer(degree, memory):
+    """No packing, regrouping or exchange: forward and backward bitwise those of MoELayer."""
+    cfg = _config(capacity_factor=1.0)
+    torch.manual_seed(4)
+    ref = MoELayer(cfg)
+    torch.manual_seed(4)
+    ep = MoELayer(cfg, placement=PlacementTable.static(8, 1), parallel=ParallelConfig(pipeline_degree=degree, memory=memory))
+    x = torch.randn(13, 8)
+    for layer in (ref, ep):
+        layer(x).pow(2).sum().backward()
+    assert torch.equal(ep(x), ref(x))
+    for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert ep.experts.last_exchange is None and ep.experts.memory_report is None, "the one-device path ran"
 
 
 def test_layer_rejects_inconsistent_placement_arguments():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
-from .ops import grouped_mm, scaled_activation
+from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 
 if TYPE_CHECKING:
     from .plan import DispatchPlan
@@ -48,10 +48,15 @@ class GroupedExperts(nn.Module):
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
         return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E)
 
-    def run(self, x_ND: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
-        """The layer's expert stage: grouped rows in, weighted expert outputs out, same row order
-        (here every expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
-        return self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+    def begin_forward(self) -> None:
+        """Called first in every forward of the layer (the expert-parallel stage counts them)."""
+
+    def run(self, x_TD: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
+        """The layer's expert stage: tokens in, ``sum_k weight * FFN_k(token)`` out (here every
+        expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
+        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
+        y_ND = self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+        return unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
 
 
 class DenseFFN(nn.Module):

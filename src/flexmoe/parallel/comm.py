@@ -18,8 +18,9 @@ from .layout import index_from_ranges
 
 class RowPacker:
     """Lay rows of several tensors (any dtypes) side by side in one uint8 row, so one exchange
-    carries them all (tokens with their routing weights). Each part starts at a multiple of its
-    element size and the row length is a multiple of 8 bytes, so unpacking needs no copy."""
+    carries them all (tokens with their slot ids and routing weights). Each part starts at a
+    multiple of its element size and the row length is a multiple of 16 bytes (aligned vector
+    loads), so unpacking needs no copy."""
 
     def __init__(self, parts: list[tuple[torch.dtype, int]]):
         self.parts = parts
@@ -30,18 +31,21 @@ class RowPacker:
             offset = -(-offset // size) * size
             self.offsets.append(offset)
             offset += size * width
-        self.row_bytes = -(-offset // 8) * 8
+        self.row_bytes = -(-offset // 16) * 16
 
-    def pack(self, tensors: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``index`` (all rows when None) of each tensor, packed: ``uint8 [N, row_bytes]``."""
-        rows = tensors[0].shape[0] if index is None else index.shape[0]
-        buf = torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=tensors[0].device)
-        for tensor, view, (_, width) in zip(tensors, self.unpack(buf), self.parts):
+    def pack(self, tensors: list[torch.Tensor], index: "torch.Tensor | list | None" = None) -> torch.Tensor:
+        """Rows ``index`` (all rows when None; or one index, or None, per tensor) of each tensor,
+        packed: ``uint8 [N, row_bytes]``."""
+        indices = list(index) if isinstance(index, (list, tuple)) else [index] * len(tensors)
+        first, first_index = tensors[0], indices[0]
+        rows = first.shape[0] if first_index is None else first_index.shape[0]
+        buf = torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=first.device)
+        for tensor, rows_index, view, (_, width) in zip(tensors, indices, self.unpack(buf), self.parts):
             tensor = tensor.reshape(tensor.shape[0], width)
-            if index is None:
+            if rows_index is None:
                 view.copy_(tensor)
             else:
-                torch.index_select(tensor, 0, index, out=view)
+                torch.index_select(tensor, 0, rows_index, out=view)
         return buf
 
     def unpack(self, buf: torch.Tensor) -> list[torch.Tensor]:

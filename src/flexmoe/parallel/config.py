@@ -41,6 +41,9 @@ class ParallelConfig:
     free_memory_fraction: share of the free memory "auto" lets one layer keep, in (0, 1].
     all_to_all: "flat" (one all-to-all over the group) or "hierarchical" (Tutel 2DH: within
         each node, then between nodes; needs ``EPGroup.create(group, ranks_per_node=...)``).
+    timeout_s: the longest any flexmoe control collective of this layer (agreement check,
+        counts) waits for the other ranks before raising ``TimeoutError`` (gloo; with NCCL the
+        process group's own ``timeout=`` bounds it). Default 5 minutes.
     """
 
     pipeline_degree: Union[int, Literal["auto"]] = 1
@@ -49,6 +52,7 @@ class ParallelConfig:
     memory_budget_bytes: int | None = None
     free_memory_fraction: float = 0.5
     all_to_all: AllToAll = "flat"
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         degree = self.pipeline_degree
@@ -71,3 +75,6 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.free_memory_fraction must be in (0, 1], got {fraction!r}")
         if self.all_to_all not in _ALL_TO_ALL:
             raise ValueError(f"ParallelConfig.all_to_all must be one of {_ALL_TO_ALL}, got {self.all_to_all!r}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"ParallelConfig.timeout_s must be a finite number > 0, got {timeout!r}")
