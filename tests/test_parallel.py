@@ -16,6 +16,8 @@ import dataclasses
 import datetime
 import json
 import os
+import re
+import time
 import traceback
 
 import numpy as np
@@ -550,6 +552,89 @@ def case_router_loads_are_summed(env):
     assert torch.equal(layer.router.pending_load_E, total)
 
 
+def case_top_4_replicas_degree_3(env):
+    """Several rows of one token on one rank: a pair expands to them and sums them."""
+    cfg = _config(top_k=4, bias_update_rate=1e-3)
+    parallel = ParallelConfig(pipeline_degree=3, memory="recompute")
+    _train_and_compare(env, cfg, _ep(placement=_replica_table_2(), parallel=parallel), [9, 4],
+                       bias=[2.0, 0, 0, 0, 0, 2.0, 0, 0])
+
+
+_MISMATCHES = [("num_experts", 6), ("top_k", 3), ("d_ff", 4), ("activation", "gelu"), ("router", "sigmoid"),
+               ("capacity_factor", 2.0), ("norm_topk_prob", False)]
+
+
+def case_config_mismatch_names_the_field(env):
+    """Issue 17: every field is checked before the counts exchange (num_experts used to SIGABRT
+    gloo; the others went undetected), and the error names it with both values on every rank."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    for field, value in _MISMATCHES:
+        default = getattr(_config(), field)
+        cfg = _config(**{field: value}) if env.rank == 1 else _config()
+        layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+        shown = re.escape(f"config.{field} (rank 0: {default!r}, rank 1: {value!r})")
+        with pytest.raises(AgreementError, match=shown):
+            layer(x)
+    cfg = _config(d_ff=4) if env.rank == 1 else _config()
+    with pytest.raises(AgreementError, match=re.escape("config.d_ff (rank 0: 6, rank 1: 4)")):
+        MoELayer(cfg, ep_group=dist.group.WORLD).state_dict()
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    layer(x).sum().backward()  # the group still works afterwards
+
+
+def _step(layer, x):
+    layer(x).sum().backward()
+    sync_gradients(layer)
+
+
+def case_rank_that_catches_an_error_and_moves_on(env):
+    """Rank 1's bad batch raises; it goes on to its next batch while rank 0 is on the previous one."""
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    if env.rank == 1:
+        with pytest.raises(ValueError, match="NaN"):
+            layer(torch.full((3, 8), float("nan"), dtype=torch.float64))
+    with pytest.raises(AgreementError, match="different forward steps.*per rank: \\[2, 3\\]"):
+        layer(x)
+
+
+def case_rank_that_skips_a_forward_but_syncs_gradients(env):
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    with pytest.raises(AgreementError, match="rank 0: the forward of an EP layer.*rank 1: flexmoe.runtime.sync_gradients"):
+        if env.rank == 0:
+            _step(layer, x)
+        else:
+            sync_gradients(layer)
+
+
+def case_rank_that_raises_between_forward_and_backward(env):
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    y = layer(x)
+    with pytest.raises(AgreementError, match="rank 0: the backward of an EP layer.*rank 1: the forward"):
+        if env.rank == 0:
+            y.sum().backward()
+        else:
+            layer(x)  # rank 1's loss failed; it went on to its next batch
+
+
+def case_rank_that_raises_and_stays_alive(env):
+    """The others end with an error after ParallelConfig.timeout_s, not the process group's timeout."""
+    group = dist.new_group([0, 1])  # its own group: the abandoned collective stays on it
+    layer = MoELayer(_config(), ep_group=group, parallel=ParallelConfig(timeout_s=2.0)).double()
+    if env.rank == 0:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="forward of an EP layer waited 2 s"):
+            layer(torch.randn(5, 8, dtype=torch.float64))
+        assert time.monotonic() - start < 30
+    else:
+        time.sleep(4)  # raised somewhere, stays alive, calls nothing
+    dist.barrier()
+
+
 CASES_2 = {
     **{f"degree_{n}": _case_degree(n, "keep") for n in (1, 2, 4, 8)},
     **{f"{m}_degree_{n}": _case_degree(n, m) for m in ("recompute", "recommunicate", "both") for n in (1, 3)},
@@ -566,6 +651,12 @@ CASES_2 = {
     "fsdp2_with_expert_parameters_ignored": case_fsdp2_with_expert_parameters_ignored,
     "all_to_all_v_is_differentiable": case_all_to_all_v_is_differentiable,
     "router_loads_are_summed": case_router_loads_are_summed,
+    "top_4_replicas_degree_3": case_top_4_replicas_degree_3,
+    "config_mismatch_names_the_field": case_config_mismatch_names_the_field,
+    "rank_that_catches_an_error_and_moves_on": case_rank_that_catches_an_error_and_moves_on,
+    "rank_that_skips_a_forward_but_syncs_gradients": case_rank_that_skips_a_forward_but_syncs_gradients,
+    "rank_that_raises_between_forward_and_backward": case_rank_that_raises_between_forward_and_backward,
+    "rank_that_raises_and_stays_alive": case_rank_that_raises_and_stays_alive,
 }
 
 
@@ -644,6 +735,35 @@ def case_checkpoint_4_2_1_4(env):
         four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
 
 
+def case_rows_sent_once_per_rank(env):
+    """Top-8 of 16 experts over 4 ranks: rows on the wire are the distinct (token, rank) pairs,
+    counted here from the routing, not the (token, expert) pairs."""
+    cfg = _config(num_experts=16, top_k=8)
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    tokens = [6, 0, 9, 4][env.rank]
+    x = torch.randn(tokens, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(env.rank))
+    layer(x)
+    stats = layer.experts.last_exchange
+    with torch.no_grad():
+        expert_TK = layer.router(x).expert_TK
+    rank_of_expert = {int(e): r for r, row in enumerate(layer.experts.placement.slot_expert_WS) for e in row if e >= 0}
+    dests = [sorted({rank_of_expert[int(e)] for e in row}) for row in expert_TK]
+    everyone = _gathered(dests)
+    assert stats.routed_rows == tokens * 8
+    assert stats.dispatch_rows == sum(len(d) for d in dests)
+    assert stats.local_rows == sum(env.rank in d for d in dests)
+    assert stats.combine_rows == sum(env.rank in d for rank_dests in everyone for d in rank_dests)
+    experts_here = {e for e, r in rank_of_expert.items() if r == env.rank}
+    all_rows = [row for rank_rows in _gathered(expert_TK.tolist()) for row in rank_rows]
+    assert stats.expert_rows == sum(len(set(row) & experts_here) for row in all_rows)
+    # A dispatch row: the float64 token, 8 int32 slot ids, 8 float64 routing weights (160 bytes,
+    # a multiple of 16); the return row is the float64 sum of the pair's expert rows.
+    assert stats.dispatch_bytes == stats.dispatch_rows * (8 * 8 + 8 * 4 + 8 * 8)
+    assert stats.combine_bytes == stats.combine_rows * 8 * 8
+    if tokens:
+        assert stats.dispatch_rows < stats.routed_rows, "top-8 over 4 ranks: fewer pairs than (token, expert) rows"
+
+
 CASES_4 = {
     "flat_degree_2": _case_all_to_all("flat", 2, "keep"),
     "hierarchical_degree_1_keep": _case_all_to_all("hierarchical", 1, "keep"),
@@ -653,6 +773,7 @@ CASES_4 = {
     "expert_data_parallel": case_expert_data_parallel,
     "expert_data_parallel_rejects_different_tables": case_expert_data_parallel_rejects_different_tables,
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
+    "rows_sent_once_per_rank": case_rows_sent_once_per_rank,
 }
 CASES = {2: CASES_2, 4: CASES_4}
 
