@@ -39,7 +39,6 @@ from flexmoe.runtime import (
 )
 from flexmoe.parallel.agreement import AgreementError
 from flexmoe.parallel.dispatch import expand_pairs, route_pairs, row_replicas
-from flexmoe.parallel.layout import build_layout
 from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
@@ -107,48 +106,6 @@ def _random_table(rng, E, W, S) -> PlacementTable:
         raw = rng.random(mask.sum()) + 0.05
         share[mask] = raw / raw.sum()
     return PlacementTable(E, slot_expert, share)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_layout_delivers_every_row_once_to_a_replica_of_its_expert(seed):
-    """Simulate the exchange with the layouts of all ranks, no communication."""
-    rng = np.random.default_rng(seed)
-    E, W = int(rng.integers(1, 9)), int(rng.integers(1, 5))
-    S = -(-E // W) + int(rng.integers(0, 3))
-    table = _random_table(rng, E, W, S)
-    counts_WE = rng.integers(0, 7, size=(W, E)) * (rng.random((W, E)) < 0.7)
-    counts_WE[rng.integers(0, W)] = 0
-    n = int(rng.integers(1, 5))
-    cpu = torch.device("cpu")
-    layouts = [build_layout(table, counts_WE, r, n, cpu) for r in range(W)]
-    expert_of_row = [np.repeat(np.arange(E), counts_WE[r]) for r in range(W)]
-    delivered = []
-    for c in range(n):
-        chunks = [layout.chunks[c] for layout in layouts]
-        assert all((ch.split_WW == chunks[0].split_WW).all() for ch in chunks), "ranks agree on the splits"
-        outbox = []
-        for r, ch in enumerate(chunks):
-            rows = ch.send_positions(cpu).numpy()
-            ids = [(r, int(i), int(expert_of_row[r][i])) for i in rows]
-            bounds = np.cumsum([0] + ch.split_WW[r].tolist())
-            outbox.append([ids[bounds[d]:bounds[d + 1]] for d in range(W)])
-        for d, ch in enumerate(chunks):
-            received = [row for src in range(W) for row in outbox[src][d]]
-            order = ch.regroup_index.tolist() if ch.regroup_index is not None else range(len(received))
-            by_slot = [received[i] for i in order]
-            if ch.regroup_index is not None:
-                assert torch.equal(ch.ungroup_index[ch.regroup_index], torch.arange(len(received)))
-            ends = [0] + ch.offsets_S.tolist()
-            assert ends[-1] == len(received)
-            for s in range(S):
-                for src, i, e in by_slot[ends[s]:ends[s + 1]]:
-                    assert table.slot_expert_WS[d, s] == e, "a row reached a slot of another expert"
-                    delivered.append((src, i, d, s))
-    assert sorted((src, i) for src, i, _, _ in delivered) == [(r, i) for r in range(W) for i in range(counts_WE[r].sum())]
-    per_replica = np.zeros((W, W, S), dtype=np.int64)
-    for src, _, d, s in delivered:
-        per_replica[src, d, s] += 1
-    assert (per_replica == split_tokens(table, counts_WE)).all(), "the split is placement.split's"
 
 
 def _random_routing(rng, T, K, E):
@@ -635,6 +592,81 @@ def case_rank_that_raises_and_stays_alive(env):
     dist.barrier()
 
 
+def _bounded(rows: int) -> ParallelConfig:
+    return ParallelConfig(dispatch="bounded", rows_per_rank_pair=rows)
+
+
+def case_bounded_without_overflow(env):
+    """Buffers as large as the most tokens of a rank: nothing can overflow; replicas, a rank
+    with no tokens, and the bounded split of replicated experts (each rank cuts its own rows)."""
+    bias = [2.0, 0, 0, 0, 0, 2.0, 0, 0]
+    cfg = _config(top_k=3, bias_update_rate=1e-3)
+    ep = _train_and_compare(env, cfg, _ep(placement=_replica_table_2(), parallel=_bounded(9)), [9, 4], bias=bias)
+    assert int(ep.experts.last_bounded.dropped_pairs_W.sum()) == 0
+    _train_and_compare(env, _config(), _ep(parallel=_bounded(7)), [7, 0])
+
+
+def case_bounded_overflow_follows_the_rule(env):
+    """C = 3 pair rows per rank pair: per destination rank, the first 3 tokens (in token order)
+    that have experts there keep them; the others' experts on that rank contribute zero."""
+    torch.manual_seed(7)
+    ref = MoELayer(_config()).double()
+    torch.manual_seed(7)
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(3)).double()
+    x = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(env.rank), requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    routing = ref.router(x_ref)
+    rank_of = layer.experts.placement.slot_expert_WS
+    rank_of_expert = {int(e): r for r, row in enumerate(rank_of) for e in row if e >= 0}
+    seen, dropped = [0, 0], [0, 0]
+    want = ref.shared_experts(x_ref)
+    rows = []
+    for t in range(x.shape[0]):
+        experts = [int(e) for e in routing.expert_TK[t]]
+        keep_rank = {}
+        for d in sorted({rank_of_expert[e] for e in experts}):
+            keep_rank[d] = seen[d] < 3
+            seen[d] += 1
+            dropped[d] += not keep_rank[d]
+        out = 0
+        for k, e in enumerate(experts):
+            if keep_rank[rank_of_expert[e]]:
+                h = x_ref[t] @ ref.experts.gate_up_proj[e].t()
+                gate, up = h.chunk(2)
+                out = out + routing.weight_TK[t, k] * ((torch.nn.functional.silu(gate) * up) @ ref.experts.down_proj[e].t())
+        rows.append(out if torch.is_tensor(out) else torch.zeros(8, dtype=torch.float64))
+    want = want + torch.stack(rows)
+    _check("output", y, want, F64_TOL)
+    g = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + env.rank))
+    (y * g).sum().backward()
+    (want * g).sum().backward()
+    _check("input grad", x.grad, x_ref.grad, F64_TOL)
+    assert layer.experts.last_bounded.dropped_pairs_W.tolist() == dropped
+    assert sum(dropped) > 0, "the case overflows"
+
+
+def case_bounded_compiles_fullgraph(env):
+    """torch.compile(fullgraph=True, backend="aot_eager") captures the bounded EP layer (gloo)."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(6)).double()
+    torch.manual_seed(3)
+    twin = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(6)).double()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + env.rank))
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye = eager(xe)
+        ye.square().sum().backward()
+        yc = compiled(xc)
+        yc.square().sum().backward()
+        _check(f"step {step} output", yc, ye, 1e-12)
+        _check(f"step {step} input grad", xc.grad, xe.grad, 1e-12)
+        for (name, pe), pc in zip(eager.named_parameters(), twin.parameters()):
+            _check(f"step {step} {name} grad", pc.grad, pe.grad, 1e-12)
+
+
 CASES_2 = {
     **{f"degree_{n}": _case_degree(n, "keep") for n in (1, 2, 4, 8)},
     **{f"{m}_degree_{n}": _case_degree(n, m) for m in ("recompute", "recommunicate", "both") for n in (1, 3)},
@@ -657,6 +689,9 @@ CASES_2 = {
     "rank_that_skips_a_forward_but_syncs_gradients": case_rank_that_skips_a_forward_but_syncs_gradients,
     "rank_that_raises_between_forward_and_backward": case_rank_that_raises_between_forward_and_backward,
     "rank_that_raises_and_stays_alive": case_rank_that_raises_and_stays_alive,
+    "bounded_without_overflow": case_bounded_without_overflow,
+    "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
+    "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,
 }
 
 
@@ -735,6 +770,11 @@ def case_checkpoint_4_2_1_4(env):
         four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
 
 
+def case_bounded_4(env):
+    """Bounded buffers on 4 ranks, one without tokens, experts not divisible by ranks."""
+    _train_and_compare(env, _config(num_experts=6), _ep(parallel=_bounded(7)), TOKENS_4)
+
+
 def case_rows_sent_once_per_rank(env):
     """Top-8 of 16 experts over 4 ranks: rows on the wire are the distinct (token, rank) pairs,
     counted here from the routing, not the (token, expert) pairs."""
@@ -774,6 +814,7 @@ CASES_4 = {
     "expert_data_parallel_rejects_different_tables": case_expert_data_parallel_rejects_different_tables,
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
     "rows_sent_once_per_rank": case_rows_sent_once_per_rank,
+    "bounded_4": case_bounded_4,
 }
 CASES = {2: CASES_2, 4: CASES_4}
 

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from .groups import EPGroup
-from .layout import index_from_ranges
 
 
 class RowPacker:
@@ -131,6 +130,15 @@ class Exchanger:
 
         first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra)
         return first.followed_by(stage2)
+
+
+def index_from_ranges(start_P: np.ndarray, len_P: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Concatenated ``arange(start, start + len)`` over pieces, built on ``device`` (one copy)."""
+    start_P, len_P = np.asarray(start_P, dtype=np.int64), np.asarray(len_P, dtype=np.int64)
+    total = int(len_P.sum())
+    shift_P = start_P - (np.cumsum(len_P) - len_P)
+    host = torch.from_numpy(np.stack([shift_P, len_P])).to(device)
+    return torch.repeat_interleave(host[0], host[1], output_size=total) + torch.arange(total, device=device)
 
 
 def _transpose_blocks(rows: torch.Tensor, len_AB: np.ndarray) -> torch.Tensor:

@@ -51,7 +51,7 @@ def row_replicas(table: PlacementTable, send_WWS: np.ndarray, counts_E: np.ndarr
 class PairRoute:
     """This rank's pairs in send order (chunk, dst, token), and every rank's pair counts.
 
-    token_P: local token of each pair. slot_PK: slot id on the destination for each k (-1: none).
+    token_P / dst_P: local token and destination rank of each pair. slot_PK: slot id on the destination for each k (-1: none).
     counts_nWC: device ``[n, W, 1 + S]``: pairs, then rows per destination slot, per (chunk, dst);
         all-gathered by the stage before any data moves.
     After ``finish``: pairs_nWW[c, src, dst] and rows_nWS[c, src, slot] (rows this rank's slots
@@ -61,6 +61,7 @@ class PairRoute:
     rank: int
     num_slots: int
     token_P: torch.Tensor
+    dst_P: torch.Tensor
     slot_PK: torch.Tensor
     counts_nWC: torch.Tensor
     pairs_nWW: np.ndarray | None = None
@@ -121,7 +122,7 @@ def route_pairs(row_replica_N: torch.Tensor, pair_row_TK: torch.Tensor, world: i
     rows_n1 = torch.zeros(n * W * S + 1, dtype=torch.int64, device=device)
     rows_n1.scatter_add_(0, row_bin.reshape(-1), torch.ones_like(row_bin.reshape(-1)))
     counts_nWC = torch.cat([pairs_n1[:-1].view(n, W, 1), rows_n1[:-1].view(n, W, S)], dim=2)
-    return PairRoute(rank, S, order % max(T, 1), slot_PK.to(torch.int32), counts_nWC)
+    return PairRoute(rank, S, order % max(T, 1), order // max(T, 1), slot_PK.to(torch.int32), counts_nWC)
 
 
 def expand_pairs(slot_PK: torch.Tensor, rows_S: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

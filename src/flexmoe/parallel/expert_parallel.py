@@ -24,6 +24,7 @@ from ..placement.split import split_tokens
 from ..placement.table import PlacementTable
 from ..plan import DispatchPlan
 from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope, exchange_fields
+from .bounded import BoundedReport, bounded_stage, replica_tables
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
@@ -67,6 +68,7 @@ class ParallelExperts(GroupedExperts):
     last_pipeline_degree: chunks used by the last forward.
     memory_report: MemoryReport of the last forward (activation memory kept and saved).
     last_exchange: ExchangeStats of the last forward (rows and bytes sent per direction).
+    last_bounded: BoundedReport of the last bounded-dispatch forward (what overflowed).
     forward_steps: forward calls of the layer so far (checked across ranks every forward).
     The last four are None after a forward at world size 1 with every expert in its own slot,
     which runs the one-device expert FFN.
@@ -108,7 +110,9 @@ class ParallelExperts(GroupedExperts):
         self.last_pipeline_degree: int | None = None
         self.memory_report: MemoryReport | None = None
         self.last_exchange: ExchangeStats | None = None
+        self.last_bounded: BoundedReport | None = None
         self.forward_steps = 0
+        self._set_replica_tables()
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
         self._group_rates: tuple[float, float] | None = None
@@ -124,16 +128,40 @@ class ParallelExperts(GroupedExperts):
     def begin_forward(self) -> None:
         """Count a forward call of the layer (called first, so a forward that raises counts too:
         a rank that catches the error and moves on is then one step ahead, which the next
-        agreement check reports)."""
-        self.forward_steps += 1
+        agreement check reports). Not under ``torch.compile``, which skips the check."""
+        if not torch.compiler.is_compiling():
+            self.forward_steps += 1
 
-    @torch.compiler.disable
     def run(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
         """Expert outputs of the local tokens, combined, computed wherever the placement puts
-        each expert (a graph break under ``torch.compile``: the layout needs counts on the host)."""
+        each expert. The exact dispatch is a graph break under ``torch.compile`` (it needs the
+        counts on the host); the bounded dispatch and the one-device path are captured."""
         if self._is_one_device:
             self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
             return GroupedExperts.run(self, x_TD, plan, use_triton)
+        if self.parallel.dispatch == "bounded":
+            return self._run_bounded(x_TD, plan, use_triton)
+        return self._run_exact(x_TD, plan, use_triton)
+
+    def _run_bounded(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """Fixed-size exchanges, no host synchronisation (bounded.py). In eager mode the
+        agreement envelope is still checked (one small all-gather read on the host); under
+        ``torch.compile`` it is skipped."""
+        par = self.parallel
+        if not torch.compiler.is_compiling():
+            build_graph = torch.is_grad_enabled()
+            fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, plan.row_weight_N.dtype, build_graph)
+            check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
+        y_TD, report = bounded_stage(self, x_TD, plan, self.replica_ids_EQ, self.replica_fraction_EQ, rank=self.rank,
+                                     world=self.size, rows_per_rank_pair=par.rows_per_rank_pair,
+                                     group=self.ep_group.group, use_triton=use_triton)
+        self.last_bounded = report
+        self.last_counts_WE = self.memory_report = self.last_exchange = None
+        self.last_pipeline_degree = 1
+        return y_TD
+
+    @torch.compiler.disable
+    def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
         experts, placement, par = self, self.placement, self.parallel
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
@@ -196,6 +224,14 @@ class ParallelExperts(GroupedExperts):
         ``flexmoe.runtime.apply_placement`` does both)."""
         self.check_table(table)
         self.placement = table.copy()
+        self._set_replica_tables()
+
+    def _set_replica_tables(self) -> None:
+        """The table's replicas as device buffers for the bounded dispatch (not in state_dict)."""
+        ids_EQ, fraction_EQ = replica_tables(self.placement)
+        device = self.gate_up_proj.device
+        self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
+        self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
 
     @property
     def _is_one_device(self) -> bool:
