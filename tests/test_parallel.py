@@ -86,6 +86,13 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(free_memory_fraction=0.0), "free_memory_fraction"),
         (dict(free_memory_fraction=1.5), "free_memory_fraction"),
         (dict(all_to_all="ring"), "all_to_all"),
+        (dict(dispatch="fast"), "dispatch"),
+        (dict(dispatch="bounded"), "rows_per_rank_pair"),
+        (dict(rows_per_rank_pair=0), "rows_per_rank_pair"),
+        (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
+        (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
+        (dict(timeout_s=0), "timeout_s"),
+        (dict(timeout_s=float("inf")), "timeout_s"),
     ],
 )
 def test_parallel_config_rejects_bad_values(kwargs, field):
