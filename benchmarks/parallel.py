@@ -194,9 +194,10 @@ def _imbalance(layer) -> float:
 
 
 def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> None:
-    """Every pipeline degree and memory strategy on the whole world. At world size 1 the static
-    table runs the one-device FFN (every degree alike); the rows "EP exchange path" use a table
-    with the slots permuted, which runs pairs, expansion and chunking with no communication."""
+    """Every pipeline degree and memory strategy on the whole world, and the bounded dispatch.
+    At world size 1 the static table runs the one-device FFN (every degree alike); the rows
+    "exchange path" use a table with the slots permuted, which runs pairs, expansion and
+    chunking (or the bounded buffers) with no communication."""
     world = dist.get_world_size()
     dtype = getattr(torch, args.dtype)
     skew = args.zipf
@@ -208,16 +209,21 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
     configs = [(a, d, "keep") for a in a2a_kinds for d in (1, 2, 4, 8)]
     configs += [("flat", d, m) for d in (1, 4) for m in ("recompute", "recommunicate", "both")]
     configs += [("flat", "auto", "auto")]
+    configs += [("bounded", 1, "keep")]  # rows_per_rank_pair = tokens: nothing overflows
     if world == 1:
         configs += [("exchange path", d, m) for d in (1, 2, 4, 8) for m in ("keep", "both")]
+        configs += [("bounded exchange path", 1, "keep")]
     permuted = PlacementTable(cfg.num_experts, np.arange(cfg.num_experts)[::-1].reshape(1, -1).copy(),
                               np.ones((1, cfg.num_experts)))
     for a2a, degree, memory in configs:
         group = nodes if a2a == "hierarchical" else EPGroup.create()
+        bounded = a2a.startswith("bounded")
         parallel = ParallelConfig(pipeline_degree=degree, memory=memory,
-                                  all_to_all="hierarchical" if a2a == "hierarchical" else "flat")
+                                  all_to_all="hierarchical" if a2a == "hierarchical" else "flat",
+                                  dispatch="bounded" if bounded else "exact",
+                                  rows_per_rank_pair=args.tokens if bounded else None)
         layer = build_layer(args, cfg, dtype, device, group, parallel, state, skew,
-                            permuted if a2a == "exchange path" else None)
+                            permuted if a2a.endswith("exchange path") else None)
         step = step_fn(layer, x)
         for _ in range(12 if "auto" in (degree, memory) else 1):  # let "auto" finish its trials
             step()

@@ -24,6 +24,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+from ..placement.table import table_digest
 from .groups import EPGroup
 
 FORWARD, BACKWARD, SYNC, STATE = 1, 2, 3, 4
@@ -39,15 +40,16 @@ class AgreementError(RuntimeError):
 
 def exchange_fields(config, parallel, placement, dtype: torch.dtype, weight_dtype: torch.dtype,
                     backward_expected: bool) -> dict[str, str]:
-    """Everything that shapes one EP forward's exchange, as printable values."""
-    fields = {f"config.{k}": repr(v) for k, v in _flat(dataclasses.asdict(config))}
-    fields.update({f"parallel.{k}": repr(v) for k, v in dataclasses.asdict(parallel).items()
-                   if k not in _PER_RANK_FIELDS})
+    """Everything that shapes one EP forward's exchange, as printable values (cheap: it runs
+    every forward; the placement table enters by its digest)."""
+    fields = {f"config.{f.name}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    fields.update({f"parallel.{f.name}": repr(getattr(parallel, f.name)) for f in dataclasses.fields(parallel)
+                   if f.name not in _PER_RANK_FIELDS})
     fields.update({
         "dtype": str(dtype),
         "routing weight dtype": str(weight_dtype),
         "placement version": str(placement.version),
-        "placement table": f"{placement.slot_expert_WS.tolist()} shares {placement.share_WS.tolist()}",
+        "placement table digest": str(table_digest(placement)),
         "backward expected": str(backward_expected),
     })
     return fields
@@ -116,12 +118,4 @@ def _describe(details: list[dict], rank: int) -> str:
                     "must run the same layer with the same placement table, config, dtype and grad mode")
     extra = sorted(set().union(*(d["fields"] for d in details)) - set(details[0]["fields"]))
     return f"flexmoe expert parallelism: ranks of the EP group disagree on {extra or 'their fields'} (this rank {rank})"
-
-
-def _flat(d: dict, prefix: str = ""):
-    for key, value in d.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .agreement import wait
 from .groups import EPGroup
 
 
@@ -59,15 +60,18 @@ class Pending:
     """An exchange in flight; ``wait()`` returns the received rows. ``followed_by(fn)`` makes
     ``wait()`` pass them to ``fn``, which starts the next exchange, and wait for that one."""
 
-    def __init__(self, result: torch.Tensor, work=None, keep_alive=None):
+    def __init__(self, result: torch.Tensor, work=None, keep_alive=None, timeout_s: float | None = None):
         self._result, self._work, self._keep, self._then = result, work, keep_alive, None
+        self._timeout_s = timeout_s
 
     def followed_by(self, then) -> "Pending":
         self._then = then
         return self
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
+        if self._work is not None and self._timeout_s is not None:
+            wait(self._work, self._timeout_s, "an EP all-to-all")
+        elif self._work is not None:
             self._work.wait()
         self._work = self._keep = None
         if self._then is not None:
@@ -76,17 +80,19 @@ class Pending:
         return self._result
 
 
-def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group) -> Pending:
+def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group,
+                      timeout_s: float | None = None) -> Pending:
     rows = rows.contiguous()
     out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
     work = dist.all_to_all_single(out, rows, recv, send, group=group, async_op=True)
-    return Pending(out, work, keep_alive=rows)
+    return Pending(out, work, keep_alive=rows, timeout_s=timeout_s)
 
 
 class Exchanger:
-    """Uneven all-to-all over an EP group; hierarchical (2DH) when asked and available."""
+    """Uneven all-to-all over an EP group; hierarchical (2DH) when asked and available. With
+    ``timeout_s`` every wait raises ``TimeoutError`` after that long (agreement.wait)."""
 
-    def __init__(self, ep: EPGroup, hierarchical: bool = False):
+    def __init__(self, ep: EPGroup, hierarchical: bool = False, timeout_s: float | None = None):
         if hierarchical and not ep.hierarchical:
             raise ValueError(
                 "ParallelConfig.all_to_all='hierarchical' needs node groups: pass "
@@ -94,6 +100,7 @@ class Exchanger:
             )
         self.ep = ep
         self.hierarchical = hierarchical
+        self.timeout_s = timeout_s
 
     def start(self, rows: torch.Tensor, split_WW: np.ndarray, reverse: bool = False) -> Pending:
         """Send ``rows`` (ordered by destination rank) along ``split_WW`` (its transpose when
@@ -103,7 +110,8 @@ class Exchanger:
         if ep.size == 1:
             return Pending(rows)
         if not self.hierarchical:
-            return _start_all_to_all(rows, split_WW[ep.rank].tolist(), split_WW[:, ep.rank].tolist(), ep.group)
+            return _start_all_to_all(rows, split_WW[ep.rank].tolist(), split_WW[:, ep.rank].tolist(), ep.group,
+                                     self.timeout_s)
         return self._start_hierarchical(rows, split_WW)
 
     def _start_hierarchical(self, rows: torch.Tensor, split_WW: np.ndarray) -> Pending:
@@ -126,9 +134,9 @@ class Exchanger:
             recv2 = split_MLML[:, :, node, local].sum(axis=1).tolist()
             if M == 1:
                 return Pending(rows2)
-            return _start_all_to_all(rows2, send2, recv2, ep.inter)
+            return _start_all_to_all(rows2, send2, recv2, ep.inter, self.timeout_s)
 
-        first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra)
+        first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra, self.timeout_s)
         return first.followed_by(stage2)
 
 

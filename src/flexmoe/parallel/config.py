@@ -53,9 +53,10 @@ class ParallelConfig:
     rows_per_rank_pair: the bounded buffer: pair rows each rank sends each rank per forward.
         The most tokens any rank has per forward means no overflow (every token may reach every
         rank); about ``tokens * min(1, 1.5 * top_k / ranks)`` suits balanced routing.
-    timeout_s: the longest any flexmoe control collective of this layer (agreement check,
-        counts) waits for the other ranks before raising ``TimeoutError`` (gloo; with NCCL the
-        process group's own ``timeout=`` bounds it). Default 5 minutes.
+    timeout_s: the longest a collective of this layer waits for the other ranks before raising
+        ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
+        bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).
+        Default 5 minutes.
     """
 
     pipeline_degree: Union[int, Literal["auto"]] = 1

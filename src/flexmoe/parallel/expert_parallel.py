@@ -104,7 +104,7 @@ class ParallelExperts(GroupedExperts):
         self.placement = placement.copy()
         for name, param in list(self.named_parameters(recurse=False)):
             setattr(self, name, nn.Parameter(slot_rows(self.placement, ep.rank, param.detach())))
-        self.exchanger = Exchanger(ep, parallel.all_to_all == "hierarchical")
+        self.exchanger = Exchanger(ep, parallel.all_to_all == "hierarchical", parallel.timeout_s)
         self.tuner = PipelineTuner(parallel.pipeline_candidates)
         self.last_counts_WE: np.ndarray | None = None
         self.last_pipeline_degree: int | None = None
