@@ -38,7 +38,7 @@ from flexmoe.runtime import (
     sync_router_loads,
 )
 from flexmoe.parallel.agreement import AgreementError
-from flexmoe.parallel.dispatch import expand_pairs, route_pairs, row_replicas
+from flexmoe.parallel.dispatch import expand_pairs, known_counts, pairs_per_rank, route_pairs, row_replicas
 from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
@@ -146,6 +146,14 @@ def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
         replica_N = row_replicas(table, send_WWS, counts_WE[r], r, plan.num_rows, cpu)
         routes.append(route_pairs(replica_N, plan.pair_row_TK, W, S, n, r))
     everyone = np.stack([route.counts_nWC.numpy() for route in routes])
+    # Every expert on one rank (the static table): the pair counts are known before the split.
+    static = PlacementTable.static(E, W, S)
+    static_send_WWS = split_tokens(static, counts_WE)
+    rank_E = torch.tensor([static.replicas(e)[0][0] for e in range(E)])
+    one_chunk = [route_pairs(row_replicas(static, static_send_WWS, counts_WE[r], r, p.num_rows, cpu), p.pair_row_TK,
+                             W, S, 1, r).counts_nWC.numpy() for r, p in enumerate(plans)]
+    pairs_WW = np.stack([pairs_per_rank(rank_E, p.offsets_E, p.pair_row_TK, W).numpy() for p in plans])
+    assert (known_counts(pairs_WW, static_send_WWS) == np.stack(one_chunk)).all(), "pair counts before the split"
     for route in routes:
         route.finish(everyone)
     delivered, pairs_seen = [], []

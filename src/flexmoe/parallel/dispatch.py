@@ -125,6 +125,29 @@ def route_pairs(row_replica_N: torch.Tensor, pair_row_TK: torch.Tensor, world: i
     return PairRoute(rank, S, order % max(T, 1), order // max(T, 1), slot_PK.to(torch.int32), counts_nWC)
 
 
+def pairs_per_rank(expert_rank_E: torch.Tensor, offsets_E: torch.Tensor, pair_row_TK: torch.Tensor,
+                   world: int) -> torch.Tensor:
+    """(token, rank) pairs this rank sends to each rank, ``int64 [W]`` on the device, when every
+    expert's replicas sit on one rank (``expert_rank_E``): then the destination rank of a row does
+    not depend on the other ranks' counts, and the pair counts can travel with them."""
+    T, K = pair_row_TK.shape
+    E = expert_rank_E.shape[0]
+    pair_row = pair_row_TK.reshape(-1)
+    expert = torch.searchsorted(offsets_E.to(torch.int64), pair_row.clamp_min(0), right=True).clamp_max(E - 1)
+    dst_TK = torch.where(pair_row >= 0, expert_rank_E[expert], -1).view(T, K)
+    hit_WT = (dst_TK.unsqueeze(0) == torch.arange(world, device=dst_TK.device).view(world, 1, 1)).any(dim=2)
+    return hit_WT.sum(dim=1)
+
+
+def known_counts(pairs_WW: np.ndarray, send_WWS: np.ndarray) -> np.ndarray:
+    """``PairRoute.finish``'s input for one chunk from the all-gathered pair counts and the split."""
+    W, _, S = send_WWS.shape
+    counts_WnWC = np.zeros((W, 1, W, 1 + S), dtype=np.int64)
+    counts_WnWC[:, 0, :, 0] = pairs_WW
+    counts_WnWC[:, 0, :, 1:] = send_WWS
+    return counts_WnWC
+
+
 def expand_pairs(slot_PK: torch.Tensor, rows_S: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of received pairs, grouped by slot (then pair, then k): the flat (pair * K + k) index
     of each row and int32 grouped-GEMM offsets. ``rows_S`` (host) are the rows per slot."""

@@ -4,8 +4,9 @@ Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
 ``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
 the local tokens and their dispatch plan (``run``). Per forward: the agreement envelope
 (agreement.py), one all-gather of the per-expert counts, the host layout (which replica takes
-which row), one all-gather of the (token, rank) pair counts (dispatch.py), then the pipelined
-stage (stage.py). At world size 1 with every expert in its own slot the stage is the
+which row), one all-gather of the (token, rank) pair counts (dispatch.py; it rides with the
+counts when every expert's replicas sit on one rank and the pipeline degree is 1), then the
+pipelined stage (stage.py). At world size 1 with every expert in its own slot the stage is the
 one-device expert FFN: no packing, regrouping or exchange.
 """
 
@@ -28,7 +29,7 @@ from .bounded import BoundedReport, bounded_stage, replica_tables
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
-from .dispatch import ExchangeStats, route_pairs, row_replicas
+from .dispatch import ExchangeStats, known_counts, pairs_per_rank, route_pairs, row_replicas
 from .groups import EPGroup
 from .stage import StageRun, StageTimer, dispatch_packer, run_stage
 from .tuning import (
@@ -171,7 +172,13 @@ class ParallelExperts(GroupedExperts):
         check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
         profile = par.memory == "auto" and self._rates is None
         row_bytes = self._measure_row_bytes(experts, x_TD.dtype, weight_N.dtype, use_triton)
-        header_WH, counts_WE = self._all_gather_counts(plan.counts_E, x_TD, plan.pair_row_TK.shape[0])
+        # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
+        # the counts, in one all-gather; otherwise they need the split, and a second one.
+        one_exchange = par.pipeline_degree == 1 and self._experts_on_one_rank
+        pairs_W = (pairs_per_rank(self.expert_rank_E, plan.offsets_E, plan.pair_row_TK, self.size)
+                   if one_exchange else None)
+        header_WH, counts_WE, pairs_WW = self._all_gather_counts(plan.counts_E, x_TD, plan.pair_row_TK.shape[0],
+                                                                 pairs_W)
 
         self.tuner.absorb(header_WH[:, [_COLUMN["trial level"], _COLUMN["trial degree"], _COLUMN["trial ns"]]])
         self._absorb_rates(header_WH)
@@ -185,8 +192,11 @@ class ParallelExperts(GroupedExperts):
         send_WWS = split_tokens(placement, counts_WE)
         row_replica_N = row_replicas(placement, send_WWS, counts_WE[self.rank], self.rank, plan.num_rows, x_TD.device)
         route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank)
-        route.finish(self._all_gather(route.counts_nWC.reshape(-1), "the pair counts of an EP layer's forward")
-                     .reshape((self.size,) + tuple(route.counts_nWC.shape)))
+        if pairs_WW is not None:
+            route.finish(known_counts(pairs_WW, send_WWS))
+        else:
+            route.finish(self._all_gather(route.counts_nWC.reshape(-1), "the pair counts of an EP layer's forward")
+                         .reshape((self.size,) + tuple(route.counts_nWC.shape)))
         strategy, report = self._memory_strategy(send_WWS.sum(axis=(0, 2)), header_WH, row_bytes, build_graph)
         step = self.forward_steps
         run = StageRun(
@@ -227,9 +237,16 @@ class ParallelExperts(GroupedExperts):
         self._set_replica_tables()
 
     def _set_replica_tables(self) -> None:
-        """The table's replicas as device buffers for the bounded dispatch (not in state_dict)."""
+        """The table's replicas as device buffers (not in state_dict): for the bounded dispatch,
+        and the rank of every expert whose replicas all sit on one rank (-1 otherwise)."""
         ids_EQ, fraction_EQ = replica_tables(self.placement)
         device = self.gate_up_proj.device
+        rank_E = np.full(self.placement.num_experts, -1, dtype=np.int64)
+        for e in range(self.placement.num_experts):
+            ranks = {r for r, _, _ in self.placement.replicas(e)}
+            rank_E[e] = ranks.pop() if len(ranks) == 1 else -1
+        self._experts_on_one_rank = bool((rank_E >= 0).all())
+        self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
         self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
         self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
 
@@ -305,8 +322,9 @@ class ParallelExperts(GroupedExperts):
             return mine.cpu().numpy()[None]
         return all_gather_ints(self.ep_group, mine, self.parallel.timeout_s, what).cpu().numpy()
 
-    def _all_gather_counts(self, counts_E, x_TD, tokens):
-        """Every rank's header (numbers for the online choices) and counts per logical expert."""
+    def _all_gather_counts(self, counts_E, x_TD, tokens, pairs_W=None):
+        """Every rank's header (numbers for the online choices), counts per logical expert, and
+        pair counts per destination rank when given (else None)."""
         par = self.parallel
         budget = -1
         if par.memory == "auto":
@@ -321,9 +339,13 @@ class ParallelExperts(GroupedExperts):
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
-        mine = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)])
-        everyone = self._all_gather(mine, "the counts of an EP layer's forward")
-        return everyone[:, :len(_HEADER)], everyone[:, len(_HEADER):]
+        parts = [torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)]
+        if pairs_W is not None:
+            parts.append(pairs_W.to(torch.int64))
+        everyone = self._all_gather(torch.cat(parts), "the counts of an EP layer's forward")
+        H, E = len(_HEADER), counts_E.shape[0]
+        pairs_WW = everyone[:, H + E:] if pairs_W is not None else None
+        return everyone[:, :H], everyone[:, H:H + E], pairs_WW
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:
         """Slowest recompute and slowest link over the ranks that measured them (a rank without
