@@ -8,6 +8,12 @@ batch and weights (float64: 1e-10 relative; float32: 1e-5).
 
 With capacity_factor the capacity is computed from each rank's own tokens, so the single-process
 equivalent is one MoELayer applied to each rank's batch separately, losses averaged over ranks.
+
+Also: the once-per-rank exchange simulated without communication and its counters checked
+against a count from the routing; the bounded dispatch (no overflow: equivalence; overflow:
+the documented drop rule; fullgraph compile); and the failure modes of issue 17 (config
+mismatch per field, a rank one step ahead, a skipped forward, a rank raising mid-step, a rank
+that never comes), each ending with an error on every rank.
 """
 
 from __future__ import annotations
@@ -170,7 +176,10 @@ def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
             token_P = torch.cat([outbox[src][dst][0] for src in range(W)])
             slot_PK = torch.cat([outbox[src][dst][1] for src in range(W)])
             pairs_seen += [(int(s), int(t), dst) for s, t in zip(src_P, token_P)]
-            row_key_R, offsets_S = expand_pairs(slot_PK, route.recv_rows_S(c))
+            rows_S = route.recv_rows_S(c)
+            row_key_R = expand_pairs(slot_PK, int(rows_S.sum()))
+            offsets_S = route.offsets_nS(cpu)[c]
+            assert offsets_S.tolist() == np.cumsum(rows_S).tolist()
             ends = [0] + offsets_S.tolist()
             for s in range(S):
                 for key in row_key_R[ends[s]:ends[s + 1]].tolist():

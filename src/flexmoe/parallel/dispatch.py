@@ -68,6 +68,7 @@ class PairRoute:
     rows_nWS: np.ndarray | None = None
     routed_rows: int = 0
     _send_start_n: np.ndarray | None = None
+    _offsets_nS: torch.Tensor | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -91,6 +92,14 @@ class PairRoute:
     def recv_rows_S(self, chunk: int) -> np.ndarray:
         """Rows every local slot computes in ``chunk``."""
         return self.rows_nWS[chunk].sum(axis=0)
+
+    def offsets_nS(self, device: torch.device) -> torch.Tensor:
+        """int32 grouped-GEMM offsets of the local slots, per chunk: one host-to-device copy
+        per forward (a copy from pageable host memory waits for the stream)."""
+        if self._offsets_nS is None or self._offsets_nS.device != device:
+            host = np.cumsum(self.rows_nWS.sum(axis=1), axis=1).astype(np.int32)
+            self._offsets_nS = torch.from_numpy(host).to(device)
+        return self._offsets_nS
 
 
 def route_pairs(row_replica_N: torch.Tensor, pair_row_TK: torch.Tensor, world: int, num_slots: int,
@@ -148,18 +157,15 @@ def known_counts(pairs_WW: np.ndarray, send_WWS: np.ndarray) -> np.ndarray:
     return counts_WnWC
 
 
-def expand_pairs(slot_PK: torch.Tensor, rows_S: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_pairs(slot_PK: torch.Tensor, rows: int) -> torch.Tensor:
     """Rows of received pairs, grouped by slot (then pair, then k): the flat (pair * K + k) index
-    of each row and int32 grouped-GEMM offsets. ``rows_S`` (host) are the rows per slot."""
+    of each of the ``rows`` rows (host count: ``PairRoute.recv_rows_S(chunk).sum()``)."""
     P, K = slot_PK.shape
-    S = rows_S.shape[0]
+    S_bound = P * K
     flat = torch.arange(P * K, device=slot_PK.device)
     slot = slot_PK.reshape(-1).to(torch.int64)
-    key = torch.where(slot >= 0, slot * (P * K) + flat, S * P * K)
-    rows = int(rows_S.sum())
-    row_key_R = torch.sort(key).indices[:rows] if rows else flat[:0]
-    offsets_S = torch.from_numpy(np.cumsum(rows_S).astype(np.int32)).to(slot_PK.device)
-    return row_key_R, offsets_S
+    key = torch.where(slot >= 0, slot * S_bound + flat, torch.iinfo(torch.int64).max)
+    return torch.sort(key).indices[:rows] if rows else flat[:0]
 
 
 @dataclasses.dataclass(frozen=True)

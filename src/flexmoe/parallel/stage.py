@@ -114,7 +114,8 @@ class _ExpertParallelStage(torch.autograd.Function):
             if c + 1 < route.num_chunks:
                 upcoming = dispatch(c + 1)
             x_PD, slot_PK, w_PK = packer.unpack(current.wait())
-            row_key_R, offsets_S = expand_pairs(slot_PK, route.recv_rows_S(c))
+            row_key_R = expand_pairs(slot_PK, int(route.recv_rows_S(c).sum()))
+            offsets_S = route.offsets_nS(x_TD.device)[c]
             row_pair_R = row_key_R // K
             x_RD = x_PD.index_select(0, row_pair_R)
             w_R = w_PK.reshape(-1).index_select(0, row_key_R)
