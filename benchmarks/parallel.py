@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 import flexmoe
 from flexmoe.parallel import EPGroup, ParallelConfig
-from flexmoe.parallel.comm import Exchanger, RowPacker
-from flexmoe.parallel.layout import build_layout
+from flexmoe.parallel.comm import Exchanger
+from flexmoe.parallel.stage import dispatch_packer
 from flexmoe.placement import PlacementTable
 from flexmoe.placement.split import balance_ratio
 
@@ -84,46 +84,32 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def bench_all_to_all(args, device, nodes: EPGroup | None) -> None:
-    """Uniform traffic, every rank sends ``rows`` token rows (D wide) with their weights."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    """Uniform traffic: every rank sends ``rows`` dispatch rows (token, k slot ids, k weights)."""
+    world = dist.get_world_size()
     ep = EPGroup.create()
-    table = PlacementTable.static(world, world)
     dtype = getattr(torch, args.dtype)
     rows_list = [256, 2048, 16384] if not args.tiny else [16, 128]
+    packer = dispatch_packer(dtype, args.d_model, torch.float32, args.top_k)
     out = []
     for rows in rows_list:
-        counts_WE = np.full((world, world), rows // world, dtype=np.int64)
-        layout = build_layout(table, counts_WE, rank, 1, device)
-        chunk = layout.chunks[0]
-        x = torch.randn(chunk.send_rows, args.d_model, device=device, dtype=dtype)
-        w = torch.rand(chunk.send_rows, device=device)
-        packer = RowPacker([(dtype, args.d_model), (torch.float32, 1)])
-        packed = packer.pack([x, w])
-        plain_in = packed.clone()
-        plain_out = torch.empty_like(plain_in)
+        split_WW = np.full((world, world), rows // world, dtype=np.int64)
+        packed = torch.randint(0, 255, (int(split_WW[0].sum()), packer.row_bytes), dtype=torch.uint8, device=device)
+        plain_out = torch.empty_like(packed)
         flat = Exchanger(ep)
-        kinds = [("plain all_to_all_single", lambda: dist.all_to_all_single(plain_out, plain_in)),
-                 ("flexmoe exchange, flat", lambda: flat.start(packed, chunk.split_WW).wait()),
-                 ("flexmoe dispatch (pack+exchange+regroup)", lambda: _dispatch(flat, packer, x, w, chunk))]
+        kinds = [("plain all_to_all_single", lambda: dist.all_to_all_single(plain_out, packed)),
+                 ("flexmoe exchange, flat", lambda: flat.start(packed, split_WW).wait())]
         if nodes is not None:
             hier = Exchanger(nodes, hierarchical=True)
-            kinds.append(("flexmoe exchange, hierarchical", lambda: hier.start(packed, chunk.split_WW).wait()))
+            kinds.append(("flexmoe exchange, hierarchical", lambda: hier.start(packed, split_WW).wait()))
         nbytes = packed.numel()
         for name, fn in kinds:
             ms = timed_ms(fn, device, args.reps)
             busbw = nbytes * (world - 1) / world / (ms * 1e-3) / 1e9
             out.append([rows, f"{nbytes / 2**20:.2f}", name, ms, busbw])
-    print_table(f"All-to-all, {world} ranks, uniform traffic, D={args.d_model} {args.dtype} + fp32 weight per row "
-                "(bus bandwidth = bytes * (W-1)/W / time)",
+    print_table(f"All-to-all, {world} ranks, uniform traffic, dispatch rows of D={args.d_model} {args.dtype} + "
+                f"{args.top_k} slot ids + {args.top_k} fp32 weights ({packer.row_bytes} B; "
+                "bus bandwidth = bytes * (W-1)/W / time)",
                 ["rows/rank", "MiB/rank", "what", "ms", "bus GB/s"], out)
-
-
-def _dispatch(exchanger, packer, x, w, chunk):
-    recv = exchanger.start(packer.pack([x, w]), chunk.split_WW).wait()
-    x_recv, w_recv = packer.unpack(recv)
-    if chunk.regroup_index is None:
-        return x_recv.contiguous(), w_recv.contiguous()
-    return x_recv.index_select(0, chunk.regroup_index), w_recv.index_select(0, chunk.regroup_index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +134,9 @@ def skew_router_(layer: flexmoe.MoELayer, skew: float) -> None:
         layer.router.weight[:, 0] = -skew * torch.log(popularity_rank.float()).to(layer.router.weight)
 
 
-def build_layer(args, cfg, dtype, device, group, parallel, state, skew):
+def build_layer(args, cfg, dtype, device, group, parallel, state, skew, placement=None):
     with torch.device(device):
-        layer = flexmoe.MoELayer(cfg, ep_group=group, parallel=parallel)
+        layer = flexmoe.MoELayer(cfg, ep_group=group, parallel=parallel, placement=placement)
     layer.load_state_dict(state)
     skew_router_(layer, skew)
     return layer.to(device=device, dtype=dtype)
@@ -202,11 +188,16 @@ def bench_scaling(args, cfg, device, state) -> None:
 
 
 def _imbalance(layer) -> float:
-    return balance_ratio(layer.experts.placement, layer.experts.last_counts_WE.sum(axis=0))
+    counts_WE = layer.experts.last_counts_WE  # None at world size 1 (the one-device path)
+    counts_E = layer.last_counts.cpu().numpy() if counts_WE is None else counts_WE.sum(axis=0)
+    return balance_ratio(layer.experts.placement, counts_E)
 
 
 def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> None:
-    """Every pipeline degree and memory strategy on the whole world."""
+    """Every pipeline degree and memory strategy on the whole world, and the bounded dispatch.
+    At world size 1 the static table runs the one-device FFN (every degree alike); the rows
+    "exchange path" use a table with the slots permuted, which runs pairs, expansion and
+    chunking (or the bounded buffers) with no communication."""
     world = dist.get_world_size()
     dtype = getattr(torch, args.dtype)
     skew = args.zipf
@@ -218,19 +209,31 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
     configs = [(a, d, "keep") for a in a2a_kinds for d in (1, 2, 4, 8)]
     configs += [("flat", d, m) for d in (1, 4) for m in ("recompute", "recommunicate", "both")]
     configs += [("flat", "auto", "auto")]
+    configs += [("bounded", 1, "keep")]  # rows_per_rank_pair = tokens: nothing overflows
+    if world == 1:
+        configs += [("exchange path", d, m) for d in (1, 2, 4, 8) for m in ("keep", "both")]
+        configs += [("bounded exchange path", 1, "keep")]
+    permuted = PlacementTable(cfg.num_experts, np.arange(cfg.num_experts)[::-1].reshape(1, -1).copy(),
+                              np.ones((1, cfg.num_experts)))
     for a2a, degree, memory in configs:
         group = nodes if a2a == "hierarchical" else EPGroup.create()
-        parallel = ParallelConfig(pipeline_degree=degree, memory=memory, all_to_all=a2a)
-        layer = build_layer(args, cfg, dtype, device, group, parallel, state, skew)
+        bounded = a2a.startswith("bounded")
+        parallel = ParallelConfig(pipeline_degree=degree, memory=memory,
+                                  all_to_all="hierarchical" if a2a == "hierarchical" else "flat",
+                                  dispatch="bounded" if bounded else "exact",
+                                  rows_per_rank_pair=args.tokens if bounded else None)
+        layer = build_layer(args, cfg, dtype, device, group, parallel, state, skew,
+                            permuted if a2a.endswith("exchange path") else None)
         step = step_fn(layer, x)
         for _ in range(12 if "auto" in (degree, memory) else 1):  # let "auto" finish its trials
             step()
         ms = timed_ms(step, device, args.reps)
         activation_mib = _activation_mib(layer, x, device)
         report = layer.experts.memory_report
+        kept = f"{report.kept_bytes / 2**20:.1f}" if report is not None else "-"
+        strategy = report.strategy if memory == "auto" and report is not None else memory
         rows.append([f"EP {a2a}", layer.experts.last_pipeline_degree if degree == "auto" else degree,
-                     report.strategy if memory == "auto" else memory, ms, ms / base_ms,
-                     f"{report.kept_bytes / 2**20:.1f}", activation_mib, rel_error(layer, reference, x)])
+                     strategy, ms, ms / base_ms, kept, activation_mib, rel_error(layer, reference, x)])
     print_table(f"Pipeline degree and memory strategy ({world} ranks, {args.tokens} tokens per rank, zipf({skew}), "
                 f"D={cfg.d_model} F={cfg.d_ff} E={cfg.num_experts} k={cfg.top_k}, {args.dtype}); "
                 "kept = activations the expert stage keeps (report), measured = whole layer after forward (CUDA)",
@@ -266,7 +269,7 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     shape = args.shape or ("32,32,8,2" if args.tiny or not on_gpu else "2048,768,128,8")
     D, F, E, k = (int(v) for v in shape.split(","))
-    args.d_model = D
+    args.d_model, args.top_k = D, k
     args.tokens = args.tokens or (64 if args.tiny or not on_gpu else 16384)
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     args.reps = args.reps or (10 if on_gpu else 3)

@@ -127,12 +127,14 @@ def main() -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             elapsed = time.perf_counter() - start
-            stage = model.blocks[0].moe.experts
+            moe = model.blocks[0].moe.experts
+            report = moe.memory_report  # None at world size 1: the one-device expert FFN runs
+            stage = ("one-device path" if report is None else
+                     f"pipeline {moe.last_pipeline_degree}  memory {report.strategy} "
+                     f"(saved {report.saved_bytes / 1024:.1f} KiB in layer 0)")
             if rank == 0:
                 print(f"step {step:4d}  loss {mean_loss.item() / world:.3f}  "
-                      f"{step * args.batch * args.seq_len * world / elapsed:8.0f} tokens/s  "
-                      f"pipeline {stage.last_pipeline_degree}  memory {stage.memory_report.strategy} "
-                      f"(saved {stage.memory_report.saved_bytes / 1024:.1f} KiB in layer 0)", flush=True)
+                      f"{step * args.batch * args.seq_len * world / elapsed:8.0f} tokens/s  {stage}", flush=True)
 
     state = model.state_dict()  # collective: every rank gathers the logical experts
     if args.save and rank == 0:

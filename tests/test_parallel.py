@@ -8,6 +8,12 @@ batch and weights (float64: 1e-10 relative; float32: 1e-5).
 
 With capacity_factor the capacity is computed from each rank's own tokens, so the single-process
 equivalent is one MoELayer applied to each rank's batch separately, losses averaged over ranks.
+
+Also: the once-per-rank exchange simulated without communication and its counters checked
+against a count from the routing; the bounded dispatch (no overflow: equivalence; overflow:
+the documented drop rule; fullgraph compile); and the failure modes of issue 17 (config
+mismatch per field, a rank one step ahead, a skipped forward, a rank raising mid-step, a rank
+that never comes), each ending with an error on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import dataclasses
 import datetime
 import json
 import os
+import re
+import time
 import traceback
 
 import numpy as np
@@ -35,7 +43,9 @@ from flexmoe.runtime import (
     sync_gradients,
     sync_router_loads,
 )
-from flexmoe.parallel.layout import build_layout
+from flexmoe.parallel.agreement import AgreementError
+from flexmoe.parallel.dispatch import expand_pairs, known_counts, pairs_per_rank, route_pairs, row_replicas
+from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
 from flexmoe.placement.split import split_tokens
@@ -82,6 +92,13 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(free_memory_fraction=0.0), "free_memory_fraction"),
         (dict(free_memory_fraction=1.5), "free_memory_fraction"),
         (dict(all_to_all="ring"), "all_to_all"),
+        (dict(dispatch="fast"), "dispatch"),
+        (dict(dispatch="bounded"), "rows_per_rank_pair"),
+        (dict(rows_per_rank_pair=0), "rows_per_rank_pair"),
+        (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
+        (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
+        (dict(timeout_s=0), "timeout_s"),
+        (dict(timeout_s=float("inf")), "timeout_s"),
     ],
 )
 def test_parallel_config_rejects_bad_values(kwargs, field):
@@ -104,46 +121,81 @@ def _random_table(rng, E, W, S) -> PlacementTable:
     return PlacementTable(E, slot_expert, share)
 
 
+def _random_routing(rng, T, K, E):
+    """Distinct experts per token, about one pair in six dropped."""
+    expert_TK = np.array([rng.choice(E, size=K, replace=False) for _ in range(T)], dtype=np.int64).reshape(T, K)
+    keep_TK = rng.random((T, K)) > 1 / 6
+    return torch.as_tensor(expert_TK), torch.as_tensor(keep_TK)
+
+
 @pytest.mark.parametrize("seed", range(8))
-def test_layout_delivers_every_row_once_to_a_replica_of_its_expert(seed):
-    """Simulate the exchange with the layouts of all ranks, no communication."""
+def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
+    """Simulate the once-per-rank exchange with the routes of all ranks, no communication."""
     rng = np.random.default_rng(seed)
-    E, W = int(rng.integers(1, 9)), int(rng.integers(1, 5))
+    E, W = int(rng.integers(2, 9)), int(rng.integers(1, 5))
     S = -(-E // W) + int(rng.integers(0, 3))
-    table = _random_table(rng, E, W, S)
-    counts_WE = rng.integers(0, 7, size=(W, E)) * (rng.random((W, E)) < 0.7)
-    counts_WE[rng.integers(0, W)] = 0
+    K = int(rng.integers(1, min(E, 4) + 1))
     n = int(rng.integers(1, 5))
+    table = _random_table(rng, E, W, S)
+    tokens = [int(rng.integers(0, 7)) for _ in range(W)]
+    tokens[int(rng.integers(0, W))] = 0
     cpu = torch.device("cpu")
-    layouts = [build_layout(table, counts_WE, r, n, cpu) for r in range(W)]
-    expert_of_row = [np.repeat(np.arange(E), counts_WE[r]) for r in range(W)]
-    delivered = []
+    plans, routing = [], []
+    for T in tokens:
+        expert_TK, keep_TK = _random_routing(rng, T, K, E)
+        routing.append((expert_TK, keep_TK))
+        plans.append(make_dispatch_plan(expert_TK, torch.ones(T, K), keep_TK, E))
+    counts_WE = np.stack([p.counts_E.numpy() for p in plans])
+    send_WWS = split_tokens(table, counts_WE)
+    routes = []
+    for r, plan in enumerate(plans):
+        replica_N = row_replicas(table, send_WWS, counts_WE[r], r, plan.num_rows, cpu)
+        routes.append(route_pairs(replica_N, plan.pair_row_TK, W, S, n, r))
+    everyone = np.stack([route.counts_nWC.numpy() for route in routes])
+    # Every expert on one rank (the static table): the pair counts are known before the split.
+    static = PlacementTable.static(E, W, S)
+    static_send_WWS = split_tokens(static, counts_WE)
+    rank_E = torch.tensor([static.replicas(e)[0][0] for e in range(E)])
+    one_chunk = [route_pairs(row_replicas(static, static_send_WWS, counts_WE[r], r, p.num_rows, cpu), p.pair_row_TK,
+                             W, S, 1, r).counts_nWC.numpy() for r, p in enumerate(plans)]
+    pairs_WW = np.stack([pairs_per_rank(rank_E, p.offsets_E, p.pair_row_TK, W).numpy() for p in plans])
+    assert (known_counts(pairs_WW, static_send_WWS) == np.stack(one_chunk)).all(), "pair counts before the split"
+    for route in routes:
+        route.finish(everyone)
+    delivered, pairs_seen = [], []
     for c in range(n):
-        chunks = [layout.chunks[c] for layout in layouts]
-        assert all((ch.split_WW == chunks[0].split_WW).all() for ch in chunks), "ranks agree on the splits"
         outbox = []
-        for r, ch in enumerate(chunks):
-            rows = ch.send_positions(cpu).numpy()
-            ids = [(r, int(i), int(expert_of_row[r][i])) for i in rows]
-            bounds = np.cumsum([0] + ch.split_WW[r].tolist())
-            outbox.append([ids[bounds[d]:bounds[d + 1]] for d in range(W)])
-        for d, ch in enumerate(chunks):
-            received = [row for src in range(W) for row in outbox[src][d]]
-            order = ch.regroup_index.tolist() if ch.regroup_index is not None else range(len(received))
-            by_slot = [received[i] for i in order]
-            if ch.regroup_index is not None:
-                assert torch.equal(ch.ungroup_index[ch.regroup_index], torch.arange(len(received)))
-            ends = [0] + ch.offsets_S.tolist()
-            assert ends[-1] == len(received)
+        for src, route in enumerate(routes):
+            part = route.send_slice(c)
+            token_P, slot_PK = route.token_P[part], route.slot_PK[part]
+            bounds = np.cumsum([0] + route.split_WW(c)[src].tolist())
+            outbox.append([(token_P[bounds[d]:bounds[d + 1]], slot_PK[bounds[d]:bounds[d + 1]]) for d in range(W)])
+        for dst, route in enumerate(routes):
+            assert (route.split_WW(c) == routes[0].split_WW(c)).all(), "ranks agree on the splits"
+            src_P = torch.cat([torch.full((len(outbox[src][dst][0]),), src) for src in range(W)])
+            token_P = torch.cat([outbox[src][dst][0] for src in range(W)])
+            slot_PK = torch.cat([outbox[src][dst][1] for src in range(W)])
+            pairs_seen += [(int(s), int(t), dst) for s, t in zip(src_P, token_P)]
+            rows_S = route.recv_rows_S(c)
+            row_key_R = expand_pairs(slot_PK, int(rows_S.sum()))
+            offsets_S = route.offsets_nS(cpu)[c]
+            assert offsets_S.tolist() == np.cumsum(rows_S).tolist()
+            ends = [0] + offsets_S.tolist()
             for s in range(S):
-                for src, i, e in by_slot[ends[s]:ends[s + 1]]:
-                    assert table.slot_expert_WS[d, s] == e, "a row reached a slot of another expert"
-                    delivered.append((src, i, d, s))
-    assert sorted((src, i) for src, i, _, _ in delivered) == [(r, i) for r in range(W) for i in range(counts_WE[r].sum())]
+                for key in row_key_R[ends[s]:ends[s + 1]].tolist():
+                    p, k = divmod(key, K)
+                    src, t = int(src_P[p]), int(token_P[p])
+                    assert int(slot_PK[p, k]) == s
+                    assert table.slot_expert_WS[dst, s] == int(routing[src][0][t, k]), "a row reached another expert"
+                    delivered.append((src, t, k, dst, s))
+    kept = sorted((src, t, k) for src, (_, keep) in enumerate(routing) for t, k in zip(*np.nonzero(keep.numpy())))
+    assert sorted((src, t, k) for src, t, k, _, _ in delivered) == kept, "every kept pair exactly once"
+    assert len(pairs_seen) == len(set(pairs_seen)), "a token goes once to each rank"
+    assert sorted(pairs_seen) == sorted({(src, t, d) for src, t, _, d, _ in delivered}), "and only where it has rows"
     per_replica = np.zeros((W, W, S), dtype=np.int64)
-    for src, _, d, s in delivered:
+    for src, _, _, d, s in delivered:
         per_replica[src, d, s] += 1
-    assert (per_replica == split_tokens(table, counts_WE)).all(), "the split is placement.split's"
+    assert (per_replica == send_WWS).all(), "the split is placement.split's"
 
 
 def test_pipeline_tuner_keeps_the_fastest_degree_per_load_level():
@@ -214,6 +266,23 @@ def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
     ep = MoELayer(cfg, placement=PlacementTable.static(8, 1))
     x = torch.randn(2, 9, 8)
     assert torch.equal(ep(x), ref(x))
+
+
+@pytest.mark.parametrize("degree, memory", [(1, "keep"), (4, "both")])
+def test_world_size_one_is_the_one_device_layer(degree, memory):
+    """No packing, regrouping or exchange: forward and backward bitwise those of MoELayer."""
+    cfg = _config(capacity_factor=1.0)
+    torch.manual_seed(4)
+    ref = MoELayer(cfg)
+    torch.manual_seed(4)
+    ep = MoELayer(cfg, placement=PlacementTable.static(8, 1), parallel=ParallelConfig(pipeline_degree=degree, memory=memory))
+    x = torch.randn(13, 8)
+    for layer in (ref, ep):
+        layer(x).pow(2).sum().backward()
+    assert torch.equal(ep(x), ref(x))
+    for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert ep.experts.last_exchange is None and ep.experts.memory_report is None, "the one-device path ran"
 
 
 def test_layer_rejects_inconsistent_placement_arguments():
@@ -464,6 +533,164 @@ def case_router_loads_are_summed(env):
     assert torch.equal(layer.router.pending_load_E, total)
 
 
+def case_top_4_replicas_degree_3(env):
+    """Several rows of one token on one rank: a pair expands to them and sums them."""
+    cfg = _config(top_k=4, bias_update_rate=1e-3)
+    parallel = ParallelConfig(pipeline_degree=3, memory="recompute")
+    _train_and_compare(env, cfg, _ep(placement=_replica_table_2(), parallel=parallel), [9, 4],
+                       bias=[2.0, 0, 0, 0, 0, 2.0, 0, 0])
+
+
+_MISMATCHES = [("num_experts", 6), ("top_k", 3), ("d_ff", 4), ("activation", "gelu"), ("router", "sigmoid"),
+               ("capacity_factor", 2.0), ("norm_topk_prob", False)]
+
+
+def case_config_mismatch_names_the_field(env):
+    """Issue 17: every field is checked before the counts exchange (num_experts used to SIGABRT
+    gloo; the others went undetected), and the error names it with both values on every rank."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    for field, value in _MISMATCHES:
+        default = getattr(_config(), field)
+        cfg = _config(**{field: value}) if env.rank == 1 else _config()
+        layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+        shown = re.escape(f"config.{field} (rank 0: {default!r}, rank 1: {value!r})")
+        with pytest.raises(AgreementError, match=shown):
+            layer(x)
+    cfg = _config(d_ff=4) if env.rank == 1 else _config()
+    with pytest.raises(AgreementError, match=re.escape("config.d_ff (rank 0: 6, rank 1: 4)")):
+        MoELayer(cfg, ep_group=dist.group.WORLD).state_dict()
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    layer(x).sum().backward()  # the group still works afterwards
+
+
+def _step(layer, x):
+    layer(x).sum().backward()
+    sync_gradients(layer)
+
+
+def case_rank_that_catches_an_error_and_moves_on(env):
+    """Rank 1's bad batch raises; it goes on to its next batch while rank 0 is on the previous one."""
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    if env.rank == 1:
+        with pytest.raises(ValueError, match="NaN"):
+            layer(torch.full((3, 8), float("nan"), dtype=torch.float64))
+    with pytest.raises(AgreementError, match="different forward steps.*per rank: \\[2, 3\\]"):
+        layer(x)
+
+
+def case_rank_that_skips_a_forward_but_syncs_gradients(env):
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    with pytest.raises(AgreementError, match="rank 0: the forward of an EP layer.*rank 1: flexmoe.runtime.sync_gradients"):
+        if env.rank == 0:
+            _step(layer, x)
+        else:
+            sync_gradients(layer)
+
+
+def case_rank_that_raises_between_forward_and_backward(env):
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    y = layer(x)
+    with pytest.raises(AgreementError, match="rank 0: the backward of an EP layer.*rank 1: the forward"):
+        if env.rank == 0:
+            y.sum().backward()
+        else:
+            layer(x)  # rank 1's loss failed; it went on to its next batch
+
+
+def case_rank_that_raises_and_stays_alive(env):
+    """The others end with an error after ParallelConfig.timeout_s, not the process group's timeout."""
+    group = dist.new_group([0, 1])  # its own group: the abandoned collective stays on it
+    layer = MoELayer(_config(), ep_group=group, parallel=ParallelConfig(timeout_s=2.0)).double()
+    if env.rank == 0:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="forward of an EP layer waited 2 s"):
+            layer(torch.randn(5, 8, dtype=torch.float64))
+        assert time.monotonic() - start < 30
+    else:
+        time.sleep(4)  # raised somewhere, stays alive, calls nothing
+    dist.barrier()
+
+
+def _bounded(rows: int) -> ParallelConfig:
+    return ParallelConfig(dispatch="bounded", rows_per_rank_pair=rows)
+
+
+def case_bounded_without_overflow(env):
+    """Buffers as large as the most tokens of a rank: nothing can overflow; replicas, a rank
+    with no tokens, and the bounded split of replicated experts (each rank cuts its own rows)."""
+    bias = [2.0, 0, 0, 0, 0, 2.0, 0, 0]
+    cfg = _config(top_k=3, bias_update_rate=1e-3)
+    ep = _train_and_compare(env, cfg, _ep(placement=_replica_table_2(), parallel=_bounded(9)), [9, 4], bias=bias)
+    assert int(ep.experts.last_bounded.dropped_pairs_W.sum()) == 0
+    _train_and_compare(env, _config(), _ep(parallel=_bounded(7)), [7, 0])
+
+
+def case_bounded_overflow_follows_the_rule(env):
+    """C = 3 pair rows per rank pair: per destination rank, the first 3 tokens (in token order)
+    that have experts there keep them; the others' experts on that rank contribute zero."""
+    torch.manual_seed(7)
+    ref = MoELayer(_config()).double()
+    torch.manual_seed(7)
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(3)).double()
+    x = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(env.rank), requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    routing = ref.router(x_ref)
+    rank_of = layer.experts.placement.slot_expert_WS
+    rank_of_expert = {int(e): r for r, row in enumerate(rank_of) for e in row if e >= 0}
+    seen, dropped = [0, 0], [0, 0]
+    want = ref.shared_experts(x_ref)
+    rows = []
+    for t in range(x.shape[0]):
+        experts = [int(e) for e in routing.expert_TK[t]]
+        keep_rank = {}
+        for d in sorted({rank_of_expert[e] for e in experts}):
+            keep_rank[d] = seen[d] < 3
+            seen[d] += 1
+            dropped[d] += not keep_rank[d]
+        out = 0
+        for k, e in enumerate(experts):
+            if keep_rank[rank_of_expert[e]]:
+                h = x_ref[t] @ ref.experts.gate_up_proj[e].t()
+                gate, up = h.chunk(2)
+                out = out + routing.weight_TK[t, k] * ((torch.nn.functional.silu(gate) * up) @ ref.experts.down_proj[e].t())
+        rows.append(out if torch.is_tensor(out) else torch.zeros(8, dtype=torch.float64))
+    want = want + torch.stack(rows)
+    _check("output", y, want, F64_TOL)
+    g = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + env.rank))
+    (y * g).sum().backward()
+    (want * g).sum().backward()
+    _check("input grad", x.grad, x_ref.grad, F64_TOL)
+    assert layer.experts.last_bounded.dropped_pairs_W.tolist() == dropped
+    assert sum(dropped) > 0, "the case overflows"
+
+
+def case_bounded_compiles_fullgraph(env):
+    """torch.compile(fullgraph=True, backend="aot_eager") captures the bounded EP layer (gloo)."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(6)).double()
+    torch.manual_seed(3)
+    twin = MoELayer(_config(), ep_group=dist.group.WORLD, parallel=_bounded(6)).double()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + env.rank))
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye = eager(xe)
+        ye.square().sum().backward()
+        yc = compiled(xc)
+        yc.square().sum().backward()
+        _check(f"step {step} output", yc, ye, 1e-12)
+        _check(f"step {step} input grad", xc.grad, xe.grad, 1e-12)
+        for (name, pe), pc in zip(eager.named_parameters(), twin.parameters()):
+            _check(f"step {step} {name} grad", pc.grad, pe.grad, 1e-12)
+
+
 CASES_2 = {
     **{f"degree_{n}": _case_degree(n, "keep") for n in (1, 2, 4, 8)},
     **{f"{m}_degree_{n}": _case_degree(n, m) for m in ("recompute", "recommunicate", "both") for n in (1, 3)},
@@ -480,6 +707,15 @@ CASES_2 = {
     "fsdp2_with_expert_parameters_ignored": case_fsdp2_with_expert_parameters_ignored,
     "all_to_all_v_is_differentiable": case_all_to_all_v_is_differentiable,
     "router_loads_are_summed": case_router_loads_are_summed,
+    "top_4_replicas_degree_3": case_top_4_replicas_degree_3,
+    "config_mismatch_names_the_field": case_config_mismatch_names_the_field,
+    "rank_that_catches_an_error_and_moves_on": case_rank_that_catches_an_error_and_moves_on,
+    "rank_that_skips_a_forward_but_syncs_gradients": case_rank_that_skips_a_forward_but_syncs_gradients,
+    "rank_that_raises_between_forward_and_backward": case_rank_that_raises_between_forward_and_backward,
+    "rank_that_raises_and_stays_alive": case_rank_that_raises_and_stays_alive,
+    "bounded_without_overflow": case_bounded_without_overflow,
+    "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
+    "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,
 }
 
 
@@ -558,6 +794,40 @@ def case_checkpoint_4_2_1_4(env):
         four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
 
 
+def case_bounded_4(env):
+    """Bounded buffers on 4 ranks, one without tokens, experts not divisible by ranks."""
+    _train_and_compare(env, _config(num_experts=6), _ep(parallel=_bounded(7)), TOKENS_4)
+
+
+def case_rows_sent_once_per_rank(env):
+    """Top-8 of 16 experts over 4 ranks: rows on the wire are the distinct (token, rank) pairs,
+    counted here from the routing, not the (token, expert) pairs."""
+    cfg = _config(num_experts=16, top_k=8)
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    tokens = [6, 0, 9, 4][env.rank]
+    x = torch.randn(tokens, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(env.rank))
+    layer(x)
+    stats = layer.experts.last_exchange
+    with torch.no_grad():
+        expert_TK = layer.router(x).expert_TK
+    rank_of_expert = {int(e): r for r, row in enumerate(layer.experts.placement.slot_expert_WS) for e in row if e >= 0}
+    dests = [sorted({rank_of_expert[int(e)] for e in row}) for row in expert_TK]
+    everyone = _gathered(dests)
+    assert stats.routed_rows == tokens * 8
+    assert stats.dispatch_rows == sum(len(d) for d in dests)
+    assert stats.local_rows == sum(env.rank in d for d in dests)
+    assert stats.combine_rows == sum(env.rank in d for rank_dests in everyone for d in rank_dests)
+    experts_here = {e for e, r in rank_of_expert.items() if r == env.rank}
+    all_rows = [row for rank_rows in _gathered(expert_TK.tolist()) for row in rank_rows]
+    assert stats.expert_rows == sum(len(set(row) & experts_here) for row in all_rows)
+    # A dispatch row: the float64 token, 8 int32 slot ids, 8 float64 routing weights (160 bytes,
+    # a multiple of 16); the return row is the float64 sum of the pair's expert rows.
+    assert stats.dispatch_bytes == stats.dispatch_rows * (8 * 8 + 8 * 4 + 8 * 8)
+    assert stats.combine_bytes == stats.combine_rows * 8 * 8
+    if tokens:
+        assert stats.dispatch_rows < stats.routed_rows, "top-8 over 4 ranks: fewer pairs than (token, expert) rows"
+
+
 CASES_4 = {
     "flat_degree_2": _case_all_to_all("flat", 2, "keep"),
     "hierarchical_degree_1_keep": _case_all_to_all("hierarchical", 1, "keep"),
@@ -567,6 +837,8 @@ CASES_4 = {
     "expert_data_parallel": case_expert_data_parallel,
     "expert_data_parallel_rejects_different_tables": case_expert_data_parallel_rejects_different_tables,
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
+    "rows_sent_once_per_rank": case_rows_sent_once_per_rank,
+    "bounded_4": case_bounded_4,
 }
 CASES = {2: CASES_2, 4: CASES_4}
 

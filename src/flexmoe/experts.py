@@ -13,11 +13,8 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
-from .ops import grouped_mm, scaled_activation
+from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.fused_experts import fused_expert_ffn
-
-if TYPE_CHECKING:
-    from .plan import DispatchPlan
 
 if TYPE_CHECKING:
     from .plan import DispatchPlan
@@ -62,10 +59,17 @@ class GroupedExperts(nn.Module):
             plan.pair_row_TK, plan.row_weight_N, self.config.activation,
         )
 
-    def run(self, x_ND: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
-        """The layer's expert stage: grouped rows in, weighted expert outputs out, same row order
-        (here every expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
-        return self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+    def begin_forward(self) -> None:
+        """Called first in every forward of the layer (the expert-parallel stage counts them)."""
+
+    def run(self, x_TD: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
+        """The layer's expert stage: tokens in, ``sum_k weight * FFN_k(token)`` out (here every
+        expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
+        if self.config.kernels == "fused":  # gather in the gate_up load, combine after the down GEMM
+            return self.forward_tokens(x_TD, plan)
+        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
+        y_ND = self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
+        return unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
 
 
 class DenseFFN(nn.Module):

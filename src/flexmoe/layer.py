@@ -1,4 +1,5 @@
-"""MoELayer: route -> plan -> permute -> experts -> un-permute + combine.
+"""MoELayer: route -> plan -> expert stage (permute -> grouped experts -> un-permute + combine;
+under expert parallelism the stage sends each token once per rank in between).
 
 Legend: T tokens, D model width, E experts, K experts per token, N = T*K grouped rows.
 """
@@ -10,7 +11,6 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
-from .ops import permute, unpermute_sum
 from .ops._backend import use_triton as resolve_use_triton
 from .ops.checks import check_finite
 from .parallel import EPGroup, ParallelConfig, ParallelExperts
@@ -59,6 +59,7 @@ class MoELayer(nn.Module):
         self.last_counts: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.experts.begin_forward()
         self._check_input(x)
         x_TD = x.reshape(-1, self.config.d_model)
         if torch.is_autocast_enabled(x.device.type):
@@ -67,14 +68,12 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
-        if self.config.kernels == "fused" and not isinstance(self.experts, ParallelExperts):
-            y_TD = self.experts.forward_tokens(x_TD, plan)
-        else:
-            x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
-            y_ND = self.experts.run(x_ND, plan, use_triton)
-            y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        # The shared experts are queued first: on a GPU they run while an expert-parallel stage
+        # waits for its counts on the host.
+        shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
+        y_TD = self.experts.run(x_TD, plan, use_triton)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
 
         self.aux_loss = router_loss(routing, self.config)
         self.last_counts = plan.counts_E

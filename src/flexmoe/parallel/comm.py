@@ -12,14 +12,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .agreement import wait
 from .groups import EPGroup
-from .layout import index_from_ranges
 
 
 class RowPacker:
     """Lay rows of several tensors (any dtypes) side by side in one uint8 row, so one exchange
-    carries them all (tokens with their routing weights). Each part starts at a multiple of its
-    element size and the row length is a multiple of 8 bytes, so unpacking needs no copy."""
+    carries them all (tokens with their slot ids and routing weights). Each part starts at a
+    multiple of its element size and the row length is a multiple of 16 bytes (aligned vector
+    loads), so unpacking needs no copy."""
 
     def __init__(self, parts: list[tuple[torch.dtype, int]]):
         self.parts = parts
@@ -30,18 +31,21 @@ class RowPacker:
             offset = -(-offset // size) * size
             self.offsets.append(offset)
             offset += size * width
-        self.row_bytes = -(-offset // 8) * 8
+        self.row_bytes = -(-offset // 16) * 16
 
-    def pack(self, tensors: list[torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``index`` (all rows when None) of each tensor, packed: ``uint8 [N, row_bytes]``."""
-        rows = tensors[0].shape[0] if index is None else index.shape[0]
-        buf = torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=tensors[0].device)
-        for tensor, view, (_, width) in zip(tensors, self.unpack(buf), self.parts):
+    def pack(self, tensors: list[torch.Tensor], index: "torch.Tensor | list | None" = None) -> torch.Tensor:
+        """Rows ``index`` (all rows when None; or one index, or None, per tensor) of each tensor,
+        packed: ``uint8 [N, row_bytes]``."""
+        indices = list(index) if isinstance(index, (list, tuple)) else [index] * len(tensors)
+        first, first_index = tensors[0], indices[0]
+        rows = first.shape[0] if first_index is None else first_index.shape[0]
+        buf = torch.empty((rows, self.row_bytes), dtype=torch.uint8, device=first.device)
+        for tensor, rows_index, view, (_, width) in zip(tensors, indices, self.unpack(buf), self.parts):
             tensor = tensor.reshape(tensor.shape[0], width)
-            if index is None:
+            if rows_index is None:
                 view.copy_(tensor)
             else:
-                torch.index_select(tensor, 0, index, out=view)
+                torch.index_select(tensor, 0, rows_index, out=view)
         return buf
 
     def unpack(self, buf: torch.Tensor) -> list[torch.Tensor]:
@@ -56,15 +60,18 @@ class Pending:
     """An exchange in flight; ``wait()`` returns the received rows. ``followed_by(fn)`` makes
     ``wait()`` pass them to ``fn``, which starts the next exchange, and wait for that one."""
 
-    def __init__(self, result: torch.Tensor, work=None, keep_alive=None):
+    def __init__(self, result: torch.Tensor, work=None, keep_alive=None, timeout_s: float | None = None):
         self._result, self._work, self._keep, self._then = result, work, keep_alive, None
+        self._timeout_s = timeout_s
 
     def followed_by(self, then) -> "Pending":
         self._then = then
         return self
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
+        if self._work is not None and self._timeout_s is not None:
+            wait(self._work, self._timeout_s, "an EP all-to-all")
+        elif self._work is not None:
             self._work.wait()
         self._work = self._keep = None
         if self._then is not None:
@@ -73,17 +80,19 @@ class Pending:
         return self._result
 
 
-def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group) -> Pending:
+def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group,
+                      timeout_s: float | None = None) -> Pending:
     rows = rows.contiguous()
     out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
     work = dist.all_to_all_single(out, rows, recv, send, group=group, async_op=True)
-    return Pending(out, work, keep_alive=rows)
+    return Pending(out, work, keep_alive=rows, timeout_s=timeout_s)
 
 
 class Exchanger:
-    """Uneven all-to-all over an EP group; hierarchical (2DH) when asked and available."""
+    """Uneven all-to-all over an EP group; hierarchical (2DH) when asked and available. With
+    ``timeout_s`` every wait raises ``TimeoutError`` after that long (agreement.wait)."""
 
-    def __init__(self, ep: EPGroup, hierarchical: bool = False):
+    def __init__(self, ep: EPGroup, hierarchical: bool = False, timeout_s: float | None = None):
         if hierarchical and not ep.hierarchical:
             raise ValueError(
                 "ParallelConfig.all_to_all='hierarchical' needs node groups: pass "
@@ -91,6 +100,7 @@ class Exchanger:
             )
         self.ep = ep
         self.hierarchical = hierarchical
+        self.timeout_s = timeout_s
 
     def start(self, rows: torch.Tensor, split_WW: np.ndarray, reverse: bool = False) -> Pending:
         """Send ``rows`` (ordered by destination rank) along ``split_WW`` (its transpose when
@@ -100,7 +110,8 @@ class Exchanger:
         if ep.size == 1:
             return Pending(rows)
         if not self.hierarchical:
-            return _start_all_to_all(rows, split_WW[ep.rank].tolist(), split_WW[:, ep.rank].tolist(), ep.group)
+            return _start_all_to_all(rows, split_WW[ep.rank].tolist(), split_WW[:, ep.rank].tolist(), ep.group,
+                                     self.timeout_s)
         return self._start_hierarchical(rows, split_WW)
 
     def _start_hierarchical(self, rows: torch.Tensor, split_WW: np.ndarray) -> Pending:
@@ -123,10 +134,19 @@ class Exchanger:
             recv2 = split_MLML[:, :, node, local].sum(axis=1).tolist()
             if M == 1:
                 return Pending(rows2)
-            return _start_all_to_all(rows2, send2, recv2, ep.inter)
+            return _start_all_to_all(rows2, send2, recv2, ep.inter, self.timeout_s)
 
-        first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra)
+        first = Pending(rows1) if L == 1 else _start_all_to_all(rows1, send1, recv1, ep.intra, self.timeout_s)
         return first.followed_by(stage2)
+
+
+def index_from_ranges(start_P: np.ndarray, len_P: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Concatenated ``arange(start, start + len)`` over pieces, built on ``device`` (one copy)."""
+    start_P, len_P = np.asarray(start_P, dtype=np.int64), np.asarray(len_P, dtype=np.int64)
+    total = int(len_P.sum())
+    shift_P = start_P - (np.cumsum(len_P) - len_P)
+    host = torch.from_numpy(np.stack([shift_P, len_P])).to(device)
+    return torch.repeat_interleave(host[0], host[1], output_size=total) + torch.arange(total, device=device)
 
 
 def _transpose_blocks(rows: torch.Tensor, len_AB: np.ndarray) -> torch.Tensor:

@@ -11,9 +11,11 @@ from typing import Literal, Union
 
 MemoryStrategy = Literal["keep", "recompute", "recommunicate", "both", "auto"]
 AllToAll = Literal["flat", "hierarchical"]
+Dispatch = Literal["exact", "bounded"]
 
 MEMORY_STRATEGIES = ("keep", "recompute", "recommunicate", "both")
 _ALL_TO_ALL = ("flat", "hierarchical")
+_DISPATCH = ("exact", "bounded")
 
 
 @dataclasses.dataclass
@@ -41,6 +43,20 @@ class ParallelConfig:
     free_memory_fraction: share of the free memory "auto" lets one layer keep, in (0, 1].
     all_to_all: "flat" (one all-to-all over the group) or "hierarchical" (Tutel 2DH: within
         each node, then between nodes; needs ``EPGroup.create(group, ranks_per_node=...)``).
+    dispatch: "exact" (default): dropless, splits sized exactly; the host reads the counts
+        (small all-gathers, each a device-to-host synchronisation). "bounded": no host
+        synchronisation and fixed-size exchanges (``torch.compile(fullgraph=True)`` captures
+        it): every rank sends ``rows_per_rank_pair`` (token, rank) pair rows to every rank;
+        pairs past that many to one rank are dropped like capacity drops and counted
+        (``ParallelExperts.last_bounded``). Needs pipeline_degree=1, memory="keep", flat
+        all-to-all.
+    rows_per_rank_pair: the bounded buffer: pair rows each rank sends each rank per forward.
+        The most tokens any rank has per forward means no overflow (every token may reach every
+        rank); about ``tokens * min(1, 1.5 * top_k / ranks)`` suits balanced routing.
+    timeout_s: the longest a collective of this layer waits for the other ranks before raising
+        ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
+        bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).
+        Default 5 minutes.
     """
 
     pipeline_degree: Union[int, Literal["auto"]] = 1
@@ -49,6 +65,9 @@ class ParallelConfig:
     memory_budget_bytes: int | None = None
     free_memory_fraction: float = 0.5
     all_to_all: AllToAll = "flat"
+    dispatch: Dispatch = "exact"
+    rows_per_rank_pair: int | None = None
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         degree = self.pipeline_degree
@@ -71,3 +90,18 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.free_memory_fraction must be in (0, 1], got {fraction!r}")
         if self.all_to_all not in _ALL_TO_ALL:
             raise ValueError(f"ParallelConfig.all_to_all must be one of {_ALL_TO_ALL}, got {self.all_to_all!r}")
+        if self.dispatch not in _DISPATCH:
+            raise ValueError(f"ParallelConfig.dispatch must be one of {_DISPATCH}, got {self.dispatch!r}")
+        rows = self.rows_per_rank_pair
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"ParallelConfig.rows_per_rank_pair must be None or an int >= 1, got {rows!r}")
+        if self.dispatch == "bounded":
+            if rows is None:
+                raise ValueError("ParallelConfig.rows_per_rank_pair is needed with dispatch='bounded'")
+            for name, allowed in (("pipeline_degree", 1), ("memory", "keep"), ("all_to_all", "flat")):
+                if getattr(self, name) != allowed:
+                    raise ValueError(f"ParallelConfig.{name}={getattr(self, name)!r} is not supported with "
+                                     f"dispatch='bounded' (use {allowed!r})")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"ParallelConfig.timeout_s must be a finite number > 0, got {timeout!r}")

@@ -2,9 +2,12 @@
 
 Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
 ``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
-the local expert-grouped rows (``run``). Per forward: one all-gather of the per-expert counts (with a header
-every rank checks, so disagreeing ranks fail with a clear error instead of hanging), the host
-layout, then the pipelined stage (stage.py).
+the local tokens and their dispatch plan (``run``). Per forward: the agreement envelope
+(agreement.py), one all-gather of the per-expert counts, the host layout (which replica takes
+which row), one all-gather of the (token, rank) pair counts (dispatch.py; it rides with the
+counts when every expert's replicas sit on one rank and the pipeline degree is 1), then the
+pipelined stage (stage.py). At world size 1 with every expert in its own slot the stage is the
+one-device expert FFN: no packing, regrouping or exchange.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..experts import GroupedExperts
-from ..placement.table import PlacementTable, table_digest
+from ..placement.split import split_tokens
+from ..placement.table import PlacementTable
 from ..plan import DispatchPlan
+from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope, exchange_fields
+from .bounded import BoundedReport, bounded_stage, replica_tables
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
+from .dispatch import ExchangeStats, known_counts, pairs_per_rank, route_pairs, row_replicas
 from .groups import EPGroup
-from .layout import DispatchLayout, build_layout
-from .stage import RESENDS_INPUT, StageRun, StageTimer, run_stage
+from .stage import StageRun, StageTimer, dispatch_packer, run_stage
 from .tuning import (
     MemoryReport,
     PipelineTuner,
@@ -36,28 +42,17 @@ from .tuning import (
     measure_row_bytes,
 )
 
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# Header of the per-forward all-gather: (name, must be equal on all ranks).
+# Header of the per-forward counts all-gather: per-rank numbers the online choices combine.
 _HEADER = (
-    ("placement version", True),
-    ("placement digest", True),
-    ("num_experts", True),
-    ("slots_per_rank", True),
-    ("d_model", True),
-    ("dtype", True),
-    ("memory strategy", True),
-    ("pipeline degree", True),
-    ("all_to_all", True),
-    ("backward expected", True),
-    ("tokens", False),
-    ("budget bytes", False),
-    ("ns per expert row", False),
-    ("bytes per s", False),
-    ("trial level", False),
-    ("trial degree", False),
-    ("trial ns", False),
+    "tokens",
+    "budget bytes",
+    "ns per expert row",
+    "bytes per s",
+    "trial level",
+    "trial degree",
+    "trial ns",
 )
-_COLUMN = {name: i for i, (name, _) in enumerate(_HEADER)}
+_COLUMN = {name: i for i, name in enumerate(_HEADER)}
 
 
 class ParallelExperts(GroupedExperts):
@@ -73,6 +68,11 @@ class ParallelExperts(GroupedExperts):
     last_counts_WE: tokens every rank routed to every logical expert in the last forward.
     last_pipeline_degree: chunks used by the last forward.
     memory_report: MemoryReport of the last forward (activation memory kept and saved).
+    last_exchange: ExchangeStats of the last forward (rows and bytes sent per direction).
+    last_bounded: BoundedReport of the last bounded-dispatch forward (what overflowed).
+    forward_steps: forward calls of the layer so far (checked across ranks every forward).
+    The last four are None after a forward at world size 1 with every expert in its own slot,
+    which runs the one-device expert FFN.
     """
 
     def __init__(
@@ -105,11 +105,15 @@ class ParallelExperts(GroupedExperts):
         self.placement = placement.copy()
         for name, param in list(self.named_parameters(recurse=False)):
             setattr(self, name, nn.Parameter(slot_rows(self.placement, ep.rank, param.detach())))
-        self.exchanger = Exchanger(ep, parallel.all_to_all == "hierarchical")
+        self.exchanger = Exchanger(ep, parallel.all_to_all == "hierarchical", parallel.timeout_s)
         self.tuner = PipelineTuner(parallel.pipeline_candidates)
         self.last_counts_WE: np.ndarray | None = None
         self.last_pipeline_degree: int | None = None
         self.memory_report: MemoryReport | None = None
+        self.last_exchange: ExchangeStats | None = None
+        self.last_bounded: BoundedReport | None = None
+        self.forward_steps = 0
+        self._set_replica_tables()
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
         self._group_rates: tuple[float, float] | None = None
@@ -122,57 +126,106 @@ class ParallelExperts(GroupedExperts):
     def size(self) -> int:
         return self.ep_group.size
 
+    def begin_forward(self) -> None:
+        """Count a forward call of the layer (called first, so a forward that raises counts too:
+        a rank that catches the error and moves on is then one step ahead, which the next
+        agreement check reports). Not under ``torch.compile``, which skips the check."""
+        if not torch.compiler.is_compiling():
+            self.forward_steps += 1
+
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """Expert outputs of the local tokens, combined, computed wherever the placement puts
+        each expert. The exact dispatch is a graph break under ``torch.compile`` (it needs the
+        counts on the host); the bounded dispatch and the one-device path are captured."""
+        if self._is_one_device:
+            self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
+            return GroupedExperts.run(self, x_TD, plan, use_triton)
+        if self.parallel.dispatch == "bounded":
+            return self._run_bounded(x_TD, plan, use_triton)
+        return self._run_exact(x_TD, plan, use_triton)
+
+    def _run_bounded(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """Fixed-size exchanges, no host synchronisation (bounded.py). In eager mode the
+        agreement envelope is still checked (one small all-gather read on the host); under
+        ``torch.compile`` it is skipped."""
+        par = self.parallel
+        if not torch.compiler.is_compiling():
+            build_graph = torch.is_grad_enabled()
+            fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, plan.row_weight_N.dtype, build_graph)
+            check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
+        y_TD, report = bounded_stage(self, x_TD, plan, self.replica_ids_EQ, self.replica_fraction_EQ, rank=self.rank,
+                                     world=self.size, rows_per_rank_pair=par.rows_per_rank_pair,
+                                     group=self.ep_group.group, use_triton=use_triton)
+        self.last_bounded = report
+        self.last_counts_WE = self.memory_report = self.last_exchange = None
+        self.last_pipeline_degree = 1
+        return y_TD
+
     @torch.compiler.disable
-    def run(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
-        """Weighted expert outputs for the local expert-grouped rows, computed wherever the
-        placement puts each expert (a graph break under ``torch.compile``: the layout needs the
-        counts on the host)."""
-        experts, placement = self, self.placement
+    def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        experts, placement, par = self, self.placement, self.parallel
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
-            x_ND.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
+            x_TD.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
         )
-        strategy_asked = self.parallel.memory
-        profile = strategy_asked == "auto" and self._rates is None
-        row_bytes = self._measure_row_bytes(experts, x_ND.dtype, weight_N.dtype, use_triton)
-        tokens = plan.pair_row_TK.shape[0]
-        header_WH, counts_WE = self._all_gather_counts(placement, plan.counts_E, x_ND, tokens, build_graph)
+        fields = exchange_fields(self.config, par, placement, x_TD.dtype, weight_N.dtype, build_graph)
+        check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
+        profile = par.memory == "auto" and self._rates is None
+        row_bytes = self._measure_row_bytes(experts, x_TD.dtype, weight_N.dtype, use_triton)
+        # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
+        # the counts, in one all-gather; otherwise they need the split, and a second one.
+        one_exchange = par.pipeline_degree == 1 and self._experts_on_one_rank
+        pairs_W = (pairs_per_rank(self.expert_rank_E, plan.offsets_E, plan.pair_row_TK, self.size)
+                   if one_exchange else None)
+        header_WH, counts_WE, pairs_WW = self._all_gather_counts(plan.counts_E, x_TD, plan.pair_row_TK.shape[0],
+                                                                 pairs_W)
 
         self.tuner.absorb(header_WH[:, [_COLUMN["trial level"], _COLUMN["trial degree"], _COLUMN["trial ns"]]])
         self._absorb_rates(header_WH)
         level = PipelineTuner.level(counts_WE)
         if profile:
             degree, trial = 1, False
-        elif self.parallel.pipeline_degree == "auto":
+        elif par.pipeline_degree == "auto":
             degree, trial = self.tuner.choose(level)
         else:
-            degree, trial = self.parallel.pipeline_degree, False
-        layout = build_layout(placement, counts_WE, self.rank, degree, x_ND.device)
-        strategy, report = self._memory_strategy(layout, header_WH, row_bytes, build_graph)
+            degree, trial = par.pipeline_degree, False
+        send_WWS = split_tokens(placement, counts_WE)
+        row_replica_N = row_replicas(placement, send_WWS, counts_WE[self.rank], self.rank, plan.num_rows, x_TD.device)
+        route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank)
+        if pairs_WW is not None:
+            route.finish(known_counts(pairs_WW, send_WWS))
+        else:
+            route.finish(self._all_gather(route.counts_nWC.reshape(-1), "the pair counts of an EP layer's forward")
+                         .reshape((self.size,) + tuple(route.counts_nWC.shape)))
+        strategy, report = self._memory_strategy(send_WWS.sum(axis=(0, 2)), header_WH, row_bytes, build_graph)
+        step = self.forward_steps
         run = StageRun(
-            layout=layout,
+            route=route,
             exchanger=self.exchanger,
             experts=experts,
             use_triton=use_triton,
             strategy=strategy,
             build_graph=build_graph,
-            row_token_N=plan.row_token_N,
-            first_row_T=plan.pair_row_TK.max(dim=1).values if strategy in RESENDS_INPUT else None,
+            pair_row_TK=plan.pair_row_TK,
+            row_pair_N=plan.row_pair_N,
+            before_backward=lambda: check_envelope(self.ep_group, BACKWARD, step, fields, par.timeout_s, x_TD.device),
             timer=StageTimer() if profile else None,
         )
-        start = _synchronized_time(x_ND.device) if trial else 0.0
-        y_ND = run_stage(x_ND, weight_N, experts, run)
+        start = _synchronized_time(x_TD.device) if trial else 0.0
+        y_TD = run_stage(x_TD, weight_N, experts, run)
         if trial:
-            self.tuner.record(level, degree, _synchronized_time(x_ND.device) - start)
+            self.tuner.record(level, degree, _synchronized_time(x_TD.device) - start)
         if profile:
             timer = run.timer
             per_row = timer.expert_s / timer.expert_rows if timer.expert_rows else -1.0
             bandwidth = timer.dispatch_bytes / timer.dispatch_s if timer.dispatch_bytes and timer.dispatch_s > 0 else -1.0
             self._rates = (per_row, bandwidth)
+        packer = dispatch_packer(x_TD.dtype, x_TD.shape[1], weight_N.dtype, plan.pair_row_TK.shape[1])
+        self.last_exchange = ExchangeStats.of(route, packer.row_bytes, x_TD.shape[1] * x_TD.dtype.itemsize)
         self.last_counts_WE = counts_WE
         self.last_pipeline_degree = degree
         self.memory_report = report
-        return y_ND
+        return y_TD
 
     # ------------------------------------------------------------------------------------------
 
@@ -181,6 +234,28 @@ class ParallelExperts(GroupedExperts):
         ``flexmoe.runtime.apply_placement`` does both)."""
         self.check_table(table)
         self.placement = table.copy()
+        self._set_replica_tables()
+
+    def _set_replica_tables(self) -> None:
+        """The table's replicas as device buffers (not in state_dict): for the bounded dispatch,
+        and the rank of every expert whose replicas all sit on one rank (-1 otherwise)."""
+        ids_EQ, fraction_EQ = replica_tables(self.placement)
+        device = self.gate_up_proj.device
+        rank_E = np.full(self.placement.num_experts, -1, dtype=np.int64)
+        for e in range(self.placement.num_experts):
+            ranks = {r for r, _, _ in self.placement.replicas(e)}
+            rank_E[e] = ranks.pop() if len(ranks) == 1 else -1
+        self._experts_on_one_rank = bool((rank_E >= 0).all())
+        self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
+        self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
+        self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
+
+    @property
+    def _is_one_device(self) -> bool:
+        """World size 1 and slot s holds expert s: the one-device expert FFN computes the stage."""
+        table = self.placement
+        return (self.size == 1 and table.slots_per_rank == table.num_experts
+                and bool((table.slot_expert_WS[0] == np.arange(table.num_experts)).all()))
 
     def check_table(self, table: PlacementTable) -> None:
         """Raise unless ``table`` fits this stage: its experts, group size and slot count."""
@@ -200,6 +275,9 @@ class ParallelExperts(GroupedExperts):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """Every expert in logical order ``[E, ...]``, each from its first replica (collective)."""
+        dtype = self.gate_up_proj.dtype
+        fields = exchange_fields(self.config, self.parallel, self.placement, dtype, dtype, False)
+        check_envelope(self.ep_group, STATE, self.forward_steps, fields, self.parallel.timeout_s, self.gate_up_proj.device)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, tensor in self._slot_tensors():
             if prefix + name in destination:
@@ -237,49 +315,37 @@ class ParallelExperts(GroupedExperts):
             self._row_bytes[key] = measure_row_bytes(experts, dtype, weight_dtype, use_triton)
         return self._row_bytes[key]
 
-    def _all_gather_counts(self, placement, counts_E, x_ND, tokens, build_graph):
-        """Every rank's header and counts; raises RuntimeError (on all ranks) if they disagree."""
+    def _all_gather(self, mine: torch.Tensor, what: str) -> np.ndarray:
+        """``[W, len(mine)]`` int64 on the host: ``mine`` from every rank."""
+        mine = mine.to(torch.int64)
+        if self.size == 1:
+            return mine.cpu().numpy()[None]
+        return all_gather_ints(self.ep_group, mine, self.parallel.timeout_s, what).cpu().numpy()
+
+    def _all_gather_counts(self, counts_E, x_TD, tokens, pairs_W=None):
+        """Every rank's header (numbers for the online choices), counts per logical expert, and
+        pair counts per destination rank when given (else None)."""
         par = self.parallel
         budget = -1
         if par.memory == "auto":
             budget = par.memory_budget_bytes
             if budget is None:
-                budget = int(free_memory_bytes(x_ND.device) * par.free_memory_fraction)
+                budget = int(free_memory_bytes(x_TD.device) * par.free_memory_fraction)
         per_row, bandwidth = self._rates if self._rates is not None else (-1.0, -1.0)
         header = [
-            placement.version,
-            table_digest(placement),
-            self.config.num_experts,
-            placement.slots_per_rank,
-            x_ND.shape[1],
-            _DTYPES.index(x_ND.dtype) if x_ND.dtype in _DTYPES else -1,
-            (MEMORY_STRATEGIES + ("auto",)).index(par.memory),
-            0 if par.pipeline_degree == "auto" else par.pipeline_degree,
-            int(self.exchanger.hierarchical),
-            int(build_graph),
             tokens,
             budget,
             int(per_row * 1e9) if per_row >= 0 else -1,
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
-        if self.size == 1:
-            everyone = np.array([header + counts_E.tolist()], dtype=np.int64)
-        else:
-            mine = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)])
-            parts = [torch.empty_like(mine) for _ in range(self.size)]
-            dist.all_gather(parts, mine, group=self.ep_group.group)
-            everyone = torch.stack(parts).cpu().numpy()
-        header_WH, counts_WE = everyone[:, :len(_HEADER)], everyone[:, len(_HEADER):]
-        for name, must_agree in _HEADER:
-            column = header_WH[:, _COLUMN[name]]
-            if must_agree and (column != column[0]).any():
-                raise RuntimeError(
-                    f"flexmoe expert parallelism: ranks of the EP group disagree on {name} "
-                    f"(per rank: {column.tolist()}); every rank must run the same layer with the same "
-                    "placement table, config, dtype and grad mode"
-                )
-        return header_WH, counts_WE
+        parts = [torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)]
+        if pairs_W is not None:
+            parts.append(pairs_W.to(torch.int64))
+        everyone = self._all_gather(torch.cat(parts), "the counts of an EP layer's forward")
+        H, E = len(_HEADER), counts_E.shape[0]
+        pairs_WW = everyone[:, H + E:] if pairs_W is not None else None
+        return everyone[:, :H], everyone[:, H:H + E], pairs_WW
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:
         """Slowest recompute and slowest link over the ranks that measured them (a rank without
@@ -289,8 +355,7 @@ class ParallelExperts(GroupedExperts):
         if self._group_rates is None and (bandwidth >= 0).any() and (per_row >= 0).any():
             self._group_rates = (float(per_row.max()) * 1e-9, float(bandwidth[bandwidth >= 0].min()))
 
-    def _memory_strategy(self, layout: DispatchLayout, header_WH, row: RowBytes, build_graph: bool):
-        recv_W = layout.recv_rows_W
+    def _memory_strategy(self, recv_W: np.ndarray, header_WH, row: RowBytes, build_graph: bool):
         tokens_W = header_WH[:, _COLUMN["tokens"]]
         by_rank = [kept_bytes(int(recv_W[r]), int(tokens_W[r]), row) for r in range(self.size)]
         strategy = self.parallel.memory

@@ -1,20 +1,21 @@
 """The expert-parallel stage as one autograd function: dispatch -> experts -> combine, chunked.
 
-Legend: N local expert-grouped rows, D width, T local tokens, R rows this rank's experts get in
-one chunk (slot order), S local slots.
+Legend: T local tokens, D width, K experts per token, P (token, rank) pairs one chunk moves,
+R rows this rank's experts compute in one chunk (slot order), S local slots.
 
-Forward, per chunk c (n chunks): pack token rows with their routing weights, exchange them,
-regroup by slot, run the grouped experts (weight folded into the activation), send the outputs
-back. Chunk c+1's dispatch is started before chunk c's experts run, and chunk c's return before
-chunk c+1's experts, so communication overlaps compute. Backward runs the same pipeline with
-gradients: output gradients travel to the experts, input and weight gradients travel back.
+Forward, per chunk c (n chunks): send every (token, rank) pair once (token row, K slot ids, K
+weights; dispatch.py), expand the received pairs to their rows grouped by slot, run the grouped
+experts (weight folded into the activation), sum each pair's rows and send one row per pair
+back; the source adds the rows that come back into its tokens. Chunk c+1's dispatch is started
+before chunk c's experts run, and chunk c's return before chunk c+1's experts, so communication
+overlaps compute. Backward runs the same pipeline with gradients: one output-gradient row per
+pair travels to the experts, one input-gradient row (with the K weight gradients) comes back.
 
 What backward needs on the expert side depends on the memory strategy:
 keep          the expert graph (input, hidden activations)
 recompute     the expert input; the graph is rebuilt in backward
-recommunicate the graph without its input; backward re-sends the input from token rows the
-              source keeps (T x D)
-both          nothing; backward re-sends the input and rebuilds the graph
+recommunicate the graph without its input; backward re-sends the token rows with the gradients
+both          nothing; backward re-sends the token rows and rebuilds the graph
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -29,7 +31,7 @@ from torch.func import functional_call
 
 from ..experts import GroupedExperts
 from .comm import Exchanger, RowPacker
-from .layout import ChunkLayout, DispatchLayout
+from .dispatch import PairRoute, expand_pairs
 
 KEEPS_GRAPH = ("keep", "recommunicate")
 RESENDS_INPUT = ("recommunicate", "both")
@@ -58,104 +60,122 @@ class StageTimer:
 class StageRun:
     """Everything the stage needs besides its tensors, for one forward and its backward.
 
-    row_token_N / first_row_T: the plan's maps, used to keep token rows for "recommunicate".
+    route: the pairs and every rank's counts. pair_row_TK / row_pair_N: the plan's maps between
+    (token, k) pairs and grouped rows (routing weights come per grouped row).
+    before_backward: called before backward's first exchange (the EP agreement check).
     """
 
-    layout: DispatchLayout
+    route: PairRoute
     exchanger: Exchanger
     experts: GroupedExperts
     use_triton: bool
     strategy: str
     build_graph: bool
-    row_token_N: torch.Tensor
-    first_row_T: torch.Tensor | None
+    pair_row_TK: torch.Tensor
+    row_pair_N: torch.Tensor
+    before_backward: Callable[[], None] | None = None
     timer: StageTimer | None = None
 
 
-def run_stage(x_ND, weight_N, experts: GroupedExperts, run: StageRun) -> torch.Tensor:
-    """Weighted expert outputs for the local expert-grouped rows ``x_ND`` (zero rows past the
-    kept ones), computed by the experts that hold them anywhere in the group."""
-    return _ExpertParallelStage.apply(x_ND, weight_N, experts.gate_up_proj, experts.down_proj, run)
+def run_stage(x_TD, weight_N, experts: GroupedExperts, run: StageRun) -> torch.Tensor:
+    """``y[t] = sum_k weight[t, k] * FFN_{e(t, k)}(x[t])`` for the local tokens ``x_TD``, computed by
+    the replicas that hold the experts anywhere in the group (``weight_N`` per grouped row)."""
+    return _ExpertParallelStage.apply(x_TD, weight_N, experts.gate_up_proj, experts.down_proj, run)
+
+
+def dispatch_packer(x_dtype: torch.dtype, width: int, weight_dtype: torch.dtype, top_k: int) -> RowPacker:
+    """The forward dispatch row: token, K slot ids, K weights."""
+    return RowPacker([(x_dtype, width), (torch.int32, top_k), (weight_dtype, top_k)])
 
 
 class _ExpertParallelStage(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, weight_N, gate_up, down, run: StageRun):
-        chunks = run.layout.chunks
-        packer = RowPacker([(x_ND.dtype, x_ND.shape[1]), (weight_N.dtype, 1)])
+    def forward(ctx, x_TD, weight_N, gate_up, down, run: StageRun):
+        route = run.route
+        (T, D), K = x_TD.shape, route.slot_PK.shape[1]
+        packer = dispatch_packer(x_TD.dtype, D, weight_N.dtype, K)
         keeps_graph = run.build_graph and run.strategy in KEEPS_GRAPH
         params = _param_leaves(gate_up, down, keeps_graph)
+        w_TK = _pair_weights(weight_N, run.pair_row_TK)
 
-        def dispatch(ch: ChunkLayout):
-            parts = [x_ND, weight_N] if ch.send_index is not None else _rows(ch, x_ND, weight_N)
-            return run.exchanger.start(packer.pack(parts, ch.send_index), ch.split_WW)
+        def dispatch(c: int):
+            part = route.send_slice(c)
+            token_P, slot_PK = route.token_P[part], route.slot_PK[part]
+            w_PK = torch.where(slot_PK >= 0, w_TK.index_select(0, token_P), 0)
+            return run.exchanger.start(packer.pack([x_TD, slot_PK, w_PK], [token_P, None, None]), route.split_WW(c))
 
         timer = run.timer
-        saved, returns = [], []
+        saved, expansions, returns = [], [], []
         if timer is not None:
-            timer.mark(x_ND.device)
-        upcoming = dispatch(chunks[0])
-        for c, ch in enumerate(chunks):
+            timer.mark(x_TD.device)
+        upcoming = dispatch(0)
+        for c in range(route.num_chunks):
             current = upcoming
-            if c + 1 < len(chunks):
-                upcoming = dispatch(chunks[c + 1])
-            x_recv, w_recv = packer.unpack(current.wait())
-            x_RD, w_R = _regroup(x_recv, ch), _regroup(w_recv, ch).view(-1)
+            if c + 1 < route.num_chunks:
+                upcoming = dispatch(c + 1)
+            x_PD, slot_PK, w_PK = packer.unpack(current.wait())
+            row_key_R = expand_pairs(slot_PK, int(route.recv_rows_S(c).sum()))
+            offsets_S = route.offsets_nS(x_TD.device)[c]
+            row_pair_R = row_key_R // K
+            x_RD = x_PD.index_select(0, row_pair_R)
+            w_R = w_PK.reshape(-1).index_select(0, row_key_R)
             if timer is not None:
-                timer.dispatch_s += timer.mark(x_ND.device)
-            y_RD, chunk_saved = _expert_forward(run, params, x_RD, w_R, ch.offsets_S, keeps_graph)
+                timer.dispatch_s += timer.mark(x_TD.device)
+            y_RD, chunk_saved = _expert_forward(run, params, x_RD, w_R, offsets_S, keeps_graph)
             if timer is not None:
-                timer.expert_s += timer.mark(x_ND.device)
+                timer.expert_s += timer.mark(x_TD.device)
             saved.append(chunk_saved)
-            y_recv = y_RD if ch.ungroup_index is None else y_RD.index_select(0, ch.ungroup_index)
-            returns.append(run.exchanger.start(y_recv, ch.split_WW, reverse=True))
+            expansions.append((row_key_R, offsets_S))
+            y_PD = y_RD.new_zeros((x_PD.shape[0], D)).index_add_(0, row_pair_R, y_RD)
+            returns.append(run.exchanger.start(y_PD, route.split_WW(c), reverse=True))
         if timer is not None:
-            timer.dispatch_bytes += sum(ch.send_rows + ch.recv_rows for ch in chunks) * packer.row_bytes
-            timer.expert_rows += sum(ch.recv_rows for ch in chunks)
-        out_ND = _assemble(x_ND.shape, chunks, [pending.wait() for pending in returns])
+            pairs = int(route.pairs_nWW[:, route.rank].sum() + route.pairs_nWW[:, :, route.rank].sum())
+            timer.dispatch_bytes += pairs * packer.row_bytes
+            timer.expert_rows += int(route.rows_nWS.sum())
+        y_TD = x_TD.new_zeros((T, D))
+        for c, pending in enumerate(returns):
+            y_TD.index_add_(0, route.token_P[route.send_slice(c)], pending.wait())
 
         if run.build_graph:
-            ctx.run, ctx.saved, ctx.params = run, saved, params if keeps_graph else None
-            ctx.shapes = (x_ND.shape, x_ND.dtype, weight_N.shape, weight_N.dtype)
-            ctx.token_rows_TD = None
-            if run.strategy in RESENDS_INPUT:
-                ctx.token_rows_TD = x_ND.index_select(0, run.first_row_T.clamp_min(0))
-            ctx.save_for_backward(gate_up, down)
-        return out_ND
+            ctx.run, ctx.saved, ctx.expansions = run, saved, expansions
+            ctx.params = params if keeps_graph else None
+            ctx.weight_dtype = weight_N.dtype
+            resent = [x_TD] if run.strategy in RESENDS_INPUT else []
+            ctx.save_for_backward(gate_up, down, *resent)
+        return y_TD
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_ND):
+    def backward(ctx, grad_TD):
         run: StageRun = ctx.run
-        chunks = run.layout.chunks
-        gate_up, down = ctx.saved_tensors
-        x_shape, x_dtype, w_shape, w_dtype = ctx.shapes
-        packer = RowPacker([(x_dtype, x_shape[1]), (w_dtype, 1)])
-        grad_ND = grad_ND.contiguous()
+        route = run.route
+        if run.before_backward is not None:
+            run.before_backward()
+        gate_up, down, *resent = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        (T, D), K = grad_TD.shape, route.slot_PK.shape[1]
+        sends = [grad_TD, *resent]
+        packer = RowPacker([(t.dtype, D) for t in sends])
+        back = RowPacker([(grad_TD.dtype, D), (ctx.weight_dtype, K)])
         params = ctx.params if ctx.params is not None else _param_leaves(gate_up, down, True)
 
-        def dispatch(ch: ChunkLayout):
-            if ch.send_index is None:
-                (grad_rows,) = _rows(ch, grad_ND)
-            else:
-                grad_rows = grad_ND.index_select(0, ch.send_index)
-            grad_pending = run.exchanger.start(grad_rows, ch.split_WW)
-            input_pending = None
-            if run.strategy in RESENDS_INPUT:
-                tokens = run.row_token_N.index_select(0, ch.send_positions(grad_ND.device))
-                input_pending = run.exchanger.start(ctx.token_rows_TD.index_select(0, tokens), ch.split_WW)
-            return grad_pending, input_pending
+        def dispatch(c: int):
+            token_P = route.token_P[route.send_slice(c)]
+            return run.exchanger.start(packer.pack(sends, token_P), route.split_WW(c))
 
         grad_gate_up = grad_down = None
         returns = []
-        upcoming = dispatch(chunks[0])
-        for c, ch in enumerate(chunks):
-            grad_pending, input_pending = upcoming
-            if c + 1 < len(chunks):
-                upcoming = dispatch(chunks[c + 1])
-            grad_RD = _regroup(grad_pending.wait(), ch)
-            x_RD = _regroup(input_pending.wait(), ch) if input_pending is not None else None
-            dx_RD, dw_R, d_gate_up, d_down = _expert_backward(run, ctx.saved[c], params, grad_RD, x_RD, ch.offsets_S)
+        upcoming = dispatch(0)
+        for c in range(route.num_chunks):
+            current = upcoming
+            if c + 1 < route.num_chunks:
+                upcoming = dispatch(c + 1)
+            grad_PD, *x_PD = packer.unpack(current.wait())
+            row_key_R, offsets_S = ctx.expansions[c]
+            row_pair_R = row_key_R // K
+            grad_RD = grad_PD.index_select(0, row_pair_R)
+            x_RD = x_PD[0].index_select(0, row_pair_R) if x_PD else None
+            dx_RD, dw_R, d_gate_up, d_down = _expert_backward(run, ctx.saved[c], params, grad_RD, x_RD, offsets_S)
             ctx.saved[c] = None
             if d_gate_up is None:
                 pass
@@ -164,41 +184,28 @@ class _ExpertParallelStage(torch.autograd.Function):
             else:
                 grad_gate_up += d_gate_up
                 grad_down += d_down
-            buf = packer.pack([dx_RD, dw_R], ch.ungroup_index)
-            returns.append(run.exchanger.start(buf, ch.split_WW, reverse=True))
-        grads_back = [packer.unpack(pending.wait()) for pending in returns]
-        grad_x_ND = _assemble(x_shape, chunks, [dx for dx, _ in grads_back])
-        grad_w_N = _assemble(w_shape + (1,), chunks, [dw for _, dw in grads_back]).view(w_shape)
-        ctx.token_rows_TD = None
+            P = grad_PD.shape[0]
+            dx_PD = dx_RD.new_zeros((P, D)).index_add_(0, row_pair_R, dx_RD)
+            dw_PK = dx_RD.new_zeros(P * K, dtype=ctx.weight_dtype).index_copy_(0, row_key_R, dw_R.to(ctx.weight_dtype)).view(P, K)
+            returns.append(run.exchanger.start(back.pack([dx_PD, dw_PK]), route.split_WW(c), reverse=True))
+        grad_x_TD = grad_TD.new_zeros((T, D))
+        grad_w_TK = grad_TD.new_zeros((T, K), dtype=ctx.weight_dtype)
+        for c, pending in enumerate(returns):
+            dx_PD, dw_PK = back.unpack(pending.wait())
+            token_P = route.token_P[route.send_slice(c)]
+            grad_x_TD.index_add_(0, token_P, dx_PD)
+            grad_w_TK.index_add_(0, token_P, dw_PK)
+        grad_w_N = grad_w_TK.view(-1).index_select(0, run.row_pair_N)
         if grad_gate_up is None:
             grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
-        return grad_x_ND, grad_w_N, grad_gate_up, grad_down, None
+        return grad_x_TD, grad_w_N, grad_gate_up, grad_down, None
 
 
-def _rows(ch: ChunkLayout, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t[ch.send_start:ch.send_start + ch.send_rows] for t in tensors]
-
-
-def _regroup(recv: torch.Tensor, ch: ChunkLayout) -> torch.Tensor:
-    """Received rows (source order) in slot order, contiguous."""
-    if ch.regroup_index is None:
-        return recv.contiguous()
-    return recv.index_select(0, ch.regroup_index)
-
-
-def _assemble(shape, chunks: list[ChunkLayout], returned: list[torch.Tensor]) -> torch.Tensor:
-    """Rows that came back (send order, per chunk) at their local expert-grouped positions;
-    zeros for rows that were not sent (capacity drops)."""
-    ch = chunks[0]
-    if len(chunks) == 1 and ch.send_index is None and ch.send_rows == shape[0] and returned[0].is_contiguous():
-        return returned[0].view(shape)
-    out = returned[0].new_zeros(shape)
-    for ch, values in zip(chunks, returned):
-        if ch.send_index is None:
-            out[ch.send_start:ch.send_start + ch.send_rows] = values
-        else:
-            out.index_copy_(0, ch.send_index, values)
-    return out
+def _pair_weights(weight_N: torch.Tensor, pair_row_TK: torch.Tensor) -> torch.Tensor:
+    """Routing weight of every (token, k) pair (0 for dropped pairs)."""
+    rows = pair_row_TK.clamp_min(0).reshape(-1)
+    w = weight_N.index_select(0, rows).view(pair_row_TK.shape) if weight_N.shape[0] else weight_N.new_zeros(pair_row_TK.shape)
+    return torch.where(pair_row_TK >= 0, w, 0)
 
 
 def _param_leaves(gate_up, down, requires_grad: bool) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel import ParallelExperts
+from ..parallel.agreement import SYNC, check_envelope
 from ..placement.table import table_digest
 
 
@@ -47,9 +48,28 @@ def sync_gradients(
     model: nn.Module, dp_group: dist.ProcessGroup | None = None, expert_dp_group: dist.ProcessGroup | None = None
 ) -> None:
     """Average dense gradients over ``dp_group`` (default: the world) and synchronise expert
-    gradients (``sync_expert_gradients``). Call after ``backward()``, before ``optimizer.step()``."""
+    gradients (``sync_expert_gradients``). Call after ``backward()``, before ``optimizer.step()``.
+
+    First every EP group checks that its ranks are all here, after the same forward steps of
+    every EP layer (``flexmoe.parallel.agreement``): a rank that skipped a forward, or is still
+    in one, makes every rank raise instead of pairing the wrong collectives."""
+    check_sync_point(model)
     sync_dense_gradients(model, dp_group)
-    sync_expert_gradients(model, dp_group, expert_dp_group)
+    _sync_expert_gradients(model, dp_group, expert_dp_group)
+
+
+def check_sync_point(model: nn.Module) -> None:
+    """Raise on every rank of an EP group whose ranks are not all at this gradient sync with
+    equal forward steps of every EP layer (one small all-gather per EP group)."""
+    by_group: dict[int, list[ParallelExperts]] = {}
+    for stage in ep_stages(model):
+        if stage.size > 1:
+            by_group.setdefault(id(stage.ep_group.group), []).append(stage)
+    for stages in by_group.values():
+        steps = [stage.forward_steps for stage in stages]
+        fields = {"forward steps of the EP layers": repr(steps)}
+        timeout = min(stage.parallel.timeout_s for stage in stages)
+        check_envelope(stages[0].ep_group, SYNC, steps[0], fields, timeout, stages[0].gate_up_proj.device)
 
 
 def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
@@ -77,7 +97,13 @@ def sync_expert_gradients(
 
     expert_dp_group: when EP groups are smaller than the data-parallel group, the ranks that
     hold the same slots in different EP groups; their expert gradients are summed too.
+    Starts with the check of ``check_sync_point``.
     """
+    check_sync_point(model)
+    _sync_expert_gradients(model, dp_group, expert_dp_group)
+
+
+def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group) -> None:
     stages = ep_stages(model)
     for stage in stages:
         for p in _trainable(stage):

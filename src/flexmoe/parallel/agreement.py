@@ -1,0 +1,121 @@
+"""Agreement between the ranks of an EP group, and collectives that never wait forever.
+
+Every flexmoe control point on an EP group (each EP layer's forward and backward, and
+``flexmoe.runtime.sync_gradients``, an EP layer's ``state_dict``) starts with one all-gather of a fixed-size *envelope*:
+``[kind, step, digest]``. Its size never depends on the layer, so it pairs safely with whatever
+flexmoe collective another rank is in. ``step`` counts the layer's forward calls (a call that
+raised counts too) and ``digest`` hashes everything that shapes the exchange (the whole layer
+config, ParallelConfig, dtypes, placement version and contents, grad mode). Only when the
+envelopes differ do the ranks exchange the full fields (one object all-gather), so the error
+names the field and every rank's value; every rank raises, before any collective whose sizes
+depend on what differs.
+
+Each wait is bounded by ``ParallelConfig.timeout_s``: a rank that raised and stays alive, or
+never comes, makes the others fail with a ``TimeoutError`` naming the control point. (gloo
+bounds each wait itself; with NCCL the bound is the process group's own ``timeout=``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from ..placement.table import table_digest
+from .groups import EPGroup
+
+FORWARD, BACKWARD, SYNC, STATE = 1, 2, 3, 4
+_KINDS = {FORWARD: "the forward of an EP layer", BACKWARD: "the backward of an EP layer",
+          SYNC: "flexmoe.runtime.sync_gradients", STATE: "the state_dict of an EP layer"}
+# ParallelConfig fields a rank may set differently (each rank's value is exchanged and combined).
+_PER_RANK_FIELDS = ("memory_budget_bytes", "free_memory_fraction", "timeout_s")
+
+
+class AgreementError(RuntimeError):
+    """Ranks of an EP group disagree on something the exchange depends on."""
+
+
+def exchange_fields(config, parallel, placement, dtype: torch.dtype, weight_dtype: torch.dtype,
+                    backward_expected: bool) -> dict[str, str]:
+    """Everything that shapes one EP forward's exchange, as printable values (cheap: it runs
+    every forward; the placement table enters by its digest)."""
+    fields = {f"config.{f.name}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    fields.update({f"parallel.{f.name}": repr(getattr(parallel, f.name)) for f in dataclasses.fields(parallel)
+                   if f.name not in _PER_RANK_FIELDS})
+    fields.update({
+        "dtype": str(dtype),
+        "routing weight dtype": str(weight_dtype),
+        "placement version": str(placement.version),
+        "placement table digest": str(table_digest(placement)),
+        "backward expected": str(backward_expected),
+    })
+    return fields
+
+
+def digest(fields: dict[str, str]) -> int:
+    """A 62-bit digest of ``fields``, equal on ranks with equal fields."""
+    h = hashlib.blake2b(digest_size=8)
+    for key, value in fields.items():
+        h.update(key.encode())
+        h.update(b"\0")
+        h.update(value.encode())
+        h.update(b"\1")
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def check_envelope(ep: EPGroup, kind: int, step: int, fields: dict[str, str], timeout_s: float,
+                   device: torch.device) -> None:
+    """Raise ``AgreementError`` on every rank unless all ranks are at the same control point
+    (kind, step) with the same fields. One all-gather of three int64 when they agree."""
+    if ep.size == 1:
+        return
+    mine = torch.tensor([kind, step, digest(fields)], dtype=torch.int64, device=device)
+    everyone = all_gather_ints(ep, mine, timeout_s, _KINDS[kind]).cpu().numpy()
+    if (everyone == everyone[0]).all():
+        return
+    details: list = [None] * ep.size
+    dist.all_gather_object(details, {"kind": kind, "step": step, "fields": fields}, group=ep.group)
+    raise AgreementError(_describe(details, ep.rank))
+
+
+def all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
+    """``[W, len(mine)]``: ``mine`` from every rank, waiting at most ``timeout_s``."""
+    parts = [torch.empty_like(mine) for _ in range(ep.size)]
+    wait(dist.all_gather(parts, mine, group=ep.group, async_op=True), timeout_s, what)
+    return torch.stack(parts)
+
+
+def wait(work, timeout_s: float, what: str) -> None:
+    """Finish an async collective, or raise ``TimeoutError`` after ``timeout_s`` seconds."""
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        raise TimeoutError(
+            f"flexmoe expert parallelism: {what} waited {timeout_s:g} s for the other ranks of the EP group "
+            "(ParallelConfig.timeout_s); a rank failed, skipped this step or runs different code"
+        ) from error
+
+
+def _describe(details: list[dict], rank: int) -> str:
+    kinds = [d["kind"] for d in details]
+    if len(set(kinds)) > 1:
+        where = "; ".join(f"rank {r}: {_KINDS[k]} (forward step {d['step']})" for r, (k, d) in enumerate(zip(kinds, details)))
+        return f"flexmoe expert parallelism: ranks of the EP group are at different points ({where})"
+    steps = [d["step"] for d in details]
+    if len(set(steps)) > 1:
+        return ("flexmoe expert parallelism: ranks of the EP group are at different forward steps of this layer "
+                f"(per rank: {steps}); a rank skipped a forward or caught an error and moved on")
+    for name in details[0]["fields"]:
+        values = [d["fields"].get(name) for d in details]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            return (f"flexmoe expert parallelism: ranks of the EP group disagree on {name} ({shown}); every rank "
+                    "must run the same layer with the same placement table, config, dtype and grad mode")
+    extra = sorted(set().union(*(d["fields"] for d in details)) - set(details[0]["fields"]))
+    return f"flexmoe expert parallelism: ranks of the EP group disagree on {extra or 'their fields'} (this rank {rank})"
+
