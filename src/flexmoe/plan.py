@@ -32,6 +32,11 @@ class DispatchPlan:
     row_weight_N: torch.Tensor
     row_pair_N: torch.Tensor
 
+    @property
+    def num_rows(self) -> int:
+        """N: the grouped buffer's length (T * K, dropped pairs included), known on the host."""
+        return self.row_token_N.shape[0]
+
 
 def make_dispatch_plan(
     expert_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
