@@ -1,6 +1,7 @@
 """flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
 The layer (MoEConfig, MoELayer), expert parallelism (EPGroup, ParallelConfig, sync_gradients),
+adaptive parallelism over sharded experts (AdaptiveConfig),
 dynamic expert placement (PlacementScheduler and its planner / cost model), routing traces and the
 placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
 ``flexmoe.integrations.hf`` (needs transformers).
@@ -8,7 +9,7 @@ placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
 
 from .config import DTSGateConfig, MoEConfig
 from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
-from .parallel import EPGroup, ParallelConfig
+from .parallel import AdaptiveConfig, EPGroup, ParallelConfig
 from .placement import (
     CostModel,
     GreedyPlanner,
@@ -23,6 +24,7 @@ from .runtime import PlacementScheduler, sync_gradients
 from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
 
 __all__ = [
+    "AdaptiveConfig",
     "CostModel",
     "DTSGateConfig",
     "DTSRouter",

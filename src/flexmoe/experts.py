@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from .plan import DispatchPlan
 
 
+def expert_ffn(x_ND: torch.Tensor, gate_up_EHD: torch.Tensor, down_EDF: torch.Tensor, offsets_E: torch.Tensor,
+               scale_N: torch.Tensor, activation: str, use_triton: bool) -> torch.Tensor:
+    """``scale[i] * FFN_e(x[i])`` with the given weights (whole experts or slices of their width:
+    ``flexmoe.parallel`` runs it on gathered and sharded weights). Rows past ``offsets_E[-1]``
+    give zeros; weights are cast to the rows' dtype."""
+    h_NH = grouped_mm(x_ND, gate_up_EHD.to(x_ND.dtype), offsets_E)
+    a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], activation, use_triton)
+    return grouped_mm(a_NF, down_EDF.to(x_ND.dtype), offsets_E)
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` FFNs applied to expert-grouped rows with two grouped GEMMs."""
 
@@ -44,9 +54,8 @@ class GroupedExperts(nn.Module):
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
         unless running under autocast with float32 parameters).
         """
-        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E)
-        a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
-        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E)
+        return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, self.config.activation,
+                          use_triton)
 
     def begin_forward(self) -> None:
         """Called first in every forward of the layer (the expert-parallel stage counts them)."""

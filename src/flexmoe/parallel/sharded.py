@@ -1,0 +1,264 @@
+"""ShardedExperts: the expert stage of an adaptive MoE layer (Tutel's adaptive parallelism).
+
+Legend: W ranks, E experts, Eg experts per group, m shard degree, Fm = F / m shard width,
+H = 2 (gated) or 1, D width, T local tokens, N local expert-grouped rows, r spread (0 = dp).
+Every rank keeps its shards ``gate_up_proj [Eg, H*Fm, D]`` and ``down_proj [Eg, D, Fm]`` for
+good (layout in shard_layout.py); each forward runs one method on them, chosen per load level
+(adaptive.py) or fixed. Gathered weights live for one step only and their gradients flow back to
+the shards through the reverse exchange, so every method gives the same gradients.
+``state_dict()`` holds the logical ``[E, ...]`` experts of a one-device layer (collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import MoEConfig
+from ..experts import GroupedExperts, expert_ffn
+from ..ops import permute, unpermute_sum
+from ..plan import DispatchPlan
+from .adaptive import RESOLVE, TRIAL, MethodTuner
+from .adaptive_config import AdaptiveConfig
+from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope
+from .comm import all_to_all_v
+from .groups import EPGroup
+from .layout import index_from_ranges
+from .shard_layout import DP, ShardLayout
+
+_PER_RANK_FIELDS = ("timeout_s",)
+
+
+class ShardedExperts(nn.Module):
+    """Expert shards of one MoE layer over an expert group, run by any adaptive method.
+
+    Attributes a user may read: ep_group (EPGroup), layout (ShardLayout), tuner (MethodTuner),
+    last_method (code of the last forward's method: 0 = dp, r >= 1), last_counts_WE,
+    forward_steps.
+    """
+
+    def __init__(self, config: MoEConfig, ep_group: EPGroup | dist.ProcessGroup | None, adaptive: AdaptiveConfig):
+        super().__init__()
+        if not isinstance(adaptive, AdaptiveConfig):
+            raise TypeError(f"expected an AdaptiveConfig, got {type(adaptive).__name__}")
+        ep = EPGroup.wrap(ep_group)
+        self.config, self.ep_group, self.adaptive = config, ep, adaptive
+        self.layout = ShardLayout.build(ep.size, config.num_experts, config.d_ff, config.is_gated,
+                                        adaptive.shard_degree)
+        self.candidates = self.layout.candidate_codes(adaptive)
+        self._fixed = None if adaptive.method == "auto" else self.layout.method_code(adaptive.method)
+        # All experts are initialised as on one device, then this rank keeps its shards, so a
+        # layer built from one seed equals the one-device layer built from it.
+        whole = GroupedExperts(config)
+        self.gate_up_proj = nn.Parameter(self._shard_gate_up(whole.gate_up_proj.detach()).clone())
+        self.down_proj = nn.Parameter(self._shard_down(whole.down_proj.detach()).clone())
+        self.tuner = MethodTuner(self.candidates)
+        self.last_method: int | None = None
+        self.last_counts_WE: np.ndarray | None = None
+        self.forward_steps = 0
+
+    @property
+    def rank(self) -> int:
+        return self.ep_group.rank
+
+    @property
+    def size(self) -> int:
+        return self.ep_group.size
+
+    def set_method(self, method) -> None:
+        """Run every later forward with ``method`` ("dp", "ep", "sharded", an int r), or go back
+        to choosing online with "auto". Every rank must make the same call (checked)."""
+        if method == "auto":
+            self._fixed = None
+        else:
+            self._fixed = self.layout.method_code(method)
+
+    def begin_forward(self) -> None:
+        """Count a forward call of the layer (checked across ranks before any exchange)."""
+        self.forward_steps += 1
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """Combined expert outputs of the local tokens under this step's method."""
+        build_graph = torch.is_grad_enabled() and (
+            x_TD.requires_grad or plan.row_weight_N.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        fields = self._fields(x_TD.dtype, plan.row_weight_N.dtype, build_graph)
+        timeout = self.adaptive.timeout_s
+        check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, timeout, x_TD.device)
+        counts_WE = self._all_gather_counts(plan.counts_E)
+        level = MethodTuner.level(counts_WE)
+        phase = None
+        if self._fixed is not None:
+            code = self._fixed
+        else:
+            code, phase = self.tuner.choose(level)
+            if phase == RESOLVE:
+                code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
+        start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
+        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
+        if code == DP:
+            gate_up, down = self._gathered(DP)
+            y_ND = expert_ffn(x_ND, gate_up, down, plan.offsets_E, plan.row_weight_N, self.config.activation,
+                              use_triton)
+        else:
+            y_ND = self._spread(x_ND, plan, counts_WE, code, use_triton)
+        y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
+        if phase == TRIAL:
+            self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
+        if build_graph and self.size > 1:
+            step = self.forward_steps
+            y_TD = _BeforeBackward.apply(
+                y_TD, lambda: check_envelope(self.ep_group, BACKWARD, step, fields, timeout, x_TD.device))
+        self.last_method, self.last_counts_WE = code, counts_WE
+        return y_TD
+
+    def _spread(self, x_ND, plan: DispatchPlan, counts_WE: np.ndarray, code: int, use_triton: bool) -> torch.Tensor:
+        """Method r >= 1: each row to r ranks, each computes a slice F / r, partial sums back."""
+        device, dtype = x_ND.device, x_ND.dtype
+        splits = self.layout.dispatch(counts_WE, self.rank, code)
+        gate_up, down = self._gathered(code)
+        send_index = index_from_ranges(splits.send_start, splits.send_len, device)
+        x_recv = self._exchange(x_ND.index_select(0, send_index), splits.send_W, splits.recv_W)
+        order = index_from_ranges(splits.regroup_start, splits.regroup_len, device)
+        offsets = torch.from_numpy(np.cumsum(splits.rows_E).astype(np.int32)).to(device)
+        ones = torch.ones(order.shape[0], dtype=plan.row_weight_N.dtype, device=device)
+        out_grouped = expert_ffn(x_recv.index_select(0, order), gate_up, down, offsets, ones,
+                                 self.config.activation, use_triton)
+        out_recv = x_recv.new_zeros(x_recv.shape).index_copy(0, order, out_grouped)
+        out_back = self._exchange(out_recv, splits.recv_W, splits.send_W)
+        partial_ND = x_ND.new_zeros(x_ND.shape).index_add(0, send_index, out_back)
+        return partial_ND * plan.row_weight_N.to(dtype).unsqueeze(1)
+
+    # ---- parameters: shards <-> gathered <-> logical -------------------------------------------
+
+    def _gathered(self, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights this rank computes with under ``code``: all experts whole (dp) or its slice
+        of its group's experts (r >= 1), gathered from the shards (differentiable)."""
+        members = self.layout.gather_members(self.rank, code)
+        if len(members) == 1:
+            return self.gate_up_proj, self.down_proj
+        Eg = self.layout.experts_per_group
+        rows = torch.cat([self.gate_up_proj.reshape(Eg, -1), self.down_proj.reshape(Eg, -1)], dim=1)
+        send_W = np.zeros(self.size, dtype=np.int64)
+        send_W[members] = Eg
+        received = self._exchange(rows.repeat(len(members), 1), send_W, send_W)
+        split = self.gate_up_proj[0].numel()
+        groups = self.layout.groups if code == DP else 1
+        width = len(members) // groups
+        return (_join_gate_up(received[:, :split], groups, width, self.gate_up_proj.shape, self.layout.halves),
+                _join_down(received[:, split:], groups, width, self.down_proj.shape))
+
+    def _shard_gate_up(self, logical_EHD: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        g, j = lay.group_of(self.rank)
+        Fm, D = lay.d_ff // lay.shard_degree, logical_EHD.shape[-1]
+        view = logical_EHD.reshape(lay.groups, lay.experts_per_group, lay.halves, lay.shard_degree, Fm, D)
+        return view[g, :, :, j].reshape(lay.experts_per_group, lay.halves * Fm, D)
+
+    def _shard_down(self, logical_EDF: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        g, j = lay.group_of(self.rank)
+        Fm, D = lay.d_ff // lay.shard_degree, logical_EDF.shape[1]
+        return logical_EDF.reshape(lay.groups, lay.experts_per_group, D, lay.shard_degree, Fm)[g, :, :, j]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Every expert whole, in logical order ``[E, ...]`` (collective over the group)."""
+        dtype = self.gate_up_proj.dtype
+        fields = self._fields(dtype, dtype, False)
+        check_envelope(self.ep_group, STATE, self.forward_steps, fields, self.adaptive.timeout_s,
+                       self.gate_up_proj.device)
+        with torch.no_grad():
+            gate_up, down = self._gathered(DP)
+        for name, value in (("gate_up_proj", gate_up), ("down_proj", down)):
+            destination[prefix + name] = value.detach() if keep_vars else value.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Take the logical view (from any world size and method, or a one-device layer) and keep
+        this rank's shards."""
+        cfg = self.config
+        logical = {"gate_up_proj": (self._shard_gate_up, (cfg.num_experts, self.layout.halves * cfg.d_ff, cfg.d_model)),
+                   "down_proj": (self._shard_down, (cfg.num_experts, cfg.d_model, cfg.d_ff))}
+        for name, (shard, shape) in logical.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != shape:
+                error_msgs.append(f"{key}: an adaptive MoE layer loads the logical view {shape} (any world size), "
+                                  f"got {tuple(value.shape)}")
+                continue
+            state_dict[key] = shard(value.to(getattr(self, name).device)).contiguous()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- communication --------------------------------------------------------------------------
+
+    def _exchange(self, rows: torch.Tensor, send_W: np.ndarray, recv_W: np.ndarray) -> torch.Tensor:
+        if self.size == 1:
+            return rows
+        return all_to_all_v(rows, send_W.tolist(), recv_W.tolist(), self.ep_group.group)
+
+    def _all_gather_counts(self, counts_E: torch.Tensor) -> np.ndarray:
+        counts = counts_E.detach().to(torch.int64)
+        if self.size == 1:
+            return counts.cpu().numpy()[None]
+        return all_gather_ints(self.ep_group, counts, self.adaptive.timeout_s,
+                               "the counts of an adaptive MoE layer's forward").cpu().numpy()
+
+    def _fields(self, dtype, weight_dtype, backward_expected: bool) -> dict[str, str]:
+        """Everything the ranks must agree on before this layer's collectives."""
+        fields = {f"config.{k}": repr(v) for k, v in dataclasses.asdict(self.config).items()}
+        fields.update({f"adaptive.{k}": repr(v) for k, v in dataclasses.asdict(self.adaptive).items()
+                       if k not in _PER_RANK_FIELDS})
+        fields.update({
+            "fixed method": repr(self._fixed),
+            "method tuner": self.tuner.state(),
+            "dtype": str(dtype),
+            "routing weight dtype": str(weight_dtype),
+            "backward expected": str(backward_expected),
+        })
+        return fields
+
+
+def _join_gate_up(rows: torch.Tensor, groups: int, width: int, shard_shape, halves: int) -> torch.Tensor:
+    """Received shards (member-major) -> ``[groups * Eg, H * width * Fm, D]``."""
+    Eg, HFm, D = shard_shape
+    Fm = HFm // halves
+    view = rows.reshape(groups, width, Eg, halves, Fm, D).permute(0, 2, 3, 1, 4, 5)
+    return view.reshape(groups * Eg, halves * width * Fm, D)
+
+
+def _join_down(rows: torch.Tensor, groups: int, width: int, shard_shape) -> torch.Tensor:
+    """Received shards (member-major) -> ``[groups * Eg, D, width * Fm]``."""
+    Eg, D, Fm = shard_shape
+    return rows.reshape(groups, width, Eg, D, Fm).permute(0, 2, 3, 1, 4).reshape(groups * Eg, D, width * Fm)
+
+
+class _BeforeBackward(torch.autograd.Function):
+    """Identity whose backward first runs ``check`` (the ranks' agreement before the backward
+    exchanges)."""
+
+    @staticmethod
+    def forward(ctx, y, check):
+        ctx.check = check
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.check()
+        return grad, None
+
+
+def _synchronized_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
