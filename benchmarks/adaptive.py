@@ -1,0 +1,127 @@
+"""Adaptive parallelism: bytes per step and modelled time of each method (CPU), or measured
+forward + backward times of each method on GPUs (``--gpu``, under torchrun).
+
+CPU (default; no communication, nothing timed): for each shape and simulated world size, every
+rank routes ``--tokens`` tokens uniformly at random (top-k of E, multinomial counts per rank),
+and the layout's own exchange plans count the bytes each rank receives per training step
+(flexmoe.parallel.adaptive_cost). Modelled time = slowest rank's FLOPs at 764 TFLOP/s (dense
+bf16, H100) + slowest rank's bytes at 370 GB/s (NVLink 4, effective) or 50 GB/s (400 Gb/s IB
+per GPU), no overlap. bf16 (2 bytes per element).
+
+    python benchmarks/adaptive.py
+    python benchmarks/adaptive.py --tokens 512,4096,16384 --worlds 4,8,16
+
+GPU: every method of the default layout, forward + backward of the real layer, bf16, CUDA
+events, slowest rank's median of ``--iters`` steps; rank 0 prints the table.
+
+    torchrun --nproc-per-node 8 benchmarks/adaptive.py --gpu --shape 4096,14336,8,2 --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+SHAPES = {"Mixtral-like": (4096, 14336, 8, 2), "Qwen3-like": (2048, 768, 128, 8)}
+FLOPS, NVLINK, IB = 764e12, 370e9, 50e9
+
+
+def _name(code: int, m: int) -> str:
+    if code == 0:
+        return "dp (r=0)"
+    if m == 1:
+        return "ep = sharded (r=1)"
+    return {1: "ep (r=1)", m: f"sharded (r={m})"}.get(code, f"mix r={code}")
+
+
+def cpu_table(tokens: list[int], worlds: list[int], seed: int) -> None:
+    from flexmoe.parallel.adaptive_cost import method_cost
+    from flexmoe.parallel.shard_layout import ShardLayout
+
+    rng = np.random.default_rng(seed)
+    print("MODELLED (counted bytes, modelled time): per rank and training step, bf16")
+    print(f"| shape | W | m | tokens/rank | method | param MB | token MB | total MB | ms @NVLink | ms @IB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, (D, F, E, k) in SHAPES.items():
+        for W in worlds:
+            layout = ShardLayout.build(W, E, F, True, None)
+            for T in tokens:
+                # Uniform routing: each rank's T*k (token, expert) pairs over E experts.
+                counts_WE = np.stack([rng.multinomial(T * k, np.full(E, 1 / E)) for _ in range(W)])
+                costs = [method_cost(layout, counts_WE, c, D, 2) for c in (0,) + layout.spreads]
+                best_nv = min(costs, key=lambda c: c.modelled_s(FLOPS, NVLINK)).code
+                best_ib = min(costs, key=lambda c: c.modelled_s(FLOPS, IB)).code
+                for c in costs:
+                    nv, ib = c.modelled_s(FLOPS, NVLINK) * 1e3, c.modelled_s(FLOPS, IB) * 1e3
+                    print(f"| {shape} | {W} | {layout.shard_degree} | {T} | {_name(c.code, layout.shard_degree)} | "
+                          f"{c.param_bytes / 1e6:.0f} | {c.token_bytes / 1e6:.0f} | {c.total_bytes / 1e6:.0f} | "
+                          f"{nv:.2f}{' *' if c.code == best_nv else ''} | {ib:.2f}{' *' if c.code == best_ib else ''} |")
+    print("* = fastest modelled method of its (shape, W, tokens) at that bandwidth")
+
+
+def gpu_table(shape: tuple[int, int, int, int], tokens: int, iters: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from flexmoe import AdaptiveConfig, MoEConfig, MoELayer
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    D, F, E, k = shape
+    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
+    probe = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="dp"))
+    codes = (0,) + probe.experts.layout.spreads
+    m = probe.experts.layout.shard_degree
+    del probe
+    rows = []
+    for code in codes:
+        torch.manual_seed(0)
+        layer = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="dp" if code == 0 else code))
+        layer = layer.cuda().to(torch.bfloat16)
+        x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        times = []
+        for i in range(iters + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            dist.barrier()
+            start.record()
+            layer(x).float().square().mean().backward()
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
+        slowest = torch.tensor([float(np.median(times))], device="cuda")
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        rows.append((code, slowest.item()))
+        del layer, x
+        torch.cuda.empty_cache()
+    if rank == 0:
+        print(f"MEASURED: forward + backward of one layer, D={D} F={F} E={E} k={k}, {tokens} tokens/rank, "
+              f"W={world}, m={m}, bf16, slowest rank, median of {iters}")
+        print("| method | ms |")
+        print("|---|---|")
+        for code, ms in rows:
+            print(f"| {_name(code, m)} | {ms:.2f} |")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="512,4096,16384", help="tokens per rank (comma separated)")
+    parser.add_argument("--worlds", default="4,8,16", help="simulated world sizes (CPU mode)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu", action="store_true", help="measure on GPUs (run under torchrun)")
+    parser.add_argument("--shape", default="4096,14336,8,2", help="D,F,E,k for --gpu")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.gpu:
+        gpu_table(tuple(int(v) for v in args.shape.split(",")), tokens[0], args.iters)
+    else:
+        cpu_table(tokens, [int(w) for w in args.worlds.split(",")], args.seed)
+
+
+if __name__ == "__main__":
+    main()
