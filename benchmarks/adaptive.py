@@ -11,10 +11,11 @@ per GPU), no overlap. bf16 (2 bytes per element).
     python benchmarks/adaptive.py
     python benchmarks/adaptive.py --tokens 512,4096,16384 --worlds 4,8,16
 
-GPU: every method of the default layout, forward + backward of the real layer, bf16, CUDA
-events, slowest rank's median of ``--iters`` steps; rank 0 prints the table.
+GPU: every method of the default layout and what "auto" picks, forward + backward of the real
+layer, bf16, slowest rank's median of ``--iters`` steps; rank 0 prints the table.
 
     torchrun --nproc-per-node 8 benchmarks/adaptive.py --gpu --shape 4096,14336,8,2 --tokens 4096
+    torchrun --nproc-per-node 4 benchmarks/adaptive.py --gpu --shape 32,64,2,2 --tokens 64   # CPU smoke
 """
 
 from __future__ import annotations
@@ -61,49 +62,63 @@ def cpu_table(tokens: list[int], worlds: list[int], seed: int) -> None:
     print("* = fastest modelled method of its (shape, W, tokens) at that bandwidth")
 
 
-def gpu_table(shape: tuple[int, int, int, int], tokens: int, iters: int) -> None:
+def measured_table(shape: tuple[int, int, int, int], tokens: int, iters: int) -> None:
+    """Forward + backward of the real layer per method, and what "auto" picks. On CUDA: NCCL,
+    bf16, CUDA events; without CUDA: gloo, float32, wall clock (a smoke check, not a figure)."""
+    import time
+
     import torch
     import torch.distributed as dist
 
     from flexmoe import AdaptiveConfig, MoEConfig, MoELayer
 
-    dist.init_process_group("nccl")
+    on_gpu = torch.cuda.is_available()
+    dist.init_process_group("nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if on_gpu else (torch.device("cpu"), torch.float32)
     D, F, E, k = shape
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
-    probe = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="dp"))
-    codes = (0,) + probe.experts.layout.spreads
-    m = probe.experts.layout.shard_degree
-    del probe
-    rows = []
-    for code in codes:
-        torch.manual_seed(0)
-        layer = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="dp" if code == 0 else code))
-        layer = layer.cuda().to(torch.bfloat16)
-        x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        times = []
-        for i in range(iters + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            dist.barrier()
-            start.record()
-            layer(x).float().square().mean().backward()
-            end.record()
+
+    def now() -> float:
+        if on_gpu:
             torch.cuda.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end))
-        slowest = torch.tensor([float(np.median(times))], device="cuda")
+        return time.perf_counter()
+
+    rows = []
+    for method in ("dp",) + tuple(range(1, world + 1)) + ("auto",):
+        try:
+            layer = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method=method))
+        except ValueError:
+            continue  # r not offered by the layout
+        layer = layer.to(device, dtype)
+        m = layer.experts.layout.shard_degree
+        x = torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True,
+                        generator=torch.Generator(device).manual_seed(rank))
+        warmup = 3 + (len(layer.experts.candidates) + 1 if method == "auto" else 0)
+        times = []
+        for i in range(iters + warmup):
+            dist.barrier()
+            start = now()
+            layer(x).float().square().mean().backward()
+            if i >= warmup:
+                times.append(now() - start)
+        slowest = torch.tensor([float(np.median(times))], device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        rows.append((code, slowest.item()))
+        label = _name(layer.experts.last_method, m) if method != "auto" else f"auto -> {_name(layer.experts.last_method, m)}"
+        rows.append((label, slowest.item() * 1e3))
         del layer, x
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     if rank == 0:
-        print(f"MEASURED: forward + backward of one layer, D={D} F={F} E={E} k={k}, {tokens} tokens/rank, "
-              f"W={world}, m={m}, bf16, slowest rank, median of {iters}")
+        kind = "MEASURED" if on_gpu else "CPU SMOKE CHECK (gloo, float32; not a figure)"
+        print(f"{kind}: forward + backward of one layer, D={D} F={F} E={E} k={k}, {tokens} tokens/rank, "
+              f"W={world}, m={m}, {dtype}, slowest rank, median of {iters}")
         print("| method | ms |")
         print("|---|---|")
-        for code, ms in rows:
-            print(f"| {_name(code, m)} | {ms:.2f} |")
+        for label, ms in rows:
+            print(f"| {label} | {ms:.2f} |")
     dist.destroy_process_group()
 
 
@@ -112,13 +127,14 @@ def main() -> None:
     parser.add_argument("--tokens", default="512,4096,16384", help="tokens per rank (comma separated)")
     parser.add_argument("--worlds", default="4,8,16", help="simulated world sizes (CPU mode)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gpu", action="store_true", help="measure on GPUs (run under torchrun)")
+    parser.add_argument("--gpu", action="store_true", help="measure the real layer (run under torchrun; "
+                        "without CUDA: gloo smoke check)")
     parser.add_argument("--shape", default="4096,14336,8,2", help="D,F,E,k for --gpu")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.gpu:
-        gpu_table(tuple(int(v) for v in args.shape.split(",")), tokens[0], args.iters)
+        measured_table(tuple(int(v) for v in args.shape.split(",")), tokens[0], args.iters)
     else:
         cpu_table(tokens, [int(w) for w in args.worlds.split(",")], args.seed)
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from flexmoe import AdaptiveConfig, MoEConfig, MoELayer, PlacementTable
 from flexmoe.parallel.agreement import AgreementError
+from flexmoe.parallel.adaptive_cost import method_cost
 from flexmoe.parallel.shard_layout import DP, ShardLayout, default_shard_degree
 from flexmoe.runtime import expert_parameters, sync_gradients
 from helpers import run_cases_in_processes
@@ -111,7 +112,16 @@ def test_simulated_exchange_gives_every_row_each_slice_once(W, E, m):
             for i in range(counts_WE[s].sum()):
                 shards = sorted(j for held in got[(s, i)] for j in held)
                 assert shards == list(range(m)), f"r={code}: row ({s}, {i}) covers shards {shards}, want 0..{m - 1}"
+        # The cost model counts the same traffic: rows a rank gets from others (dispatch) plus
+        # rows it gets back for what it sent to others (return), both again in backward.
+        remote = [sum(src != d for src, _ in inbox[d]) + sum(d2 != d and src == d for d2 in range(W)
+                                                              for src, _ in inbox[d2]) for d in range(W)]
+        cost = method_cost(lay, counts_WE, code, d_model=3, elem_bytes=8)
+        assert cost.token_bytes == 2 * max(remote) * 3 * 8
+        assert cost.param_bytes == 2 * (m // code - 1) * lay.experts_per_group * 3 * (24 // m) * 3 * 8
     assert lay.gather_members(0, DP) == list(range(W))
+    dp = method_cost(lay, counts_WE, DP, d_model=3, elem_bytes=8)
+    assert (dp.param_bytes, dp.token_bytes) == (2 * (W - 1) * lay.experts_per_group * 3 * (24 // m) * 3 * 8, 0)
 
 
 def test_one_process_methods_equal_the_one_device_layer():
