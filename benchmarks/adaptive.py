@@ -10,6 +10,7 @@ per GPU), no overlap. bf16 (2 bytes per element).
 
     python benchmarks/adaptive.py
     python benchmarks/adaptive.py --tokens 512,4096,16384 --worlds 4,8,16
+    python benchmarks/adaptive.py --shard-degree world    # every expert sharded over all W ranks (m = W)
 
 GPU: every method of the default layout and what "auto" picks, forward + backward of the real
 layer, bf16, slowest rank's median of ``--iters`` steps; rank 0 prints the table.
@@ -37,7 +38,7 @@ def _name(code: int, m: int) -> str:
     return {1: "ep (r=1)", m: f"sharded (r={m})"}.get(code, f"mix r={code}")
 
 
-def cpu_table(tokens: list[int], worlds: list[int], seed: int) -> None:
+def cpu_table(tokens: list[int], worlds: list[int], seed: int, shard_degree: str) -> None:
     from flexmoe.parallel.adaptive_cost import method_cost
     from flexmoe.parallel.shard_layout import ShardLayout
 
@@ -47,7 +48,7 @@ def cpu_table(tokens: list[int], worlds: list[int], seed: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape, (D, F, E, k) in SHAPES.items():
         for W in worlds:
-            layout = ShardLayout.build(W, E, F, True, None)
+            layout = ShardLayout.build(W, E, F, True, W if shard_degree == "world" else None)
             for T in tokens:
                 # Uniform routing: each rank's T*k (token, expert) pairs over E experts.
                 counts_WE = np.stack([rng.multinomial(T * k, np.full(E, 1 / E)) for _ in range(W)])
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="512,4096,16384", help="tokens per rank (comma separated)")
     parser.add_argument("--worlds", default="4,8,16", help="simulated world sizes (CPU mode)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-degree", choices=["default", "world"], default="default",
+                        help="CPU mode: the default layout (smallest m), or every expert sharded over all W ranks")
     parser.add_argument("--gpu", action="store_true", help="measure the real layer (run under torchrun; "
                         "without CUDA: gloo smoke check)")
     parser.add_argument("--shape", default="4096,14336,8,2", help="D,F,E,k for --gpu")
@@ -136,7 +139,7 @@ def main() -> None:
     if args.gpu:
         measured_table(tuple(int(v) for v in args.shape.split(",")), tokens[0], args.iters)
     else:
-        cpu_table(tokens, [int(w) for w in args.worlds.split(",")], args.seed)
+        cpu_table(tokens, [int(w) for w in args.worlds.split(",")], args.seed, args.shard_degree)
 
 
 if __name__ == "__main__":

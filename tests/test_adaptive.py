@@ -124,6 +124,23 @@ def test_simulated_exchange_gives_every_row_each_slice_once(W, E, m):
     assert (dp.param_bytes, dp.token_bytes) == (2 * (W - 1) * lay.experts_per_group * 3 * (24 // m) * 3 * 8, 0)
 
 
+def test_method_tuner_times_each_candidate_once_per_level_then_keeps_the_fastest():
+    from flexmoe.parallel.adaptive import CACHED, RESOLVE, TRIAL, MethodTuner
+    from flexmoe.parallel.groups import EPGroup
+
+    tuner = MethodTuner((0, 1, 2))
+    level = MethodTuner.level(np.array([[3, 9], [0, 1]]))
+    assert level == 4
+    for code, seconds in ((0, 3.0), (1, 1.0), (2, 2.0)):
+        assert tuner.choose(level) == (code, TRIAL)
+        tuner.record(level, code, seconds)
+    assert tuner.choose(level) == (-1, RESOLVE)
+    assert tuner.resolve(level, EPGroup.local(), 1.0, torch.device("cpu")) == 1
+    assert tuner.choose(level) == (1, CACHED)
+    assert tuner.choose(level + 1) == (0, TRIAL), "a new load level is timed afresh"
+    assert MethodTuner((2,)).choose(level) == (2, CACHED), "one candidate: nothing to time"
+
+
 def test_one_process_methods_equal_the_one_device_layer():
     cfg = _config(num_experts=4)
     torch.manual_seed(0)
