@@ -2,8 +2,8 @@
 forward + backward times of each method on GPUs (``--gpu``, under torchrun).
 
 CPU (default; no communication, nothing timed): for each shape and simulated world size, every
-rank routes ``--tokens`` tokens uniformly at random (top-k of E, multinomial counts per rank),
-and the layout's own exchange plans count the bytes each rank receives per training step
+rank routes ``--tokens`` tokens uniformly at random (k distinct experts of E per token), and the
+layout's own exchange plans count the bytes each rank receives per training step
 (flexmoe.parallel.adaptive_cost). Modelled time = slowest rank's FLOPs at 764 TFLOP/s (dense
 bf16, H100) + slowest rank's bytes at 370 GB/s (NVLink 4, effective) or 50 GB/s (400 Gb/s IB
 per GPU), no overlap. bf16 (2 bytes per element).
@@ -38,6 +38,19 @@ def _name(code: int, m: int) -> str:
     return {1: "ep (r=1)", m: f"sharded (r={m})"}.get(code, f"mix r={code}")
 
 
+def uniform_routing(rng, W: int, T: int, E: int, k: int, Eg: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows per (rank, expert) and (token, group) pairs per (rank, group) when every token of
+    every rank picks k distinct experts uniformly at random."""
+    counts_WE, pairs_WG = np.zeros((W, E), dtype=np.int64), np.zeros((W, E // Eg), dtype=np.int64)
+    for w in range(W):
+        expert_TK = np.argpartition(rng.random((T, E)), k - 1, axis=1)[:, :k]
+        counts_WE[w] = np.bincount(expert_TK.reshape(-1), minlength=E)
+        hit_TG = np.zeros((T, E // Eg), dtype=bool)
+        hit_TG[np.arange(T)[:, None], expert_TK // Eg] = True
+        pairs_WG[w] = hit_TG.sum(axis=0)
+    return counts_WE, pairs_WG
+
+
 def cpu_table(tokens: list[int], worlds: list[int], seed: int, shard_degree: str) -> None:
     from flexmoe.parallel.adaptive_cost import method_cost
     from flexmoe.parallel.shard_layout import ShardLayout
@@ -51,8 +64,8 @@ def cpu_table(tokens: list[int], worlds: list[int], seed: int, shard_degree: str
             layout = ShardLayout.build(W, E, F, True, W if shard_degree == "world" else None)
             for T in tokens:
                 # Uniform routing: each rank's T*k (token, expert) pairs over E experts.
-                counts_WE = np.stack([rng.multinomial(T * k, np.full(E, 1 / E)) for _ in range(W)])
-                costs = [method_cost(layout, counts_WE, c, D, 2) for c in (0,) + layout.spreads]
+                counts_WE, pairs_WG = uniform_routing(rng, W, T, E, k, layout.experts_per_group)
+                costs = [method_cost(layout, counts_WE, pairs_WG, c, D, k, 2) for c in (0,) + layout.spreads]
                 best_nv = min(costs, key=lambda c: c.modelled_s(FLOPS, NVLINK)).code
                 best_ib = min(costs, key=lambda c: c.modelled_s(FLOPS, IB)).code
                 for c in costs:

@@ -77,51 +77,57 @@ def test_layout_rejects_what_it_cannot_shard():
     assert [default_shard_degree(w, e) for w, e in ((16, 8), (4, 2), (4, 8), (4, 3), (8, 128))] == [2, 2, 1, 4, 1]
 
 
-@pytest.mark.parametrize("W, E, m", [(4, 2, 2), (4, 8, 4), (8, 2, 8), (6, 4, 3), (2, 8, 1), (4, 1, 4)])
+@pytest.mark.parametrize("W, E, m", [(4, 2, 2), (4, 8, 4), (8, 2, 8), (6, 4, 3), (2, 8, 1), (4, 1, 4), (4, 8, 2)])
 def test_simulated_exchange_gives_every_row_each_slice_once(W, E, m):
-    """Every rank's layout, no communication: each (source, row) reaches, for each slice of its
-    expert's width, exactly one rank, which holds that slice after its gather."""
+    """Every rank's plan, no communication: a token travels once to each rank it reaches, and
+    each of its (token, expert) rows is computed, for each shard of the expert's width, by
+    exactly one rank holding that shard after its gather; the cost model counts this traffic."""
     lay = ShardLayout.build(W, E, 24, True, m)
+    G, Eg, K = lay.groups, lay.experts_per_group, min(E, 2)
     rng = np.random.default_rng(W * 100 + E)
-    counts_WE = rng.integers(0, 5, size=(W, E)) * (rng.random((W, E)) < 0.7)
-    counts_WE[0] = 0
+    tokens = [int(t) for t in rng.integers(0, 6, size=W)]
+    tokens[0] = 0
+    expert_of = [np.stack([rng.permutation(E)[:K] for _ in range(t)]) if t else np.zeros((0, K), int) for t in tokens]
+    counts_WE = np.stack([np.bincount(e.reshape(-1), minlength=E) for e in expert_of])
+    # This rank's pairs: (group, token) in group-then-token order, as the layer orders them.
+    pairs = [sorted({(int(e) // Eg, t) for t, row in enumerate(ex) for e in row}) for ex in expert_of]
+    pairs_WG = np.stack([np.bincount([g for g, _ in p], minlength=G) for p in pairs])
     for code in lay.spreads:
-        plans = [lay.dispatch(counts_WE, r, code) for r in range(W)]
-        sent_WW = np.stack([p.send_W for p in plans])
-        assert (sent_WW.T == np.stack([p.recv_W for p in plans])).all(), "what s sends d is what d expects from s"
-        got = {}  # (src, row) -> list of (dst rank, columns held)
-        expert_of = [np.repeat(np.arange(E), counts_WE[s]) for s in range(W)]
+        plans = [lay.dispatch(counts_WE, pairs_WG, r, code) for r in range(W)]
+        assert (np.stack([p.send_W for p in plans]).T == np.stack([p.recv_W for p in plans])).all()
         inbox = [[] for _ in range(W)]
         for s, p in enumerate(plans):
-            rows = np.concatenate([np.arange(a, a + n) for a, n in zip(p.send_start, p.send_len)] + [[]]).astype(int)
+            index = np.concatenate([np.arange(a, a + n) for a, n in zip(p.send_start, p.send_len)] + [[]]).astype(int)
             bounds = np.cumsum([0] + p.send_W.tolist())
             for d in range(W):
-                inbox[d] += [(s, int(i)) for i in rows[bounds[d]:bounds[d + 1]]]
+                inbox[d] += [(s,) + pairs[s][i] for i in index[bounds[d]:bounds[d + 1]]]
+        covered = {}  # (src, token, expert) -> shards computed for it
         for d, p in enumerate(plans):
-            regroup = np.concatenate([np.arange(a, a + n) for a, n in zip(p.regroup_start, p.regroup_len)] + [[]])
-            ordered = [inbox[d][int(i)] for i in regroup]
-            ends = np.concatenate([[0], np.cumsum(p.rows_E)])
-            g, _ = lay.group_of(d)
-            members = lay.gather_members(d, code)
-            held = sorted(j for r in members for j in [lay.group_of(r)[1]])
-            for le in range(lay.experts_per_group):
-                for s, i in ordered[ends[le]:ends[le + 1]]:
-                    assert expert_of[s][i] == g * lay.experts_per_group + le, "a row reached another expert"
-                    got.setdefault((s, i), []).append(tuple(held))
+            g_d, _ = lay.group_of(d)
+            held = [lay.group_of(r)[1] for r in lay.gather_members(d, code)]
+            rows_E = np.zeros(Eg, dtype=int)
+            for s, g, t in inbox[d]:
+                assert g == g_d, "a pair reached a rank of another group"
+                for e in expert_of[s][t]:
+                    if e // Eg == g:
+                        covered.setdefault((s, t, int(e)), []).extend(held)
+                        rows_E[e % Eg] += 1
+            assert (rows_E == p.rows_E).all(), "rows per local expert"
+            assert len(set(inbox[d])) == len(inbox[d]), "a token reaches a rank at most once"
         for s in range(W):
-            for i in range(counts_WE[s].sum()):
-                shards = sorted(j for held in got[(s, i)] for j in held)
-                assert shards == list(range(m)), f"r={code}: row ({s}, {i}) covers shards {shards}, want 0..{m - 1}"
-        # The cost model counts the same traffic: rows a rank gets from others (dispatch) plus
-        # rows it gets back for what it sent to others (return), both again in backward.
-        remote = [sum(src != d for src, _ in inbox[d]) + sum(d2 != d and src == d for d2 in range(W)
-                                                              for src, _ in inbox[d2]) for d in range(W)]
-        cost = method_cost(lay, counts_WE, code, d_model=3, elem_bytes=8)
-        assert cost.token_bytes == 2 * max(remote) * 3 * 8
-        assert cost.param_bytes == 2 * (m // code - 1) * lay.experts_per_group * 3 * (24 // m) * 3 * 8
+            for t, row in enumerate(expert_of[s]):
+                for e in row:
+                    shards = sorted(covered[(s, t, int(e))])
+                    assert shards == list(range(m)), f"r={code}: row ({s}, {t}, {e}) covers shards {shards}"
+        remote = [sum(src != d for src, _, _ in inbox[d]) + sum(src == d for d2 in range(W) if d2 != d
+                                                                 for src, _, _ in inbox[d2]) for d in range(W)]
+        recv = [sum(src != d for src, _, _ in inbox[d]) for d in range(W)]
+        cost = method_cost(lay, counts_WE, pairs_WG, code, d_model=3, top_k=K, elem_bytes=8)
+        assert cost.token_bytes == max(n * (2 * 3 + K) * 8 + r * K * 4 for n, r in zip(remote, recv))
+        assert cost.param_bytes == 2 * (m // code - 1) * Eg * 3 * (24 // m) * 3 * 8
     assert lay.gather_members(0, DP) == list(range(W))
-    dp = method_cost(lay, counts_WE, DP, d_model=3, elem_bytes=8)
-    assert (dp.param_bytes, dp.token_bytes) == (2 * (W - 1) * lay.experts_per_group * 3 * (24 // m) * 3 * 8, 0)
+    dp = method_cost(lay, counts_WE, pairs_WG, DP, d_model=3, top_k=K, elem_bytes=8)
+    assert (dp.param_bytes, dp.token_bytes) == (2 * (W - 1) * Eg * 3 * (24 // m) * 3 * 8, 0)
 
 
 def test_method_tuner_times_each_candidate_once_per_level_then_keeps_the_fastest():

@@ -4,8 +4,8 @@ Legend: W ranks, E experts, Eg experts per group, m shard degree, r spread (0 = 
 F expert width, H = 2 (gated) or 1, b bytes per element.
 Counted per rank and per training step (forward + backward), bytes a rank RECEIVES from other
 ranks (what it sends to itself is not counted): parameter shards gathered in forward and their
-gradients reduce-scattered in backward, token rows dispatched and partial outputs returned in
-forward, and their gradients the reverse ways in backward. The modelled time adds the slowest
+gradients reduce-scattered in backward, (token, group) pairs dispatched and their partial sums
+returned in forward, and their gradients the reverse ways in backward. The modelled time adds the slowest
 rank's expert FLOPs at ``flops_per_s`` and the slowest rank's bytes at ``bytes_per_s`` (no
 overlap); the layer itself chooses from measured times, not from this model.
 """
@@ -36,8 +36,11 @@ class MethodCost:
         return self.flops / flops_per_s + self.total_bytes / bytes_per_s
 
 
-def method_cost(layout: ShardLayout, counts_WE: np.ndarray, code: int, d_model: int, elem_bytes: int) -> MethodCost:
-    """Cost of method ``code`` when the ranks route ``counts_WE`` (training step, slowest rank)."""
+def method_cost(layout: ShardLayout, counts_WE: np.ndarray, pairs_WG: np.ndarray, code: int, d_model: int,
+                top_k: int, elem_bytes: int) -> MethodCost:
+    """Cost of method ``code`` when the ranks route ``counts_WE`` (token, expert) rows, which
+    are ``pairs_WG`` (token, expert group) pairs (training step, slowest rank). A dispatched
+    pair carries its token and K routing weights, and K int32 expert ids in a second exchange."""
     W, D, F, H = layout.world, d_model, layout.d_ff, layout.halves
     shard_elems = layout.experts_per_group * (H + 1) * (F // layout.shard_degree) * D
     gathered = len(layout.gather_members(0, code)) - 1
@@ -45,10 +48,12 @@ def method_cost(layout: ShardLayout, counts_WE: np.ndarray, code: int, d_model: 
     per_row_flops = 3 * 2 * (H + 1) * D * F  # forward 2 (H+1) D F, backward twice that
     if code == DP:
         return MethodCost(code, param_bytes, 0, float(counts_WE.sum(axis=1).max()) * per_row_flops)
-    token_rows, rows = [], []
+    token_bytes, rows = [], []
     for rank in range(W):
-        splits = layout.dispatch(counts_WE, rank, code)
+        splits = layout.dispatch(counts_WE, pairs_WG, rank, code)
         remote = np.arange(W) != rank
-        token_rows.append(2 * int(splits.recv_W[remote].sum() + splits.send_W[remote].sum()))
+        # Forward: pairs in (token + K weights), sums back (D); backward: the same both ways.
+        recv, sent = int(splits.recv_W[remote].sum()), int(splits.send_W[remote].sum())
+        token_bytes.append((recv + sent) * (2 * D + top_k) * elem_bytes + recv * top_k * 4)
         rows.append(int(splits.rows_E.sum()))
-    return MethodCost(code, param_bytes, max(token_rows) * D * elem_bytes, max(rows) * per_row_flops / code)
+    return MethodCost(code, param_bytes, max(token_bytes), max(rows) * per_row_flops / code)

@@ -13,9 +13,10 @@ move between steps; within a step they are gathered and the gathered copies drop
 * r = 0, data parallel: all-gather every shard of every expert (each rank then holds all E
   experts whole), run the local tokens; backward reduce-scatters the gradients to the shards.
 * 1 <= r, r | m: group rank j belongs to slice q = j // (m/r) of its group and gathers the m/r
-  shards of that slice from its slice mates (width F/r). A (token, expert) row of source rank s
-  goes to the r ranks g*m + q*(m/r) + s % (m/r), q = 0..r-1: each computes its slice; the
-  partial outputs come back and are summed. r = 1 is expert parallelism (the m ranks of a group
+  shards of that slice from its slice mates (width F/r). A token of source rank s that chose
+  experts of group g goes once (with its experts and weights there) to the r ranks
+  g*m + q*(m/r) + s % (m/r), q = 0..r-1: each computes its slice for those experts and sends
+  back one weighted sum; the source adds up what comes back. r = 1 is expert parallelism (the m ranks of a group
   are replicas of its experts, each serving the sources s with s % m == j); r = m is sharded
   experts (no parameter gathering at all). With m = 1 both are classic expert parallelism.
 """
@@ -107,32 +108,27 @@ class ShardLayout:
         first = g * self.shard_degree + (j // width) * width
         return list(range(first, first + width))
 
-    def dispatch(self, counts_WE: np.ndarray, rank: int, code: int) -> "DispatchSplits":
-        """Host plan of method ``code`` >= 1 for ``rank`` from every rank's per-expert counts."""
-        W, m, Eg = self.world, self.shard_degree, self.experts_per_group
+    def dispatch(self, counts_WE: np.ndarray, pairs_WG: np.ndarray, rank: int, code: int) -> "DispatchSplits":
+        """Host plan of method ``code`` >= 1 for ``rank``, from every rank's (token, expert) rows
+        per expert and (token, group) pairs per expert group: a token travels once to each of
+        the r ranks serving a group it chose, however many of the group's experts it chose."""
+        W, m = self.world, self.shard_degree
         width = m // code
-        counts_WGE = counts_WE.reshape(W, self.groups, Eg)
-        block_G = counts_WGE[rank].sum(axis=1)
-        start_G = np.concatenate([[0], np.cumsum(block_G)[:-1]])
+        start_G = np.concatenate([[0], np.cumsum(pairs_WG[rank])[:-1]])
         dst = np.arange(W)
         dst_group, dst_j = dst // m, dst % m
         to_dst = (dst_j % width) == (rank % width)
-        send_W = np.where(to_dst, block_G[dst_group], 0)
-        # Received rows: from each source s serving my index, my group's experts in order.
+        send_W = np.where(to_dst, pairs_WG[rank][dst_group], 0)
         g, j = self.group_of(rank)
         src_ok = (np.arange(W) % width) == (j % width)
-        recv_WE = np.where(src_ok[:, None], counts_WGE[:, g], 0)
-        recv_W = recv_WE.sum(axis=1)
-        # Regroup received rows (source-major) into expert-major order.
-        start_WE = (np.cumsum(recv_WE.reshape(-1)) - recv_WE.reshape(-1)).reshape(W, Eg)
+        recv_W = np.where(src_ok, pairs_WG[:, g], 0)
+        counts_WGE = counts_WE.reshape(W, self.groups, self.experts_per_group)
         return DispatchSplits(
             send_W=send_W,
             recv_W=recv_W,
             send_start=start_G[dst_group[to_dst]],
-            send_len=block_G[dst_group[to_dst]],
-            regroup_start=start_WE.T.reshape(-1),
-            regroup_len=recv_WE.T.reshape(-1),
-            rows_E=recv_WE.sum(axis=0),
+            send_len=pairs_WG[rank][dst_group[to_dst]],
+            rows_E=counts_WGE[src_ok, g].sum(axis=0),
         )
 
 
@@ -140,16 +136,14 @@ class ShardLayout:
 class DispatchSplits:
     """One rank's exchange for a method r >= 1.
 
-    send_W / recv_W: rows sent to / received from each rank. send_start / send_len: the blocks
-    of local expert-grouped rows making up the send buffer, in destination order (a block is
-    the rows of one expert group, sent to each of its r destinations). regroup_start /
-    regroup_len: received rows in (local expert, source) order. rows_E: rows per local expert.
+    send_W / recv_W: (token, group) pairs sent to / received from each rank. send_start /
+    send_len: the blocks of this rank's pairs (ordered by group, then token) making up the send
+    buffer, in destination order (a group's block goes to each of its r destinations).
+    rows_E: (token, expert) rows this rank computes per local expert.
     """
 
     send_W: np.ndarray
     recv_W: np.ndarray
     send_start: np.ndarray
     send_len: np.ndarray
-    regroup_start: np.ndarray
-    regroup_len: np.ndarray
     rows_E: np.ndarray

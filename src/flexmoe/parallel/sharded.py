@@ -93,7 +93,8 @@ class ShardedExperts(nn.Module):
         fields = self._fields(x_TD.dtype, plan.row_weight_N.dtype, build_graph)
         timeout = self.adaptive.timeout_s
         check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, timeout, x_TD.device)
-        counts_WE = self._all_gather_counts(plan.counts_E)
+        pairs = _TokenGroups.of(plan, self.layout)
+        counts_WE, pairs_WG = self._all_gather_counts(plan.counts_E, pairs.pairs_G)
         level = MethodTuner.level(counts_WE)
         phase = None
         if self._fixed is not None:
@@ -103,14 +104,14 @@ class ShardedExperts(nn.Module):
             if phase == RESOLVE:
                 code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
         start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
-        x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
         if code == DP:
             gate_up, down = self._gathered(DP)
+            x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
             y_ND = expert_ffn(x_ND, gate_up, down, plan.offsets_E, plan.row_weight_N, self.config.activation,
                               use_triton)
+            y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         else:
-            y_ND = self._spread(x_ND, plan, counts_WE, code, use_triton)
-        y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
+            y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton)
         if phase == TRIAL:
             self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
         if build_graph and self.size > 1:
@@ -120,22 +121,32 @@ class ShardedExperts(nn.Module):
         self.last_method, self.last_counts_WE = code, counts_WE
         return y_TD
 
-    def _spread(self, x_ND, plan: DispatchPlan, counts_WE: np.ndarray, code: int, use_triton: bool) -> torch.Tensor:
-        """Method r >= 1: each row to r ranks, each computes a slice F / r, partial sums back."""
-        device, dtype = x_ND.device, x_ND.dtype
-        splits = self.layout.dispatch(counts_WE, self.rank, code)
+    def _spread(self, x_TD, pairs: "_TokenGroups", counts_WE, pairs_WG, code: int, use_triton: bool) -> torch.Tensor:
+        """Method r >= 1: each (token, group) pair to r ranks, each computes its slice F / r of
+        the pair's experts and returns their weighted sum; the source adds up the partials."""
+        device, dtype = x_TD.device, x_TD.dtype
+        T, D = x_TD.shape
+        K = pairs.local_PK.shape[1]
+        splits = self.layout.dispatch(counts_WE, pairs_WG, self.rank, code)
         gate_up, down = self._gathered(code)
         send_index = index_from_ranges(splits.send_start, splits.send_len, device)
-        x_recv = self._exchange(x_ND.index_select(0, send_index), splits.send_W, splits.recv_W)
-        order = index_from_ranges(splits.regroup_start, splits.regroup_len, device)
+        token_S = pairs.token_P.index_select(0, send_index)
+        payload = torch.cat([x_TD.index_select(0, token_S), pairs.weight_PK.index_select(0, send_index).to(dtype)], 1)
+        received = self._exchange(payload, splits.send_W, splits.recv_W)
+        local_RK = self._exchange(pairs.local_PK.index_select(0, send_index), splits.send_W, splits.recv_W)
+        x_RD, weight_RK = received[:, :D], received[:, D:]
+        # Expand the received pairs to (pair, k) rows grouped by local expert.
+        R = local_RK.shape[0]
+        flat = local_RK.reshape(-1)
+        key = torch.where(flat >= 0, flat * (R * K) + torch.arange(R * K, device=device), self.layout.experts_per_group * R * K)
+        row_key = torch.sort(key).indices[:int(splits.rows_E.sum())]
+        row_pair = row_key // K
         offsets = torch.from_numpy(np.cumsum(splits.rows_E).astype(np.int32)).to(device)
-        ones = torch.ones(order.shape[0], dtype=plan.row_weight_N.dtype, device=device)
-        out_grouped = expert_ffn(x_recv.index_select(0, order), gate_up, down, offsets, ones,
-                                 self.config.activation, use_triton)
-        out_recv = x_recv.new_zeros(x_recv.shape).index_copy(0, order, out_grouped)
-        out_back = self._exchange(out_recv, splits.recv_W, splits.send_W)
-        partial_ND = x_ND.new_zeros(x_ND.shape).index_add(0, send_index, out_back)
-        return partial_ND * plan.row_weight_N.to(dtype).unsqueeze(1)
+        out_rows = expert_ffn(x_RD.index_select(0, row_pair), gate_up, down, offsets,
+                              weight_RK.reshape(-1).index_select(0, row_key), self.config.activation, use_triton)
+        out_RD = x_RD.new_zeros((R, D)).index_add(0, row_pair, out_rows)
+        back = self._exchange(out_RD, splits.recv_W, splits.send_W)
+        return x_TD.new_zeros((T, D)).index_add(0, token_S, back)
 
     # ---- parameters: shards <-> gathered <-> logical -------------------------------------------
 
@@ -207,12 +218,16 @@ class ShardedExperts(nn.Module):
             return rows
         return all_to_all_v(rows, send_W.tolist(), recv_W.tolist(), self.ep_group.group)
 
-    def _all_gather_counts(self, counts_E: torch.Tensor) -> np.ndarray:
-        counts = counts_E.detach().to(torch.int64)
+    def _all_gather_counts(self, counts_E: torch.Tensor, pairs_G: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's rows per expert ``[W, E]`` and (token, group) pairs per group ``[W, G]``."""
+        mine = torch.cat([counts_E.detach().to(torch.int64), pairs_G.to(torch.int64)])
         if self.size == 1:
-            return counts.cpu().numpy()[None]
-        return all_gather_ints(self.ep_group, counts, self.adaptive.timeout_s,
-                               "the counts of an adaptive MoE layer's forward").cpu().numpy()
+            everyone = mine.cpu().numpy()[None]
+        else:
+            everyone = all_gather_ints(self.ep_group, mine, self.adaptive.timeout_s,
+                                       "the counts of an adaptive MoE layer's forward").cpu().numpy()
+        E = counts_E.shape[0]
+        return everyone[:, :E], everyone[:, E:]
 
     def _fields(self, dtype, weight_dtype, backward_expected: bool) -> dict[str, str]:
         """Everything the ranks must agree on before this layer's collectives."""
@@ -227,6 +242,37 @@ class ShardedExperts(nn.Module):
             "backward expected": str(backward_expected),
         })
         return fields
+
+
+@dataclasses.dataclass
+class _TokenGroups:
+    """This rank's (token, expert group) pairs, ordered by group then token (P pairs).
+
+    token_P: the local token. local_PK: for each of the token's K choices, its expert's index in
+    the group (-1: another group, or dropped). weight_PK: the routing weights (0 where -1).
+    pairs_G: pairs per group (device).
+    """
+
+    token_P: torch.Tensor
+    local_PK: torch.Tensor
+    weight_PK: torch.Tensor
+    pairs_G: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: DispatchPlan, layout: ShardLayout) -> "_TokenGroups":
+        G, Eg = layout.groups, layout.experts_per_group
+        row_TK = plan.pair_row_TK
+        kept_TK = row_TK >= 0
+        expert_TK = torch.searchsorted(plan.offsets_E.to(torch.int64), row_TK.clamp_min(0), right=True)
+        group_TK = torch.where(kept_TK, expert_TK // Eg, -1)
+        present_GT = (group_TK.unsqueeze(0) == torch.arange(G, device=row_TK.device).view(G, 1, 1)).any(dim=2)
+        group_P, token_P = torch.nonzero(present_GT, as_tuple=True)
+        mine_PK = group_TK.index_select(0, token_P) == group_P.unsqueeze(1)
+        local_PK = torch.where(mine_PK, expert_TK.index_select(0, token_P) % Eg, -1).to(torch.int32)
+        weight_TK = plan.row_weight_N.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(row_TK.shape)
+        weight_PK = torch.where(mine_PK, weight_TK.index_select(0, token_P), torch.zeros((), dtype=weight_TK.dtype,
+                                                                                           device=weight_TK.device))
+        return cls(token_P, local_PK, weight_PK, present_GT.sum(dim=1))
 
 
 def _join_gate_up(rows: torch.Tensor, groups: int, width: int, shard_shape, halves: int) -> torch.Tensor:
