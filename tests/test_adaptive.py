@@ -286,7 +286,8 @@ def case_disagreement_is_reported_on_every_rank(rank, world):
 
 def case_checkpoint_across_world_sizes_and_methods(rank, world):
     """Saved by 4 ranks (m = 2), loaded by 2 ranks with m = 2 and another method, by one device,
-    and back by 4 ranks with m = 4; one-device outputs are the reference."""
+    by an expert-parallel layer, and back by 4 ranks with m = 4; one-device outputs are the
+    reference."""
     cfg = _config(num_experts=2)
     torch.manual_seed(7)
     four = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="sharded")).double()
@@ -301,9 +302,11 @@ def case_checkpoint_across_world_sizes_and_methods(rank, world):
     two.load_state_dict(state)
     back = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method=2, shard_degree=4)).double()
     back.load_state_dict(one.state_dict())
+    ep = MoELayer(cfg, ep_group=dist.group.WORLD).double()  # expert parallelism with placement slots
+    ep.load_state_dict(state)
     x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(50 + rank))
     want = one(x)
-    for name, layer in (("saved", four), ("2 ranks", two), ("4 ranks, m=4", back)):
+    for name, layer in (("saved", four), ("2 ranks", two), ("4 ranks, m=4", back), ("EP layer", ep)):
         _check(f"{name} output", layer(x), want)
     for k, v in one.state_dict().items():
         _check(f"{k} round trip", back.state_dict()[k], v)
