@@ -110,7 +110,7 @@ def measured_table(shape: tuple[int, int, int, int], tokens: int, iters: int) ->
         m = layer.experts.layout.shard_degree
         x = torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True,
                         generator=torch.Generator(device).manual_seed(rank))
-        warmup = 3 + (len(layer.experts.candidates) + 1 if method == "auto" else 0)
+        warmup = 3 + (2 * len(layer.experts.candidates) + 1 if method == "auto" else 0)
         times = []
         for i in range(iters + warmup):
             dist.barrier()

@@ -33,12 +33,15 @@ class AdaptiveConfig:
         experts, E divisible by G. None: the smallest m with E * m divisible by W that
         divides d_ff (m = 1, whole experts, when W divides E).
     candidates: methods "auto" tries (names or ints r); None = "dp" and every divisor of m.
+    trials: forwards "auto" times each candidate for at a new load level (it keeps the best;
+        the first round also warms each path up), >= 1.
     timeout_s: the longest a control collective of this layer waits for the other ranks.
     """
 
     method: Union[MethodName, int] = "auto"
     shard_degree: int | None = None
     candidates: tuple[Union[str, int], ...] | None = None
+    trials: int = 2
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -55,6 +58,9 @@ class AdaptiveConfig:
                     f"or ints r >= 1, got {self.candidates!r}"
                 )
             self.candidates = cands
+        n = self.trials
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"AdaptiveConfig.trials must be an int >= 1, got {n!r}")
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"AdaptiveConfig.timeout_s must be a finite number > 0, got {t!r}")

@@ -57,7 +57,7 @@ class ShardedExperts(nn.Module):
         whole = GroupedExperts(config)
         self.gate_up_proj = nn.Parameter(self._shard_gate_up(whole.gate_up_proj.detach()).clone())
         self.down_proj = nn.Parameter(self._shard_down(whole.down_proj.detach()).clone())
-        self.tuner = MethodTuner(self.candidates)
+        self.tuner = MethodTuner(self.candidates, adaptive.trials)
         self.last_method: int | None = None
         self.last_counts_WE: np.ndarray | None = None
         self.forward_steps = 0
