@@ -16,4 +16,13 @@ from .groups import EPGroup
 from .sharded import ShardedExperts
 from .tuning import MemoryReport
 
-__all__ = ["AdaptiveConfig", "EPGroup", "MemoryReport", "ParallelConfig", "ParallelExperts", "ShardedExperts", "all_to_all_v", "ep_stage"]
+__all__ = [
+    "AdaptiveConfig",
+    "EPGroup",
+    "MemoryReport",
+    "ParallelConfig",
+    "ParallelExperts",
+    "ShardedExperts",
+    "all_to_all_v",
+    "ep_stage",
+]

@@ -1,7 +1,8 @@
 """ShardedExperts: the expert stage of an adaptive MoE layer (Tutel's adaptive parallelism).
 
 Legend: W ranks, E experts, Eg experts per group, m shard degree, Fm = F / m shard width,
-H = 2 (gated) or 1, D width, T local tokens, N local expert-grouped rows, r spread (0 = dp).
+H = 2 (gated) or 1, D width, T local tokens, N local expert-grouped rows, K experts per token,
+P this rank's (token, group) pairs, R pairs received, r spread (0 = dp).
 Every rank keeps its shards ``gate_up_proj [Eg, H*Fm, D]`` and ``down_proj [Eg, D, Fm]`` for
 good (layout in shard_layout.py); each forward runs one method on them, chosen per load level
 (adaptive.py) or fixed. Gathered weights live for one step only and their gradients flow back to
@@ -137,8 +138,9 @@ class ShardedExperts(nn.Module):
         x_RD, weight_RK = received[:, :D], received[:, D:]
         # Expand the received pairs to (pair, k) rows grouped by local expert.
         R = local_RK.shape[0]
-        flat = local_RK.reshape(-1)
-        key = torch.where(flat >= 0, flat * (R * K) + torch.arange(R * K, device=device), self.layout.experts_per_group * R * K)
+        flat = local_RK.reshape(-1).to(torch.int64)
+        past_end = self.layout.experts_per_group * R * K
+        key = torch.where(flat >= 0, flat * (R * K) + torch.arange(R * K, device=device), past_end)
         row_key = torch.sort(key).indices[:int(splits.rows_E.sum())]
         row_pair = row_key // K
         offsets = torch.from_numpy(np.cumsum(splits.rows_E).astype(np.int32)).to(device)
