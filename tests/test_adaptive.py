@@ -179,14 +179,16 @@ def test_placement_with_adaptive_is_refused():
 # ----------------------------------------------------------------------------------------------
 
 
-def _train(cfg, make_layer, rank: int, world: int, tokens: list[int], steps: int = 3, before_step=None, bias=None):
+def _train(cfg, make_layer, rank: int, world: int, tokens: list[int], steps: int = 3, before_step=None, bias=None,
+           dtype=torch.float64, tol=F64_TOL, expert_dp_group=None):
     """Train the adaptive layer and a one-device MoELayer side by side (same seed, same global
     batch); rank r's loss is ``W * sum(y_r * g_r) / N`` plus its scaled router loss. Returns the
-    adaptive layer after ``steps`` SGD (momentum) steps, checked step by step."""
+    adaptive layer after ``steps`` SGD (momentum) steps, checked step by step. expert_dp_group:
+    the ranks holding the same shards in other expert groups (handed to sync_gradients)."""
     torch.manual_seed(1234)
-    ref = MoELayer(cfg).double()
+    ref = MoELayer(cfg).to(dtype)
     torch.manual_seed(1234)
-    layer = make_layer(cfg).double()
+    layer = make_layer(cfg).to(dtype)
     if bias is not None:
         for m in (ref, layer):
             m.router.expert_bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
@@ -199,23 +201,23 @@ def _train(cfg, make_layer, rank: int, world: int, tokens: list[int], steps: int
         if before_step is not None:
             before_step(layer, step)
         gen = torch.Generator().manual_seed(100 + step)
-        X = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64) for t in tokens]
-        G = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64) for t in tokens]
+        X = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64).to(dtype) for t in tokens]
+        G = [torch.randn(t, cfg.d_model, generator=gen, dtype=torch.float64).to(dtype) for t in tokens]
         x_ref = [x.clone().requires_grad_() for x in X]
         Y = ref(torch.cat(x_ref))
         ((Y * torch.cat(G)).sum() / N + ref.aux_loss).backward()
         x = X[rank].clone().requires_grad_()
         y = layer(x)
         (world * (y * G[rank]).sum() / N + layer.aux_loss * world * tokens[rank] / N).backward()
-        sync_gradients(layer)
-        _check(f"step {step} output", y, Y.split(tokens)[rank])
-        _check(f"step {step} input grad", x.grad / world, x_ref[rank].grad)
+        sync_gradients(layer, expert_dp_group=expert_dp_group)
+        _check(f"step {step} output", y, Y.split(tokens)[rank], tol)
+        _check(f"step {step} input grad", x.grad / world, x_ref[rank].grad, tol)
         for o in (opt_ref, opt):
             o.step()
             o.zero_grad()
     state = layer.state_dict()
     for k, v in ref.state_dict().items():
-        _check(f"{k} after {steps} steps", state[k], v)
+        _check(f"{k} after {steps} steps", state[k], v, tol)
     return layer
 
 
@@ -274,6 +276,23 @@ def case_one_token(rank, world):
         _train(cfg, _adaptive(method=method, shard_degree=2), rank, world, [1] + [0] * (world - 1))
 
 
+def case_float32(rank, world):
+    cfg = _config(num_experts=4)
+    for method in ("dp", "ep", "sharded"):
+        _train(cfg, _adaptive(method=method, shard_degree=2), rank, world, [7, 5], dtype=torch.float32, tol=1e-5)
+
+
+def case_expert_groups_smaller_than_the_world(rank, world):
+    """Two adaptive expert groups of 2 ranks ({0, 1}, {2, 3}), data parallel between them: shard
+    gradients are summed over the ranks holding the same shards ({0, 2}, {1, 3})."""
+    pairs = dist.new_group([0, 1]), dist.new_group([2, 3])
+    across = dist.new_group([0, 2]), dist.new_group([1, 3])
+    cfg = _config(num_experts=2)
+    for method in ("dp", "sharded"):
+        _train(cfg, _adaptive(pairs[rank // 2], method=method, shard_degree=2), rank, world, [7, 5, 3, 6],
+               expert_dp_group=across[rank % 2])
+
+
 def case_disagreement_is_reported_on_every_rank(rank, world):
     cfg = _config()
     layer = MoELayer(cfg, ep_group=dist.group.WORLD, parallel=AdaptiveConfig(method="dp")).double()
@@ -324,6 +343,7 @@ CASES = {
         "rank_without_tokens_one_hot_expert": case_rank_without_tokens_and_one_hot_expert,
         "one_token": case_one_token,
         "disagreement": case_disagreement_is_reported_on_every_rank,
+        "float32": case_float32,
     },
     4: {
         "methods_E2_lt_W": _case_methods(dict(num_experts=2)),
@@ -331,6 +351,7 @@ CASES = {
         "auto_agrees": case_auto_agrees_across_ranks,
         "rank_without_tokens_one_hot_expert": case_rank_without_tokens_and_one_hot_expert,
         "checkpoint_4_2_1_4": case_checkpoint_across_world_sizes_and_methods,
+        "expert_groups_smaller_than_world": case_expert_groups_smaller_than_the_world,
     },
 }
 
