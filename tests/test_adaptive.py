@@ -303,6 +303,13 @@ def case_disagreement_is_reported_on_every_rank(rank, world):
     layer.experts.set_method("ep")
     layer.experts.forward_steps = 0
     layer(torch.randn(2, 8, dtype=torch.float64)).sum().backward()  # the group still works afterwards
+    # Rank 0 goes into the backward while rank 1 runs another forward: both raise, nobody hangs.
+    y = layer(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(AgreementError, match="different points"):
+        if rank == 0:
+            y.sum().backward()
+        else:
+            layer(torch.randn(2, 8, dtype=torch.float64))
 
 
 def case_checkpoint_across_world_sizes_and_methods(rank, world):
