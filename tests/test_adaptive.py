@@ -24,6 +24,7 @@ from flexmoe.parallel.agreement import AgreementError
 from flexmoe.parallel.adaptive_cost import method_cost
 from flexmoe.parallel.shard_layout import DP, ShardLayout, default_shard_degree
 from flexmoe.runtime import expert_parameters, sync_gradients
+from flexmoe.train import checkpoint as ckpt
 from helpers import run_cases_in_processes
 
 F64_TOL = 1e-10
@@ -338,6 +339,17 @@ def case_checkpoint_across_world_sizes_and_methods(rank, world):
         _check(f"{name} output", layer(x), want)
     for k, v in one.state_dict().items():
         _check(f"{k} round trip", back.state_dict()[k], v)
+    # Optimizer state (momentum) goes logical and back like the weights (flexmoe train's resume).
+    opt = torch.optim.SGD(four.parameters(), lr=0.1, momentum=0.9)
+    four(x).square().sum().backward()
+    opt.step()
+    saved = ckpt.optimizer_state_by_name(four, opt)
+    mine = {k: v["momentum_buffer"].clone() for k, v in saved["state"].items()}
+    logical = ckpt.optimizer_state_to_logical(four, saved)
+    assert logical["state"]["experts.gate_up_proj"]["momentum_buffer"].shape == (2, 16, 8)
+    restored = ckpt.optimizer_state_to_slots(four, logical)
+    for k, v in mine.items():
+        assert torch.equal(restored["state"][k]["momentum_buffer"], v), f"{k}: optimizer state round trip"
     assert {id(p) for p in expert_parameters(back)} == {id(back.experts.gate_up_proj), id(back.experts.down_proj)}
 
 

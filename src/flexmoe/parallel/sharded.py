@@ -182,26 +182,46 @@ class ShardedExperts(nn.Module):
         Fm, D = lay.d_ff // lay.shard_degree, logical_EDF.shape[1]
         return logical_EDF.reshape(lay.groups, lay.experts_per_group, D, lay.shard_degree, Fm)[g, :, :, j]
 
+    def logical(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+        """The logical ``[E, ...]`` view of a tensor shaped like parameter ``name``'s shard (the
+        parameter itself, or its optimizer state): collective over the group, no gradient."""
+        gate_up = name == "gate_up_proj"
+        if self.size == 1:
+            return shard.detach().clone()
+        members = self.layout.gather_members(self.rank, DP)
+        send_W = np.full(self.size, shard.shape[0], dtype=np.int64)
+        with torch.no_grad():
+            received = self._exchange(shard.detach().repeat((len(members),) + (1,) * (shard.dim() - 1)), send_W, send_W)
+        if gate_up:
+            return _join_gate_up(received, self.layout.groups, self.layout.shard_degree, shard.shape, self.layout.halves)
+        return _join_down(received, self.layout.groups, self.layout.shard_degree, shard.shape)
+
+    def logical_shape(self, name: str) -> tuple[int, int, int]:
+        """Shape of parameter ``name`` in the logical (one-device) view."""
+        cfg = self.config
+        if name == "gate_up_proj":
+            return (cfg.num_experts, self.layout.halves * cfg.d_ff, cfg.d_model)
+        return (cfg.num_experts, cfg.d_model, cfg.d_ff)
+
+    def shard(self, name: str, logical: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a logical ``[E, ...]`` tensor shaped like parameter ``name``."""
+        return (self._shard_gate_up if name == "gate_up_proj" else self._shard_down)(logical).contiguous()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """Every expert whole, in logical order ``[E, ...]`` (collective over the group)."""
         dtype = self.gate_up_proj.dtype
         fields = self._fields(dtype, dtype, False)
         check_envelope(self.ep_group, STATE, self.forward_steps, fields, self.adaptive.timeout_s,
                        self.gate_up_proj.device)
-        with torch.no_grad():
-            gate_up, down = self._gathered(DP)
-        for name, value in (("gate_up_proj", gate_up), ("down_proj", down)):
-            destination[prefix + name] = value.detach() if keep_vars else value.detach().clone()
+        for name, param in self.named_parameters(recurse=False):
+            destination[prefix + name] = self.logical(name, param)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """Take the logical view (from any world size and method, or a one-device layer) and keep
         this rank's shards."""
-        cfg = self.config
-        logical = {"gate_up_proj": (self._shard_gate_up, (cfg.num_experts, self.layout.halves * cfg.d_ff, cfg.d_model)),
-                   "down_proj": (self._shard_down, (cfg.num_experts, cfg.d_model, cfg.d_ff))}
-        for name, (shard, shape) in logical.items():
-            key = prefix + name
+        for name in ("gate_up_proj", "down_proj"):
+            key, shape = prefix + name, self.logical_shape(name)
             if key not in state_dict:
                 continue
             value = state_dict[key]
@@ -209,7 +229,7 @@ class ShardedExperts(nn.Module):
                 error_msgs.append(f"{key}: an adaptive MoE layer loads the logical view {shape} (any world size), "
                                   f"got {tuple(value.shape)}")
                 continue
-            state_dict[key] = shard(value.to(getattr(self, name).device)).contiguous()
+            state_dict[key] = self.shard(name, value.to(getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
