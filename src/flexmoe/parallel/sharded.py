@@ -27,9 +27,8 @@ from ..plan import DispatchPlan
 from .adaptive import RESOLVE, TRIAL, MethodTuner
 from .adaptive_config import AdaptiveConfig
 from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope
-from .comm import all_to_all_v
+from .comm import all_to_all_v, index_from_ranges
 from .groups import EPGroup
-from .layout import index_from_ranges
 from .shard_layout import DP, ShardLayout
 
 _PER_RANK_FIELDS = ("timeout_s",)
@@ -253,9 +252,9 @@ class ShardedExperts(nn.Module):
 
     def _fields(self, dtype, weight_dtype, backward_expected: bool) -> dict[str, str]:
         """Everything the ranks must agree on before this layer's collectives."""
-        fields = {f"config.{k}": repr(v) for k, v in dataclasses.asdict(self.config).items()}
-        fields.update({f"adaptive.{k}": repr(v) for k, v in dataclasses.asdict(self.adaptive).items()
-                       if k not in _PER_RANK_FIELDS})
+        fields = {f"config.{f.name}": repr(getattr(self.config, f.name)) for f in dataclasses.fields(self.config)}
+        fields.update({f"adaptive.{f.name}": repr(getattr(self.adaptive, f.name)) for f in dataclasses.fields(self.adaptive)
+                       if f.name not in _PER_RANK_FIELDS})
         fields.update({
             "fixed method": repr(self._fixed),
             "method tuner": self.tuner.state(),
