@@ -10,3 +10,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_cases_in_processes(world: int, module: str, out_dir: str, timeout_s: float) -> list[dict]:
+    """Spawn ``world`` gloo processes that each run ``module.run_cases(rank, world, port)`` (a
+    dict case name -> "ok" or a traceback) and return every rank's dict; a rank that wrote
+    nothing (crashed, hung past ``timeout_s``) fails the calling test."""
+    import json
+    import os
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_case_worker, args=(module, r, world, port, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        if not os.path.exists(path):
+            pytest.fail(f"rank {r} of {world} wrote no results (crashed or timed out after {timeout_s} s)")
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+def _case_worker(module: str, rank: int, world: int, port: int, out_dir: str) -> None:
+    import importlib
+    import json
+    import os
+
+    results = importlib.import_module(module).run_cases(rank, world, port)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)

@@ -1,7 +1,8 @@
 """flexmoe: fast, exact Mixture-of-Experts training for PyTorch.
 
 What a training script needs: the layer (``MoEConfig``, ``MoELayer``), the per-step object
-(``MoERuntime``, with ``aux_loss``), expert parallelism (``EPGroup``, ``ParallelConfig``) and
+(``MoERuntime``, with ``aux_loss``), expert parallelism (``EPGroup``, ``ParallelConfig``; ``AdaptiveConfig`` for Tutel-style adaptive
+parallelism over sharded experts) and
 dynamic placement (``PlacementTable``, ``PlacementScheduler``, ``make_planner``). Everything else
 lives in its subpackage: ``flexmoe.routing``, ``flexmoe.parallel``, ``flexmoe.placement``
 (planning), ``flexmoe.runtime`` (between steps), ``flexmoe.sim``, ``flexmoe.models``,
@@ -18,6 +19,7 @@ import importlib.util
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "AdaptiveConfig": ".parallel",
     "DTSGateConfig": ".config",
     "EPGroup": ".parallel",
     "MoEConfig": ".config",

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from .plan import DispatchPlan
 
 
+def expert_ffn(x_ND: torch.Tensor, gate_up_EHD: torch.Tensor, down_EDF: torch.Tensor, offsets_E: torch.Tensor,
+               scale_N: torch.Tensor, activation: str, use_triton: bool, per_expert: bool = False) -> torch.Tensor:
+    """``scale[i] * FFN_e(x[i])`` with the given weights (whole experts or slices of their width:
+    ``flexmoe.parallel`` runs it on gathered and sharded weights). Rows past ``offsets_E[-1]``
+    give zeros; weights are cast to the rows' dtype. ``per_expert``: one GEMM per expert
+    (``kernels="per_expert"``) instead of the grouped GEMM."""
+    h_NH = grouped_mm(x_ND, gate_up_EHD.to(x_ND.dtype), offsets_E, per_expert)
+    a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], activation, use_triton)
+    return grouped_mm(a_NF, down_EDF.to(x_ND.dtype), offsets_E, per_expert)
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` FFNs applied to expert-grouped rows with two grouped GEMMs."""
 
@@ -45,10 +56,8 @@ class GroupedExperts(nn.Module):
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
         unless running under autocast with float32 parameters).
         """
-        per_expert = self.config.kernels == "per_expert"
-        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E, per_expert)
-        a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
-        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+        return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, self.config.activation,
+                          use_triton, self.config.kernels == "per_expert")
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:

@@ -13,7 +13,7 @@ from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
 from .ops._backend import use_triton as resolve_use_triton
 from .ops.checks import check_finite
-from .parallel import EPGroup, ParallelConfig, ParallelExperts
+from .parallel import AdaptiveConfig, EPGroup, ParallelConfig, ParallelExperts, ShardedExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
 from .routing import make_router, router_loss
@@ -32,8 +32,10 @@ class MoELayer(nn.Module):
     The expert stage is chosen here, once: ``GroupedExperts`` (all experts local), or with
     ``ep_group`` (a process group or ``flexmoe.parallel.EPGroup``), ``placement`` (a
     ``PlacementTable``), ``slots_per_rank`` or ``parallel`` a ``flexmoe.parallel.ParallelExperts``
-    holding only this rank's slots, the table and the group (docs/parallel.md); ``state_dict()``
-    holds the logical view of all experts either way.
+    holding only this rank's slots, the table and the group; or with ``parallel`` a
+    ``flexmoe.parallel.AdaptiveConfig`` a ``ShardedExperts`` holding this rank's shards of the
+    experts, run data-parallel, expert-parallel or sharded per step (docs/parallel.md).
+    ``state_dict()`` holds the logical view of all experts either way.
     """
 
     def __init__(
@@ -43,14 +45,22 @@ class MoELayer(nn.Module):
         *,
         placement: PlacementTable | None = None,
         slots_per_rank: int | None = None,
-        parallel: ParallelConfig | None = None,
+        parallel: ParallelConfig | AdaptiveConfig | None = None,
     ):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
         self.config = config
         self.router = make_router(config)
-        if ep_group is None and placement is None and slots_per_rank is None and parallel is None:
+        if isinstance(parallel, AdaptiveConfig):
+            if placement is not None or slots_per_rank is not None:
+                raise ValueError(
+                    "MoELayer: parallel=AdaptiveConfig(...) (sharded experts, adaptive methods) does not compose "
+                    "with placement= / slots_per_rank= (replicas of sharded experts are not supported); "
+                    "use one or the other"
+                )
+            self.experts = ShardedExperts(config, ep_group, parallel)
+        elif ep_group is None and placement is None and slots_per_rank is None and parallel is None:
             self.experts = GroupedExperts(config)
         else:
             self.experts = ParallelExperts(config, ep_group, placement, slots_per_rank, parallel)

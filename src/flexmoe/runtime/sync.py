@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..parallel import ParallelExperts
+from ..parallel import ParallelExperts, ShardedExperts
 from ..parallel.agreement import SYNC, check_envelope
 from ..placement.table import table_digest
 
@@ -32,9 +32,16 @@ def ep_stages(model: nn.Module) -> list[ParallelExperts]:
     return [m for m in model.modules() if isinstance(m, ParallelExperts)]
 
 
+def sharded_stages(model: nn.Module) -> list[ShardedExperts]:
+    """The adaptive (sharded-expert) stages of ``model``'s MoE layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, ShardedExperts)]
+
+
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of expert-parallel experts (sharded by placement, not replicated)."""
-    return [p for stage in ep_stages(model) for p in stage.parameters()]
+    """Parameters of expert-parallel experts (sharded by placement or by adaptive layers, not
+    replicated)."""
+    stages = ep_stages(model) + sharded_stages(model)
+    return [p for stage in stages for p in stage.parameters()]
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -61,15 +68,19 @@ def sync_gradients(
 def check_sync_point(model: nn.Module) -> None:
     """Raise on every rank of an EP group whose ranks are not all at this gradient sync with
     equal forward steps of every EP layer (one small all-gather per EP group)."""
-    by_group: dict[int, list[ParallelExperts]] = {}
-    for stage in ep_stages(model):
+    by_group: dict[int, list] = {}
+    for stage in ep_stages(model) + sharded_stages(model):
         if stage.size > 1:
             by_group.setdefault(id(stage.ep_group.group), []).append(stage)
     for stages in by_group.values():
         steps = [stage.forward_steps for stage in stages]
         fields = {"forward steps of the EP layers": repr(steps)}
-        timeout = min(stage.parallel.timeout_s for stage in stages)
+        timeout = min(_timeout_s(stage) for stage in stages)
         check_envelope(stages[0].ep_group, SYNC, steps[0], fields, timeout, stages[0].gate_up_proj.device)
+
+
+def _timeout_s(stage: ParallelExperts | ShardedExperts) -> float:
+    return stage.adaptive.timeout_s if isinstance(stage, ShardedExperts) else stage.parallel.timeout_s
 
 
 def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
@@ -113,6 +124,11 @@ def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group) -> None:
             p.grad[empty] = 0
     _sum_replicas(stages)
     grads = [p.grad for stage in stages for p in _trainable(stage)]
+    # A shard's gradient already holds every rank's tokens (the exchanges sent them back).
+    for p in (p for stage in sharded_stages(model) for p in _trainable(stage)):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
     if expert_dp_group is not None:
         _check_same_tables(stages, expert_dp_group, grads[0].device if grads else torch.device("cpu"))
         _all_reduce(grads, expert_dp_group, average=False)
@@ -137,7 +153,7 @@ def _check_same_tables(stages: list[ParallelExperts], group: dist.ProcessGroup, 
         )
 
 
-def _trainable(stage: ParallelExperts) -> list[nn.Parameter]:
+def _trainable(stage: ParallelExperts | ShardedExperts) -> list[nn.Parameter]:
     return [p for p in stage.parameters() if p.requires_grad]
 
 

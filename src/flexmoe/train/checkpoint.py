@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..parallel import ParallelExperts
+from ..parallel import ParallelExperts, ShardedExperts
 from ..parallel.checkpoint import logical_rows, slot_rows
 
 FORMAT = 1
@@ -420,13 +420,20 @@ def _ep_expert_params(model: nn.Module) -> dict[str, ParallelExperts]:
 
 def optimizer_state_to_logical(model: nn.Module, saved: dict) -> dict:
     """Expert rows of the optimizer state (this rank's slots) -> all experts in logical order,
-    each from its first replica (replicas hold equal state). Collective over each EP group."""
+    each from its first replica (replicas hold equal state); adaptive layers' shards -> whole
+    experts. Collective over each EP group."""
     for name, stage in _ep_expert_params(model).items():
         state = saved["state"].get(name)
         slots = stage.placement.slots_per_rank
         for key, value in list((state or {}).items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == slots:
                 state[key] = logical_rows(stage.ep_group, stage.placement, value).cpu()
+    for name, (stage, pname) in _sharded_expert_params(model).items():
+        state = saved["state"].get(name)
+        shape = getattr(stage, pname).shape
+        for key, value in list((state or {}).items()):
+            if isinstance(value, torch.Tensor) and value.shape == shape:
+                state[key] = stage.logical(pname, value).cpu()
     return saved
 
 
@@ -438,4 +445,19 @@ def optimizer_state_to_slots(model: nn.Module, saved: dict) -> dict:
         for key, value in list((state or {}).items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == E:
                 state[key] = slot_rows(stage.placement, stage.rank, value)
+    for name, (stage, pname) in _sharded_expert_params(model).items():
+        state = saved["state"].get(name)
+        for key, value in list((state or {}).items()):
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == stage.logical_shape(pname):
+                state[key] = stage.shard(pname, value)
     return saved
+
+
+def _sharded_expert_params(model: nn.Module) -> dict[str, tuple[ShardedExperts, str]]:
+    """Parameter name -> (its adaptive sharded stage, the name within the stage)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ShardedExperts):
+            for pname, _ in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = (module, pname)
+    return out
