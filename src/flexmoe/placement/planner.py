@@ -79,9 +79,10 @@ def pack(
 ) -> np.ndarray:
     """Place ``reps_E[e]`` replicas of every expert; returns ``slot_expert_WS``.
 
-    With ``keep``, each expert (heaviest per replica first) keeps up to ``reps_E[e]`` of its
-    current locations, preferring the ranks with most affinity (tokens sent from there), then the
-    least loaded so far, then the lowest rank: a replica being dropped is the one that serves
+    With ``keep``, each expert keeps up to ``reps_E[e]`` of its current locations: first the
+    experts that keep them all, then the shrinking ones (heaviest per replica first), preferring
+    the ranks with most affinity (tokens sent from there), then the least loaded so far, then
+    the lowest rank: a replica being dropped is the one that serves
     fewest local tokens, not the highest-numbered one (which drifted experts to low ranks).
     The other replicas go heaviest first (load / replicas) onto a rank with a free slot and no
     replica of that expert yet, into its lowest free slot: the least loaded one, or with
@@ -102,7 +103,8 @@ def pack(
         where = [[] for _ in range(E)]
         for r, s in zip(*np.nonzero(keep.slot_expert_WS >= 0)):
             where[int(keep.slot_expert_WS[r, s])].append((int(r), int(s)))
-        for e in sorted(range(E), key=lambda e: (-per_E[e], e)):
+        shrinking = lambda e: len(where[e]) > reps_E[e]
+        for e in sorted(range(E), key=lambda e: (shrinking(e), -per_E[e], e)):
             spots = sorted(where[e], key=lambda rs: (-aff_WE[rs[0], e], rank_load[rs[0]], rs[0], rs[1]))
             for r, s in spots[: int(reps_E[e])]:
                 slot[r][s] = e
