@@ -31,6 +31,7 @@ class SimResult:
     compute_T, a2a_T, sync_T, move_T: its terms. bytes_moved: network bytes of all moves.
     replans: placement changes (replicas added, dropped or moved), over all layers.
     share_updates: table changes that only re-split tokens among the same replicas.
+    layer_time_TL: each layer's step time including its moves.
     """
 
     name: str
@@ -43,6 +44,7 @@ class SimResult:
     bytes_moved: float
     replans: int
     share_updates: int
+    layer_time_TL: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {
@@ -96,6 +98,7 @@ def simulate_planner(
     replanner = Replanner(policy or ReplanPolicy(), planner, L)
     balance_TL = np.ones((T, L))
     terms_T4 = np.zeros((T, 4))
+    layer_TL = np.zeros((T, L))
     bytes_moved, replans, share_updates = 0.0, 0, 0
     for t in range(T):
         true_LWE = counts_TLWE[t]
@@ -109,15 +112,19 @@ def simulate_planner(
                 else:
                     replans += 1
                     bytes_moved += p.bytes_moved
-                    terms_T4[t, 3] += cost.move_time(old, new)
+                    move = cost.move_time(old, new)
+                    terms_T4[t, 3] += move
+                    layer_TL[t, layer] += move
                 tables[layer] = new
         for layer in range(L):
             step = cost.step_time(tables[layer], true_LWE[layer])
             terms_T4[t, :3] += (step.compute, step.a2a, step.sync)
+            layer_TL[t, layer] += step.total
             load_W = rank_loads(tables[layer], true_LWE[layer].sum(0))
             balance_TL[t, layer] = load_W.max() / load_W.mean() if load_W.sum() > 0 else 1.0
         replanner.observe(true_LWE)
-    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates)
+    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates,
+                     layer_TL)
 
 
 def simulate(
