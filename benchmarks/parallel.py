@@ -202,7 +202,7 @@ def bench_scaling(args, cfg, device, state) -> None:
 
 
 def _imbalance(layer) -> float:
-    return balance_ratio(layer.placement, layer.expert_parallel.last_counts_WE.sum(axis=0))
+    return balance_ratio(layer.experts.placement, layer.experts.last_counts_WE.sum(axis=0))
 
 
 def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> None:
@@ -227,8 +227,8 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
             step()
         ms = timed_ms(step, device, args.reps)
         activation_mib = _activation_mib(layer, x, device)
-        report = layer.expert_parallel.memory_report
-        rows.append([f"EP {a2a}", layer.expert_parallel.last_pipeline_degree if degree == "auto" else degree,
+        report = layer.experts.memory_report
+        rows.append([f"EP {a2a}", layer.experts.last_pipeline_degree if degree == "auto" else degree,
                      report.strategy if memory == "auto" else memory, ms, ms / base_ms,
                      f"{report.kept_bytes / 2**20:.1f}", activation_mib, rel_error(layer, reference, x)])
     print_table(f"Pipeline degree and memory strategy ({world} ranks, {args.tokens} tokens per rank, zipf({skew}), "

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import flexmoe
-from flexmoe.parallel import EPGroup, ParallelConfig, sync_gradients
+from flexmoe.parallel import EPGroup, ParallelConfig
+from flexmoe.runtime import sync_gradients
 
 
 class Block(nn.Module):
@@ -124,12 +125,12 @@ def main() -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             elapsed = time.perf_counter() - start
-            moe = model.blocks[0].moe.expert_parallel
+            moe = model.blocks[0].moe.experts
             if rank == 0:
                 print(f"step {step:4d}  loss {mean_loss.item() / world:.3f}  "
                       f"{step * args.batch * args.seq_len * world / elapsed:8.0f} tokens/s  "
                       f"pipeline {moe.last_pipeline_degree}  memory {moe.memory_report.strategy} "
-                      f"(saved {moe.activation_memory_saved / 1024:.1f} KiB in layer 0)", flush=True)
+                      f"(saved {moe.memory_report.saved_bytes / 1024:.1f} KiB in layer 0)", flush=True)
 
     state = model.state_dict()  # collective: every rank gathers the logical experts
     if args.save and rank == 0:

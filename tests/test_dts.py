@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import flexmoe
 from flexmoe.config import DTSGateConfig
-from flexmoe.routing_dts import DTSRouter, gate_temperature, gate_temperature_tensor, set_gate_step
+from flexmoe.routing.dts import DTSRouter, gate_temperature, gate_temperature_tensor, set_gate_step
 from reference import activation
 
 

@@ -26,10 +26,9 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from flexmoe import MoEConfig, MoELayer
-from flexmoe.parallel import (
-    EPGroup,
-    ParallelConfig,
-    all_to_all_v,
+from flexmoe.parallel import EPGroup, ParallelConfig, all_to_all_v
+from flexmoe.runtime import (
+    apply_placement,
     expert_parameter_names,
     expert_parameters,
     sync_expert_gradients,
@@ -185,7 +184,7 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
     for degree in (1, 2, 5):
         torch.manual_seed(0)
         ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory=memory)).double()
-        assert ep.experts.gate_up_proj.shape[0] == 7 and ep.ep_size == 1 and ep.ep_group is None
+        assert ep.experts.gate_up_proj.shape[0] == 7 and ep.experts.size == 1 and ep.experts.ep_group.group is None
         for k, v in ref.state_dict().items():
             assert torch.equal(ep.state_dict()[k], v), f"{k}: the EP layer starts from the same weights"
         x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
@@ -203,7 +202,7 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
                     logical[e] += grads[i][s]
             _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
         assert grads[2][5].abs().max() == 0, "the empty slot gets a zero gradient"
-        report = ep.expert_parallel.memory_report
+        report = ep.experts.memory_report
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
 
 
@@ -231,9 +230,9 @@ def test_layer_rejects_inconsistent_placement_arguments():
         MoELayer(cfg, placement=PlacementTable.static(8, 1), parallel=ParallelConfig(all_to_all="hierarchical"))
     layer = MoELayer(cfg, placement=PlacementTable.static(8, 1))
     with pytest.raises(ValueError, match="slots per rank"):
-        layer.set_placement(PlacementTable.static(8, 1, slots_per_rank=9))
-    with pytest.raises(RuntimeError, match="expert-parallel"):
-        MoELayer(cfg).set_placement(PlacementTable.static(8, 1))
+        layer.experts.set_placement(PlacementTable.static(8, 1, slots_per_rank=9))
+    with pytest.raises(TypeError, match="expert-parallel"):
+        apply_placement(MoELayer(cfg), PlacementTable.static(8, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,17 +346,17 @@ def case_memory_auto(env):
     for budget, expected in ((10**12, "keep"), (0, "both")):
         parallel = ParallelConfig(pipeline_degree=2, memory="auto", memory_budget_bytes=budget)
         ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5])
-        assert ep.expert_parallel.memory_report.strategy == expected
+        assert ep.experts.memory_report.strategy == expected
     parallel = ParallelConfig(memory="auto")
     ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5])
-    assert len(set(_gathered(ep.expert_parallel.memory_report.strategy))) == 1, "ranks agree"
+    assert len(set(_gathered(ep.experts.memory_report.strategy))) == 1, "ranks agree"
 
 
 def case_pipeline_auto(env):
     parallel = ParallelConfig(pipeline_degree="auto", pipeline_candidates=(1, 3))
     ep = _train_and_compare(env, _config(), _ep(parallel=parallel), [7, 5], steps=6)
-    tuner = ep.expert_parallel.tuner
-    choices = _gathered((sorted(tuner.best.items()), ep.expert_parallel.last_pipeline_degree))
+    tuner = ep.experts.tuner
+    choices = _gathered((sorted(tuner.best.items()), ep.experts.last_pipeline_degree))
     assert all(c == choices[0] for c in choices), f"ranks disagree: {choices}"
 
 
@@ -372,9 +371,9 @@ def case_all_tokens_to_one_rank(env):
     cfg = _config(bias_update_rate=1e-3)
     ep = _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=3, memory="recommunicate")),
                             [6, 4], bias=bias)
-    assert ep.expert_parallel.last_counts_WE[:, 2:].sum() == 0, "every token went to rank 0"
+    assert ep.experts.last_counts_WE[:, 2:].sum() == 0, "every token went to rank 0"
     if env.rank == 1:
-        assert ep.expert_parallel.memory_report.by_strategy["keep"] == 0, "rank 1 received no rows"
+        assert ep.experts.memory_report.by_strategy["keep"] == 0, "rank 1 received no rows"
 
 
 def case_rank_without_tokens(env):
@@ -405,7 +404,7 @@ def case_mismatch_is_reported_on_every_rank(env):
     cfg = _config()
     layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
     if env.rank == 1:
-        layer.placement.version += 1
+        layer.experts.placement.version += 1
     with pytest.raises(RuntimeError, match="disagree on placement version"):
         layer(torch.randn(3, 8, dtype=torch.float64))
     layer = MoELayer(cfg, ep_group=dist.group.WORLD).to(torch.float64 if env.rank == 0 else torch.float32)
@@ -501,7 +500,7 @@ def case_non_divisible_experts(env):
     """E = 6 on 4 ranks: 2 slots per rank, rank 3 holds none (its slots stay empty)."""
     ep = _train_and_compare(env, _config(num_experts=6), _ep(parallel=ParallelConfig(pipeline_degree=2)), TOKENS_4)
     if env.rank == 3:
-        assert (ep.placement.slot_expert_WS[3] == -1).all()
+        assert (ep.experts.placement.slot_expert_WS[3] == -1).all()
         assert ep.experts.gate_up_proj.abs().max() == 0, "empty slots never change"
 
 
@@ -519,7 +518,7 @@ def case_expert_data_parallel(env):
     """EP groups {0, 1} and {2, 3} hold all experts each; {0, 2} and {1, 3} sum their gradients."""
     ep = _train_and_compare(env, _config(), _ep(env.pair, parallel=ParallelConfig(pipeline_degree=2)), TOKENS_4,
                             expert_dp_group=env.across)
-    assert ep.ep_size == 2 and ep.ep_rank == env.rank % 2
+    assert ep.experts.size == 2 and ep.experts.rank == env.rank % 2
 
 
 def case_expert_data_parallel_rejects_different_tables(env):

@@ -12,17 +12,19 @@ import torch
 from torch import nn
 
 from flexmoe import MoEConfig, MoELayer
-from flexmoe.experts import GroupedExperts
-from flexmoe.placement import CostModel, PlacementTable, make_planner
-from flexmoe.placement.migration import (
-    apply_placement,
+from flexmoe.parallel import EPGroup, ParallelExperts
+from flexmoe.placement import (
+    CostModel,
+    PlacementTable,
     diff_placement,
     expand_replica,
+    make_planner,
     migrate_replica,
     shrink_replica,
     swap_slots,
 )
-from flexmoe.placement.scheduler import PlacementScheduler
+from flexmoe.runtime import apply_placement
+from flexmoe.runtime import PlacementScheduler
 from flexmoe.sim.trace import read_trace
 
 
@@ -34,20 +36,15 @@ class SlotLayer(MoELayer):
         nn.Module.__init__(self)
         cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=table.num_experts, top_k=1)
         self.config = cfg
-        self.experts = GroupedExperts(cfg, num_experts=table.slots_per_rank).double()
-        self.placement = table
-        self.ep_group = None
+        self.experts = ParallelExperts(cfg, EPGroup.local(), table).double()
         self.last_counts = None
-
-    def set_placement(self, table):
-        self.placement = table
 
 
 def logical(layer, tensors):
     """Rows of every logical expert (first replica), from each tensor [S, ...]."""
     out = []
-    for e in range(layer.placement.num_experts):
-        _, s, _ = layer.placement.replicas(e)[0]
+    for e in range(layer.experts.placement.num_experts):
+        _, s, _ = layer.experts.placement.replicas(e)[0]
         out.append([t[s].clone() for t in tensors])
     return out
 
@@ -152,10 +149,10 @@ def test_apply_placement_moves_weights_and_adam_state(change):
                                          np.array([[1, 0.5, 1, 0, 0.5]]), 1),
     }[change]()
     report = apply_placement(layer, new, opt)
-    assert layer.placement.version == new.version
+    assert layer.experts.placement.version == new.version
     after_tensors = state_tensors(layer, opt)
     for e, rows in enumerate(before):
-        for r, s, _ in layer.placement.replicas(e):
+        for r, s, _ in layer.experts.placement.replicas(e):
             for old_row, t in zip(rows, after_tensors):
                 torch.testing.assert_close(t[s], old_row, rtol=0, atol=0)
     assert float(opt.state[layer.experts.gate_up_proj]["step"]) == step_before
@@ -228,7 +225,7 @@ def test_sgd_without_state_and_no_optimizer():
     report = apply_placement(layer, swap_slots(table, (0, 0), (0, 2)), opt)
     torch.testing.assert_close(layer.experts.down_proj[2], w0, rtol=0, atol=0)
     assert report.transfers == 1
-    apply_placement(layer, swap_slots(layer.placement, (0, 2), (0, 0)), None)
+    apply_placement(layer, swap_slots(layer.experts.placement, (0, 2), (0, 0)), None)
     torch.testing.assert_close(layer.experts.down_proj[0], w0, rtol=0, atol=0)
 
 
@@ -274,8 +271,8 @@ def test_scheduler_cadence_metrics_log_and_trace(caplog, tmp_path):
     assert trace.steps_T.tolist() == [0, 1, 2, 3, 4, 5] and trace.counts_TLWE.shape == (6, 2, 1, 3)
     np.testing.assert_array_equal(trace.counts_TLWE[1, :, 0], np.stack(hot) * 2)
     # first plan: expand the hot expert in each layer; second plan: shrink it again
-    assert layers[0].placement.num_replicas_E().tolist() == [1, 1, 1]
-    assert layers[0].placement.version == 2
+    assert layers[0].experts.placement.num_replicas_E().tolist() == [1, 1, 1]
+    assert layers[0].experts.placement.version == 2
     m = sched.last_metrics
     assert m["step"] == 6 and len(m["layers"]) == 2 and m["layers"][0]["shrinks"] == 1
     assert planner.calls[0][2] == "cm"
@@ -297,8 +294,8 @@ def test_scheduler_state_dict_round_trip_and_validation():
     fresh = SlotLayer(table.copy())
     sched2 = PlacementScheduler(fresh, opt, HotExpertPlanner(), "cm", interval=2, ema_decay=0.9)
     sched2.load_state_dict(state)
-    assert fresh.placement.version == 1 and sched2.num_steps == 3
-    np.testing.assert_array_equal(fresh.placement.slot_expert_WS, layer.placement.slot_expert_WS)
+    assert fresh.experts.placement.version == 1 and sched2.num_steps == 3
+    np.testing.assert_array_equal(fresh.experts.placement.slot_expert_WS, layer.experts.placement.slot_expert_WS)
     fresh.last_counts = torch.tensor([5, 1])
     layer.last_counts = torch.tensor([5, 1])
     assert sched.step()["layers"][0]["version"] == sched2.step()["layers"][0]["version"] == 2
@@ -320,7 +317,7 @@ def test_scheduler_measures_a_cost_model_and_uses_the_planners_predictor():
     assert sched._predictors[0].decay == make_planner("greedy").predictor_decay
     layer.last_counts = torch.tensor([9, 1])
     m = sched.step()
-    assert m["layers"][0]["balance_observed"] == 1.0 and layer.placement.version == 0  # one rank
+    assert m["layers"][0]["balance_observed"] == 1.0 and layer.experts.placement.version == 0  # one rank
 
 
 def test_observe_accumulates_micro_batches():
@@ -339,7 +336,7 @@ def test_observe_accumulates_micro_batches():
 
 def test_one_process_training_is_invariant_under_local_changes():
     """World size 1: every move is a local copy. Replicas on one rank, swaps, expand/shrink."""
-    from flexmoe.parallel import sync_gradients
+    from flexmoe.runtime import sync_gradients
 
     cfg = MoEConfig(d_model=6, d_ff=4, num_experts=4, top_k=2, router_dtype=torch.float64, kernels="torch")
     start = one_rank_table([0, 1, 2, 3, -1, -1])
@@ -364,17 +361,17 @@ def test_one_process_training_is_invariant_under_local_changes():
             opt.step()
             opt.zero_grad()
             if with_changes and step in changes:
-                apply_placement(layer, changes[step](layer.placement), opt)
+                apply_placement(layer, changes[step](layer.experts.placement), opt)
         rows = logical(layer, state_tensors(layer, opt))
         for e in range(4):  # replicas bit-identical
-            slots = [s for _, s, _ in layer.placement.replicas(e)]
+            slots = [s for _, s, _ in layer.experts.placement.replicas(e)]
             for t in state_tensors(layer, opt):
                 assert all(torch.equal(t[s], t[slots[0]]) for s in slots)
         return rows, layer
 
     base, _ = run(False)
     moved, layer = run(True)
-    assert layer.placement.version == 5 and layer.placement.num_replicas_E().sum() > 4
+    assert layer.experts.placement.version == 5 and layer.experts.placement.num_replicas_E().sum() > 4
     for e in range(4):
         for a, b in zip(moved[e], base[e]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=0)

@@ -28,17 +28,18 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flexmoe import MoEConfig, MoELayer, PlacementScheduler
-from flexmoe.experts import GroupedExperts
-from flexmoe.parallel import sync_gradients
-from flexmoe.placement import CostModel, PlacementTable, make_planner
-from flexmoe.placement.migration import (
-    apply_placement,
-    table_digest,
+from flexmoe.parallel import EPGroup, ParallelExperts
+from flexmoe.placement import (
+    CostModel,
+    PlacementTable,
     expand_replica,
+    make_planner,
     migrate_replica,
     shrink_replica,
     swap_slots,
+    table_digest,
 )
+from flexmoe.runtime import apply_placement, sync_gradients
 from helpers import free_port
 
 WORLD = 4
@@ -99,7 +100,7 @@ def gather_slots(t: torch.Tensor, group=None) -> torch.Tensor:
 def logical_view(layer, opt) -> tuple[dict[str, torch.Tensor], float]:
     """Per field, ``[E, ...]`` rows of each logical expert (first replica), and the largest
     difference between replicas of one expert (0.0 when they are bit-identical)."""
-    table = layer.placement
+    table = layer.experts.placement
     out, replica_diff = {}, 0.0
     for pname, p in layer.experts.named_parameters():
         fields = {pname: p.data}
@@ -108,7 +109,7 @@ def logical_view(layer, opt) -> tuple[dict[str, torch.Tensor], float]:
             if key in st:
                 fields[f"{pname}.{key}"] = st[key]
         for name, t in fields.items():
-            all_WS = gather_slots(t, layer.ep_group)
+            all_WS = gather_slots(t, layer.experts.ep_group.group)
             rows = []
             for e in range(E):
                 reps = [all_WS[r, s] for r, s, _ in table.replicas(e)]
@@ -140,13 +141,8 @@ class SlotLayer(MoELayer):
     def __init__(self, table):
         nn.Module.__init__(self)
         self.config = MoEConfig(d_model=4, d_ff=6, num_experts=E, top_k=1)
-        self.experts = GroupedExperts(self.config, num_experts=S).double()
-        self.placement = table
-        self.ep_group = None
+        self.experts = ParallelExperts(self.config, EPGroup.create(), table).double()
         self.last_counts = None
-
-    def set_placement(self, table):
-        self.placement = table
 
 
 def scenario_migration(rank: int) -> dict:
@@ -158,15 +154,15 @@ def scenario_migration(rank: int) -> dict:
     logical = [torch.randn(E, *p.shape[1:], dtype=torch.float64) for p in layer.experts.parameters()]
     with torch.no_grad():
         for p, lg in zip(layer.experts.parameters(), logical):
-            for r, s in np.argwhere(layer.placement.slot_expert_WS >= 0):
+            for r, s in np.argwhere(layer.experts.placement.slot_expert_WS >= 0):
                 if r == rank:
-                    p[s] = lg[layer.placement.slot_expert_WS[r, s]]
+                    p[s] = lg[layer.experts.placement.slot_expert_WS[r, s]]
     sum((p.double() ** 3).sum() for p in layer.experts.parameters()).backward()
     opt.step()
     before, _ = logical_view(layer, opt)
     rng = np.random.default_rng(3)
     kinds = ["expand", "swap", "expand", "migrate", "shrink", "reshuffle", "swap", "expand", "migrate"]
-    errs, diffs, bytes_moved, table = [], [], 0, layer.placement
+    errs, diffs, bytes_moved, table = [], [], 0, layer.experts.placement
     for kind in kinds:
         table = random_change(table, kind, rng)
         report = apply_placement(layer, table, opt)
@@ -178,8 +174,8 @@ def scenario_migration(rank: int) -> dict:
     dist.all_reduce(sent)
 
     # ranks that disagree on the new table get a clear error, before anything moves
-    free = np.argwhere(layer.placement.slot_expert_WS == -1)
-    bad = expand_replica(layer.placement, 0, tuple(map(int, free[rank % 2])))
+    free = np.argwhere(layer.experts.placement.slot_expert_WS == -1)
+    bad = expand_replica(layer.experts.placement, 0, tuple(map(int, free[rank % 2])))
     mismatch = ""
     try:
         apply_placement(layer, bad, opt)
@@ -199,9 +195,9 @@ CONFIG = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, router_dtype=torch
 
 def average_replica_grads(layer):
     """The bug to catch: after ``sync_gradients`` summed replica gradients, divide by replicas."""
-    reps_E = layer.placement.num_replicas_E()
+    reps_E = layer.experts.placement.num_replicas_E()
     for p in layer.experts.parameters():
-        for s, e in enumerate(layer.placement.slot_expert_WS[layer.ep_rank]):
+        for s, e in enumerate(layer.experts.placement.slot_expert_WS[layer.experts.rank]):
             if e >= 0:
                 p.grad[s] /= float(reps_E[e])
 
@@ -276,7 +272,7 @@ def random_changes(move_optimizer_state=True):
 
     def on_step(step, layer, opt):
         for kind in plan.get(step, []):
-            new = random_change(layer.placement, kind, rng)
+            new = random_change(layer.experts.placement, kind, rng)
             report = apply_placement(layer, new, opt, move_optimizer_state=move_optimizer_state)
             log.append((step, kind, report.expands, report.shrinks, report.migrates, report.bytes_moved))
 

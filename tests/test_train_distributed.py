@@ -25,17 +25,19 @@ EP = ["--expert-parallel", "--spare-slots", "1", "--placement-interval", "2", "-
 
 
 
-def _fixed_cost_model(cls, d_model, d_ff, **kwargs):
+def _fixed_cost_model(d_model, d_ff, **kwargs):
     """Placement plans depend on a cost model measured by timing; two fresh runs would measure
     different constants (and could plan different token shares). Fix them, so the uninterrupted and
     the resumed run plan alike; a resumed run reuses the constants saved in its checkpoint anyway."""
-    return cls.from_shape(d_model, d_ff, flops=1e11, mem_bw=1e10, a2a_bw=1e9)
+    from flexmoe.placement import CostModel
+
+    return CostModel.from_shape(d_model, d_ff, flops=1e11, mem_bw=1e10, a2a_bw=1e9)
 
 
 def _worker(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
-    from flexmoe.placement.cost_model import CostModel
+    import flexmoe.runtime.scheduler
 
-    CostModel.measure = classmethod(_fixed_cost_model)
+    flexmoe.runtime.scheduler.measure_cost_model = _fixed_cost_model
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))

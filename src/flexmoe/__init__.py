@@ -8,7 +8,7 @@ placement simulator, and the dense-to-sparse gate. The HuggingFace backend is
 
 from .config import DTSGateConfig, MoEConfig
 from .layer import MoELayer, aux_loss, moe_layers, update_router_bias
-from .parallel import EPGroup, ParallelConfig, sync_gradients
+from .parallel import EPGroup, ParallelConfig
 from .placement import (
     CostModel,
     GreedyPlanner,
@@ -18,8 +18,8 @@ from .placement import (
     replica_quotas,
     split_tokens,
 )
-from .placement.scheduler import PlacementScheduler
-from .routing_dts import DTSRouter, set_gate_step
+from .routing import DTSRouter, set_gate_step
+from .runtime import PlacementScheduler, sync_gradients
 from .sim import SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
 
 __all__ = [

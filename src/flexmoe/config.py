@@ -24,7 +24,7 @@ _KERNELS = ("auto", "triton", "torch")
 
 @dataclasses.dataclass
 class DTSGateConfig:
-    """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing_dts``.
+    """The EvoMoE dense-to-sparse gate (``MoEConfig.router = "dts"``); see ``flexmoe.routing.dts``.
 
     tau_max, tau_min: Gumbel-softmax temperature at gate step 0 and at ``anneal_steps`` onwards.
     anneal_steps: gate steps over which tau goes from tau_max to tau_min.

@@ -7,11 +7,16 @@ Legend: N rows grouped by expert, E experts held here, D model width, F expert h
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .config import MoEConfig
 from .ops import grouped_mm, scaled_activation
+
+if TYPE_CHECKING:
+    from .plan import DispatchPlan
 
 
 class GroupedExperts(nn.Module):
@@ -42,6 +47,11 @@ class GroupedExperts(nn.Module):
         h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E)
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
         return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E)
+
+    def run(self, x_ND: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
+        """The layer's expert stage: grouped rows in, weighted expert outputs out, same row order
+        (here every expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
+        return self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
 
 
 class DenseFFN(nn.Module):

@@ -12,11 +12,9 @@ from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
 from .ops import permute, unpermute_sum
 from .ops._backend import use_triton as resolve_use_triton
-from .parallel.config import ParallelConfig
-from .parallel.expert_parallel import ExpertParallel
-from .parallel.groups import EPGroup
+from .parallel import EPGroup, ParallelConfig, ParallelExperts
 from .placement.table import PlacementTable
-from .plan import DispatchPlan, make_dispatch_plan
+from .plan import make_dispatch_plan
 from .routing import Routing, load_balancing_loss, make_router, router_z_loss
 
 
@@ -30,10 +28,11 @@ class MoELayer(nn.Module):
     router losses (zero when none is configured) and ``last_counts`` the tokens dispatched to
     each expert (a device tensor; reading it does not synchronise until you use its values).
 
-    Expert parallelism (docs/parallel.md): with ``ep_group`` (a process group or
-    ``flexmoe.parallel.EPGroup``) and/or ``placement`` (a ``PlacementTable``), ``experts`` holds
-    only this rank's ``slots_per_rank`` physical slots, ``placement`` says which logical expert
-    each slot holds, and ``state_dict()`` still holds the logical view of all experts.
+    The expert stage is chosen here, once: ``GroupedExperts`` (all experts local), or with
+    ``ep_group`` (a process group or ``flexmoe.parallel.EPGroup``), ``placement`` (a
+    ``PlacementTable``), ``slots_per_rank`` or ``parallel`` a ``flexmoe.parallel.ParallelExperts``
+    holding only this rank's slots, the table and the group (docs/parallel.md); ``state_dict()``
+    holds the logical view of all experts either way.
     """
 
     def __init__(
@@ -50,16 +49,13 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
         self.config = config
         self.router = make_router(config)
-        self.experts = GroupedExperts(config)
+        if ep_group is None and placement is None and slots_per_rank is None and parallel is None:
+            self.experts = GroupedExperts(config)
+        else:
+            self.experts = ParallelExperts(config, ep_group, placement, slots_per_rank, parallel)
         self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
-        self.expert_parallel: ExpertParallel | None = None
-        self.placement: PlacementTable | None = None
-        self.ep_group: torch.distributed.ProcessGroup | None = None
-        self.ep_rank, self.ep_size = 0, 1
-        if ep_group is not None or placement is not None or slots_per_rank is not None or parallel is not None:
-            ExpertParallel.attach(self, ep_group, placement, slots_per_rank, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -71,7 +67,7 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
         x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
-        y_ND = self.run_experts(x_ND, plan, use_triton)
+        y_ND = self.experts.run(x_ND, plan, use_triton)
         y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
@@ -80,19 +76,6 @@ class MoELayer(nn.Module):
         self.last_counts = plan.counts_E
         self.router.record_load(plan.counts_E)
         return y_TD.view(x.shape)
-
-    def run_experts(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
-        """The expert stage: grouped rows in, weighted expert outputs out, same row order."""
-        if self.expert_parallel is not None:
-            return self.expert_parallel(self.experts, self.placement, x_ND, plan, use_triton)
-        return self.experts(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
-
-    def set_placement(self, table: PlacementTable) -> None:
-        """Switch to ``table`` (the caller has moved the slot weights to match it)."""
-        if self.expert_parallel is None:
-            raise RuntimeError("set_placement needs an expert-parallel layer (MoELayer(config, ep_group=...))")
-        self.expert_parallel.check_table(table, self.placement)
-        self.placement = table.copy()
 
     def router_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.config

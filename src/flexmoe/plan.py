@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from .routing import count_keys, expert_keys
+from .routing.base import count_keys, expert_keys
 
 
 

@@ -19,6 +19,8 @@ from torch import nn
 from ..config import DTSGateConfig, KernelChoice, MoEConfig, RouterKind, _require_choice, _require_float, _require_int
 from ..experts import DenseFFN
 from ..layer import MoELayer
+from ..parallel import ParallelExperts
+from ..parallel.checkpoint import slot_rows
 
 Positions = Literal["rope", "learned"]
 
@@ -194,21 +196,18 @@ class GPTMoE(nn.Module):
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 L)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        ep_layers = {f"{name}.experts.": m for name, m in self.named_modules()
-                     if isinstance(m, MoELayer) and m.expert_parallel is not None}
+        ep_stages = {f"{name}.": m for name, m in self.named_modules() if isinstance(m, ParallelExperts)}
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
             is_out = name.endswith("attn.proj.weight") or name.endswith("down_proj")
-            layer = ep_layers.get(name.rpartition(".")[0] + ".")
-            if layer is None:
+            stage = ep_stages.get(name.rpartition(".")[0] + ".")
+            if stage is None:
                 nn.init.normal_(p, std=out_std if is_out else std)
                 continue
-            from ..parallel.checkpoint import slot_rows
-
-            logical = torch.empty((layer.config.num_experts,) + tuple(p.shape[1:]), dtype=p.dtype)
+            logical = torch.empty((stage.config.num_experts,) + tuple(p.shape[1:]), dtype=p.dtype)
             nn.init.normal_(logical, std=out_std if is_out else std)
-            p.copy_(slot_rows(layer.placement, layer.expert_parallel.rank, logical.to(p.device)))
+            p.copy_(slot_rows(stage.placement, stage.rank, logical.to(p.device)))
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         B, S = tokens_BS.shape

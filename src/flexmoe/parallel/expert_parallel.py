@@ -1,8 +1,8 @@
-"""ExpertParallel: the expert stage of one MoELayer spread over the ranks of a process group.
+"""ParallelExperts: the expert stage of one MoELayer spread over the ranks of a process group.
 
 Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
-``MoELayer(config, ep_group=...)`` attaches one; its ``run_experts`` then calls it with the
-local expert-grouped rows. Per forward: one all-gather of the per-expert counts (with a header
+``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
+the local expert-grouped rows (``run``). Per forward: one all-gather of the per-expert counts (with a header
 every rank checks, so disagreeing ranks fail with a clear error instead of hanging), the host
 layout, then the pipelined stage (stage.py).
 """
@@ -18,10 +18,9 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..experts import GroupedExperts
-from ..placement.migration import table_digest
-from ..placement.table import PlacementTable
+from ..placement.table import PlacementTable, table_digest
 from ..plan import DispatchPlan
-from .checkpoint import install_checkpoint_hooks, slot_rows
+from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
 from .groups import EPGroup
@@ -61,43 +60,29 @@ _HEADER = (
 _COLUMN = {name: i for i, (name, _) in enumerate(_HEADER)}
 
 
-class ExpertParallel:
-    """Expert parallelism of one MoE layer (its placement table lives on the layer, as
-    ``layer.placement``). Attributes a user may read:
+class ParallelExperts(GroupedExperts):
+    """The expert stage of one MoE layer spread over the ranks of a process group.
 
-    ep_group: the EPGroup (``.group``, ``.rank``, ``.size``).
+    It holds this rank's ``slots_per_rank`` physical slots as its ``gate_up_proj`` /
+    ``down_proj`` (``[S, ...]``), the placement table saying which logical expert each slot
+    holds, and the group; ``state_dict()`` still holds the logical view of all E experts
+    (collective: every rank of the group calls it together), and ``load_state_dict`` takes it.
+    Attributes a user may read:
+
+    ep_group: the EPGroup (``.group``, ``.rank``, ``.size``); placement: the PlacementTable.
     last_counts_WE: tokens every rank routed to every logical expert in the last forward.
     last_pipeline_degree: chunks used by the last forward.
     memory_report: MemoryReport of the last forward (activation memory kept and saved).
     """
 
-    def __init__(self, config: MoEConfig, ep_group: EPGroup, parallel: ParallelConfig):
-        self.config = config
-        self.ep_group = ep_group
-        self.parallel = parallel
-        self.exchanger = Exchanger(ep_group, parallel.all_to_all == "hierarchical")
-        self.tuner = PipelineTuner(parallel.pipeline_candidates)
-        self.last_counts_WE: np.ndarray | None = None
-        self.last_pipeline_degree: int | None = None
-        self.memory_report: MemoryReport | None = None
-        self._row_bytes: dict[tuple, RowBytes] = {}
-        self._rates: tuple[float, float] | None = None
-        self._group_rates: tuple[float, float] | None = None
-        self._forward = torch.compiler.disable(self._forward_eager)
-
-    @classmethod
-    def attach(
-        cls,
-        layer: nn.Module,
-        ep_group: EPGroup | dist.ProcessGroup | None,
-        placement: PlacementTable | None,
-        slots_per_rank: int | None,
-        parallel: ParallelConfig | None,
-    ) -> None:
-        """Make ``layer`` expert-parallel: set ``layer.expert_parallel``, ``placement``,
-        ``ep_group``, ``ep_rank``, ``ep_size``, turn ``layer.experts`` (all E experts, freshly
-        initialised) into this rank's slots, and install the logical state-dict hooks."""
-        config = layer.config
+    def __init__(
+        self,
+        config: MoEConfig,
+        ep_group: EPGroup | dist.ProcessGroup | None = None,
+        placement: PlacementTable | None = None,
+        slots_per_rank: int | None = None,
+        parallel: ParallelConfig | None = None,
+    ):
         parallel = ParallelConfig() if parallel is None else parallel
         if not isinstance(parallel, ParallelConfig):
             raise TypeError(f"MoELayer parallel= expects a flexmoe.parallel.ParallelConfig, got {type(parallel).__name__}")
@@ -110,13 +95,24 @@ class ExpertParallel:
             raise ValueError(
                 f"MoELayer slots_per_rank={slots_per_rank} contradicts the placement table's {placement.slots_per_rank}"
             )
-        self = cls(config, ep, parallel)
-        self.check_table(placement, placement)
-        layer.expert_parallel = self
-        layer.placement = placement.copy()
-        layer.ep_group, layer.ep_rank, layer.ep_size = ep.group, ep.rank, ep.size
-        layer.experts = self._slot_experts(layer.experts, layer.placement)
-        install_checkpoint_hooks(layer)
+        # All E experts are initialised first and this rank's slots copied from them, so a layer
+        # built from one seed equals the one-device layer built from it.
+        super().__init__(config)
+        self.ep_group = ep
+        self.parallel = parallel
+        self.placement = placement
+        self.check_table(placement)
+        self.placement = placement.copy()
+        for name, param in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(slot_rows(self.placement, ep.rank, param.detach())))
+        self.exchanger = Exchanger(ep, parallel.all_to_all == "hierarchical")
+        self.tuner = PipelineTuner(parallel.pipeline_candidates)
+        self.last_counts_WE: np.ndarray | None = None
+        self.last_pipeline_degree: int | None = None
+        self.memory_report: MemoryReport | None = None
+        self._row_bytes: dict[tuple, RowBytes] = {}
+        self._rates: tuple[float, float] | None = None
+        self._group_rates: tuple[float, float] | None = None
 
     @property
     def rank(self) -> int:
@@ -126,21 +122,12 @@ class ExpertParallel:
     def size(self) -> int:
         return self.ep_group.size
 
-    @property
-    def activation_memory_saved(self) -> int:
-        """Bytes of activations the last forward did not keep, compared with "keep"."""
-        return 0 if self.memory_report is None else self.memory_report.saved_bytes
-
-    def __call__(
-        self, experts: GroupedExperts, placement: PlacementTable, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool
-    ) -> torch.Tensor:
-        """Weighted expert outputs for the local expert-grouped rows (a graph break under
-        ``torch.compile``: the layout needs the counts on the host)."""
-        return self._forward(experts, placement, x_ND, plan, use_triton)
-
-    def _forward_eager(
-        self, experts: GroupedExperts, placement: PlacementTable, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool
-    ) -> torch.Tensor:
+    @torch.compiler.disable
+    def run(self, x_ND: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """Weighted expert outputs for the local expert-grouped rows, computed wherever the
+        placement puts each expert (a graph break under ``torch.compile``: the layout needs the
+        counts on the host)."""
+        experts, placement = self, self.placement
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_ND.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
@@ -189,8 +176,14 @@ class ExpertParallel:
 
     # ------------------------------------------------------------------------------------------
 
-    def check_table(self, table: PlacementTable, current: PlacementTable) -> None:
-        """Raise unless ``table`` fits this layer and group (and ``current``'s slot count)."""
+    def set_placement(self, table: PlacementTable) -> None:
+        """Switch to ``table`` (the caller has moved the slot weights to match it:
+        ``flexmoe.runtime.apply_placement`` does both)."""
+        self.check_table(table)
+        self.placement = table.copy()
+
+    def check_table(self, table: PlacementTable) -> None:
+        """Raise unless ``table`` fits this stage: its experts, group size and slot count."""
         if not isinstance(table, PlacementTable):
             raise TypeError(f"expected a PlacementTable, got {type(table).__name__}")
         table.validate()
@@ -198,20 +191,45 @@ class ExpertParallel:
             raise ValueError(f"placement table has {table.num_experts} experts, the layer {self.config.num_experts}")
         if table.world_size != self.size:
             raise ValueError(f"placement table is for {table.world_size} ranks, the EP group has {self.size}")
-        if table.slots_per_rank != current.slots_per_rank:
+        if table.slots_per_rank != self.placement.slots_per_rank:
             raise ValueError(
-                f"placement table has {table.slots_per_rank} slots per rank, the layer holds {current.slots_per_rank}"
+                f"placement table has {table.slots_per_rank} slots per rank, the layer holds {self.placement.slots_per_rank}"
             )
 
-    def _slot_experts(self, logical: GroupedExperts, placement: PlacementTable) -> GroupedExperts:
-        """This rank's slots, copied from the logical experts (so a layer built from one seed
-        equals the one-device layer built from it; the RNG is not touched again)."""
-        with torch.device("meta"):
-            slots = GroupedExperts(self.config, num_experts=placement.slots_per_rank)
-        for name, param in logical.named_parameters(recurse=False):
-            rows = slot_rows(placement, self.rank, param.detach())
-            setattr(slots, name, nn.Parameter(rows, requires_grad=param.requires_grad))
-        return slots
+    # ---- the logical state dict ---------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Every expert in logical order ``[E, ...]``, each from its first replica (collective)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, tensor in self._slot_tensors():
+            if prefix + name in destination:
+                destination[prefix + name] = logical_rows(self.ep_group, self.placement, tensor)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Take the logical view (from any number of ranks, or a one-device layer) and keep the
+        rows of this rank's slots."""
+        E = self.placement.num_experts
+        for name, tensor in self._slot_tensors():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != (E,) + tuple(tensor.shape[1:]):
+                error_msgs.append(
+                    f"{key}: an expert-parallel layer loads the logical view [num_experts={E}, "
+                    f"{', '.join(map(str, tensor.shape[1:]))}] (any world size), got {tuple(value.shape)}"
+                )
+                continue
+            state_dict[key] = slot_rows(self.placement, self.rank, value.to(tensor.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _slot_tensors(self):
+        yield from self.named_parameters(recurse=False)
+        yield from self.named_buffers(recurse=False)
+
+    # ------------------------------------------------------------------------------------------
 
     def _measure_row_bytes(self, experts, dtype, weight_dtype, use_triton) -> RowBytes:
         key = (dtype, weight_dtype, use_triton, experts.gate_up_proj.device)
@@ -296,3 +314,9 @@ def _synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def ep_stage(layer: nn.Module) -> ParallelExperts | None:
+    """The expert-parallel stage of an MoE layer, or None when its experts are local."""
+    experts = getattr(layer, "experts", None)
+    return experts if isinstance(experts, ParallelExperts) else None

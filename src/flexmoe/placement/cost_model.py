@@ -14,17 +14,17 @@ All-to-all, replica gradient sync and moves have their own bandwidths (``a2a_bw`
 the fraction of the backward pass that the replica gradient sync hides behind: 0 when it runs
 after backward (flexmoe's ``sync_gradients`` today), 1 gives ``T_fwd + max(T_bwd, T_sync)``. A level is
 "intra" when both ranks share a node (``rank // ranks_per_node``), "inter" otherwise. The constants
-come from ``measure`` (timed on the running machine) or ``from_shape`` (stated hardware numbers);
+come from ``flexmoe.runtime.measure_cost_model`` (timed on the running machine) or ``from_shape`` (stated hardware numbers);
 none is built in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 
+from .moves import Transfer, diff_placement
 from .split import replica_quotas, split_tokens
 from .table import PlacementTable
 
@@ -40,48 +40,6 @@ class StepCost:
     @property
     def total(self) -> float:
         return self.compute + self.a2a + self.sync
-
-
-@dataclasses.dataclass(frozen=True)
-class Move:
-    """One replica that must be fetched: ``expert`` copied from ``src_rank`` into (dst_rank, dst_slot).
-
-    ``src_rank == dst_rank`` is a local slot change (no network bytes).
-    """
-
-    expert: int
-    src_rank: int
-    dst_rank: int
-    dst_slot: int
-
-
-def plan_moves(old: PlacementTable, new: PlacementTable) -> list[Move]:
-    """Every slot of ``new`` whose expert it did not hold in ``old``, with the rank to fetch it from.
-
-    Source: the destination rank itself when it already held the expert, else the lowest rank
-    holding it in the same node (when ``ranks_per_node`` is given), else the lowest holder.
-    Deterministic, so every rank derives the same list.
-    """
-    return _plan_moves(old, new, None)
-
-
-def _plan_moves(old: PlacementTable, new: PlacementTable, ranks_per_node: int | None) -> list[Move]:
-    if old.num_experts != new.num_experts or old.slot_expert_WS.shape != new.slot_expert_WS.shape:
-        raise ValueError("old and new tables must have the same experts, ranks and slots")
-    W, E = old.world_size, old.num_experts
-    node_W = np.arange(W) // (ranks_per_node or W)
-    holds_WE = np.zeros((W, E), dtype=bool)
-    r_old, s_old = np.nonzero(old.slot_expert_WS >= 0)
-    holds_WE[r_old, old.slot_expert_WS[r_old, s_old]] = True
-    rank_of = np.where(holds_WE, np.arange(W)[:, None], W)
-    first_E = rank_of.min(0)
-    first_NE = np.stack([np.where(node_W[:, None] == n, rank_of, W).min(0) for n in range(node_W[-1] + 1)])
-    new_se = new.slot_expert_WS
-    r_new, s_new = np.nonzero((new_se >= 0) & (new_se != old.slot_expert_WS))
-    e_new = new_se[r_new, s_new]
-    same_node = first_NE[node_W[r_new], e_new]
-    src = np.where(holds_WE[r_new, e_new], r_new, np.where(same_node < W, same_node, first_E[e_new]))
-    return [Move(int(e), int(a), int(r), int(t)) for e, a, r, t in zip(e_new, src, r_new, s_new)]
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -173,101 +131,6 @@ class CostModel:
         values.update(overrides)
         return cls(**values)
 
-    @classmethod
-    def measure(
-        cls,
-        d_model: int,
-        d_ff: int,
-        *,
-        device: str = "cpu",
-        group=None,
-        rows: int = 512,
-        local_experts: int = 4,
-        dtype=None,
-        repeats: int = 3,
-        **overrides,
-    ) -> "CostModel":
-        """Time a grouped expert FFN (forward + backward) and an all-to-all on this machine.
-
-        c_tok and c_slot come from a line through two row counts (``rows`` and ``4 * rows``). The all-to-all is timed over
-        ``group`` when it has more than one rank; otherwise a device-local copy stands in
-        (state ``a2a_bw`` in ``overrides`` when the real fabric is known). Every rank of
-        ``group`` must call this together; ranks agree on the constants through an all-reduce max.
-        """
-        import torch
-
-        from ..config import MoEConfig
-        from ..experts import GroupedExperts
-
-        if rows < 1 or local_experts < 1 or repeats < 1:
-            raise ValueError(f"rows, local_experts and repeats must be >= 1, got {rows}, {local_experts}, {repeats}")
-
-        dev = torch.device(device)
-        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        elem = torch.tensor([], dtype=dtype).element_size()
-        config = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=local_experts, top_k=1)
-        experts = GroupedExperts(config).to(dev, dtype)
-
-        def sync():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        def ffn_seconds(n: int) -> float:
-            x = torch.randn(n, d_model, device=dev, dtype=dtype, requires_grad=True)
-            offsets = torch.linspace(0, n, local_experts + 1, device=dev)[1:].round().to(torch.int32)
-            scale = torch.ones(n, device=dev, dtype=dtype)
-            experts(x, offsets, scale, use_triton=False).sum().backward()
-            best = float("inf")
-            for _ in range(repeats):
-                sync()
-                t0 = time.perf_counter()
-                experts(x, offsets, scale, use_triton=False).sum().backward()
-                sync()
-                best = min(best, time.perf_counter() - t0)
-            return best
-
-        t1, t4 = ffn_seconds(rows), ffn_seconds(4 * rows)
-        c_tok = max((t4 - t1) / (3 * rows), t4 / (4 * rows) * 1e-3)
-        c_slot = max((t1 - rows * c_tok) / local_experts, 0.0)
-
-        nbytes = 1 << 24
-        world = 1
-        if group is not None:
-            import torch.distributed as dist
-
-            world = dist.get_world_size(group)
-        buf = torch.empty(nbytes // elem * world, device=dev, dtype=dtype)
-        out = torch.empty_like(buf)
-        best = float("inf")
-        for _ in range(repeats + 1):
-            sync()
-            if world > 1:
-                dist.barrier(group=group)
-            t0 = time.perf_counter()
-            if world > 1:
-                dist.all_to_all_single(out, buf, group=group)
-            else:
-                out.copy_(buf)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        a2a_bw = (nbytes * (world - 1) if world > 1 else nbytes) / best
-
-        measured = torch.tensor([c_tok, c_slot, 1.0 / a2a_bw], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=group)
-        c_tok, c_slot, inv_bw = measured.tolist()
-        params = 3 * d_model * d_ff if config.is_gated else 2 * d_model * d_ff
-        values = dict(
-            c_tok=c_tok,
-            c_slot=c_slot,
-            bytes_per_token=d_model * elem,
-            a2a_bw=1.0 / inv_bw,
-            grad_bytes=params * 4,
-            move_bytes=params * 12,
-        )
-        values.update(overrides)
-        return cls(**values)
-
     # ---- the model ----------------------------------------------------------------------------
 
     def _node_W(self, world_size: int) -> np.ndarray:
@@ -309,20 +172,20 @@ class CostModel:
         sync = max(sync - self.sync_overlap * compute * (2.0 / 3.0), 0.0)
         return StepCost(compute, a2a, sync)
 
-    def moves(self, old: PlacementTable, new: PlacementTable) -> list[Move]:
-        """``plan_moves`` with this model's node layout (same-node sources preferred)."""
-        return _plan_moves(old, new, self.ranks_per_node)
+    def moves(self, old: PlacementTable, new: PlacementTable) -> list[Transfer]:
+        """The slot copies the migration runs (``diff_placement``), with this model's node layout."""
+        return list(diff_placement(old, new, self.ranks_per_node).transfers)
 
     def move_bytes_total(self, old: PlacementTable, new: PlacementTable) -> float:
         """Bytes crossing the network to turn ``old`` into ``new``."""
-        return sum(self.move_bytes for m in self.moves(old, new) if m.src_rank != m.dst_rank)
+        return sum(self.move_bytes for m in self.moves(old, new) if m.is_remote)
 
     def move_time(self, old: PlacementTable, new: PlacementTable) -> float:
         """Seconds to fetch the new replicas: max over ranks of bytes sent or received / bandwidth."""
         W = old.world_size
         out_WW = np.zeros((W, W))
         for m in self.moves(old, new):
-            out_WW[m.src_rank, m.dst_rank] += self.move_bytes
+            out_WW[m.src[0], m.dst[0]] += self.move_bytes
         bw = self.move_bw or self.a2a_bw
         bw_inter = self.move_bw or self.a2a_bw_inter or self.a2a_bw
         return self._level_time(out_WW, bw, bw_inter)

@@ -9,6 +9,7 @@ The table lives on the host (numpy); every rank holds an identical copy, checked
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 import numpy as np
@@ -100,3 +101,12 @@ class PlacementTable:
     def from_state_dict(cls, state: dict) -> "PlacementTable":
         return cls(int(state["num_experts"]), np.array(state["slot_expert"]), np.array(state["share"]),
                    int(state["version"]))
+
+
+def table_digest(table: PlacementTable) -> int:
+    """A 62-bit digest of the table contents and version, equal on ranks with equal tables."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(table.slot_expert_WS, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(table.share_WS, dtype=np.float64).tobytes())
+    h.update(int(table.version).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") >> 2

@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _cost(args) -> CostModel:
     extra = {"a2a_bw_inter": args.a2a_bw_inter, "ranks_per_node": args.ranks_per_node}
     if args.measure:
-        return CostModel.measure(args.d_model, args.d_ff, a2a_bw=args.a2a_bw, **extra)
+        from ..runtime.measure import measure_cost_model
+
+        return measure_cost_model(args.d_model, args.d_ff, a2a_bw=args.a2a_bw, **extra)
     return CostModel.from_shape(args.d_model, args.d_ff, flops=args.flops, mem_bw=args.mem_bw,
                                 a2a_bw=args.a2a_bw, **extra)
 

@@ -25,6 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..parallel import ParallelExperts
+from ..parallel.checkpoint import logical_rows, slot_rows
+
 FORMAT = 1
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -254,38 +257,34 @@ def metadata_json(**items) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in items.items()}
 
 
-def _ep_expert_params(model: nn.Module) -> dict[str, nn.Module]:
-    """Parameter name -> its expert-parallel MoE layer, for every expert parameter."""
+def _ep_expert_params(model: nn.Module) -> dict[str, ParallelExperts]:
+    """Parameter name -> its expert-parallel stage, for every expert parameter."""
     out = {}
     for name, module in model.named_modules():
-        if getattr(module, "expert_parallel", None) is not None:
-            for pname, _ in module.experts.named_parameters(recurse=False):
-                out[f"{name}.experts.{pname}" if name else f"experts.{pname}"] = module
+        if isinstance(module, ParallelExperts):
+            for pname, _ in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = module
     return out
 
 
 def optimizer_state_to_logical(model: nn.Module, saved: dict) -> dict:
     """Expert rows of the optimizer state (this rank's slots) -> all experts in logical order,
     each from its first replica (replicas hold equal state). Collective over each EP group."""
-    from ..parallel.checkpoint import logical_rows
-
-    for name, layer in _ep_expert_params(model).items():
+    for name, stage in _ep_expert_params(model).items():
         state = saved["state"].get(name)
-        slots = layer.placement.slots_per_rank
+        slots = stage.placement.slots_per_rank
         for key, value in list((state or {}).items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == slots:
-                state[key] = logical_rows(layer.expert_parallel.ep_group, layer.placement, value).cpu()
+                state[key] = logical_rows(stage.ep_group, stage.placement, value).cpu()
     return saved
 
 
 def optimizer_state_to_slots(model: nn.Module, saved: dict) -> dict:
     """Inverse of ``optimizer_state_to_logical`` for this rank's current placement tables."""
-    from ..parallel.checkpoint import slot_rows
-
-    for name, layer in _ep_expert_params(model).items():
+    for name, stage in _ep_expert_params(model).items():
         state = saved["state"].get(name)
-        E = layer.config.num_experts
+        E = stage.config.num_experts
         for key, value in list((state or {}).items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == E:
-                state[key] = slot_rows(layer.placement, layer.expert_parallel.rank, value)
+                state[key] = slot_rows(stage.placement, stage.rank, value)
     return saved

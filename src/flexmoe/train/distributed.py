@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel import ParallelExperts
+
 
 @dataclasses.dataclass
 class DistInfo:
@@ -29,7 +31,7 @@ class DistInfo:
 def sync_gradients(model: nn.Module, info: DistInfo) -> None:
     """Average dense gradients over the ranks; synchronise expert-parallel expert gradients."""
     if info.world_size > 1:
-        from ..parallel import sync_gradients as sync_all
+        from ..runtime import sync_gradients as sync_all
 
         sync_all(model, info.group)
 
@@ -41,19 +43,19 @@ def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.T
     summed over the ranks, so every rank applies the same factor and replicated weights stay equal.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    ep_layers = [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
-    if not ep_layers:
+    stages = [m for m in model.modules() if isinstance(m, ParallelExperts)]
+    if not stages:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    expert_ids = {id(p) for layer in ep_layers for p in layer.experts.parameters()}
+    expert_ids = {id(p) for stage in stages for p in stage.parameters()}
     dense_sq = sum((p.grad.float().square().sum() for p in params if id(p) not in expert_ids),
                    torch.zeros((), device=params[0].device))
     expert_sq = torch.zeros((), device=params[0].device)
-    for layer in ep_layers:
-        flat = layer.placement.slot_expert_WS.reshape(-1)
-        first = np.array([np.flatnonzero(flat == e)[0] for e in range(layer.placement.num_experts)])
-        S = layer.placement.slots_per_rank
-        mine = torch.as_tensor(first[(first // S) == layer.ep_rank] % S, device=params[0].device)
-        for p in layer.experts.parameters():
+    for stage in stages:
+        flat = stage.placement.slot_expert_WS.reshape(-1)
+        first = np.array([np.flatnonzero(flat == e)[0] for e in range(stage.placement.num_experts)])
+        S = stage.placement.slots_per_rank
+        mine = torch.as_tensor(first[(first // S) == stage.rank] % S, device=params[0].device)
+        for p in stage.parameters():
             if p.grad is not None:
                 expert_sq = expert_sq + p.grad.float()[mine].square().sum()
     if info.world_size > 1:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..layer import aux_loss, moe_layers, update_router_bias
 from ..models.gpt import GPTMoE, ModelConfig
-from ..routing_dts import set_gate_step
+from ..routing import set_gate_step
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
@@ -87,7 +87,7 @@ class Trainer:
         self.placement = None
         if cfg.placement_interval:
             from ..placement import CostModel, make_planner
-            from ..placement.scheduler import PlacementScheduler
+            from ..runtime import PlacementScheduler
 
             self.placement = PlacementScheduler(
                 model, self.optimizer, planner=make_planner("greedy"), interval=cfg.placement_interval,
@@ -225,7 +225,7 @@ class Trainer:
         if not self.model_cfg.bias_update_rate or not self.moe:
             return
         if self.info.world_size > 1:
-            from ..parallel import sync_router_loads
+            from ..runtime import sync_router_loads
 
             sync_router_loads(self.model, self.info.group)
         update_router_bias(self.model)

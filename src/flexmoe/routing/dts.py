@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import DTSGateConfig, MoEConfig
-from .routing import Routing
+from ..config import DTSGateConfig, MoEConfig
+from .base import Routing, router_logits
 
 
 def gate_temperature(dts: DTSGateConfig, step: int) -> float:
@@ -101,8 +100,7 @@ class DTSRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.config
-        dtype = torch.promote_types(cfg.router_dtype, x_TD.dtype)
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        logits_TE = router_logits(x_TD, self.weight, cfg.router_dtype)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.is_sparse:
             expert_TK = torch.topk(probs_TE.detach(), self.sparse_top_k, dim=-1, sorted=False).indices

@@ -17,7 +17,6 @@ dropped without a new one are a *shrink* (the slot is left as is and no longer r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -25,148 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .table import EMPTY, PlacementTable
-
-Slot = tuple[int, int]
-
-
-# ----------------------------------------------------------------------------------------------
-# Table edits: one primitive at a time, version + 1 each. Handy for manual placement and tests.
-# ----------------------------------------------------------------------------------------------
-
-
-def expand_replica(table: PlacementTable, expert: int, slot: Slot) -> PlacementTable:
-    """A new replica of ``expert`` in the empty ``slot = (rank, s)``; the expert's shares become equal."""
-    new = table.copy()
-    r, s = slot
-    if new.slot_expert_WS[r, s] != EMPTY:
-        raise ValueError(f"expand: slot {slot} holds expert {new.slot_expert_WS[r, s]}, not empty")
-    new.slot_expert_WS[r, s] = expert
-    mask = new.slot_expert_WS == expert
-    new.share_WS[mask] = 1.0 / mask.sum()
-    return _bumped(new, table)
-
-
-def shrink_replica(table: PlacementTable, slot: Slot) -> PlacementTable:
-    """Drop the replica in ``slot``; the expert's other replicas keep their shares, renormalised."""
-    new = table.copy()
-    r, s = slot
-    expert = new.slot_expert_WS[r, s]
-    if expert == EMPTY:
-        raise ValueError(f"shrink: slot {slot} is empty")
-    new.slot_expert_WS[r, s] = EMPTY
-    new.share_WS[r, s] = 0.0
-    mask = new.slot_expert_WS == expert
-    if not mask.any():
-        raise ValueError(f"shrink: slot {slot} holds the last replica of expert {expert}")
-    total = new.share_WS[mask].sum()
-    new.share_WS[mask] = new.share_WS[mask] / total if total > 0 else 1.0 / mask.sum()
-    return _bumped(new, table)
-
-
-def migrate_replica(table: PlacementTable, src: Slot, dst: Slot) -> PlacementTable:
-    """Move the replica in ``src`` (with its share) to the empty slot ``dst``."""
-    if table.slot_expert_WS[src] == EMPTY:
-        raise ValueError(f"migrate: source slot {src} is empty")
-    if table.slot_expert_WS[dst] != EMPTY:
-        raise ValueError(f"migrate: destination slot {dst} holds expert {table.slot_expert_WS[dst]}, not empty")
-    return swap_slots(table, src, dst)
-
-
-def swap_slots(table: PlacementTable, a: Slot, b: Slot) -> PlacementTable:
-    """Exchange the contents (expert and share) of slots ``a`` and ``b``."""
-    new = table.copy()
-    for arr in (new.slot_expert_WS, new.share_WS):
-        arr[a], arr[b] = arr[b].copy(), arr[a].copy()
-    return _bumped(new, table)
-
-
-def _bumped(new: PlacementTable, old: PlacementTable) -> PlacementTable:
-    new.version = old.version + 1
-    new.validate()
-    return new
-
-
-# ----------------------------------------------------------------------------------------------
-# Diff: which slot rows must move.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Transfer:
-    """Copy the contents of ``src = (rank, slot)`` (old table) into ``dst`` (new table)."""
-
-    expert: int
-    src: Slot
-    dst: Slot
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationPlan:
-    """The copies that turn ``old`` into ``new``, and what they amount to as primitives."""
-
-    transfers: tuple[Transfer, ...]
-    expands: int
-    shrinks: int
-    migrates: int
-
-    @property
-    def num_remote(self) -> int:
-        return sum(t.src[0] != t.dst[0] for t in self.transfers)
-
-
-def diff_placement(old: PlacementTable, new: PlacementTable, ranks_per_node: int | None = None) -> MigrationPlan:
-    """The slot copies from ``old`` to ``new``; identical on every rank for identical tables.
-
-    A destination is fed from an old replica on its own rank when there is one (a local copy),
-    else on its node (``rank // ranks_per_node``, when given), else from any old replica; among
-    those, the one with the fewest copies assigned so far, ties to the lowest (rank, slot).
-    """
-    if old.slot_expert_WS.shape != new.slot_expert_WS.shape or old.num_experts != new.num_experts:
-        raise ValueError(
-            f"tables differ in shape: old {old.num_experts} experts on {old.slot_expert_WS.shape}, "
-            f"new {new.num_experts} on {new.slot_expert_WS.shape}"
-        )
-    transfers: list[Transfer] = []
-    expands = shrinks = migrates = 0
-    sends_per_src: dict[Slot, int] = {}
-    for e in range(old.num_experts):
-        old_slots = _slots_of(old, e)
-        new_slots = _slots_of(new, e)
-        added = [s for s in new_slots if s not in old_slots]
-        removed = [s for s in old_slots if s not in new_slots]
-        moved = min(len(added), len(removed))
-        migrates += moved
-        expands += len(added) - moved
-        shrinks += len(removed) - moved
-        for dst in added:
-            local = [s for s in old_slots if s[0] == dst[0]]
-            same_node = [s for s in old_slots if ranks_per_node and s[0] // ranks_per_node == dst[0] // ranks_per_node]
-            candidates = local or same_node or old_slots
-            src = min(candidates, key=lambda s: (sends_per_src.get(s, 0), s))
-            sends_per_src[src] = sends_per_src.get(src, 0) + 1
-            transfers.append(Transfer(e, src, dst))
-    return MigrationPlan(tuple(transfers), expands, shrinks, migrates)
-
-
-def _slots_of(table: PlacementTable, expert: int) -> list[Slot]:
-    ranks, slots = np.nonzero(table.slot_expert_WS == expert)
-    return [(int(r), int(s)) for r, s in zip(ranks, slots)]
-
-
-def table_digest(table: PlacementTable) -> int:
-    """A 62-bit digest of the table contents and version, equal on ranks with equal tables."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(table.slot_expert_WS, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(table.share_WS, dtype=np.float64).tobytes())
-    h.update(int(table.version).to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") >> 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Execution.
-# ----------------------------------------------------------------------------------------------
-
+from ..parallel.expert_parallel import ParallelExperts, ep_stage
+from ..placement.moves import Transfer, diff_placement
+from ..placement.table import PlacementTable, table_digest
 
 @dataclasses.dataclass(frozen=True)
 class MigrationReport:
@@ -211,7 +71,7 @@ def apply_placement(
 ) -> MigrationReport:
     """Switch ``layer`` to ``new_table``, moving expert weights and optimizer state as needed.
 
-    Call it on every rank of ``layer.ep_group`` with the same table, between ``optimizer.step()``
+    Call it on every rank of the layer's EP group with the same table, between ``optimizer.step()``
     and the next backward (gradients are not moved). Ranks first exchange the old and new table
     versions and the layout of the optimizer state; any disagreement raises RuntimeError before
     anything moves. ``ranks_per_node`` (default: the layer's EP group's) makes copies prefer a
@@ -221,12 +81,12 @@ def apply_placement(
     equal on all ranks. ``move_optimizer_state=False`` moves weights only (wrong for training; it
     exists so tests can show that they notice).
     """
-    old_table: PlacementTable = layer.placement
+    stage = require_stage(layer, "apply_placement")
+    old_table: PlacementTable = stage.placement
     new_table.validate()
-    rank, world, group = _ep_coords(layer, old_table)
+    rank, world, group = stage.rank, stage.size, stage.ep_group.group
     if ranks_per_node is None:
-        ep = getattr(getattr(layer, "expert_parallel", None), "ep_group", None)
-        ranks_per_node = getattr(ep, "ranks_per_node", None)
+        ranks_per_node = stage.ep_group.ranks_per_node
     if new_table.slot_expert_WS.shape != old_table.slot_expert_WS.shape:
         raise ValueError(
             f"new table has shape {new_table.slot_expert_WS.shape}, layer holds {old_table.slot_expert_WS.shape}"
@@ -240,12 +100,12 @@ def apply_placement(
         raise ValueError(
             f"a changed table needs a higher version: old {old_table.version}, new {new_table.version}"
         )
-    fields, scalars = _slot_fields(layer, old_table.slots_per_rank, _as_list(optimizer))
-    _check_agreement(layer, old_table, new_table, fields, scalars, group, world)
+    fields, scalars = _slot_fields(stage, old_table.slots_per_rank, as_optimizer_list(optimizer))
+    _check_agreement(old_table, new_table, fields, scalars, group, world)
 
-    moving = fields if move_optimizer_state else fields[: _num_params(layer)]
+    moving = fields if move_optimizer_state else fields[: len(list(stage.parameters()))]
     sent, received = _execute(plan.transfers, moving, rank, group)
-    layer.set_placement(new_table.copy())
+    stage.set_placement(new_table.copy())
 
     row_bytes = sum(f.row_bytes for f in moving)
     return MigrationReport(
@@ -265,15 +125,16 @@ def apply_placement(
 
 def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
     """Raise RuntimeError unless every rank of ``group`` holds the same table (version and
-    contents) in each of ``layers``. No-op on a single process, and for one-rank tables
-    without an explicit group."""
-    if not layers or not dist.is_available() or not dist.is_initialized():
+    contents) in each of the expert-parallel ``layers``. No-op on a single process, and for
+    one-rank tables without an explicit group."""
+    tables = [require_stage(layer, "check_same_placement").placement for layer in layers]
+    if not tables or not dist.is_available() or not dist.is_initialized():
         return
-    if dist.get_world_size(group) == 1 or (group is None and layers[0].placement.world_size == 1):
+    if dist.get_world_size(group) == 1 or (group is None and tables[0].world_size == 1):
         return
     mine = torch.tensor(
-        [[layer.placement.version, table_digest(layer.placement)] for layer in layers],
-        dtype=torch.int64, device=_comm_device(group),
+        [[table.version, table_digest(table)] for table in tables],
+        dtype=torch.int64, device=comm_device(group),
     )
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
@@ -287,21 +148,18 @@ def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
         )
 
 
-def _ep_coords(layer: nn.Module, table: PlacementTable):
-    """(rank, size, process group) of the layer's EP group (``layer.ep_rank/ep_size/ep_group``)."""
-    group = getattr(layer, "ep_group", None)
-    if hasattr(layer, "ep_rank") and hasattr(layer, "ep_size"):
-        rank, world = layer.ep_rank, layer.ep_size
-    elif dist.is_available() and dist.is_initialized() and table.world_size > 1:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-    else:
-        rank, world = 0, 1
-    if world != table.world_size:
-        raise ValueError(f"table is for {table.world_size} ranks, the layer's group has {world}")
-    return rank, world, group
+def require_stage(layer: nn.Module, caller: str) -> ParallelExperts:
+    """The expert-parallel stage of ``layer``; TypeError naming ``caller`` when it has none."""
+    stage = ep_stage(layer)
+    if stage is None:
+        raise TypeError(
+            f"{caller} needs an expert-parallel MoE layer (MoELayer(config, ep_group=..., placement=...)), "
+            f"got {type(layer).__name__}"
+        )
+    return stage
 
 
-def _as_list(optimizer) -> list[torch.optim.Optimizer]:
+def as_optimizer_list(optimizer) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -309,15 +167,11 @@ def _as_list(optimizer) -> list[torch.optim.Optimizer]:
     return list(optimizer)
 
 
-def _num_params(layer: nn.Module) -> int:
-    return len(list(layer.experts.parameters()))
-
-
 def _slot_fields(
-    layer: nn.Module, S: int, optimizers: Iterable[torch.optim.Optimizer]
+    stage: ParallelExperts, S: int, optimizers: Iterable[torch.optim.Optimizer]
 ) -> tuple[list[_Field], list[tuple[str, float]]]:
     """Expert parameters first (in module order), then their per-slot optimizer states."""
-    params = list(layer.experts.named_parameters())
+    params = list(stage.named_parameters())
     fields: list[_Field] = []
     for name, p in params:
         if p.dim() == 0 or p.shape[0] != S:
@@ -345,7 +199,7 @@ def _slot_fields(
     return fields, scalars
 
 
-def _check_agreement(layer, old_table, new_table, fields, scalars, group, world) -> None:
+def _check_agreement(old_table, new_table, fields, scalars, group, world) -> None:
     if world == 1:
         return
     mine = {
@@ -450,7 +304,7 @@ def _unpack(fields: list[_Field], dtypes, bufs: dict[torch.dtype, torch.Tensor],
     return blocks
 
 
-def _comm_device(group) -> torch.device:
+def comm_device(group) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -1,8 +1,9 @@
-"""Routers: pick experts per token, their combine weights, and the router losses.
+"""What every router shares: the Routing result, the logits path, expert counts, the losses.
 
 Legend: T tokens, D model width, E experts, K chosen experts per token.
 A router returns a ``Routing``; entries with ``keep_TK == False`` are not dispatched
-(capacity overflow, or a gate that selects fewer than K experts for a token).
+(capacity overflow, or a gate that selects fewer than K experts for a token). Every router
+computes its logits with ``router_logits`` (router dtype, never autocast).
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from .config import MoEConfig
 
 
 @dataclasses.dataclass
@@ -72,64 +70,6 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, router_dtype: tor
         return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
 
 
-class TopKRouter(nn.Module):
-    """Softmax or sigmoid scores, top-k on score + balancing bias, optional renormalisation.
-
-    The bias (DeepSeek-V3 auxiliary-loss-free balancing) only changes which experts are chosen,
-    never the combine weights. The layer hands each training forward's dispatched counts to
-    ``record_load``; they accumulate in ``pending_load_E`` until ``update_bias()`` consumes them.
-    """
-
-    def __init__(self, config: MoEConfig):
-        super().__init__()
-        self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
-        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
-        self.register_buffer(
-            "pending_load_E", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False
-        )
-        nn.init.normal_(self.weight, std=config.init_std)
-
-    def forward(self, x_TD: torch.Tensor) -> Routing:
-        cfg = self.config
-        logits_TE = router_logits(x_TD, self.weight, cfg.router_dtype)
-        if cfg.router == "softmax":
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            probs_TE = torch.sigmoid(logits_TE)
-        with torch.no_grad():
-            select_TE = probs_TE + self.expert_bias.to(probs_TE.dtype) if cfg.bias_update_rate else probs_TE
-            expert_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
-        score_TK = probs_TE.gather(-1, expert_TK)
-        weight_TK = score_TK
-        if cfg.norm_topk_prob:
-            weight_TK = score_TK / score_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        keep_TK = None
-        capacity = cfg.capacity(x_TD.shape[0])
-        if capacity is not None and capacity < x_TD.shape[0] * cfg.top_k:
-            keep_TK = capacity_keep_mask(expert_TK, score_TK.detach(), cfg.num_experts, capacity)
-        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE)
-
-    @torch.no_grad()
-    def record_load(self, counts_E: torch.Tensor) -> None:
-        """Add one training forward's dispatched tokens per expert to the pending loads."""
-        if self.training and self.config.bias_update_rate:
-            self.pending_load_E += counts_E.to(torch.float32)
-
-    @torch.no_grad()
-    def update_bias(self, load_E: torch.Tensor | None = None) -> None:
-        """Move the bias toward under-used experts: ``bias += rate * sign(mean(load) - load)``.
-
-        ``load_E`` defaults to the loads accumulated since the last call (sum them over
-        data-parallel ranks first when training on several).
-        """
-        rate = self.config.bias_update_rate
-        load_E = self.pending_load_E if load_E is None else load_E.to(self.pending_load_E)
-        if rate and load_E.sum() > 0:
-            self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
-        self.pending_load_E.zero_()
-
-
 def expert_keys(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     """Flat expert index per (token, slot) pair; ``num_experts`` for pairs that are not dispatched."""
     key_N = expert_TK.reshape(-1)
@@ -148,25 +88,6 @@ def count_keys(key_N: torch.Tensor, num_experts: int) -> torch.Tensor:
 def expert_counts(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     """Dispatched pairs per expert, int64, without a host synchronisation."""
     return count_keys(expert_keys(expert_TK, keep_TK, num_experts), num_experts)
-
-
-def capacity_keep_mask(
-    expert_TK: torch.Tensor, score_TK: torch.Tensor, num_experts: int, capacity: int
-) -> torch.Tensor:
-    """Keep at most ``capacity`` pairs per expert, the highest-scoring ones.
-
-    Ties keep the pair that comes first in (token, slot) order.
-    """
-    expert_N = expert_TK.reshape(-1)
-    by_score_N = torch.sort(-score_TK.reshape(-1), stable=True).indices
-    by_expert = torch.sort(expert_N[by_score_N], stable=True)
-    order_N = by_score_N[by_expert.indices]
-    counts_E = expert_counts(expert_TK, None, num_experts)
-    start_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_N = torch.arange(expert_N.numel(), device=expert_N.device) - start_E[by_expert.values]
-    keep_N = torch.empty_like(expert_N, dtype=torch.bool)
-    keep_N[order_N] = rank_N < capacity
-    return keep_N.view_as(expert_TK)
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:
@@ -193,12 +114,3 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
     if routing.logits_TE.shape[0] == 0:
         return routing.logits_TE.sum() * 0.0
     return torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
-
-
-def make_router(config: MoEConfig) -> nn.Module:
-    """The router module for ``config.router``."""
-    if config.router == "dts":
-        from .routing_dts import DTSRouter
-
-        return DTSRouter(config)
-    return TopKRouter(config)

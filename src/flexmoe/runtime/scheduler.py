@@ -23,10 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .migration import _as_list, _comm_device, apply_placement, check_same_placement
-from .planner import GreedyPlanner, LoadPredictor, Planner
-from .split import balance_ratio
-from .table import PlacementTable
+from ..layer import moe_layers
+from ..parallel import ParallelExperts, ep_stage
+from ..placement.planner import GreedyPlanner, LoadPredictor, Planner
+from ..placement.split import balance_ratio
+from ..placement.table import PlacementTable
+from ..sim.trace import TraceRecorder
+from .measure import measure_cost_model
+from .migration import apply_placement, as_optimizer_list, check_same_placement, comm_device
 
 
 class PlacementScheduler:
@@ -42,7 +46,7 @@ class PlacementScheduler:
         higher version when it changes anything. It must be deterministic: every rank plans on its
         own from the same counts. ``counts_WE`` are predicted tokens per step (float).
     cost_model: a ``CostModel`` handed to the planner; None measures one on this machine
-        (``CostModel.measure``, a collective over the group) when the scheduler is built.
+        (``flexmoe.runtime.measure_cost_model``, a collective over the group) when the scheduler is built.
     interval: plan every ``interval`` steps; warmup: steps before the first plan (default interval).
     ema_decay: load prediction ``ema = decay * ema + (1 - decay) * counts`` per step; None uses
         the planner's own predictor (``planner.make_predictor()``), else decay 0.5.
@@ -78,15 +82,14 @@ class PlacementScheduler:
         expert_dp_group: dist.ProcessGroup | None = None,
         logger: logging.Logger | None = None,
     ):
-        from ..layer import moe_layers
-
-        self.layers = [m for m in moe_layers(model) if getattr(m, "placement", None) is not None]
+        self.layers = [m for m in moe_layers(model) if ep_stage(m) is not None]
         if not self.layers:
             raise ValueError(
                 "PlacementScheduler: the model has no MoE layer with a placement table "
                 "(build MoELayer with ep_group=..., placement=..., slots_per_rank=...)"
             )
-        if len({_group_key(getattr(m, "ep_group", None)) for m in self.layers}) > 1:
+        self._stages: list[ParallelExperts] = [ep_stage(m) for m in self.layers]
+        if len({_group_key(stage.ep_group.group) for stage in self._stages}) > 1:
             raise ValueError("PlacementScheduler: all MoE layers with placement must share one ep_group")
         planner = GreedyPlanner() if planner is None else planner
         if not callable(getattr(planner, "plan", None)):
@@ -98,9 +101,9 @@ class PlacementScheduler:
                 raise ValueError(f"PlacementScheduler.{name} must be an int >= {minimum}, got {value!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"PlacementScheduler.ema_decay must be None or in [0, 1), got {ema_decay!r}")
-        self.group = getattr(self.layers[0], "ep_group", None)
+        self.group = self._stages[0].ep_group.group
         self.expert_dp_group = expert_dp_group
-        self.optimizers = _as_list(optimizer)
+        self.optimizers = as_optimizer_list(optimizer)
         self.planner = planner
         self.cost_model = cost_model if cost_model is not None else self._measure_cost_model()
         self.interval = interval
@@ -120,9 +123,7 @@ class PlacementScheduler:
             return trace
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return None
-        from ..sim.trace import TraceRecorder
-
-        table = self.layers[0].placement
+        table = self._stages[0].placement
         meta = {"slots_per_rank": table.slots_per_rank, "source": "PlacementScheduler"}
         return TraceRecorder(trace, table.world_size, table.num_experts, len(self.layers), meta)
 
@@ -132,20 +133,18 @@ class PlacementScheduler:
         return LoadPredictor(0.5 if ema_decay is None else ema_decay)
 
     def _measure_cost_model(self):
-        from .cost_model import CostModel
-
         layer = self.layers[0]
         device = layer.experts.gate_up_proj.device
         group = self.group if self.world_size > 1 else None
-        return CostModel.measure(layer.config.d_model, layer.config.d_ff, device=str(device), group=group)
+        return measure_cost_model(layer.config.d_model, layer.config.d_ff, device=str(device), group=group)
 
     @property
     def tables(self) -> list[PlacementTable]:
-        return [layer.placement for layer in self.layers]
+        return [stage.placement for stage in self._stages]
 
     @property
     def world_size(self) -> int:
-        return self.layers[0].placement.world_size
+        return self._stages[0].placement.world_size
 
     def observe(self) -> None:
         """Add the last forward's counts of every layer (for gradient accumulation)."""
@@ -176,10 +175,10 @@ class PlacementScheduler:
         local_HLE = torch.stack(self._pending)
         self._pending = []
         if self.expert_dp_group is not None and dist.get_world_size(self.expert_dp_group) > 1:
-            local_HLE = local_HLE.to(_comm_device(self.expert_dp_group))
+            local_HLE = local_HLE.to(comm_device(self.expert_dp_group))
             dist.all_reduce(local_HLE, group=self.expert_dp_group)
         if self.world_size > 1:
-            local_HLE = local_HLE.to(_comm_device(self.group))
+            local_HLE = local_HLE.to(comm_device(self.group))
             parts = [torch.empty_like(local_HLE) for _ in range(self.world_size)]
             dist.all_gather(parts, local_HLE, group=self.group)
             all_HWLE = torch.stack(parts, dim=1).cpu().numpy()
@@ -196,10 +195,10 @@ class PlacementScheduler:
     def _plan_and_apply(self, observed_HWLE: np.ndarray) -> dict:
         ranks_per_node = getattr(self.cost_model, "ranks_per_node", None)
         layer_metrics = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, stage) in enumerate(zip(self.layers, self._stages)):
             predicted_WE = self._predictors[i].predict()
             predicted_E = np.rint(predicted_WE.sum(axis=0)).astype(np.int64)
-            old = layer.placement
+            old = stage.placement
             if self._plan_takes_step:
                 new = self.planner.plan(old.copy(), predicted_WE, self.cost_model, step=self.num_steps)
             else:
@@ -213,8 +212,8 @@ class PlacementScheduler:
             report = None
             if not _same(old, new):
                 report = apply_placement(layer, new, self.optimizers, ranks_per_node=ranks_per_node)
-            replicas_E = layer.placement.num_replicas_E()
-            metrics.update(version=layer.placement.version, replicas=replicas_E.tolist(),
+            replicas_E = stage.placement.num_replicas_E()
+            metrics.update(version=stage.placement.version, replicas=replicas_E.tolist(),
                            replicated_experts=int((replicas_E > 1).sum()))
             for key in ("expands", "shrinks", "migrates", "transfers", "remote_transfers",
                         "bytes_moved", "bytes_sent", "bytes_received"):
@@ -269,14 +268,14 @@ class PlacementScheduler:
         tables = [PlacementTable.from_state_dict(t) for t in state["tables"]]
         if len(tables) != len(self.layers):
             raise ValueError(f"state has {len(tables)} placement tables, the model has {len(self.layers)} layers")
-        for i, (layer, table) in enumerate(zip(self.layers, tables)):
-            if table.slot_expert_WS.shape != layer.placement.slot_expert_WS.shape:
+        for i, (stage, table) in enumerate(zip(self._stages, tables)):
+            if table.slot_expert_WS.shape != stage.placement.slot_expert_WS.shape:
                 raise ValueError(
                     f"layer {i}: saved table has shape {table.slot_expert_WS.shape}, "
-                    f"the layer {layer.placement.slot_expert_WS.shape}"
+                    f"the layer {stage.placement.slot_expert_WS.shape}"
                 )
-        for layer, table in zip(self.layers, tables):
-            layer.set_placement(table)
+        for stage, table in zip(self._stages, tables):
+            stage.set_placement(table)
         for predictor, p_state in zip(self._predictors, state["predictors"]):
             predictor.load_state_dict(p_state)
         self.num_steps = int(state["num_steps"])

@@ -22,15 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel import ParallelExperts
+from ..placement.table import table_digest
 
-def ep_layers(model: nn.Module) -> list[nn.Module]:
-    """MoE layers of ``model`` with expert parallelism attached, in module order."""
-    return [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+
+def ep_stages(model: nn.Module) -> list[ParallelExperts]:
+    """The expert-parallel stages of ``model``'s MoE layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, ParallelExperts)]
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of expert-parallel experts (sharded by placement, not replicated)."""
-    return [p for layer in ep_layers(model) for p in layer.experts.parameters()]
+    return [p for stage in ep_stages(model) for p in stage.parameters()]
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -75,30 +78,28 @@ def sync_expert_gradients(
     expert_dp_group: when EP groups are smaller than the data-parallel group, the ranks that
     hold the same slots in different EP groups; their expert gradients are summed too.
     """
-    layers = ep_layers(model)
-    for layer in layers:
-        for p in _trainable(layer):
+    stages = ep_stages(model)
+    for stage in stages:
+        for p in _trainable(stage):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            empty = torch.as_tensor(layer.placement.slot_expert_WS[layer.ep_rank] < 0, device=p.device)
+            empty = torch.as_tensor(stage.placement.slot_expert_WS[stage.rank] < 0, device=p.device)
             p.grad[empty] = 0
-    _sum_replicas(layers)
-    grads = [p.grad for layer in layers for p in _trainable(layer)]
+    _sum_replicas(stages)
+    grads = [p.grad for stage in stages for p in _trainable(stage)]
     if expert_dp_group is not None:
-        _check_same_tables(layers, expert_dp_group, grads[0].device if grads else torch.device("cpu"))
+        _check_same_tables(stages, expert_dp_group, grads[0].device if grads else torch.device("cpu"))
         _all_reduce(grads, expert_dp_group, average=False)
     world = dist.get_world_size(dp_group) if dist.is_initialized() else 1
     for g in grads:
         g /= world
 
 
-def _check_same_tables(layers: list[nn.Module], group: dist.ProcessGroup, device: torch.device) -> None:
+def _check_same_tables(stages: list[ParallelExperts], group: dist.ProcessGroup, device: torch.device) -> None:
     """Slot gradients may only be summed across EP groups that hold the same placement tables."""
-    from ..placement.migration import table_digest
-
-    if not layers or not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not stages or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
-    digests = torch.tensor([table_digest(layer.placement) for layer in layers], dtype=torch.int64, device=device)
+    digests = torch.tensor([table_digest(stage.placement) for stage in stages], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(digests) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, digests, group=group)
     differing = sorted({i for g in gathered for i in torch.nonzero(g != digests).flatten().tolist()})
@@ -110,8 +111,8 @@ def _check_same_tables(layers: list[nn.Module], group: dist.ProcessGroup, device
         )
 
 
-def _trainable(layer: nn.Module) -> list[nn.Parameter]:
-    return [p for p in layer.experts.parameters() if p.requires_grad]
+def _trainable(stage: ParallelExperts) -> list[nn.Parameter]:
+    return [p for p in stage.parameters() if p.requires_grad]
 
 
 def _all_reduce(tensors: list[torch.Tensor], group, average: bool) -> None:
@@ -146,13 +147,13 @@ class _ReplicaSum:
     received: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
-def _sum_replicas(layers: list[nn.Module]) -> None:
+def _sum_replicas(stages: list[ParallelExperts]) -> None:
     """Local replicas are added up; the other holder ranks send their sums to the first holder,
     which adds them in rank order and sends the total back, so all replicas get equal bits."""
     sums: list[_ReplicaSum] = []
-    for layer in layers:
-        table, rank = layer.placement, layer.ep_rank
-        grads = [p.grad for p in _trainable(layer)]
+    for stage in stages:
+        table, rank = stage.placement, stage.rank
+        grads = [p.grad for p in _trainable(stage)]
         if not grads:
             continue
         for e in range(table.num_experts):
@@ -162,7 +163,7 @@ def _sum_replicas(layers: list[nn.Module]) -> None:
                 continue
             holders = sorted({r for r, _, _ in replicas})
             local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
-            sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], layer.ep_group))
+            sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], stage.ep_group.group))
     to_lead = []
     for item in sums:
         if not item.peers:
