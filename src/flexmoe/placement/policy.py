@@ -31,12 +31,13 @@ what is left (a share-only update always fits).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 
 from .cost_model import CostModel
 from .planner import PlanContext, Planner
-from .predict import PredictorConfig
+from .predict import LoadPredictor, PredictorConfig
 from .table import PlacementTable
 
 MAX_MISSES = 6
@@ -46,13 +47,15 @@ MAX_MISSES = 6
 class ReplanPolicy:
     """interval: steps between plans (a plan is kept that long). warmup: steps before the first
     plan (None: ``interval``). predictor: the load predictor of every layer (None: the planner's
-    own, ``planner.make_predictor()``). guard_gain: hysteresis step (0: no guard).
+    own, ``planner.make_predictor()``). guard: judge past plans on the observed steps (misses,
+    account against static, backtest; needs a ``CostModel``). guard_gain: hysteresis step.
     bytes_budget: network bytes one plan may move over all layers (None: no limit).
     """
 
     interval: int = 10
     warmup: int | None = None
     predictor: PredictorConfig | None = None
+    guard: bool = True
     guard_gain: float = 0.02
     bytes_budget: float | None = None
 
@@ -62,6 +65,8 @@ class ReplanPolicy:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ReplanPolicy.{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.guard, bool):
+            raise ValueError(f"ReplanPolicy.guard must be a bool, got {self.guard!r}")
         if self.predictor is not None and not isinstance(self.predictor, PredictorConfig):
             raise ValueError(f"ReplanPolicy.predictor must be None or a PredictorConfig, got {self.predictor!r}")
         if not (np.isfinite(self.guard_gain) and 0 <= self.guard_gain < 1):
@@ -104,8 +109,13 @@ class Replanner:
     def __init__(self, policy: ReplanPolicy, planner: Planner, num_layers: int):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if not callable(getattr(planner, "plan", None)):
+            raise ValueError(f"Replanner.planner must have a plan(table, counts_WE, cost[, step, context]) method, got {planner!r}")
         self.policy, self.planner, self.num_layers = policy, planner, num_layers
-        make = policy.predictor.make if policy.predictor is not None else planner.make_predictor
+        params = inspect.signature(planner.plan).parameters
+        self._takes = ("step" in params, "context" in params)
+        make = policy.predictor.make if policy.predictor is not None else getattr(planner, "make_predictor", None)
+        make = make or (lambda: LoadPredictor(0.0))
         self.predictors = [make() for _ in range(num_layers)]
         self.steps_done = 0
         self.misses_L = [0] * num_layers
@@ -121,39 +131,54 @@ class Replanner:
             raise ValueError(f"counts_LWE must have shape ({self.num_layers}, W, E), got {counts_LWE.shape}")
         for predictor, counts_WE in zip(self.predictors, counts_LWE):
             predictor.update(counts_WE)
-        if not self.planner.uses_true_counts:
+        if self.policy.guard and not self._truth:
             self._recent.append(counts_LWE.copy())
         self.steps_done += 1
 
     def due(self) -> bool:
         """A plan is due now (the planner plans on the true counts: before every step)."""
-        return self.planner.uses_true_counts or self.policy.due(self.steps_done)
+        return self._truth or self.policy.due(self.steps_done)
+
+    @property
+    def _truth(self) -> bool:
+        return bool(getattr(self.planner, "uses_true_counts", False))
+
+    def _plan_one(self, table, counts_WE, cost, context):
+        step, ctx = self._takes
+        if ctx:
+            return self.planner.plan(table, counts_WE, cost, self.steps_done, context)
+        if step:
+            return self.planner.plan(table, counts_WE, cost, step=self.steps_done)
+        return self.planner.plan(table, counts_WE, cost)
 
     def plan(self, tables: list[PlacementTable], cost: CostModel, true_LWE: np.ndarray | None = None) -> list[LayerPlan]:
         """Plan every layer; ``true_LWE`` replaces the prediction (for planners that use true counts)."""
         if len(tables) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} tables, got {len(tables)}")
-        truth = self.planner.uses_true_counts
+        truth = self._truth
+        needs_cost = (self.policy.guard and not truth) or self.policy.bytes_budget is not None
+        if needs_cost and not isinstance(cost, CostModel):
+            raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
         horizon = 1.0 if truth else float(self.policy.interval)
         seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
         plans = []
         for i, table in enumerate(tables):
-            margin, behind, used = (0.0, False, []) if truth else self._judge(i, table, cost)
+            margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
             if behind:
                 new = _finish_as(table, PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank))
             elif seen[i] is None:
                 new = table
             else:
                 context = PlanContext(horizon=horizon, margin=margin)
-                new = self.planner.plan(table, seen[i], cost, self.steps_done, context)
+                new = self._plan_one(table, seen[i], cost, context)
             if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
                 new = table
-            plans.append(LayerPlan(new, cost.move_bytes_total(table, new), margin))
+            plans.append(LayerPlan(new, _bytes(cost, table, new), margin))
         if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
             plans = self._fit_budget(tables, seen, plans, cost, horizon)
         self._recent = []
         for i, (table, p) in enumerate(zip(tables, plans)):
-            if p.table is not table:
+            if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
                 move = cost.move_time(table, p.table)
                 self._changes[i] = _Change(table, p.table, move)
                 self.spent_L[i] += move
@@ -226,13 +251,18 @@ class Replanner:
                 left -= plans[i].bytes_moved
                 continue
             context = PlanContext(horizon=horizon, margin=plans[i].margin, max_move_bytes=left)
-            new = self.planner.plan(tables[i], seen[i], cost, self.steps_done, context)
+            new = self._plan_one(tables[i], seen[i], cost, context)
             moved = cost.move_bytes_total(tables[i], new)
             if moved > left:  # a planner that ignores the limit: keep the table
                 new, moved = tables[i], 0.0
             left -= moved
             out[i] = LayerPlan(new, moved, plans[i].margin)
         return out
+
+
+def _bytes(cost, old: PlacementTable, new: PlacementTable) -> float:
+    """Network bytes of a change (0 when the caller's cost object is not a ``CostModel``)."""
+    return cost.move_bytes_total(old, new) if isinstance(cost, CostModel) and new is not old else 0.0
 
 
 def _same_slots(a: PlacementTable, b: PlacementTable) -> bool:
