@@ -57,6 +57,21 @@ def replicate_greedy(load_E: np.ndarray, num_replicas: int, max_per_expert: int)
     return reps_E
 
 
+def proportional_replicas(load_E: np.ndarray, world_size: int, slots_per_rank: int) -> np.ndarray:
+    """Replicas in proportion to load over all ``W * S`` slots: largest remainder, at least one and
+    at most ``W`` each (needs ``load_E.sum() > 0``)."""
+    W, S = world_size, slots_per_rank
+    quota_E = load_E / load_E.sum() * (W * S)
+    reps_E = np.clip(np.floor(quota_E), 1, W).astype(np.int64)
+    while reps_E.sum() > W * S:
+        over_E = np.where(reps_E > 1, quota_E - reps_E, np.inf)
+        reps_E[int(np.argmin(over_E))] -= 1
+    while reps_E.sum() < W * S and (reps_E < W).any():
+        under_E = np.where(reps_E < W, quota_E - reps_E, -np.inf)
+        reps_E[int(np.argmax(under_E))] += 1
+    return reps_E
+
+
 def source_affinity(src_WE: np.ndarray, ranks_per_node: int | None = None) -> np.ndarray:
     """Tokens of each expert a replica on rank r would find close by: its own rank's, plus (with
     several nodes) its node's, so the node sending most wins first and then the rank within it."""
@@ -321,17 +336,9 @@ class ProportionalPlanner(Planner):
         counts_WE = _as_counts(table, counts_WE)
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts
         load_E = counts_WE.sum(0)
-        total = load_E.sum()
-        if total <= 0:
+        if load_E.sum() <= 0:
             return table
-        quota_E = load_E / total * (W * S)
-        reps_E = np.clip(np.floor(quota_E), 1, W).astype(np.int64)
-        while reps_E.sum() > W * S:
-            over_E = np.where(reps_E > 1, quota_E - reps_E, np.inf)
-            reps_E[int(np.argmin(over_E))] -= 1
-        while reps_E.sum() < W * S and (reps_E < W).any():
-            under_E = np.where(reps_E < W, quota_E - reps_E, -np.inf)
-            reps_E[int(np.argmax(under_E))] += 1
+        reps_E = proportional_replicas(load_E, W, S)
         slot_WS = pack(reps_E, load_E, W, S)
         return _finish(table, slot_WS, equal_shares(slot_WS, E))
 
@@ -368,10 +375,10 @@ class GreedyPlanner(Planner):
     - static expert parallelism (always);
     - when the predicted balance ratio exceeds ``rebalance_threshold`` (None: the lower of 1.02 and
       ``threshold``): the current replicas with balanced shares (water-filling; nothing moves);
-    - when that still exceeds ``threshold``: from one replica per expert, one more replica at a
-      time to argmax load / replicas (at most one per rank), each packed four ways (keeping
-      current locations or fresh; least loaded rank or where the expert's tokens come from),
-      shares balanced. The search stops after ``patience`` replicas without improvement (None:
+    - when that still exceeds ``threshold``: replicas in proportion to load over all slots, and
+      from one replica per expert one more replica at a time to argmax load / replicas (at most
+      one per rank), each packed four ways (keeping current locations or fresh; least loaded rank
+      or where the expert's tokens come from), shares balanced. The search stops after ``patience`` replicas without improvement (None:
       ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones.
 
     The best candidate replaces the table if its score beats keeping it by a relative
@@ -412,7 +419,14 @@ class GreedyPlanner(Planner):
         counts_WE = _as_counts(table, counts_WE)
         load_E = counts_WE.sum(0)
         horizon = self.horizon or context.horizon
-        static, score = _amortised(cost, table, counts_WE, horizon, self.return_weight)
+        static, amortised = _amortised(cost, table, counts_WE, horizon, self.return_weight)
+        limit = context.max_move_bytes
+
+        def score(cand: PlacementTable) -> float:  # a candidate over the bytes limit never wins
+            if limit is not None and cost.move_bytes_total(table, cand) > limit:
+                return np.inf
+            return amortised(cand)
+
         candidates = [(static, score(static))]
         if balance_ratio(table, load_E) > self.rebalance_threshold:
             shares = balanced_shares(table.slot_expert_WS, load_E)
@@ -424,8 +438,6 @@ class GreedyPlanner(Planner):
         best, best_score = table, keep_time
         for cand, s in candidates:
             moved = cost.move_bytes_total(table, cand)
-            if context.max_move_bytes is not None and moved > context.max_move_bytes:
-                continue
             need = context.margin + (self.min_gain if moved > 0 else 0.0)
             if s < best_score and s < keep_time * (1.0 - need):
                 best, best_score = cand, s
@@ -435,6 +447,22 @@ class GreedyPlanner(Planner):
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts
         affinity_WE = source_affinity(counts_WE, ranks_per_node)
         kept, best_score = [], np.inf
+
+        def packings(reps_E) -> bool:
+            nonlocal best_score
+            improved = False
+            for keep in (table, None):
+                for affinity in (None, affinity_WE):
+                    slot_WS = pack(reps_E, load_E, W, S, keep, affinity)
+                    cand = PlacementTable(E, slot_WS, balanced_shares(slot_WS, load_E))
+                    s = score(cand)
+                    if s < best_score:
+                        kept.append((cand, s))
+                        best_score, improved = s, True
+            return improved
+
+        if load_E.sum() > 0:  # every slot used, replicas in proportion to load
+            packings(proportional_replicas(load_E, W, S))
         patience = self.patience or W
         reps_E = np.ones(E, dtype=np.int64)
         since_best = 0
@@ -445,16 +473,7 @@ class GreedyPlanner(Planner):
                 if per_E[e] <= 0:
                     break
                 reps_E[e] += 1
-            improved = False
-            for keep in (table, None):
-                for affinity in (None, affinity_WE):
-                    slot_WS = pack(reps_E, load_E, W, S, keep, affinity)
-                    cand = PlacementTable(E, slot_WS, balanced_shares(slot_WS, load_E))
-                    s = score(cand)
-                    if s < best_score:
-                        kept.append((cand, s))
-                        best_score, improved = s, True
-            since_best = 0 if improved else since_best + 1
+            since_best = 0 if packings(reps_E) else since_best + 1
             if since_best >= patience:
                 break
         return kept

@@ -156,6 +156,8 @@ class Replanner:
         if len(tables) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} tables, got {len(tables)}")
         truth = self._truth
+        if truth and true_LWE is None:
+            raise ValueError(f"{getattr(self.planner, 'name', 'this planner')} plans on true counts: pass true_LWE")
         needs_cost = (self.policy.guard and not truth) or self.policy.bytes_budget is not None
         if needs_cost and not isinstance(cost, CostModel):
             raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
