@@ -286,7 +286,12 @@ class PlacementScheduler:
                 )
         for stage, table in zip(self._stages, tables):
             stage.set_placement(table)
-        self.replanner.load_state_dict(state["replanner"])
+        if "replanner" in state:
+            self.replanner.load_state_dict(state["replanner"])
+        else:  # saved before the re-plan policy: predictors only
+            for predictor, p_state in zip(self._predictors, state["predictors"]):
+                predictor.load_state_dict(p_state)
+            self.replanner.steps_done = int(state["num_steps"]) - (0 if state["pending"] is None else len(state["pending"]))
         self.num_steps = int(state["num_steps"])
         device = self.layers[0].experts.gate_up_proj.device
         self._pending = [] if state["pending"] is None else list(state["pending"].to(device).unbind(0))
