@@ -25,7 +25,8 @@ import dataclasses
 import time
 
 from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
-from flexmoe.sim import RoutingTrace, SyntheticTraceConfig, format_table, generate_trace, read_trace, simulate
+from flexmoe.sim import (RoutingTrace, SyntheticTraceConfig, format_table, generate_trace, plot_results, read_trace,
+                         simulate)
 
 PLANNERS = ["static", "shadow", "eplb", "proportional", "greedy", "oracle"]
 PREDICTORS = {
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--sweep-predictors", action="store_true", help="greedy under each predictor instead")
     parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
+    parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
     parser.add_argument("--tiny", action="store_true", help="4 ranks, 16 experts, 60 steps")
     args = parser.parse_args()
     if args.tiny:
@@ -119,6 +121,9 @@ def main() -> None:
     if "static" in by:
         print("\nper layer, static time / planner time:")
         print(per_layer(results))
+    if args.plot:
+        plot_results(results, args.plot, title=head.split(";")[0])
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,12 @@ def test_scheduler_state_dict_round_trip_and_validation():
         PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", ema_decay=1.0)
     with pytest.raises(ValueError, match="planner"):
         PlacementScheduler(layer, opt, object(), "cm")
+    with pytest.raises(ValueError, match="either policy"):
+        PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", policy=EMA09_EVERY_2, interval=2)
+    guarded = PlacementScheduler(SlotLayer(table.copy()), opt, HotExpertPlanner(), "cm", interval=1)
+    guarded.layers[0].last_counts = torch.tensor([5, 1])
+    with pytest.raises(ValueError, match="need a CostModel"):
+        guarded.step()
     with pytest.raises(ValueError, match="placement table"):
         PlacementScheduler(nn.Linear(2, 2), opt, HotExpertPlanner(), "cm")
 
