@@ -1,16 +1,21 @@
-"""Placement planners on a drifting Zipf routing trace: modelled step time, balance, bytes moved.
+"""Placement planners on routing traces: modelled step time, balance, bytes moved, per layer.
 
-A pure simulation (numpy, CPU): no GPU is used. The last row, "oracle, free moves", is the oracle
-with replica moves costing nothing (a reference for what re-balancing alone could give). The cost model takes stated H100 rates (design.md):
-764 TFLOP/s bf16 expert GEMMs, 3.0 TB/s memory, and an all-to-all / sync / move bandwidth of
-350 GB/s per GPU (NVLink 4 within one 8-GPU node; NCCL all-to-all bus bandwidth is about this).
-Expert shape Qwen3-like (D=2048, F=768, SwiGLU), 16384 tokens per rank, top-8, fp32 parameters
-and gradients, Adam state moved with each replica.
+A pure simulation (numpy, CPU): no GPU is used. Every planner runs under the same re-plan policy
+(the runtime scheduler's cadence: ``--interval``, ``--warmup``, ``--predictor``); the oracle
+re-plans before every step on that step's true counts. The cost model takes stated H100 rates
+(design.md): 764 TFLOP/s bf16 expert GEMMs, 3.0 TB/s memory, and an all-to-all / sync / move
+bandwidth of 350 GB/s per GPU (stated, not measured). Expert shape Qwen3-like (D=2048, F=768,
+SwiGLU), fp32 parameters and gradients, Adam state moved with each replica.
 
-    python benchmarks/placement_sim.py                       # the recorded benchmark (a few minutes)
-    python benchmarks/placement_sim.py --plot placement.png  # and the balance-over-steps figure
-    python benchmarks/placement_sim.py --tiny                # seconds: a smoke check
-    python benchmarks/placement_sim.py --drift 0.0005 0.002 0.01   # sensitivity to drift speed
+    python benchmarks/placement_sim.py                          # synthetic drifting Zipf trace
+    python benchmarks/placement_sim.py --trace run/routing_trace.jsonl --world-size 8 --scale 16
+    python benchmarks/placement_sim.py --sweep-predictors       # greedy under each predictor
+    python benchmarks/placement_sim.py --tiny                   # seconds: a smoke check
+
+A trace recorded by one process has one source rank: ``--world-size`` deals its tokens out to W
+ranks at random (``flexmoe.sim.simulator.split_ranks``: no source skew), and ``--scale K``
+multiplies every count by K (a stand-in for K times the tokens per step with the same routing
+fractions; it keeps the recorded step's sampling noise).
 """
 
 from __future__ import annotations
@@ -19,57 +24,106 @@ import argparse
 import dataclasses
 import time
 
-from flexmoe.placement import CostModel, make_planner
-from flexmoe.sim import SyntheticTraceConfig, format_table, generate_trace, plot_results, simulate
+from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
+from flexmoe.sim import (RoutingTrace, SyntheticTraceConfig, format_table, generate_trace, plot_results, read_trace,
+                         simulate)
 
 PLANNERS = ["static", "shadow", "eplb", "proportional", "greedy", "oracle"]
+PREDICTORS = {
+    "last step": PredictorConfig(),
+    "ema 0.5": PredictorConfig(decay=0.5),
+    "ema 0.8": PredictorConfig(decay=0.8),
+    "window max 10": PredictorConfig("window_max", window=10),
+    "mean 10": PredictorConfig("mean_std", window=10, z=0.0),
+    "mean+1std 10": PredictorConfig("mean_std", window=10, z=1.0),
+    "trend 20": PredictorConfig("trend", window=20, lead=5.0),
+}
+
+
+def per_layer(results) -> str:
+    """Markdown: per layer, static's modelled time / each planner's (moves included)."""
+    base = next(r for r in results if r.name == "static").layer_time_TL.sum(0)
+    L = base.size
+    lines = ["| planner | " + " | ".join(f"layer {i}" for i in range(L)) + " | min |", "|---|" + "---|" * (L + 1)]
+    for r in results:
+        xs = base / r.layer_time_TL.sum(0)
+        lines.append(f"| {r.name} | " + " | ".join(f"{x:.3f}x" for x in xs) + f" | {xs.min():.3f}x |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", default=None, help="a routing trace (JSON Lines) instead of the synthetic one")
+    parser.add_argument("--scale", type=int, default=1, help="multiply every count of --trace by this")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--slots-per-rank", type=int, default=10)
+    parser.add_argument("--slots-per-rank", type=int, default=None, help="default: ceil(E / W) + 2")
     parser.add_argument("--tokens-per-rank", type=int, default=16384)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--drift", type=float, nargs="+", default=[SyntheticTraceConfig.drift])
+    parser.add_argument("--drift", type=float, default=SyntheticTraceConfig.drift)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--a2a-bw", type=float, default=350e9)
-    parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps (first drift)")
+    parser.add_argument("--interval", type=int, default=ReplanPolicy.interval)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--planners", default=",".join(PLANNERS))
+    parser.add_argument("--sweep-predictors", action="store_true", help="greedy under each predictor instead")
+    parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
+    parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
     parser.add_argument("--tiny", action="store_true", help="4 ranks, 16 experts, 60 steps")
     args = parser.parse_args()
     if args.tiny:
-        args.steps, args.world_size, args.experts, args.slots_per_rank = 60, 4, 16, 6
+        args.steps, args.world_size, args.experts = 60, 4, 16
         args.tokens_per_rank, args.top_k = 2048, 4
 
     cost = CostModel.from_shape(2048, 768, flops=764e12, mem_bw=3.0e12, a2a_bw=args.a2a_bw)
     print(f"cost model: c_tok={cost.c_tok:.3e} s/row, c_slot={cost.c_slot:.2e} s, a2a/sync/move {args.a2a_bw:.3g} B/s, "
           f"grad {cost.grad_bytes / 1e6:.1f} MB and move {cost.move_bytes / 1e6:.1f} MB per expert")
-    for i, drift in enumerate(args.drift):
+    t0 = time.perf_counter()
+    if args.trace:
+        trace = read_trace(args.trace)
+        trace = RoutingTrace(trace.counts_TLWE[: args.steps] * args.scale, trace.steps_T[: args.steps], trace.meta)
+        what = (f"trace {args.trace} ({trace.world_size} recorded rank(s) -> {args.world_size}, counts x{args.scale})")
+    else:
         config = SyntheticTraceConfig(
             num_steps=args.steps, world_size=args.world_size, num_experts=args.experts,
-            tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, alpha=args.alpha, drift=drift, seed=args.seed,
+            tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, alpha=args.alpha, drift=args.drift, seed=args.seed,
         )
-        t0 = time.perf_counter()
         trace = generate_trace(config)
-        results = simulate(trace, [make_planner(n) for n in PLANNERS], cost, slots_per_rank=args.slots_per_rank)
-        free = make_planner("oracle")
-        free.name = "oracle, free moves"
-        results += simulate(trace, [free], dataclasses.replace(cost, move_bytes=0.0), slots_per_rank=args.slots_per_rank)
-        print(f"\n{args.steps} steps, {args.world_size} ranks, {args.experts} experts, {args.slots_per_rank} slots "
-              f"per rank, Zipf alpha={args.alpha}, drift={drift}, seed={args.seed} "
-              f"({time.perf_counter() - t0:.0f} s)")
-        print(format_table(results))
-        by = {r.name: r.time_T.mean() for r in results}
-        print(f"greedy: {by['static'] / by['greedy']:.2f}x faster than static EP, "
-              f"{by['greedy'] / by['oracle'] - 1:+.1%} vs oracle, "
-              f"{by['greedy'] / by['oracle, free moves'] - 1:+.1%} vs oracle with free moves")
-        if args.plot and i == 0:
-            plot_results(results, args.plot, title=f"{args.world_size} ranks, {args.experts} experts, "
-                         f"Zipf({args.alpha}) drifting popularity, {args.slots_per_rank} slots/rank")
-            print(f"wrote {args.plot}")
+        what = f"synthetic Zipf alpha={args.alpha}, drift={args.drift}, seed={args.seed}"
+    W = args.world_size
+    S = args.slots_per_rank or -(-trace.num_experts // W) + 2
+    policy = ReplanPolicy(interval=args.interval, warmup=args.warmup)
+    head = (f"{trace.num_steps} steps x {trace.num_layers} layers, {W} ranks, {trace.num_experts} experts, {S} slots "
+            f"per rank, {what}; policy interval {policy.interval}, warmup {policy.first_plan}")
+    if args.sweep_predictors or args.sweep_intervals:
+        base = simulate(trace, [make_planner("static")], cost, world_size=W, slots_per_rank=S)[0]
+        print(head)
+        print("| greedy with | interval | vs static | balance mean | GB moved | re-plans | share updates |")
+        print("|---|---|---|---|---|---|---|")
+        runs = ([(name, dataclasses.replace(policy, predictor=pc)) for name, pc in PREDICTORS.items()]
+                if args.sweep_predictors else
+                [("default", dataclasses.replace(policy, interval=iv)) for iv in args.sweep_intervals])
+        for name, pol in runs:
+            r = simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S, policy=pol)[0]
+            print(f"| {name} | {pol.interval} | {base.time_T.mean() / r.time_T.mean():.3f}x | {r.balance_TL.mean():.3f} "
+                  f"| {r.bytes_moved / 1e9:.1f} | {r.replans} | {r.share_updates} |", flush=True)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return
+    planners = [make_planner(n.strip()) for n in args.planners.split(",") if n.strip()]
+    results = simulate(trace, planners, cost, world_size=W, slots_per_rank=S, policy=policy)
+    print(head + f" ({time.perf_counter() - t0:.0f} s)")
+    print(format_table(results))
+    by = {r.name: r.time_T.mean() for r in results}
+    if "greedy" in by and "oracle" in by and "static" in by:
+        print(f"greedy: {by['static'] / by['greedy']:.3f}x static, {by['greedy'] / by['oracle'] - 1:+.1%} vs oracle")
+    if "static" in by:
+        print("\nper layer, static time / planner time:")
+        print(per_layer(results))
+    if args.plot:
+        plot_results(results, args.plot, title=head.split(";")[0])
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

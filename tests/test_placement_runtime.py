@@ -16,6 +16,8 @@ from flexmoe.parallel import EPGroup, ParallelExperts
 from flexmoe.placement import (
     CostModel,
     PlacementTable,
+    PredictorConfig,
+    ReplanPolicy,
     diff_placement,
     expand_replica,
     make_planner,
@@ -232,6 +234,9 @@ def test_sgd_without_state_and_no_optimizer():
 # ---------------------------------------------------------------- scheduler, one process
 
 
+EMA09_EVERY_2 = ReplanPolicy(interval=2, predictor=PredictorConfig(decay=0.9), guard=False)
+
+
 class HotExpertPlanner:
     """Tiny deterministic planner for tests: give the hottest expert a replica in a free slot,
     or else take the extra replica of an expert away."""
@@ -257,7 +262,8 @@ def test_scheduler_cadence_metrics_log_and_trace(caplog, tmp_path):
     layers = nn.ModuleList([SlotLayer(table.copy()), SlotLayer(table.copy())])
     opt = torch.optim.Adam(layers.parameters())
     planner = HotExpertPlanner()
-    sched = PlacementScheduler(layers, opt, planner, cost_model="cm", interval=3, ema_decay=0.0,
+    sched = PlacementScheduler(layers, opt, planner, cost_model="cm",
+                               policy=ReplanPolicy(interval=3, predictor=PredictorConfig(decay=0.0), guard=False),
                                trace=tmp_path / "trace.jsonl")
     assert len(sched.layers) == 2
     hot = [torch.tensor([1, 9, 2]), torch.tensor([7, 1, 1])]
@@ -284,7 +290,7 @@ def test_scheduler_state_dict_round_trip_and_validation():
     table = one_rank_table([0, 1, -1])
     layer = SlotLayer(table)
     opt = torch.optim.Adam(layer.parameters())
-    sched = PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", interval=2, ema_decay=0.9)
+    sched = PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", policy=EMA09_EVERY_2)
     for _ in range(3):
         layer.last_counts = torch.tensor([5, 1])
         sched.step()
@@ -292,7 +298,7 @@ def test_scheduler_state_dict_round_trip_and_validation():
     assert state["tables"][0]["version"] == 1
 
     fresh = SlotLayer(table.copy())
-    sched2 = PlacementScheduler(fresh, opt, HotExpertPlanner(), "cm", interval=2, ema_decay=0.9)
+    sched2 = PlacementScheduler(fresh, opt, HotExpertPlanner(), "cm", policy=EMA09_EVERY_2)
     sched2.load_state_dict(state)
     assert fresh.experts.placement.version == 1 and sched2.num_steps == 3
     np.testing.assert_array_equal(fresh.experts.placement.slot_expert_WS, layer.experts.placement.slot_expert_WS)
@@ -306,6 +312,12 @@ def test_scheduler_state_dict_round_trip_and_validation():
         PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", ema_decay=1.0)
     with pytest.raises(ValueError, match="planner"):
         PlacementScheduler(layer, opt, object(), "cm")
+    with pytest.raises(ValueError, match="either policy"):
+        PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", policy=EMA09_EVERY_2, interval=2)
+    guarded = PlacementScheduler(SlotLayer(table.copy()), opt, HotExpertPlanner(), "cm", interval=1)
+    guarded.layers[0].last_counts = torch.tensor([5, 1])
+    with pytest.raises(ValueError, match="need a CostModel"):
+        guarded.step()
     with pytest.raises(ValueError, match="placement table"):
         PlacementScheduler(nn.Linear(2, 2), opt, HotExpertPlanner(), "cm")
 
@@ -323,7 +335,7 @@ def test_scheduler_measures_a_cost_model_and_uses_the_planners_predictor():
 def test_observe_accumulates_micro_batches():
     layer = SlotLayer(one_rank_table([0, 1, -1]))
     planner = HotExpertPlanner()
-    sched = PlacementScheduler(layer, None, planner, "cm", interval=1)
+    sched = PlacementScheduler(layer, None, planner, "cm", policy=ReplanPolicy(interval=1, guard=False))
     for c in ([1, 2], [3, 4]):
         layer.last_counts = torch.tensor(c)
         sched.observe()

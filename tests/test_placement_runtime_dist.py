@@ -33,6 +33,8 @@ from flexmoe.placement import (
     CostModel,
     PlacementTable,
     expand_replica,
+    ReplanPolicy,
+    Replanner,
     make_planner,
     migrate_replica,
     shrink_replica,
@@ -279,18 +281,35 @@ def random_changes(move_optimizer_state=True):
     return on_step, log
 
 
+SCHEDULED_COST = CostModel(c_tok=1e-6, bytes_per_token=8 * D, a2a_bw=1e9, grad_bytes=8 * 3 * D * F,
+                           move_bytes=24 * 3 * D * F)
+SCHEDULED_POLICY = ReplanPolicy(interval=2, warmup=1, guard=False)
+
+
+def SCHEDULED_PLANNER():
+    return make_planner("greedy", threshold=1.05, horizon=5.0)
+
+
+class ListRecorder:
+    """Keeps the all-gathered counts the scheduler records, per (step, layer)."""
+
+    def __init__(self):
+        self.records = {}
+
+    def record(self, step, layer, counts_WE):
+        self.records[(int(step), int(layer))] = np.asarray(counts_WE).tolist()
+
+
 def scheduled(rank, topo, resume_after=None):
     """A PlacementScheduler with the greedy planner, every 2 steps. With ``resume_after``, the
     model, optimizer and scheduler are checkpointed after that step and training goes on with fresh
     objects loaded from the checkpoint (scheduler state first, so the logical model state dict is
     laid out by the saved tables)."""
-    cost = CostModel(c_tok=1e-6, bytes_per_token=8 * D, a2a_bw=1e9, grad_bytes=8 * 3 * D * F,
-                     move_bytes=24 * 3 * D * F)
-    holder = {"metrics": []}
+    holder = {"metrics": [], "tables": [], "trace": ListRecorder()}
 
     def make(layer, opt):
-        return PlacementScheduler(layer, opt, make_planner("greedy", threshold=1.05, horizon=5.0), cost,
-                                  interval=2, warmup=1, expert_dp_group=topo.expert_dp_group)
+        return PlacementScheduler(layer, opt, SCHEDULED_PLANNER(), SCHEDULED_COST, policy=SCHEDULED_POLICY,
+                                  expert_dp_group=topo.expert_dp_group, trace=holder["trace"])
 
     def on_step(step, layer, opt):
         if "s" not in holder:
@@ -298,6 +317,7 @@ def scheduled(rank, topo, resume_after=None):
         metrics = holder["s"].step()
         if metrics:
             holder["metrics"].append(metrics)
+            holder["tables"].append((step + 1, holder["s"].tables[0].state_dict()))
         if step == resume_after:
             saved = copy.deepcopy({"model": layer.state_dict(), "optimizer": opt.state_dict(),
                                    "placement": holder["s"].state_dict()})
@@ -330,8 +350,10 @@ def run_training_scenarios(rank):
 
     on_step, sched = scheduled(rank, topo)
     views, diffs = train(rank, topo, on_step)
+    records = sched["trace"].records
     out["scheduler"] = {"errors": errors(views), "replica_diff": max(diffs), "metrics": sched["metrics"],
-                        "final_table": sched["s"].tables[0].state_dict()}
+                        "final_table": sched["s"].tables[0].state_dict(), "plans": sched["tables"],
+                        "trace": [records[(t, 0)] for t in range(len(records))]}
     on_step, resumed = scheduled(rank, topo, resume_after=STEPS // 2)
     views, _ = train(rank, topo, on_step)
     out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].tables[0].state_dict()}
@@ -420,6 +442,25 @@ def test_training_invariant_under_scheduler(results):
     assert sum(m["expands"] for m in layers) > 0 and sum(m["bytes_moved"] for m in layers) > 0, layers
     assert max(r["errors"]) < TOL, r["errors"]
     assert r["replica_diff"] == 0.0
+
+
+def test_simulated_and_real_runs_make_the_same_plans(results):
+    """The scheduler's recorded counts replayed through the policy object the simulator runs
+    (same planner, cost model and policy) give the same table at every plan."""
+    r = results["training"]["scheduler"]
+    counts_TWE = np.array(r["trace"], dtype=np.int64)
+    replanner = Replanner(SCHEDULED_POLICY, SCHEDULED_PLANNER(), 1)
+    table, plans = initial_table(), {}
+    for t, counts_WE in enumerate(counts_TWE):
+        replanner.observe(counts_WE[None])
+        if replanner.due():
+            table = replanner.plan([table], SCHEDULED_COST)[0].table
+            plans[t + 1] = table.state_dict()
+    assert len(r["plans"]) == len(plans) > 0
+    for step, real in r["plans"]:
+        assert plans[step]["slot_expert"] == real["slot_expert"], step
+        np.testing.assert_allclose(plans[step]["share"], real["share"], rtol=0, atol=0)
+    assert any(p["slot_expert"] != initial_table().state_dict()["slot_expert"] for p in plans.values())
 
 
 def test_resuming_from_a_checkpoint_mid_run(results):

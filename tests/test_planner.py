@@ -6,6 +6,7 @@ Legend: E experts, W ranks, S slots per rank.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import time
@@ -28,8 +29,10 @@ from flexmoe.placement import (
     replica_quotas,
     split_tokens,
 )
+from flexmoe.placement import PlanContext, ReplanPolicy
 from flexmoe.placement.planner import GreedyPlanner, balanced_shares, pack
 from flexmoe.runtime import measure_cost_model
+from flexmoe.sim.simulator import simulate_planner
 from helpers import free_port
 
 COST = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10)
@@ -385,6 +388,143 @@ def test_load_predictor_is_an_ema():
     np.testing.assert_allclose(clone.predict(), pred.predict())
     with pytest.raises(ValueError, match="decay"):
         LoadPredictor(1.0)
+
+
+# ---- never lose: to keeping the table (every plan), to static (the oracle, over a trace) -------
+
+
+def _drifting_counts(rng: np.random.Generator, T: int, W: int, E: int) -> np.ndarray:
+    """[T, 1, W, E]: Zipf-like popularity whose order random-walks, per-rank bias, empty experts."""
+    score = rng.standard_normal(E)
+    bias = rng.normal(0, 0.5, (W, E))
+    tokens = int(rng.integers(50, 3000))
+    out = np.zeros((T, 1, W, E), dtype=np.int64)
+    for t in range(T):
+        score = 0.8 * score + 0.6 * rng.standard_normal(E)
+        p = np.exp(rng.uniform(0.5, 2.5) * score)[None] * np.exp(bias)
+        p[:, rng.random(E) < 0.1] = 0
+        p = p / np.maximum(p.sum(1, keepdims=True), 1e-30)
+        out[t, 0] = np.stack([rng.multinomial(tokens, p[w]) if p[w].sum() > 0 else np.zeros(E) for w in range(W)])
+    return out
+
+
+def _cost_with_expensive_moves(rng: np.random.Generator) -> CostModel:
+    return CostModel(c_tok=1e-8, c_slot=float(rng.uniform(0, 2e-6)), bytes_per_token=float(rng.uniform(100, 4000)),
+                     a2a_bw=1e10, a2a_bw_inter=float(rng.choice([1e10, 2e9])), ranks_per_node=int(rng.choice([1, 2])),
+                     grad_bytes=float(rng.uniform(1e3, 1e5)), move_bytes=float(rng.uniform(1e4, 1e6)))
+
+
+def test_plan_never_scores_above_keeping_the_table():
+    """On random tables and counts, the chosen table's modelled step time + move time / horizon is
+    never above the current table's step time (keeping it is always a candidate)."""
+    rng = np.random.default_rng(21)
+    a2a_heavy = CostModel(c_tok=1e-8, bytes_per_token=40000, a2a_bw=1e10, grad_bytes=1e4, move_bytes=1e5)
+    compute_only = CostModel(c_tok=1e-8, bytes_per_token=100, a2a_bw=1e10, grad_bytes=1e4, move_bytes=1e5)
+    for case in range(300):
+        table, counts = random_case(rng)
+        cost = [COST, _cost_with_expensive_moves(rng), a2a_heavy, compute_only][case % 4]
+        horizon = float(rng.choice([1.0, 3.0, 10.0, 100.0]))
+        planner = GreedyPlanner(threshold=float(rng.choice([1.0, 1.1])))
+        plan = planner.plan(table, counts, cost, 0, PlanContext(horizon=horizon, margin=float(rng.choice([0, 0.05]))))
+        keep = cost.step_time(table, counts).total
+        got = cost.step_time(plan, counts).total + cost.move_time(table, plan) / horizon
+        assert got <= keep * (1 + 1e-12) + 1e-18, case
+
+
+def _swap_then_stay_trace() -> np.ndarray:
+    """2 ranks, 4 experts, no spare slot. Step 0: experts 0 and 1 (both on rank 0) are hot, so
+    swapping experts 1 and 2 pays in that step; then experts 0 and 2 are mildly hot for 20 steps:
+    static is better, but moving back never pays within one step (a myopic planner stays)."""
+    counts = np.zeros((21, 1, 2, 4), dtype=np.int64)
+    counts[0, 0, :, [0, 1]] = 500
+    counts[1:, 0, :, 0] = 150
+    counts[1:, 0, :, 2] = 150
+    return counts
+
+
+def test_oracle_never_above_static_over_a_trace():
+    """On random drifting traces, the oracle's modelled time summed over the trace (moves included)
+    is never above static EP's."""
+    rng = np.random.default_rng(22)
+    for case in range(12):
+        W = int(rng.integers(2, 5))
+        E = int(rng.integers(W, 4 * W + 1))
+        S = math.ceil(E / W) + int(rng.integers(1, 3))
+        counts = _drifting_counts(rng, 12, W, E)
+        cost = _cost_with_expensive_moves(rng)
+        static = simulate_planner(make_planner("static"), counts, cost, S).time_T.sum()
+        oracle = simulate_planner(make_planner("oracle"), counts, cost, S).time_T.sum()
+        assert oracle <= static * (1 + 1e-9), (case, oracle / static)
+    cost = CostModel(c_tok=1e-6, bytes_per_token=0, a2a_bw=1e10, grad_bytes=0, move_bytes=4e6)
+    counts = _swap_then_stay_trace()
+    static = simulate_planner(make_planner("static"), counts, cost, 2)
+    oracle = simulate_planner(make_planner("oracle"), counts, cost, 2)
+    assert oracle.replans >= 1 and oracle.time_T.sum() <= static.time_T.sum() * (1 + 1e-9)
+
+
+def test_planner_with_guard_never_above_static_by_more_than_its_excursions():
+    """The re-plan policy's guard sends a layer back to static EP once it is behind: on random
+    traces the greedy planner is never behind static by more than two of its moves (out and back)."""
+    rng = np.random.default_rng(23)
+    for case in range(6):
+        W, E = 4, int(rng.integers(6, 14))
+        S = math.ceil(E / W) + 2
+        counts = _drifting_counts(rng, 40, W, E)
+        cost = _cost_with_expensive_moves(rng)
+        static = simulate_planner(make_planner("static"), counts, cost, S).time_T.sum()
+        greedy = simulate_planner(make_planner("greedy"), counts, cost, S, ReplanPolicy(interval=4))
+        worst_move = greedy.move_T.max(initial=0.0)
+        assert greedy.time_T.sum() <= static + 2 * worst_move + 1e-12, case
+
+
+def test_shrinking_keeps_the_replica_near_the_tokens():
+    """An expert going from two replicas to one keeps the one on the rank that sends it most
+    tokens, not the lowest (rank, slot); unrelated experts stay where they are."""
+    slot = np.array([[0, 1, 4], [2, -1, -1], [3, -1, -1], [0, 5, -1]])
+    table = PlacementTable(6, slot, np.where(slot >= 0, np.where(slot == 0, 0.5, 1.0), 0.0))
+    load = np.array([60.0, 10, 10, 10, 10, 10])
+    src = np.zeros((4, 6))
+    src[3, 0] = 50
+    src[0, 0] = 10
+    reps = np.ones(6, dtype=np.int64)
+    kept = pack(reps, load, 4, 3, keep=table, affinity_WE=src)
+    assert (kept[3] == 0).any() and not (kept[0] == 0).any()
+    for e in range(1, 6):
+        np.testing.assert_array_equal(kept == e, slot == e)
+    # With no source information, the copy on the less loaded rank stays (rank 3 holds less).
+    kept = pack(reps, load, 4, 3, keep=table)
+    assert (kept[3] == 0).any() and not (kept[0] == 0).any()
+
+
+def test_new_replicas_go_where_the_tokens_come_from():
+    """With equal rank loads, a new replica of an expert lands on the rank sending it most tokens."""
+    rng = np.random.default_rng(24)
+    for _ in range(20):
+        W = int(rng.integers(2, 6))
+        E = W
+        src = rng.integers(0, 5, size=(W, E)).astype(float)
+        hot = int(rng.integers(E))
+        far = [r for r in range(W) if r != hot]
+        top = int(rng.choice(far))
+        src[top, hot] = 100.0
+        load = np.full(E, 10.0)
+        reps = np.ones(E, dtype=np.int64)
+        reps[hot] = 2
+        slot = pack(reps, load, W, 2, keep=PlacementTable.static(E, W, 2), affinity_WE=src)
+        assert (slot[top] == hot).any()
+
+
+def test_sync_overlap_hides_the_replica_sync_behind_backward():
+    rng = np.random.default_rng(25)
+    for _ in range(30):
+        table, counts = random_case(rng)
+        overlap = float(rng.uniform(0, 1))
+        base = COST.step_time(table, counts)
+        got = dataclasses.replace(COST, sync_overlap=overlap).step_time(table, counts)
+        assert got.compute == base.compute and got.a2a == base.a2a
+        assert got.sync == pytest.approx(max(base.sync - overlap * 2.0 / 3.0 * base.compute, 0.0), abs=1e-18)
+    with pytest.raises(ValueError, match="sync_overlap"):
+        dataclasses.replace(COST, sync_overlap=1.5)
 
 
 # ---- the same plan on every rank -------------------------------------------------------------

@@ -4,10 +4,15 @@ Legend: E logical experts, W ranks, S slots per rank.
 
     T_comp = max over ranks of (tokens * c_tok + active slots * c_slot)
     T_a2a  = a2a_passes * max over ranks and topology levels of (bytes sent or received / bandwidth)
-    T_sync = sum over replicated experts of 2 (r - 1) / r * grad_bytes / bandwidth
-    T_move = max over ranks of (bytes sent or received by replica moves / bandwidth)
+    T_sync = max(0, sum over replicated experts of 2 (r - 1) / r * grad_bytes / sync bandwidth
+                    - sync_overlap * T_bwd),   T_bwd = 2/3 T_comp (backward is 2 of the 3 GEMM passes)
+    T_move = max over ranks of (bytes sent or received by replica moves / move bandwidth)
+    step   = T_comp + T_a2a + T_sync
 
-The terms add up (no overlap assumed), which is pessimistic for all placements alike. A level is
+All-to-all, replica gradient sync and moves have their own bandwidths (``a2a_bw``, ``sync_bw``,
+``move_bw``; the latter two fall back to the all-to-all's when not given). ``sync_overlap`` is
+the fraction of the backward pass that the replica gradient sync hides behind: 0 when it runs
+after backward (flexmoe's ``sync_gradients`` today), 1 gives ``T_fwd + max(T_bwd, T_sync)``. A level is
 "intra" when both ranks share a node (``rank // ranks_per_node``), "inter" otherwise. The constants
 come from ``flexmoe.runtime.measure_cost_model`` (timed on the running machine) or ``from_shape`` (stated hardware numbers);
 none is built in.
@@ -57,6 +62,7 @@ class CostModel:
     grad_bytes: gradient bytes all-reduced per replicated expert.
     move_bytes: bytes carried by one replica move (parameters + optimizer state).
     sync_bw, move_bw: bandwidth of replica gradient sync and of moves (None: the a2a bandwidth of the level).
+    sync_overlap: fraction in [0, 1] of the backward compute that hides the replica gradient sync.
     """
 
     c_tok: float
@@ -70,6 +76,7 @@ class CostModel:
     ranks_per_node: int | None = None
     sync_bw: float | None = None
     move_bw: float | None = None
+    sync_overlap: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("c_tok", self.c_tok)
@@ -81,6 +88,8 @@ class CostModel:
         _positive("move_bytes", self.move_bytes, allow_zero=True)
         _positive("sync_bw", self.sync_bw)
         _positive("move_bw", self.move_bw)
+        if not 0.0 <= self.sync_overlap <= 1.0:
+            raise ValueError(f"sync_overlap must be in [0, 1], got {self.sync_overlap}")
         if not isinstance(self.a2a_passes, int) or self.a2a_passes < 0:
             raise ValueError(f"a2a_passes must be an int >= 0, got {self.a2a_passes}")
         if self.ranks_per_node is not None and (not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
@@ -160,6 +169,7 @@ class CostModel:
             spans = np.unique(node_W[ranks]).size > 1
             bw = self.sync_bw or (bw_inter if spans else self.a2a_bw)
             sync += 2 * (r - 1) / r * self.grad_bytes / bw
+        sync = max(sync - self.sync_overlap * compute * (2.0 / 3.0), 0.0)
         return StepCost(compute, a2a, sync)
 
     def moves(self, old: PlacementTable, new: PlacementTable) -> list[Transfer]:

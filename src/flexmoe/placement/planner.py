@@ -20,41 +20,9 @@ import dataclasses
 import numpy as np
 
 from .cost_model import CostModel
+from .predict import LoadPredictor
 from .split import balance_ratio
 from .table import EMPTY, PlacementTable
-
-
-# ---- load prediction ---------------------------------------------------------------------------
-
-
-class LoadPredictor:
-    """Exponential moving average of routing counts: ``ema = decay * ema + (1 - decay) * counts``.
-
-    decay = 0 predicts the last step. ``predict()`` is None before the first ``update``.
-    """
-
-    def __init__(self, decay: float = 0.0):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.ema_WE: np.ndarray | None = None
-
-    def update(self, counts_WE: np.ndarray) -> None:
-        counts_WE = np.asarray(counts_WE, dtype=np.float64)
-        if self.ema_WE is None:
-            self.ema_WE = counts_WE.copy()
-        else:
-            self.ema_WE = self.decay * self.ema_WE + (1.0 - self.decay) * counts_WE
-
-    def predict(self) -> np.ndarray | None:
-        return None if self.ema_WE is None else self.ema_WE.copy()
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "ema": None if self.ema_WE is None else self.ema_WE.tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
-        self.ema_WE = None if state["ema"] is None else np.array(state["ema"], dtype=np.float64)
 
 
 # ---- building blocks shared by the planners ----------------------------------------------------
@@ -89,39 +57,84 @@ def replicate_greedy(load_E: np.ndarray, num_replicas: int, max_per_expert: int)
     return reps_E
 
 
+def proportional_replicas(load_E: np.ndarray, world_size: int, slots_per_rank: int) -> np.ndarray:
+    """Replicas in proportion to load over all ``W * S`` slots: largest remainder, at least one and
+    at most ``W`` each (needs ``load_E.sum() > 0``)."""
+    W, S = world_size, slots_per_rank
+    quota_E = load_E / load_E.sum() * (W * S)
+    reps_E = np.clip(np.floor(quota_E), 1, W).astype(np.int64)
+    while reps_E.sum() > W * S:
+        over_E = np.where(reps_E > 1, quota_E - reps_E, np.inf)
+        reps_E[int(np.argmin(over_E))] -= 1
+    while reps_E.sum() < W * S and (reps_E < W).any():
+        under_E = np.where(reps_E < W, quota_E - reps_E, -np.inf)
+        reps_E[int(np.argmax(under_E))] += 1
+    return reps_E
+
+
+def source_affinity(src_WE: np.ndarray, ranks_per_node: int | None = None) -> np.ndarray:
+    """Tokens of each expert a replica on rank r would find close by: its own rank's, plus (with
+    several nodes) its node's, so the node sending most wins first and then the rank within it."""
+    src_WE = np.asarray(src_WE, dtype=np.float64)
+    W = src_WE.shape[0]
+    if ranks_per_node is None or ranks_per_node >= W:
+        return src_WE
+    node_W = np.arange(W) // ranks_per_node
+    node_NE = np.stack([src_WE[node_W == n].sum(0) for n in range(node_W[-1] + 1)])
+    return src_WE + node_NE[node_W]
+
+
 def pack(
-    reps_E: np.ndarray, load_E: np.ndarray, world_size: int, slots_per_rank: int, keep: PlacementTable | None = None
+    reps_E: np.ndarray,
+    load_E: np.ndarray,
+    world_size: int,
+    slots_per_rank: int,
+    keep: PlacementTable | None = None,
+    affinity_WE: np.ndarray | None = None,
 ) -> np.ndarray:
     """Place ``reps_E[e]`` replicas of every expert; returns ``slot_expert_WS``.
 
-    With ``keep``, each expert first keeps up to ``reps_E[e]`` of its current locations (in
-    (rank, slot) order). The other replicas go heaviest first (load / replicas) onto the least
-    loaded rank that has a free slot and no replica of that expert yet, into its lowest free slot.
+    With ``keep``, each expert keeps up to ``reps_E[e]`` of its current locations: first the
+    experts that keep them all, then the shrinking ones (heaviest per replica first), preferring
+    the ranks with most affinity (tokens sent from there), then the least loaded so far, then
+    the lowest rank: a replica being dropped is the one that serves
+    fewest local tokens, not the highest-numbered one (which drifted experts to low ranks).
+    The other replicas go heaviest first (load / replicas) onto a rank with a free slot and no
+    replica of that expert yet, into its lowest free slot: the least loaded one, or with
+    ``affinity_WE`` the one minimising load minus the tokens that would stay local.
     A replica that fits nowhere is dropped (never an expert's first one, since slots suffice).
     """
     W, S = world_size, slots_per_rank
+    E = reps_E.size
     if reps_E.sum() > W * S:
         raise ValueError(f"{int(reps_E.sum())} replicas do not fit in {W} x {S} slots")
     slot = [[EMPTY] * S for _ in range(W)]
     held = [set() for _ in range(W)]
     rank_load = [0.0] * W
     per_E = (load_E / reps_E).tolist()
-    placed_E = [0] * reps_E.size
+    aff_WE = np.zeros((W, E)) if affinity_WE is None else np.asarray(affinity_WE, dtype=np.float64)
+    placed_E = [0] * E
     if keep is not None:
+        where = [[] for _ in range(E)]
         for r, s in zip(*np.nonzero(keep.slot_expert_WS >= 0)):
-            e = int(keep.slot_expert_WS[r, s])
-            if placed_E[e] < reps_E[e]:
+            where[int(keep.slot_expert_WS[r, s])].append((int(r), int(s)))
+        shrinking = lambda e: len(where[e]) > reps_E[e]
+        for e in sorted(range(E), key=lambda e: (shrinking(e), -per_E[e], e)):
+            spots = sorted(where[e], key=lambda rs: (-aff_WE[rs[0], e], rank_load[rs[0]], rs[0], rs[1]))
+            for r, s in spots[: int(reps_E[e])]:
                 slot[r][s] = e
                 held[r].add(e)
                 rank_load[r] += per_E[e]
                 placed_E[e] += 1
-    items = sorted((-per_E[e], e) for e in range(reps_E.size) for _ in range(int(reps_E[e]) - placed_E[e]))
+    items = sorted((-per_E[e], e) for e in range(E) for _ in range(int(reps_E[e]) - placed_E[e]))
     free = [row.count(EMPTY) for row in slot]
     for _, e in items:
-        best = None
+        best, best_key = None, None
         for r in range(W):
-            if free[r] and e not in held[r] and (best is None or rank_load[r] < rank_load[best]):
-                best = r
+            if free[r] and e not in held[r]:
+                key = rank_load[r] - (min(aff_WE[r, e], per_E[e]) if affinity_WE is not None else 0.0)
+                if best is None or key < best_key:
+                    best, best_key = r, key
         if best is None:
             continue
         slot[best][slot[best].index(EMPTY)] = e
@@ -190,6 +203,28 @@ def _normalise(slot_WS: np.ndarray, share_WS: np.ndarray, num_experts: int) -> n
 # ---- planners ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanContext:
+    """What the caller (the re-plan policy) knows about a plan beyond the counts.
+
+    horizon: steps the new table will be kept (the re-plan interval): a move is amortised over it.
+    margin: extra relative gain a change must show over keeping the table (the hysteresis guard).
+    max_move_bytes: network bytes the plan may move (None: no limit; the policy's budget share).
+    """
+
+    horizon: float = 1.0
+    margin: float = 0.0
+    max_move_bytes: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.horizon) and self.horizon > 0):
+            raise ValueError(f"PlanContext.horizon must be finite and > 0, got {self.horizon}")
+        if not (np.isfinite(self.margin) and 0 <= self.margin < 1):
+            raise ValueError(f"PlanContext.margin must be in [0, 1), got {self.margin}")
+        if self.max_move_bytes is not None and not self.max_move_bytes >= 0:
+            raise ValueError(f"PlanContext.max_move_bytes must be None or >= 0, got {self.max_move_bytes}")
+
+
 class Planner(abc.ABC):
     """Base: ``plan`` returns the next table; ``make_predictor`` the load predictor it wants.
 
@@ -201,10 +236,13 @@ class Planner(abc.ABC):
     predictor_decay = 0.0
 
     @abc.abstractmethod
-    def plan(self, table: PlacementTable, counts_WE: np.ndarray, cost: CostModel, step: int = 0) -> PlacementTable:
+    def plan(
+        self, table: PlacementTable, counts_WE: np.ndarray, cost: CostModel, step: int = 0,
+        context: PlanContext | None = None,
+    ) -> PlacementTable:
         """The table for the next steps: ``table`` itself when nothing changes, else version + 1."""
 
-    def make_predictor(self) -> LoadPredictor:
+    def make_predictor(self):
         return LoadPredictor(self.predictor_decay)
 
 
@@ -213,7 +251,7 @@ class StaticPlanner(Planner):
 
     name = "static"
 
-    def plan(self, table, counts_WE, cost, step=0):
+    def plan(self, table, counts_WE, cost, step=0, context=None):
         _as_counts(table, counts_WE)
         return table
 
@@ -230,7 +268,7 @@ class ShadowingPlanner(Planner):
     name = "shadow"
     predictor_decay: float = 0.0
 
-    def plan(self, table, counts_WE, cost, step=0):
+    def plan(self, table, counts_WE, cost, step=0, context=None):
         counts_WE = _as_counts(table, counts_WE)
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts
         home = PlacementTable.static(E, W, S)
@@ -275,7 +313,7 @@ class EPLBPlanner(Planner):
         if self.period < 1:
             raise ValueError(f"period must be >= 1, got {self.period}")
 
-    def plan(self, table, counts_WE, cost, step=0):
+    def plan(self, table, counts_WE, cost, step=0, context=None):
         counts_WE = _as_counts(table, counts_WE)
         if step % self.period != 0 and table.version > 0:
             return table
@@ -294,48 +332,69 @@ class ProportionalPlanner(Planner):
     name = "proportional"
     predictor_decay: float = 0.0
 
-    def plan(self, table, counts_WE, cost, step=0):
+    def plan(self, table, counts_WE, cost, step=0, context=None):
         counts_WE = _as_counts(table, counts_WE)
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts
         load_E = counts_WE.sum(0)
-        total = load_E.sum()
-        if total <= 0:
+        if load_E.sum() <= 0:
             return table
-        quota_E = load_E / total * (W * S)
-        reps_E = np.clip(np.floor(quota_E), 1, W).astype(np.int64)
-        while reps_E.sum() > W * S:
-            over_E = np.where(reps_E > 1, quota_E - reps_E, np.inf)
-            reps_E[int(np.argmin(over_E))] -= 1
-        while reps_E.sum() < W * S and (reps_E < W).any():
-            under_E = np.where(reps_E < W, quota_E - reps_E, -np.inf)
-            reps_E[int(np.argmax(under_E))] += 1
+        reps_E = proportional_replicas(load_E, W, S)
         slot_WS = pack(reps_E, load_E, W, S)
         return _finish(table, slot_WS, equal_shares(slot_WS, E))
 
 
+def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, horizon: float, return_weight: float):
+    """Score of a candidate table: modelled step time + its move time amortised over ``horizon``.
+
+    With ``return_weight`` w, a move is also charged w times the change in the cost of moving
+    back to static EP (``move_time(table, static)``); with w = 1 and horizon 1 the charges
+    telescope, so a planner that always has static as a candidate never loses to static over a
+    whole trace (the oracle's guarantee).
+    """
+    static = PlacementTable.static(old.num_experts, old.world_size, old.slots_per_rank)
+    back_old = cost.move_time(old, static) if return_weight else 0.0
+
+    def score(cand: PlacementTable) -> float:
+        move = cost.move_time(old, cand)
+        if return_weight:
+            move += return_weight * (cost.move_time(cand, static) - back_old)
+        return cost.step_time(cand, counts_WE).total + move / horizon
+
+    return static, score
+
+
 @dataclasses.dataclass
 class GreedyPlanner(Planner):
-    """flexmoe greedy planner: cheap share updates often, replica changes when they pay.
+    """flexmoe greedy planner: the best of keeping the table, static EP, a share update and a
+    greedy replica search, scored by modelled step time + amortised move time.
 
-    1. When the predicted balance ratio (max / mean rank load) under the current table exceeds
-       ``rebalance_threshold`` (None: the lower of 1.02 and ``threshold``), re-split each expert's tokens among its current replicas to even
-       out rank loads (no data moves: only the table's shares change).
-    2. When the ratio still exceeds ``threshold``, re-plan the replicas: from one replica per
-       expert, keep giving one more replica to argmax load / replicas (at most one per rank);
-       pack each candidate twice (keeping current locations, and fresh), balance its shares,
-       and score it as modelled step time + move time / ``horizon``. The best candidate wins if
-       it beats the share update by more than ``min_gain`` (relative); the search stops after
-       ``patience`` replicas without improvement (None: ``world_size``). Cold experts fall back
-       to one replica, which frees their slots for hot ones.
+    Candidates (all scored on the predicted counts, moves amortised over the horizon the table is
+    kept: ``horizon``, or None for the caller's ``PlanContext.horizon``, i.e. the re-plan interval):
+
+    - the current table (always; its score is its step time, nothing moves);
+    - static expert parallelism (always);
+    - when the predicted balance ratio exceeds ``rebalance_threshold`` (None: the lower of 1.02 and
+      ``threshold``): the current replicas with balanced shares (water-filling; nothing moves);
+    - when that still exceeds ``threshold``: replicas in proportion to load over all slots, and
+      from one replica per expert one more replica at a time to argmax load / replicas (at most
+      one per rank), each packed four ways (keeping current locations or fresh; least loaded rank
+      or where the expert's tokens come from), shares balanced. The search stops after ``patience`` replicas without improvement (None:
+      ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones.
+
+    The best candidate replaces the table if its score beats keeping it by a relative
+    ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),
+    and it moves at most ``context.max_move_bytes``. So the chosen table's score is never above
+    the current table's step time. ``return_weight``: see ``_amortised``.
     """
 
     name = "greedy"
     threshold: float = 1.1
     rebalance_threshold: float | None = None
-    horizon: float = 1.0
+    horizon: float | None = None
     min_gain: float = 0.01
     patience: int | None = None
     predictor_decay: float = 0.0
+    return_weight: float = 0.0
 
     def __post_init__(self):
         if not self.threshold >= 1.0:
@@ -344,33 +403,66 @@ class GreedyPlanner(Planner):
             self.rebalance_threshold = min(1.02, self.threshold)
         if not 1.0 <= self.rebalance_threshold <= self.threshold:
             raise ValueError(f"need 1 <= rebalance_threshold <= threshold, got {self.rebalance_threshold}, {self.threshold}")
-        if self.horizon <= 0:
-            raise ValueError(f"horizon must be > 0, got {self.horizon}")
-        if self.min_gain < 0:
-            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
+        if self.horizon is not None and not self.horizon > 0:
+            raise ValueError(f"horizon must be None or > 0, got {self.horizon}")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be None or >= 1, got {self.patience}")
         if not 0.0 <= self.predictor_decay < 1.0:
             raise ValueError(f"predictor_decay must be in [0, 1), got {self.predictor_decay}")
+        if not 0.0 <= self.return_weight <= 1.0:
+            raise ValueError(f"return_weight must be in [0, 1], got {self.return_weight}")
 
-    def plan(self, table, counts_WE, cost, step=0):
+    def plan(self, table, counts_WE, cost, step=0, context=None):
+        context = context or PlanContext()
         counts_WE = _as_counts(table, counts_WE)
         load_E = counts_WE.sum(0)
-        if balance_ratio(table, load_E) <= self.rebalance_threshold:
-            return table
-        E = table.num_experts
-        rebalanced = PlacementTable(E, table.slot_expert_WS, balanced_shares(table.slot_expert_WS, load_E))
-        if balance_ratio(rebalanced, load_E) <= self.threshold:
-            return _finish(table, rebalanced.slot_expert_WS, rebalanced.share_WS)
-        best = self._search(table, counts_WE, load_E, cost)
-        current = cost.step_time(rebalanced, counts_WE).total
-        if best is None or best[1] >= current * (1.0 - self.min_gain):
-            best = (rebalanced, current)
-        return _finish(table, best[0].slot_expert_WS, best[0].share_WS)
+        horizon = self.horizon or context.horizon
+        static, amortised = _amortised(cost, table, counts_WE, horizon, self.return_weight)
+        limit = context.max_move_bytes
 
-    def _search(self, table, counts_WE, load_E, cost):
+        def score(cand: PlacementTable) -> float:  # a candidate over the bytes limit never wins
+            if limit is not None and cost.move_bytes_total(table, cand) > limit:
+                return np.inf
+            return amortised(cand)
+
+        candidates = [(static, score(static))]
+        if balance_ratio(table, load_E) > self.rebalance_threshold:
+            shares = balanced_shares(table.slot_expert_WS, load_E)
+            rebalanced = PlacementTable(table.num_experts, table.slot_expert_WS, shares)
+            candidates.append((rebalanced, score(rebalanced)))
+            if balance_ratio(rebalanced, load_E) > self.threshold:
+                candidates += self._search(table, counts_WE, load_E, score, cost.ranks_per_node)
+        keep_time = cost.step_time(table, counts_WE).total
+        best, best_score = table, keep_time
+        for cand, s in candidates:
+            moved = cost.move_bytes_total(table, cand)
+            need = context.margin + (self.min_gain if moved > 0 else 0.0)
+            if s < best_score and s < keep_time * (1.0 - need):
+                best, best_score = cand, s
+        return _finish(table, best.slot_expert_WS, best.share_WS)
+
+    def _search(self, table, counts_WE, load_E, score, ranks_per_node):
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts
-        best, best_score = None, np.inf
+        affinity_WE = source_affinity(counts_WE, ranks_per_node)
+        kept, best_score = [], np.inf
+
+        def packings(reps_E) -> bool:
+            nonlocal best_score
+            improved = False
+            for keep in (table, None):
+                for affinity in (None, affinity_WE):
+                    slot_WS = pack(reps_E, load_E, W, S, keep, affinity)
+                    cand = PlacementTable(E, slot_WS, balanced_shares(slot_WS, load_E))
+                    s = score(cand)
+                    if s < best_score:
+                        kept.append((cand, s))
+                        best_score, improved = s, True
+            return improved
+
+        if load_E.sum() > 0:  # every slot used, replicas in proportion to load
+            packings(proportional_replicas(load_E, W, S))
         patience = self.patience or W
         reps_E = np.ones(E, dtype=np.int64)
         since_best = 0
@@ -381,31 +473,27 @@ class GreedyPlanner(Planner):
                 if per_E[e] <= 0:
                     break
                 reps_E[e] += 1
-            improved = False
-            for keep in (table, None):
-                slot_WS = pack(reps_E, load_E, W, S, keep)
-                cand = PlacementTable(E, slot_WS, balanced_shares(slot_WS, load_E))
-                score = cost.step_time(cand, counts_WE).total + cost.move_time(table, cand) / self.horizon
-                if score < best_score:
-                    best, best_score, improved = cand, score, True
-            since_best = 0 if improved else since_best + 1
+            since_best = 0 if packings(reps_E) else since_best + 1
             if since_best >= patience:
                 break
-        return None if best is None else (best, best_score)
+        return kept
 
 
 @dataclasses.dataclass
 class OraclePlanner(GreedyPlanner):
-    """The greedy planner run every step on the true counts of that step: a reference with perfect
-    knowledge of the step, not a policy (and, being greedy and myopic, not a strict lower bound).
-
-    It re-plans every step, so a plan lives one step: moves are charged in full (horizon 1).
+    """The greedy planner run before every step on the true counts of that step: a reference with
+    perfect knowledge of the step, not a policy (and, being greedy and myopic, not a strict lower
+    bound). A plan lives one step (horizon 1); each move is also charged its way back to static
+    (``return_weight`` 1) and any gain is taken (``min_gain`` 0), so over a whole trace the oracle's
+    modelled time is never above static EP's.
     """
 
     name = "oracle"
     threshold: float = 1.0
     rebalance_threshold: float = 1.0
     horizon: float = 1.0
+    min_gain: float = 0.0
+    return_weight: float = 1.0
     uses_true_counts = True
 
 

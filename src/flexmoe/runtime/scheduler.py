@@ -5,15 +5,14 @@ S slots per rank, H steps since the last plan.
 Each ``step()`` (after ``optimizer.step()``) appends this rank's tokens per expert of every layer to
 a device buffer (no host synchronisation). Every ``interval`` steps the buffer is all-gathered over
 the expert-parallel group, so every rank holds the same counts ``C[step, src rank, layer, expert]``;
-a load predictor per layer (the planner's own, as in the simulator) turns them into expected counts,
-the planner proposes a table per layer, and ``apply_placement`` moves weights and optimizer state.
-All ranks compute the same plans from the same counts; their tables are checked to agree after
-every change.
+they feed a ``flexmoe.placement.Replanner`` (the same object the simulator runs: cadence,
+predictors, guard, bytes budget), which proposes a table per layer, and ``apply_placement`` moves
+weights and optimizer state. All ranks compute the same plans from the same counts; their tables
+are checked to agree after every change.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,9 @@ from torch import nn
 
 from ..layer import moe_layers
 from ..parallel import ParallelExperts, ep_stage
-from ..placement.planner import GreedyPlanner, LoadPredictor, Planner
+from ..placement.planner import GreedyPlanner, Planner
+from ..placement.policy import ReplanPolicy, Replanner
+from ..placement.predict import LoadPredictor, PredictorConfig
 from ..placement.split import balance_ratio
 from ..placement.table import PlacementTable
 from ..sim.trace import TraceRecorder
@@ -47,9 +48,11 @@ class PlacementScheduler:
         own from the same counts. ``counts_WE`` are predicted tokens per step (float).
     cost_model: a ``CostModel`` handed to the planner; None measures one on this machine
         (``flexmoe.runtime.measure_cost_model``, a collective over the group) when the scheduler is built.
-    interval: plan every ``interval`` steps; warmup: steps before the first plan (default interval).
-    ema_decay: load prediction ``ema = decay * ema + (1 - decay) * counts`` per step; None uses
-        the planner's own predictor (``planner.make_predictor()``), else decay 0.5.
+    policy: a ``ReplanPolicy`` (interval, warmup, predictor, guard, bytes budget); default
+        ``ReplanPolicy()``, the policy the simulator replays. Or, instead, the shorthands
+        interval (plan every ``interval`` steps), warmup (steps before the first plan, default
+        interval) and ema_decay (an EMA predictor ``ema = decay * ema + (1 - decay) * counts``;
+        None: the planner's own predictor): the other fields keep ``ReplanPolicy``'s defaults.
     trace: record the all-gathered routing counts of every step (0-based step index) to a trace
         file the simulator reads: a path (global rank 0 writes it, appending when it exists) or a
         ``flexmoe.sim.trace.TraceRecorder`` (used as is on the ranks that pass one). Steps are
@@ -75,7 +78,8 @@ class PlacementScheduler:
         planner: Planner | None = None,
         cost_model: Any = None,
         *,
-        interval: int = 100,
+        policy: ReplanPolicy | None = None,
+        interval: int | None = None,
         warmup: int | None = None,
         ema_decay: float | None = None,
         trace: Any = None,
@@ -101,20 +105,25 @@ class PlacementScheduler:
                 raise ValueError(f"PlacementScheduler.{name} must be an int >= {minimum}, got {value!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"PlacementScheduler.ema_decay must be None or in [0, 1), got {ema_decay!r}")
+        if policy is not None and (interval, warmup, ema_decay) != (None, None, None):
+            raise ValueError("PlacementScheduler: give either policy or interval/warmup/ema_decay, not both")
+        if policy is None:
+            predictor = None if ema_decay is None else PredictorConfig(decay=ema_decay)
+            policy = ReplanPolicy(interval=interval or ReplanPolicy.interval, warmup=warmup, predictor=predictor)
+        if not isinstance(policy, ReplanPolicy):
+            raise ValueError(f"PlacementScheduler.policy must be a ReplanPolicy, got {policy!r}")
         self.group = self._stages[0].ep_group.group
         self.expert_dp_group = expert_dp_group
         self.optimizers = as_optimizer_list(optimizer)
         self.planner = planner
         self.cost_model = cost_model if cost_model is not None else self._measure_cost_model()
-        self.interval = interval
-        self.warmup = interval if warmup is None else warmup
+        self.policy = policy
+        self.replanner = Replanner(policy, planner, len(self.layers))
         self.recorder = self._make_recorder(trace)
         self._owns_recorder = self.recorder is not None and self.recorder is not trace
         self.logger = logger or logging.getLogger("flexmoe.placement")
         self.num_steps = 0
         self.last_metrics: dict = {}
-        self._predictors = [self._make_predictor(ema_decay) for _ in self.layers]
-        self._plan_takes_step = "step" in inspect.signature(planner.plan).parameters
         self._pending: list[torch.Tensor] = []  # [L, E] per step, this rank, not yet gathered
         self._accum: torch.Tensor | None = None
 
@@ -127,10 +136,13 @@ class PlacementScheduler:
         meta = {"slots_per_rank": table.slots_per_rank, "source": "PlacementScheduler"}
         return TraceRecorder(trace, table.world_size, table.num_experts, len(self.layers), meta)
 
-    def _make_predictor(self, ema_decay: float | None) -> LoadPredictor:
-        if ema_decay is None and callable(getattr(self.planner, "make_predictor", None)):
-            return self.planner.make_predictor()
-        return LoadPredictor(0.5 if ema_decay is None else ema_decay)
+    @property
+    def interval(self) -> int:
+        return self.policy.interval
+
+    @property
+    def _predictors(self) -> list[LoadPredictor]:
+        return self.replanner.predictors
 
     def _measure_cost_model(self):
         layer = self.layers[0]
@@ -158,7 +170,7 @@ class PlacementScheduler:
         self._accum = None
         self._pending.append(counts)
         self.num_steps += 1
-        if self.num_steps < self.warmup or (self.num_steps - self.warmup) % self.interval:
+        if not self.policy.due(self.num_steps):
             return None
         return self._plan_and_apply(self._gather_pending())
 
@@ -186,23 +198,21 @@ class PlacementScheduler:
             all_HWLE = local_HLE.cpu().numpy()[:, None]
         first_step = self.num_steps - all_HWLE.shape[0]
         for h, counts_WLE in enumerate(all_HWLE):
-            for i, predictor in enumerate(self._predictors):
-                predictor.update(counts_WLE[:, i])
-                if self.recorder is not None:
+            self.replanner.observe(counts_WLE.transpose(1, 0, 2))
+            if self.recorder is not None:
+                for i in range(len(self.layers)):
                     self.recorder.record(first_step + h, i, counts_WLE[:, i])
         return all_HWLE
 
     def _plan_and_apply(self, observed_HWLE: np.ndarray) -> dict:
         ranks_per_node = getattr(self.cost_model, "ranks_per_node", None)
         layer_metrics = []
+        predicted_LWE = [p.predict() for p in self._predictors]
+        plans = self.replanner.plan([stage.placement.copy() for stage in self._stages], self.cost_model)
         for i, (layer, stage) in enumerate(zip(self.layers, self._stages)):
-            predicted_WE = self._predictors[i].predict()
-            predicted_E = np.rint(predicted_WE.sum(axis=0)).astype(np.int64)
+            predicted_E = np.rint(predicted_LWE[i].sum(axis=0)).astype(np.int64)
             old = stage.placement
-            if self._plan_takes_step:
-                new = self.planner.plan(old.copy(), predicted_WE, self.cost_model, step=self.num_steps)
-            else:
-                new = self.planner.plan(old.copy(), predicted_WE, self.cost_model)
+            new = plans[i].table
             metrics = {
                 "layer": i,
                 "balance_observed": balance_ratio(old, observed_HWLE[:, :, i].sum(axis=(0, 1))),
@@ -258,7 +268,7 @@ class PlacementScheduler:
         return {
             "num_steps": self.num_steps,
             "tables": [t.state_dict() for t in self.tables],
-            "predictors": [p.state_dict() for p in self._predictors],
+            "replanner": self.replanner.state_dict(),
             "pending": torch.stack([t.cpu() for t in self._pending]) if self._pending else None,
         }
 
@@ -276,8 +286,12 @@ class PlacementScheduler:
                 )
         for stage, table in zip(self._stages, tables):
             stage.set_placement(table)
-        for predictor, p_state in zip(self._predictors, state["predictors"]):
-            predictor.load_state_dict(p_state)
+        if "replanner" in state:
+            self.replanner.load_state_dict(state["replanner"])
+        else:  # saved before the re-plan policy: predictors only
+            for predictor, p_state in zip(self._predictors, state["predictors"]):
+                predictor.load_state_dict(p_state)
+            self.replanner.steps_done = int(state["num_steps"]) - (0 if state["pending"] is None else len(state["pending"]))
         self.num_steps = int(state["num_steps"])
         device = self.layers[0].experts.gate_up_proj.device
         self._pending = [] if state["pending"] is None else list(state["pending"].to(device).unbind(0))

@@ -2,9 +2,11 @@
 
 Legend: T steps, L layers, W ranks, E experts, S slots per rank.
 
-Every layer starts from static expert parallelism. At step t a planner sees the prediction its
-``LoadPredictor`` built from steps < t (the oracle sees step t itself), may re-plan, and then step
-t is charged with ``CostModel.step_time`` on its true counts plus the move time of the re-plan.
+Every layer starts from static expert parallelism. The planner runs under a ``ReplanPolicy`` (the
+runtime scheduler's cadence: interval, warmup, predictor, guard, bytes budget): before step t, when
+a plan is due after t observed steps, it plans every layer on the predictions built from steps < t
+(the oracle plans before every step on step t's true counts); then step t is charged with
+``CostModel.step_time`` on its true counts plus the move time of the re-plan.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from ..placement.cost_model import CostModel
 from ..placement.planner import Planner
+from ..placement.policy import ReplanPolicy, Replanner
 from ..placement.split import rank_loads
 from ..placement.table import PlacementTable
 from .trace import RoutingTrace
@@ -28,6 +31,7 @@ class SimResult:
     compute_T, a2a_T, sync_T, move_T: its terms. bytes_moved: network bytes of all moves.
     replans: placement changes (replicas added, dropped or moved), over all layers.
     share_updates: table changes that only re-split tokens among the same replicas.
+    layer_time_TL: each layer's step time including its moves.
     """
 
     name: str
@@ -40,6 +44,7 @@ class SimResult:
     bytes_moved: float
     replans: int
     share_updates: int
+    layer_time_TL: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {
@@ -66,35 +71,60 @@ def merge_ranks(counts_TLWE: np.ndarray, world_size: int) -> np.ndarray:
     return counts_TLWE.reshape(T, L, world_size, W // world_size, E).sum(3)
 
 
+def split_ranks(counts_TLWE: np.ndarray, world_size: int, seed: int = 0) -> np.ndarray:
+    """Counts of ``world_size`` source ranks from a trace recorded on fewer (one process): each
+    recorded rank's tokens of every expert are dealt to its ``world_size / W`` ranks by a
+    multinomial with equal odds (seeded). A stand-in: it has none of real ranks' source skew."""
+    T, L, W, E = counts_TLWE.shape
+    if world_size % W:
+        raise ValueError(f"the trace's {W} ranks must divide world_size={world_size}")
+    k = world_size // W
+    rng = np.random.default_rng(seed)
+    flat = counts_TLWE.transpose(0, 1, 3, 2).reshape(-1, W)
+    out = np.stack([rng.multinomial(n, [1.0 / k] * k) for n in flat.reshape(-1)])
+    return out.reshape(T, L, E, W * k).transpose(0, 1, 3, 2).copy()
+
+
 def simulate_planner(
-    planner: Planner, counts_TLWE: np.ndarray, cost: CostModel, slots_per_rank: int | None = None
+    planner: Planner,
+    counts_TLWE: np.ndarray,
+    cost: CostModel,
+    slots_per_rank: int | None = None,
+    policy: ReplanPolicy | None = None,
 ) -> SimResult:
+    """Replay ``counts_TLWE`` under ``planner`` run by ``policy`` (default ``ReplanPolicy()``)."""
     T, L, W, E = counts_TLWE.shape
     tables = [PlacementTable.static(E, W, slots_per_rank) for _ in range(L)]
-    predictors = [planner.make_predictor() for _ in range(L)]
+    replanner = Replanner(policy or ReplanPolicy(), planner, L)
     balance_TL = np.ones((T, L))
     terms_T4 = np.zeros((T, 4))
+    layer_TL = np.zeros((T, L))
     bytes_moved, replans, share_updates = 0.0, 0, 0
     for t in range(T):
-        for layer in range(L):
-            true_WE = counts_TLWE[t, layer]
-            seen_WE = true_WE if planner.uses_true_counts else predictors[layer].predict()
-            table = tables[layer]
-            if seen_WE is not None:
-                new = planner.plan(table, seen_WE, cost, t)
-                if new is not table and np.array_equal(new.slot_expert_WS, table.slot_expert_WS):
+        true_LWE = counts_TLWE[t]
+        if replanner.due():
+            for layer, p in enumerate(replanner.plan(tables, cost, true_LWE)):
+                old, new = tables[layer], p.table
+                if new is old:
+                    continue
+                if np.array_equal(new.slot_expert_WS, old.slot_expert_WS):
                     share_updates += 1
-                elif new is not table:
+                else:
                     replans += 1
-                    bytes_moved += cost.move_bytes_total(table, new)
-                    terms_T4[t, 3] += cost.move_time(table, new)
-                table = tables[layer] = new
-            step = cost.step_time(table, true_WE)
+                    bytes_moved += p.bytes_moved
+                    move = cost.move_time(old, new)
+                    terms_T4[t, 3] += move
+                    layer_TL[t, layer] += move
+                tables[layer] = new
+        for layer in range(L):
+            step = cost.step_time(tables[layer], true_LWE[layer])
             terms_T4[t, :3] += (step.compute, step.a2a, step.sync)
-            load_W = rank_loads(table, true_WE.sum(0))
+            layer_TL[t, layer] += step.total
+            load_W = rank_loads(tables[layer], true_LWE[layer].sum(0))
             balance_TL[t, layer] = load_W.max() / load_W.mean() if load_W.sum() > 0 else 1.0
-            predictors[layer].update(true_WE)
-    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates)
+        replanner.observe(true_LWE)
+    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates,
+                     layer_TL)
 
 
 def simulate(
@@ -103,10 +133,16 @@ def simulate(
     cost: CostModel,
     world_size: int | None = None,
     slots_per_rank: int | None = None,
+    policy: ReplanPolicy | None = None,
 ) -> list[SimResult]:
-    """One ``SimResult`` per planner, in order."""
-    counts = trace.counts_TLWE if world_size is None else merge_ranks(trace.counts_TLWE, world_size)
-    return [simulate_planner(p, counts, cost, slots_per_rank) for p in planners]
+    """One ``SimResult`` per planner, in order. ``world_size`` below the trace's merges neighbouring
+    ranks; above it (a multiple), ``split_ranks`` deals each rank's tokens out to several."""
+    counts = trace.counts_TLWE
+    if world_size is not None and world_size < trace.world_size:
+        counts = merge_ranks(counts, world_size)
+    elif world_size is not None and world_size > trace.world_size:
+        counts = split_ranks(counts, world_size)
+    return [simulate_planner(p, counts, cost, slots_per_rank, policy) for p in planners]
 
 
 def format_table(results: list[SimResult], baseline: str = "static") -> str:

@@ -1,0 +1,278 @@
+"""Re-plan policy: when to plan, on what prediction, with what guard and bytes budget, for all layers.
+
+Legend: L layers with a placement table, W ranks, E experts.
+
+``ReplanPolicy`` is the configuration; ``Replanner`` runs it: feed it every step's all-gathered
+counts (``observe``), ask ``due()`` after each step, and ``plan(tables, cost)`` when it is. Pure
+numpy, so the simulator and the runtime scheduler run the same object and, on the same counts,
+make the same plans.
+
+Cadence (the scheduler's): after ``n`` observed steps a plan is due when ``n >= max(warmup, 1)``
+and ``(n - warmup) % interval == 0``; the new tables apply from step ``n`` (0-based) on. A plan
+is kept ``interval`` steps, so moves are amortised over ``interval`` steps.
+
+Guard (hysteresis), per layer, judged on the steps observed since the last plan (each step's
+true counts, through the cost model):
+
+- the previous change is replayed: if, net of its move time, it did worse than keeping the table
+  it replaced, that is a miss. After ``m`` consecutive misses a change must beat keeping the
+  current table by an extra ``guard_gain * (2^m - 1)`` (relative); a change that paid resets it.
+- the layer's modelled time so far (tables used plus moves) is compared with what static EP
+  would have cost on the same steps: when it is behind, the layer goes back to static EP (a
+  miss too), so a layer where planning does not pay loses at most a few excursions.
+- backtest: a change (the planner's, or the return to static) is made only if it would have paid
+  for its move (amortised over the interval) on those same steps, had it been made a plan ago.
+
+Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
+their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
+what is left (a share-only update always fits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+
+from .cost_model import CostModel
+from .planner import PlanContext, Planner
+from .predict import LoadPredictor, PredictorConfig
+from .table import PlacementTable
+
+MAX_MISSES = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplanPolicy:
+    """interval: steps between plans (a plan is kept that long). warmup: steps before the first
+    plan (None: ``interval``). predictor: the load predictor of every layer (None: the planner's
+    own, ``planner.make_predictor()``). guard: judge past plans on the observed steps (misses,
+    account against static, backtest; needs a ``CostModel``). guard_gain: hysteresis step.
+    bytes_budget: network bytes one plan may move over all layers (None: no limit).
+    """
+
+    interval: int = 10
+    warmup: int | None = None
+    predictor: PredictorConfig | None = None
+    guard: bool = True
+    guard_gain: float = 0.02
+    bytes_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("interval", self.interval, 1), ("warmup", self.warmup, 0)):
+            if value is None and name == "warmup":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ReplanPolicy.{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.guard, bool):
+            raise ValueError(f"ReplanPolicy.guard must be a bool, got {self.guard!r}")
+        if self.predictor is not None and not isinstance(self.predictor, PredictorConfig):
+            raise ValueError(f"ReplanPolicy.predictor must be None or a PredictorConfig, got {self.predictor!r}")
+        if not (np.isfinite(self.guard_gain) and 0 <= self.guard_gain < 1):
+            raise ValueError(f"ReplanPolicy.guard_gain must be in [0, 1), got {self.guard_gain}")
+        if self.bytes_budget is not None and not self.bytes_budget >= 0:
+            raise ValueError(f"ReplanPolicy.bytes_budget must be None or >= 0, got {self.bytes_budget}")
+
+    @property
+    def first_plan(self) -> int:
+        return max(self.interval if self.warmup is None else self.warmup, 1)
+
+    def due(self, steps_done: int) -> bool:
+        """Whether to plan after ``steps_done`` observed steps."""
+        warmup = self.interval if self.warmup is None else self.warmup
+        return steps_done >= self.first_plan and (steps_done - warmup) % self.interval == 0
+
+
+@dataclasses.dataclass
+class _Change:
+    """A layer's last change, to be judged on the counts that follow it."""
+
+    old: PlacementTable
+    new: PlacementTable
+    move_time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One layer's outcome of a plan: the new table (``table`` itself when unchanged), the network
+    bytes it moves and the guard's margin that applied."""
+
+    table: PlacementTable
+    bytes_moved: float
+    margin: float
+
+
+class Replanner:
+    """Runs a ``ReplanPolicy`` with one planner over ``num_layers`` layers (see the module doc)."""
+
+    def __init__(self, policy: ReplanPolicy, planner: Planner, num_layers: int):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if not callable(getattr(planner, "plan", None)):
+            raise ValueError(f"Replanner.planner must have a plan(table, counts_WE, cost[, step, context]) method, got {planner!r}")
+        self.policy, self.planner, self.num_layers = policy, planner, num_layers
+        params = inspect.signature(planner.plan).parameters
+        self._takes = ("step" in params, "context" in params)
+        make = policy.predictor.make if policy.predictor is not None else getattr(planner, "make_predictor", None)
+        make = make or (lambda: LoadPredictor(0.0))
+        self.predictors = [make() for _ in range(num_layers)]
+        self.steps_done = 0
+        self.misses_L = [0] * num_layers
+        self.spent_L = [0.0] * num_layers
+        self.static_L = [0.0] * num_layers
+        self._recent: list[np.ndarray] = []
+        self._changes: list[_Change | None] = [None] * num_layers
+
+    def observe(self, counts_LWE: np.ndarray) -> None:
+        """One step's all-gathered counts of every layer."""
+        counts_LWE = np.asarray(counts_LWE, dtype=np.float64)
+        if counts_LWE.ndim != 3 or counts_LWE.shape[0] != self.num_layers:
+            raise ValueError(f"counts_LWE must have shape ({self.num_layers}, W, E), got {counts_LWE.shape}")
+        for predictor, counts_WE in zip(self.predictors, counts_LWE):
+            predictor.update(counts_WE)
+        if self.policy.guard and not self._truth:
+            self._recent.append(counts_LWE.copy())
+        self.steps_done += 1
+
+    def due(self) -> bool:
+        """A plan is due now (the planner plans on the true counts: before every step)."""
+        return self._truth or self.policy.due(self.steps_done)
+
+    @property
+    def _truth(self) -> bool:
+        return bool(getattr(self.planner, "uses_true_counts", False))
+
+    def _plan_one(self, table, counts_WE, cost, context):
+        step, ctx = self._takes
+        if ctx:
+            return self.planner.plan(table, counts_WE, cost, self.steps_done, context)
+        if step:
+            return self.planner.plan(table, counts_WE, cost, step=self.steps_done)
+        return self.planner.plan(table, counts_WE, cost)
+
+    def plan(self, tables: list[PlacementTable], cost: CostModel, true_LWE: np.ndarray | None = None) -> list[LayerPlan]:
+        """Plan every layer; ``true_LWE`` replaces the prediction (for planners that use true counts)."""
+        if len(tables) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} tables, got {len(tables)}")
+        truth = self._truth
+        if truth and true_LWE is None:
+            raise ValueError(f"{getattr(self.planner, 'name', 'this planner')} plans on true counts: pass true_LWE")
+        needs_cost = (self.policy.guard and not truth) or self.policy.bytes_budget is not None
+        if needs_cost and not isinstance(cost, CostModel):
+            raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
+        horizon = 1.0 if truth else float(self.policy.interval)
+        seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
+        plans = []
+        for i, table in enumerate(tables):
+            margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
+            if behind:
+                new = _finish_as(table, PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank))
+            elif seen[i] is None:
+                new = table
+            else:
+                context = PlanContext(horizon=horizon, margin=margin)
+                new = self._plan_one(table, seen[i], cost, context)
+            if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
+                new = table
+            plans.append(LayerPlan(new, _bytes(cost, table, new), margin))
+        if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
+            plans = self._fit_budget(tables, seen, plans, cost, horizon)
+        self._recent = []
+        for i, (table, p) in enumerate(zip(tables, plans)):
+            if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
+                move = cost.move_time(table, p.table)
+                self._changes[i] = _Change(table, p.table, move)
+                self.spent_L[i] += move
+        return plans
+
+    def _backtest(self, layer, table, new, used, cost, horizon) -> bool:
+        """Would ``new`` have paid for its move over the steps since the last plan (per step true
+        counts, move amortised over ``horizon``)?"""
+        saved = sum(used) - sum(cost.step_time(new, c_LWE[layer]).total for c_LWE in self._recent)
+        return saved / len(used) * horizon > cost.move_time(table, new)
+
+    def _judge(self, layer: int, table: PlacementTable, cost: CostModel) -> tuple[float, bool, list[float]]:
+        """Replay the steps since the last plan: update the layer's misses and its account against
+        static EP; return the margin that applies now, whether the layer is behind static, and the
+        modelled time of each of those steps under ``table``."""
+        static = PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
+        used = [cost.step_time(table, c_LWE[layer]).total for c_LWE in self._recent]
+        self.spent_L[layer] += sum(used)
+        self.static_L[layer] += sum(cost.step_time(static, c_LWE[layer]).total for c_LWE in self._recent)
+        change = self._changes[layer]
+        if change is not None and self._recent:
+            before = sum(cost.step_time(change.old, c_LWE[layer]).total for c_LWE in self._recent)
+            paid = before - sum(used) - change.move_time >= 0
+            self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
+            self._changes[layer] = None
+        behind = self.spent_L[layer] > self.static_L[layer] * (1.0 + 1e-12) and not _same_slots(table, static)
+        if behind:
+            self.misses_L[layer] = min(self.misses_L[layer] + 1, MAX_MISSES)
+        return min(self.policy.guard_gain * (2.0 ** self.misses_L[layer] - 1.0), 0.99), behind, used
+
+    def state_dict(self) -> dict:
+        """Predictors, step count and guard state (every rank holds the same)."""
+        return {
+            "steps_done": self.steps_done,
+            "predictors": [p.state_dict() for p in self.predictors],
+            "misses": list(self.misses_L),
+            "spent": list(self.spent_L),
+            "static": list(self.static_L),
+            "recent": [c.tolist() for c in self._recent],
+            "changes": [None if c is None else {"old": c.old.state_dict(), "new": c.new.state_dict(),
+                                                "move_time": c.move_time} for c in self._changes],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["predictors"]) != self.num_layers:
+            raise ValueError(f"state has {len(state['predictors'])} layers, this replanner {self.num_layers}")
+        self.steps_done = int(state["steps_done"])
+        for predictor, p_state in zip(self.predictors, state["predictors"]):
+            predictor.load_state_dict(p_state)
+        self.misses_L = [int(m) for m in state["misses"]]
+        self.spent_L = [float(x) for x in state["spent"]]
+        self.static_L = [float(x) for x in state["static"]]
+        self._recent = [np.array(c, dtype=np.float64) for c in state["recent"]]
+        self._changes = [None if c is None else _Change(PlacementTable.from_state_dict(c["old"]),
+                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]))
+                         for c in state["changes"]]
+
+    def _fit_budget(self, tables, seen, plans, cost, horizon) -> list[LayerPlan]:
+        gain = []
+        for table, counts_WE, p in zip(tables, seen, plans):
+            if p.bytes_moved <= 0:
+                gain.append(np.inf)
+                continue
+            saved = cost.step_time(table, counts_WE).total - cost.step_time(p.table, counts_WE).total
+            gain.append((saved * horizon - cost.move_time(table, p.table)) / p.bytes_moved)
+        left = float(self.policy.bytes_budget)
+        out = list(plans)
+        for i in sorted(range(len(plans)), key=lambda i: (-gain[i], i)):
+            if plans[i].bytes_moved <= left:
+                left -= plans[i].bytes_moved
+                continue
+            context = PlanContext(horizon=horizon, margin=plans[i].margin, max_move_bytes=left)
+            new = self._plan_one(tables[i], seen[i], cost, context)
+            moved = cost.move_bytes_total(tables[i], new)
+            if moved > left:  # a planner that ignores the limit: keep the table
+                new, moved = tables[i], 0.0
+            left -= moved
+            out[i] = LayerPlan(new, moved, plans[i].margin)
+        return out
+
+
+def _bytes(cost, old: PlacementTable, new: PlacementTable) -> float:
+    """Network bytes of a change (0 when the caller's cost object is not a ``CostModel``)."""
+    return cost.move_bytes_total(old, new) if isinstance(cost, CostModel) and new is not old else 0.0
+
+
+def _same_slots(a: PlacementTable, b: PlacementTable) -> bool:
+    return np.array_equal(a.slot_expert_WS, b.slot_expert_WS) and np.allclose(a.share_WS, b.share_WS, atol=1e-12)
+
+
+def _finish_as(table: PlacementTable, target: PlacementTable) -> PlacementTable:
+    """``table`` when it already is ``target``, else ``target`` with the next version."""
+    if _same_slots(table, target):
+        return table
+    return PlacementTable(table.num_experts, target.slot_expert_WS, target.share_WS, table.version + 1)

@@ -1,0 +1,198 @@
+"""Load predictors and the re-plan policy: predictors against plain float64 loops, the policy's
+cadence against the scheduler's rule, the bytes budget, the guard, and resume.
+
+Legend: T steps, L layers, W ranks, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flexmoe.placement import (
+    CostModel, PlacementTable, PredictorConfig, ReplanPolicy, Replanner, StaticPlanner, WindowPredictor,
+    make_planner,
+)
+from flexmoe.sim import SyntheticTraceConfig, generate_trace
+from flexmoe.sim.simulator import simulate_planner, split_ranks
+
+COST = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10)
+
+
+def reference_predict(config: PredictorConfig, history: list[np.ndarray]) -> np.ndarray:
+    """Plain loops over (rank, expert) on the last ``window`` steps."""
+    last = history[-config.window:]
+    W, E = last[0].shape
+    out = np.zeros((W, E))
+    n = len(last)
+    for w in range(W):
+        for e in range(E):
+            xs = [float(h[w, e]) for h in last]
+            mean = sum(xs) / n
+            if config.kind == "window_max":
+                out[w, e] = max(xs)
+            elif config.kind == "mean_std":
+                out[w, e] = mean + config.z * math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
+            else:
+                if n == 1:
+                    out[w, e] = xs[0]
+                    continue
+                ts = [i - (n - 1) / 2 for i in range(n)]
+                slope = sum(t * x for t, x in zip(ts, xs)) / sum(t * t for t in ts)
+                out[w, e] = max(mean + slope * ((n - 1) / 2 + config.lead), 0.0)
+    return out
+
+
+def test_window_predictors_match_reference():
+    rng = np.random.default_rng(0)
+    for kind in ("window_max", "mean_std", "trend"):
+        for _ in range(6):
+            config = PredictorConfig(kind, window=int(rng.integers(1, 8)), z=float(rng.uniform(0, 2)),
+                                     lead=float(rng.uniform(0, 20)))
+            W, E = int(rng.integers(1, 4)), int(rng.integers(1, 6))
+            pred = config.make()
+            assert isinstance(pred, WindowPredictor) and pred.predict() is None
+            history = []
+            for _ in range(int(rng.integers(1, 12))):
+                counts = rng.poisson(rng.uniform(0, 50), size=(W, E)).astype(float)
+                history.append(counts)
+                pred.update(counts)
+                np.testing.assert_allclose(pred.predict(), reference_predict(config, history), rtol=1e-12, atol=1e-9)
+            clone = config.make()
+            clone.load_state_dict(pred.state_dict())
+            np.testing.assert_allclose(clone.predict(), pred.predict())
+
+
+def test_trend_extrapolates_a_line_and_ema_is_the_default():
+    pred = PredictorConfig("trend", window=5, lead=3).make()
+    for t in range(5):
+        pred.update(np.array([[10.0 + 2 * t, 50.0 - 20 * t]]))
+    np.testing.assert_allclose(pred.predict(), [[10 + 2 * 7, 0.0]])  # the falling one clips at 0
+    ema = PredictorConfig(decay=0.5).make()
+    ema.update(np.array([[4.0]]))
+    ema.update(np.array([[0.0]]))
+    np.testing.assert_allclose(ema.predict(), [[2.0]])
+
+
+def test_predictor_and_policy_validation_names_the_field():
+    for kwargs, field in ((dict(kind="median"), "kind"), (dict(window=0), "window"), (dict(z=-1), "z"),
+                          (dict(decay=1.0), "decay"), (dict(lead=-1), "lead")):
+        with pytest.raises(ValueError, match=field):
+            PredictorConfig(**kwargs)
+    for kwargs, field in ((dict(interval=0), "interval"), (dict(warmup=-1), "warmup"), (dict(guard_gain=1.0), "guard_gain"),
+                          (dict(bytes_budget=-1.0), "bytes_budget"), (dict(predictor="ema"), "predictor")):
+        with pytest.raises(ValueError, match=field):
+            ReplanPolicy(**kwargs)
+
+
+def test_cadence_is_the_schedulers():
+    """Due after n steps exactly when the scheduler plans: n >= warmup and (n - warmup) % interval == 0."""
+    for interval in (1, 3, 10):
+        for warmup in (None, 0, 1, 5, 12):
+            policy = ReplanPolicy(interval=interval, warmup=warmup)
+            w = interval if warmup is None else warmup
+            for n in range(1, 60):
+                assert policy.due(n) == (n >= w and (n - w) % interval == 0), (interval, warmup, n)
+            assert not policy.due(0)
+
+
+def _trace(seed: int, layers: int = 3, steps: int = 30) -> np.ndarray:
+    config = SyntheticTraceConfig(num_steps=steps, num_layers=layers, world_size=4, num_experts=12,
+                                  tokens_per_rank=2048, top_k=2, alpha=1.4, drift=0.05, seed=seed)
+    return generate_trace(config).counts_TLWE
+
+
+def test_bytes_budget_holds_across_layers():
+    counts = _trace(1)
+    free = simulate_planner(make_planner("greedy"), counts, COST, 5, ReplanPolicy(interval=3, guard_gain=0.0))
+    assert free.bytes_moved > 0
+    budget = COST.move_bytes * 2
+    tables = [PlacementTable.static(12, 4, 5) for _ in range(3)]
+    replanner = Replanner(ReplanPolicy(interval=3, guard_gain=0.0, bytes_budget=budget), make_planner("greedy"), 3)
+    total = 0.0
+    for t in range(counts.shape[0]):
+        if replanner.due():
+            plans = replanner.plan(tables, COST)
+            moved = sum(COST.move_bytes_total(old, p.table) for old, p in zip(tables, plans))
+            assert moved == pytest.approx(sum(p.bytes_moved for p in plans)) and moved <= budget
+            total += moved
+            tables = [p.table for p in plans]
+        replanner.observe(counts[t])
+    assert 0 < total < free.bytes_moved
+
+
+def test_backtest_stops_moves_that_would_not_have_paid():
+    """Proportional replication moves at every plan; with ruinously expensive moves the backtest
+    (would the change have paid over the last interval?) stops every one: exactly static's time."""
+    counts = _trace(2, layers=2, steps=40)
+    ruinous = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10, move_bytes=1e9)
+    static = simulate_planner(make_planner("static"), counts, ruinous, 5)
+    guarded = simulate_planner(make_planner("proportional"), counts, ruinous, 5, ReplanPolicy(interval=4))
+    assert guarded.bytes_moved == 0 and guarded.replans == 0
+    np.testing.assert_allclose(guarded.time_T, static.time_T)
+
+
+class _KeepPlanner(StaticPlanner):
+    """Never changes anything: only the policy's guard can move a layer."""
+
+
+def test_guard_returns_a_layer_that_is_behind_static():
+    """A layer held in a replicated table that costs more than static EP on the steps observed
+    (replica gradient sync, no imbalance to fix) is sent back to static by the guard."""
+    E, W, S = 8, 4, 3
+    static = PlacementTable.static(E, W, S)
+    slot = static.slot_expert_WS.copy()
+    slot[:, 2] = [4, 6, 0, 2]
+    reps_E = np.bincount(slot[slot >= 0], minlength=E)
+    replicated = PlacementTable(E, slot, np.where(slot >= 0, 1.0 / reps_E[np.maximum(slot, 0)], 0.0))
+    cost = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10, grad_bytes=1e6)
+    uniform = np.full((1, W, E), 200)
+    replanner = Replanner(ReplanPolicy(interval=5), _KeepPlanner(), 1)
+    tables = [replicated]
+    for _ in range(5):
+        replanner.observe(uniform)
+    assert replanner.due()
+    tables = [p.table for p in replanner.plan(tables, cost)]
+    np.testing.assert_array_equal(tables[0].slot_expert_WS, static.slot_expert_WS)
+    assert tables[0].version == replicated.version + 1 and replanner.misses_L[0] == 1
+
+
+def test_replanner_resume_makes_the_same_plans():
+    counts = _trace(3, layers=2, steps=24)
+    policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0))
+
+    def run(split_at: int | None):
+        replanner = Replanner(policy, make_planner("greedy"), 2)
+        tables = [PlacementTable.static(12, 4, 5) for _ in range(2)]
+        history = []
+        for t in range(counts.shape[0]):
+            if t == split_at:
+                state = replanner.state_dict()
+                replanner = Replanner(policy, make_planner("greedy"), 2)
+                replanner.load_state_dict(state)
+            if replanner.due():
+                tables = [p.table for p in replanner.plan(tables, COST)]
+            history.append([(t_.slot_expert_WS.copy(), t_.share_WS.copy()) for t_ in tables])
+            replanner.observe(counts[t])
+        return history
+
+    a, b = run(None), run(13)
+    assert any(not np.array_equal(a[0][0][0], h[0][0]) for h in a)
+    for step_a, step_b in zip(a, b):
+        for (sa, ha), (sb, hb) in zip(step_a, step_b):
+            np.testing.assert_array_equal(sa, sb)
+            np.testing.assert_array_equal(ha, hb)
+
+
+def test_split_ranks_keeps_every_count():
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 100, size=(5, 2, 1, 7))
+    split = split_ranks(counts, 4, seed=1)
+    assert split.shape == (5, 2, 4, 7)
+    np.testing.assert_array_equal(split.sum(2), counts[:, :, 0])
+    two = rng.integers(0, 100, size=(3, 1, 2, 5))
+    np.testing.assert_array_equal(split_ranks(two, 4).reshape(3, 1, 2, 2, 5).sum(3), two)
+    with pytest.raises(ValueError, match="divide"):
+        split_ranks(two, 3)
