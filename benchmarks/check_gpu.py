@@ -2,8 +2,10 @@
 
 For bf16, fp16 and fp32 and awkward routings it prints the relative error of output, input
 gradient and each parameter gradient against a float64 copy of the same layer on the CPU
-(whose torch path the test suite checks against the per-expert loop), then checks that
-``torch.compile(fullgraph=True)`` with inductor matches eager.
+(whose torch path the test suite checks against the per-expert loop), for ``kernels="auto"``
+and, where this checkout has them, the fused kernels (``kernels="fused"``); then checks that
+``torch.compile(fullgraph=True)`` with inductor matches eager. A case that raises is a failure
+row, and the run goes on.
 
 python benchmarks/check_gpu.py
 """
@@ -55,8 +57,19 @@ def compare(cfg: flexmoe.MoEConfig, dtype: torch.dtype, T: int, skew: bool) -> d
     return errs
 
 
+def kernel_choices() -> list[str]:
+    """"auto", plus "fused" when this checkout's MoEConfig accepts it."""
+    try:
+        flexmoe.MoEConfig(d_model=8, d_ff=8, num_experts=2, top_k=1, kernels="fused")
+        return ["auto", "fused"]
+    except ValueError:
+        return ["auto"]
+
+
 def main() -> None:
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    import triton
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     cases = [
         ("swiglu k=2", flexmoe.MoEConfig(d_model=256, d_ff=128, num_experts=8, top_k=2, init_std=0.05), 512, False),
         ("top_k = E", flexmoe.MoEConfig(d_model=128, d_ff=64, num_experts=4, top_k=4, init_std=0.05), 256, False),
@@ -68,14 +81,22 @@ def main() -> None:
         ("odd widths", flexmoe.MoEConfig(d_model=100, d_ff=60, num_experts=6, top_k=2, init_std=0.05), 99, False),
     ]
     failures = 0
-    print("| case | dtype | out | dx | worst param grad | tol | ok |\n|---|---|---|---|---|---|---|")
-    for label, cfg, T, skew in cases:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            errs = compare(cfg, dtype, T, skew)
-            worst = max(v for k, v in errs.items() if k not in ("out", "dx"))
-            ok = max(errs.values()) <= TOLERANCE[dtype]
-            failures += not ok
-            print(f"| {label} | {str(dtype)[6:]} | {errs['out']:.1e} | {errs['dx']:.1e} | {worst:.1e} | {TOLERANCE[dtype]:.0e} | {'yes' if ok else 'NO'} |")
+    print("| case | kernels | dtype | out | dx | worst param grad | tol | ok |\n|---|---|---|---|---|---|---|---|")
+    for kernels in kernel_choices():
+        for label, cfg, T, skew in cases:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                try:
+                    errs = compare(dataclasses.replace(cfg, kernels=kernels), dtype, T, skew)
+                except Exception as exc:  # noqa: BLE001 - a failure row, the run goes on
+                    failures += 1
+                    print(f"| {label} | {kernels} | {str(dtype)[6:]} | FAILED: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''} | | | | NO |")
+                    continue
+                worst = max(v for k, v in errs.items() if k not in ("out", "dx"))
+                ok = max(errs.values()) <= TOLERANCE[dtype]
+                failures += not ok
+                print(f"| {label} | {kernels} | {str(dtype)[6:]} | {errs['out']:.1e} | {errs['dx']:.1e} | {worst:.1e} "
+                      f"| {TOLERANCE[dtype]:.0e} | {'yes' if ok else 'NO'} |", flush=True)
 
     cfg = flexmoe.MoEConfig(d_model=256, d_ff=128, num_experts=8, top_k=2, aux_loss_coef=0.01, validate_inputs=False)
     eager = flexmoe.MoELayer(cfg).to("cuda", torch.bfloat16)

@@ -20,8 +20,6 @@ if "--tiny" in sys.argv:  # CPU smoke run: Triton must be interpreted, set befor
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import traceback  # noqa: E402
 
 import torch  # noqa: E402
@@ -33,19 +31,11 @@ from flexmoe.ops.activation import swiglu_scaled_backward  # noqa: E402
 from flexmoe.ops.grouped_gemm import grouped_mm_loop_wgrad, has_fast_grouped_mm  # noqa: E402
 from flexmoe.ops.triton_kernels import gather_sum  # noqa: E402
 from flexmoe.plan import make_dispatch_plan  # noqa: E402
-from layer import SHAPES, matmul_tflops, skew_router_, timed, training_step  # noqa: E402
+from layer import SHAPES, header, matmul_tflops, skew_router_, timed, training_step  # noqa: E402
+from layer import flexmoe_variant as same_layer  # noqa: E402
 
 TINY = {"tiny": (64, 32, 8, 2)}
 PER_EXPERT_MAX_E = 16  # the per-expert GEMM loop is only a candidate for few experts
-
-
-def same_layer(layer: flexmoe.MoELayer, kernels: str) -> flexmoe.MoELayer:
-    """A copy of ``layer`` (same weights) with another ``kernels`` choice."""
-    cfg = dataclasses.replace(layer.config, kernels=kernels)
-    weight = layer.experts.gate_up_proj
-    other = flexmoe.MoELayer(cfg).to(device=weight.device, dtype=weight.dtype)
-    other.load_state_dict(layer.state_dict())
-    return other
 
 
 def wgrad_unfused(g_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -298,8 +288,7 @@ def main() -> None:
     if args.tiny:
         shapes, args.tokens, args.reps = TINY, 64, 1
     tflops = matmul_tflops(device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreted Triton)"
-    print(f"# {datetime.date.today()}  device: {name}  torch {torch.__version__}  dense bf16 matmul: {tflops:.0f} TFLOP/s")
+    print(header(device) + f"  dense bf16 matmul: {tflops:.0f} TFLOP/s")
     for shape, (D, F, E, k) in shapes.items():
         for routing in args.routing.split(","):
             try:

@@ -141,6 +141,23 @@ def test_simulator_bookkeeping():
     assert static.time_T[0] == pytest.approx(expected)
 
 
+def test_on_step_sees_the_tables_each_step_is_charged_with():
+    """The hook gets every step's tables and true counts: their modelled compute is the result's."""
+    trace = generate_trace(SyntheticTraceConfig(num_steps=30, num_layers=2, world_size=4, num_experts=16,
+                                                tokens_per_rank=2048, top_k=2, seed=5))
+    seen = []
+    results = simulate(trace, [make_planner("static"), make_planner("greedy")], COST, slots_per_rank=6,
+                       on_step=lambda name, t, tables, counts: seen.append((name, t, tables, counts.copy())))
+    assert [(n, t) for n, t, _, _ in seen] == [(n, t) for n in ("static", "greedy") for t in range(30)]
+    for r in results:
+        mine = [(tables, counts) for n, _, tables, counts in seen if n == r.name]
+        compute_T = [sum(COST.step_time(tb, c).compute for tb, c in zip(tables, counts)) for tables, counts in mine]
+        np.testing.assert_allclose(compute_T, r.compute_T)
+        assert all(np.array_equal(c, trace.counts_TLWE[t]) for t, (_, c) in enumerate(mine))
+    greedy_tables = [tables for n, _, tables, _ in seen if n == "greedy"]
+    assert any(not np.array_equal(tb[0].slot_expert_WS, greedy_tables[0][0].slot_expert_WS) for tb in greedy_tables)
+
+
 def test_merge_ranks():
     counts = np.arange(2 * 1 * 4 * 3).reshape(2, 1, 4, 3)
     merged = merge_ranks(counts, 2)

@@ -12,6 +12,7 @@ a plan is due after t observed steps, it plans every layer on the predictions bu
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -91,8 +92,13 @@ def simulate_planner(
     cost: CostModel,
     slots_per_rank: int | None = None,
     policy: ReplanPolicy | None = None,
+    on_step: Callable[[int, list[PlacementTable], np.ndarray], None] | None = None,
 ) -> SimResult:
-    """Replay ``counts_TLWE`` under ``planner`` run by ``policy`` (default ``ReplanPolicy()``)."""
+    """Replay ``counts_TLWE`` under ``planner`` run by ``policy`` (default ``ReplanPolicy()``).
+
+    ``on_step(t, tables_L, counts_LWE)``, if given, sees each step's tables (after that step's
+    re-plan) and true counts before the step is charged: e.g. to time the plan on real kernels.
+    """
     T, L, W, E = counts_TLWE.shape
     tables = [PlacementTable.static(E, W, slots_per_rank) for _ in range(L)]
     replanner = Replanner(policy or ReplanPolicy(), planner, L)
@@ -116,6 +122,8 @@ def simulate_planner(
                     terms_T4[t, 3] += move
                     layer_TL[t, layer] += move
                 tables[layer] = new
+        if on_step is not None:
+            on_step(t, list(tables), true_LWE)
         for layer in range(L):
             step = cost.step_time(tables[layer], true_LWE[layer])
             terms_T4[t, :3] += (step.compute, step.a2a, step.sync)
@@ -134,15 +142,20 @@ def simulate(
     world_size: int | None = None,
     slots_per_rank: int | None = None,
     policy: ReplanPolicy | None = None,
+    on_step: Callable[[str, int, list[PlacementTable], np.ndarray], None] | None = None,
 ) -> list[SimResult]:
     """One ``SimResult`` per planner, in order. ``world_size`` below the trace's merges neighbouring
-    ranks; above it (a multiple), ``split_ranks`` deals each rank's tokens out to several."""
+    ranks; above it (a multiple), ``split_ranks`` deals each rank's tokens out to several.
+    ``on_step(planner_name, t, tables_L, counts_LWE)``: as in ``simulate_planner``."""
     counts = trace.counts_TLWE
     if world_size is not None and world_size < trace.world_size:
         counts = merge_ranks(counts, world_size)
     elif world_size is not None and world_size > trace.world_size:
         counts = split_ranks(counts, world_size)
-    return [simulate_planner(p, counts, cost, slots_per_rank, policy) for p in planners]
+    def hook(p: Planner):
+        return None if on_step is None else (lambda t, tables, c: on_step(p.name, t, tables, c))
+
+    return [simulate_planner(p, counts, cost, slots_per_rank, policy, hook(p)) for p in planners]
 
 
 def format_table(results: list[SimResult], baseline: str = "static") -> str:
