@@ -16,6 +16,8 @@ from .parallel import EPGroup, ParallelConfig, ParallelExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
 from .routing import Routing, load_balancing_loss, make_router, router_z_loss
+from .routing.balance import BalanceStats, global_balance_loss, pooled_balance_loss, sequence_balance_loss
+from .routing.limits import GroupMap
 
 
 class MoELayer(nn.Module):
@@ -33,6 +35,9 @@ class MoELayer(nn.Module):
     ``PlacementTable``), ``slots_per_rank`` or ``parallel`` a ``flexmoe.parallel.ParallelExperts``
     holding only this rank's slots, the table and the group (docs/parallel.md); ``state_dict()``
     holds the logical view of all experts either way.
+
+    ``data_parallel_group``: the group whose counts ``aux_loss_scope="global"`` sums (None = the
+    default group). The sequence layout of ``aux_loss_scope="sequence"`` is the input's: ``[..., S, D]``.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class MoELayer(nn.Module):
         placement: PlacementTable | None = None,
         slots_per_rank: int | None = None,
         parallel: ParallelConfig | None = None,
+        data_parallel_group: torch.distributed.ProcessGroup | None = None,
     ):
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -52,10 +58,16 @@ class MoELayer(nn.Module):
         if ep_group is None and placement is None and slots_per_rank is None and parallel is None:
             self.experts = GroupedExperts(config)
         else:
+            if config.expert_biases:
+                raise ValueError("MoEConfig.expert_biases is not supported with expert parallelism yet")
             self.experts = ParallelExperts(config, ep_group, placement, slots_per_rank, parallel)
         self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
+        self.data_parallel_group = data_parallel_group
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
+        self.balance_stats: BalanceStats | None = None
+        self._limits_version: int | None = None
+        self._refresh_device_limits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -64,6 +76,8 @@ class MoELayer(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
+        if self._limits_version is not None and self._limits_version != self.experts.placement.version:
+            self._refresh_device_limits()
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
         x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
@@ -72,19 +86,60 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self.aux_loss = self.router_loss(routing)
+        self.aux_loss = self.router_loss(routing, x.shape[-2] if x.dim() >= 3 else x_TD.shape[0])
         self.last_counts = plan.counts_E
         self.router.record_load(plan.counts_E)
         return y_TD.view(x.shape)
 
-    def router_loss(self, routing: Routing) -> torch.Tensor:
+    def router_loss(self, routing: Routing, seq_len: int) -> torch.Tensor:
+        """The weighted router losses of one forward (``seq_len``: tokens per sequence)."""
         cfg = self.config
         loss = routing.logits_TE.new_zeros(())
-        if cfg.aux_loss_coef:
-            loss = loss + cfg.aux_loss_coef * load_balancing_loss(routing)
+        if cfg.aux_loss_coef and cfg.aux_loss_scope == "pooled":
+            self.balance_stats = BalanceStats.of(routing)
+        elif cfg.aux_loss_coef:
+            if cfg.aux_loss_scope == "sequence" and routing.balance_loss is None:
+                balance = sequence_balance_loss(routing, seq_len)
+            elif cfg.aux_loss_scope == "global" and routing.balance_loss is None:
+                balance = global_balance_loss(routing, self.data_parallel_group)
+            else:
+                balance = load_balancing_loss(routing)
+            loss = loss + cfg.aux_loss_coef * balance
         if cfg.z_loss_coef:
             loss = loss + cfg.z_loss_coef * router_z_loss(routing)
         return loss
+
+    def _refresh_device_limits(self) -> None:
+        """Rank and node groups of the experts for device- / node-limited routing (module
+        docstring of ``flexmoe.routing.limits``; docs/routing.md), from the current placement."""
+        cfg = self.config
+        if cfg.max_ranks_per_token is None and cfg.max_nodes_per_token is None:
+            return
+        table = getattr(self.experts, "placement", None)
+        if table is None:
+            return
+        if (table.num_replicas_E() != 1).any():
+            raise ValueError(
+                "MoEConfig.max_ranks_per_token / max_nodes_per_token need a placement with one replica per "
+                "expert (a token's ranks are then its experts' ranks); this table replicates experts "
+                f"{[int(e) for e in (table.num_replicas_E() > 1).nonzero()[0]]}"
+            )
+        owner_E = [0] * cfg.num_experts
+        for r, s in zip(*(table.slot_expert_WS >= 0).nonzero()):
+            owner_E[int(table.slot_expert_WS[r, s])] = int(r)
+        limits = []
+        per_node = self.experts.ep_group.ranks_per_node
+        if cfg.max_nodes_per_token is not None and per_node is not None:
+            nodes = -(-table.world_size // per_node)
+            limits.append((GroupMap.from_owner([r // per_node for r in owner_E], nodes), cfg.max_nodes_per_token))
+        if cfg.max_ranks_per_token is not None:
+            limits.append((GroupMap.from_owner(owner_E, table.world_size), cfg.max_ranks_per_token))
+        for groups, top in limits:
+            sizes = sorted(int((groups.member_GM < cfg.num_experts).sum(1)[g]) for g in range(groups.num_groups))
+            if top < groups.num_groups and sum(sizes[-top:]) < cfg.top_k:
+                raise ValueError(f"device-limited routing: {top} ranks/nodes may hold fewer than top_k={cfg.top_k} experts")
+        self.router.set_device_limits(limits)
+        self._limits_version = table.version
 
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
@@ -108,8 +163,19 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``aux_loss`` over the MoE layers of ``model`` (from their last forward)."""
-    losses = [layer.aux_loss for layer in moe_layers(model)]
+    """Sum of ``aux_loss`` over the MoE layers of ``model`` (from their last forward), plus the
+    loss pooled over the layers with ``aux_loss_scope="pooled"`` (HF convention), weighted by
+    their ``aux_loss_coef``."""
+    layers = moe_layers(model)
+    losses = [layer.aux_loss for layer in layers]
+    pooled = [layer for layer in layers if layer.config.aux_loss_scope == "pooled" and layer.config.aux_loss_coef]
+    if pooled:
+        coefs = {layer.config.aux_loss_coef for layer in pooled}
+        if len(coefs) != 1:
+            raise ValueError(f"aux_loss_scope='pooled' layers must share aux_loss_coef, got {sorted(coefs)}")
+        if any(layer.balance_stats is None for layer in pooled):
+            raise ValueError("aux_loss_scope='pooled': a layer has not run a forward yet")
+        losses.append(coefs.pop() * pooled_balance_loss([layer.balance_stats for layer in pooled]))
     if not losses:
         return torch.zeros(())
     total = losses[0]

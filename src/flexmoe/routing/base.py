@@ -25,6 +25,8 @@ class Routing:
     logits_TE: router logits.
     balance_loss: a router-specific load-balancing loss (unweighted) that replaces the
         Switch-Transformer loss in ``load_balancing_loss``; None for the top-k routers.
+    balance_expert_TK: the experts the balance loss counts when they differ from ``expert_TK``
+        (``MoEConfig.aux_loss_experts="unbiased"`` under a balancing bias); None = ``expert_TK``.
     """
 
     expert_TK: torch.Tensor
@@ -33,6 +35,12 @@ class Routing:
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
     balance_loss: torch.Tensor | None = None
+    balance_expert_TK: torch.Tensor | None = None
+
+    @property
+    def counted_expert_TK(self) -> torch.Tensor:
+        """The experts the balance loss counts."""
+        return self.expert_TK if self.balance_expert_TK is None else self.balance_expert_TK
 
     @property
     def num_experts(self) -> int:
@@ -103,7 +111,7 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     probs_TE = routing.probs_TE
     if probs_TE.shape[0] == 0:
         return probs_TE.sum() * 0.0
-    counts_E = expert_counts(routing.expert_TK, None, E).to(probs_TE.dtype)
+    counts_E = expert_counts(routing.counted_expert_TK, None, E).to(probs_TE.dtype)
     f_E = counts_E / routing.expert_TK.numel()
     p_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     return E * torch.sum(f_E * p_TE.mean(0))
