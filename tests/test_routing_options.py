@@ -1,0 +1,332 @@
+"""The peers' routing options (issue 12) against the float64 per-token reference (tests/reference.py).
+
+Legend: T tokens, D model width, E experts, K chosen experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+import flexmoe
+from reference import exact_capacity, reference_moe, reference_routing
+from test_layer import check_against_reference, random_config, rel
+
+
+def random_options(rng: random.Random, cfg: flexmoe.MoEConfig) -> dict:
+    """Random values of the routing options that fit ``cfg``."""
+    E, k = cfg.num_experts, cfg.top_k
+    divisors = [g for g in range(1, E + 1) if E % g == 0]
+    G = rng.choice(divisors)
+    top_groups = None
+    if G > 1:
+        fits = [m for m in range(1, G + 1) if m * (E // G) >= k]
+        top_groups = rng.choice(fits + [None])
+    return dict(
+        num_groups=G,
+        top_groups=top_groups,
+        group_score_experts=rng.choice([1, 2]) if E // G >= 2 else 1,
+        routed_scaling_factor=rng.choice([1.0, 2.5]),
+        capacity_priority=rng.choice(["prob", "weight", "position"]),
+        aux_loss_experts=rng.choice(["selected", "unbiased"]),
+        aux_loss_scope=rng.choice(["batch", "sequence"]),
+        router_bias=rng.random() < 0.5,
+        expert_biases=rng.random() < 0.5,
+        activation=rng.choice([cfg.activation, "swiglu_clamped"]),
+        swiglu_limit=rng.choice([0.5, 7.0]),
+        shared_d_ff=rng.choice([None, 5]) if cfg.num_shared_experts else None,
+    )
+
+
+def randomise_biases(layer: flexmoe.MoELayer, rng: random.Random) -> None:
+    """Nonzero router/expert biases, and a balancing bias loaded the way a checkpoint is."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    if rng.random() < 0.6:
+        state = layer.state_dict()
+        state["router.expert_bias"] = torch.randn(layer.config.num_experts) * 0.2
+        layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_routing_options_match_float64_reference(seed):
+    rng = random.Random(1000 + seed)
+    torch.manual_seed(seed)
+    base = random_config(rng, kernels="torch")
+    cfg = dataclasses.replace(base, **random_options(rng, base))
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, rng)
+    shape = rng.choice([(1, cfg.d_model), (7, cfg.d_model), (2, 5, cfg.d_model), (3, 1, cfg.d_model)])
+    check_against_reference(layer, torch.randn(shape, dtype=torch.float64), tol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_routing_options_under_triton_kernels(seed):
+    rng = random.Random(2000 + seed)
+    torch.manual_seed(seed)
+    base = random_config(rng, kernels="triton")
+    cfg = dataclasses.replace(base, **random_options(rng, base))
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, rng)
+    check_against_reference(layer, torch.randn(6, cfg.d_model, dtype=torch.float64), tol=1e-10)
+
+
+def deepseek_like(**overrides) -> flexmoe.MoEConfig:
+    fields = dict(d_model=8, d_ff=6, num_experts=8, top_k=2, router="sigmoid", num_groups=4, top_groups=2,
+                  routed_scaling_factor=2.5, kernels="torch", init_std=0.5)
+    fields.update(overrides)
+    return flexmoe.MoEConfig(**fields)
+
+
+def test_group_limited_routing_picks_only_inside_the_best_groups():
+    """DeepSeek-V3: group score = sum of the group's top-2 biased scores; k experts from the best groups."""
+    torch.manual_seed(0)
+    cfg = deepseek_like()
+    layer = flexmoe.MoELayer(cfg).double()
+    layer.router.set_expert_bias(torch.randn(8) * 0.3)
+    x = torch.randn(40, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    select = (routing.probs_TE + layer.router.expert_bias.double()).detach()
+    group_score = select.view(40, 4, 2).sum(-1)  # groups of 2: the top-2 sum is the sum
+    best = group_score.topk(2, dim=-1).indices
+    for t in range(40):
+        allowed = {int(g) * 2 + i for g in best[t] for i in range(2)}
+        assert set(routing.expert_TK[t].tolist()) <= allowed
+    unlimited = flexmoe.MoELayer(dataclasses.replace(cfg, top_groups=None)).double()
+    unlimited.load_state_dict(layer.state_dict())
+    assert not torch.equal(unlimited.router(x).expert_TK.sort(1).values, routing.expert_TK.sort(1).values)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_groups_with_no_chosen_expert():
+    """top_k = 1 with three groups kept: two kept groups contribute nothing, and k = 1 renormalised
+    gives weight = routed_scaling_factor exactly."""
+    torch.manual_seed(1)
+    cfg = deepseek_like(top_k=1, top_groups=3, norm_topk_prob=True, num_shared_experts=1)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(12, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    assert torch.allclose(routing.weight_TK, torch.full_like(routing.weight_TK, 2.5), rtol=0, atol=1e-15)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_group_score_from_the_max_of_each_group():
+    torch.manual_seed(2)
+    cfg = deepseek_like(num_experts=12, num_groups=3, top_groups=1, group_score_experts=1, router="softmax")
+    layer = flexmoe.MoELayer(cfg).double()
+    check_against_reference(layer, torch.randn(9, 8, dtype=torch.float64), tol=1e-10)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_loaded_bias_is_applied_with_rate_zero(router):
+    """A loaded e_score_correction_bias changes the choice even when bias_update_rate = 0 (frozen)."""
+    torch.manual_seed(3)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, router=router, kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    before = layer.router(x).expert_TK.sort(1).values
+    state = layer.state_dict()
+    state["router.expert_bias"] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    layer.load_state_dict(state)
+    after = layer.router(x).expert_TK
+    assert (after == 5).any(1).all()
+    assert not torch.equal(before, after.sort(1).values)
+    check_against_reference(layer, x, tol=1e-10)
+    layer.train()
+    flexmoe.update_router_bias(layer)
+    assert layer.router.expert_bias[5] == 1.0  # rate 0: frozen
+
+
+def test_router_state_stays_float32_under_bfloat16():
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=2, top_k=1, bias_update_rate=1e-3)
+    layer = flexmoe.MoELayer(cfg).bfloat16()
+    router = layer.router
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32 and router.pending_load_E.dtype == torch.float32
+    router.set_expert_bias(torch.tensor([0.6, 0.6]))
+    router.train()
+    for _ in range(20):
+        router.record_load(torch.tensor([1, 3]))
+        router.update_bias()
+    assert abs(router.expert_bias[0].item() - 0.62) < 1e-6
+    for _ in range(300):
+        router.record_load(torch.tensor([3, 1]))
+    assert router.pending_load_E.tolist() == [900.0, 300.0]
+    layer.double()
+    assert router.expert_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cf, T, k, E, want", [
+    (1.1, 25, 2, 5, 11), (1.1, 50, 1, 5, 11), (1.1, 100, 2, 2, 110), (1.1, 90, 4, 4, 99), (1.0, 7, 2, 4, 4),
+    (0.5, 8, 1, 4, 1), (2.0, 3, 1, 3, 2),
+])
+def test_capacity_is_exact_at_integers(cf, T, k, E, want):
+    cfg = flexmoe.MoEConfig(d_model=4, d_ff=4, num_experts=E, top_k=k, capacity_factor=cf)
+    assert cfg.capacity(T) == want == exact_capacity(cfg, T)
+    # These are the shapes where plain float arithmetic is off by one.
+    if (cf, T) != (1.0, 7) and cf in (1.1,):
+        assert math.ceil(cf * T * k / E) == want + 1
+
+
+@pytest.mark.parametrize("priority", ["prob", "weight", "position"])
+def test_capacity_priority_keeps_the_right_pairs(priority):
+    torch.manual_seed(4)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, kernels="torch",
+                            capacity_priority=priority, init_std=1.0)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(24, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    *_, keep_ref, _ = reference_routing(x, layer.router.weight.double(), cfg)
+    assert routing.keep_TK.tolist() == keep_ref
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_capacity_priorities_differ():
+    torch.manual_seed(5)
+    base = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, init_std=1.0)
+    x = torch.randn(24, 8, dtype=torch.float64)
+    layer = flexmoe.MoELayer(base).double()
+    kept = {}
+    for priority in ("prob", "weight", "position"):
+        layer.router.config = dataclasses.replace(base, capacity_priority=priority)
+        kept[priority] = layer.router(x).keep_TK
+    assert not torch.equal(kept["prob"], kept["weight"]) and not torch.equal(kept["prob"], kept["position"])
+
+
+def test_unbiased_aux_loss_counts_top_k_without_the_bias():
+    torch.manual_seed(6)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, router="sigmoid", aux_loss_coef=0.1,
+                            bias_update_rate=0.01, kernels="torch", init_std=0.5)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    losses = {}
+    for choice in ("selected", "unbiased"):
+        layer = flexmoe.MoELayer(dataclasses.replace(cfg, aux_loss_experts=choice)).double()
+        torch.manual_seed(7)
+        layer.load_state_dict({**layer.state_dict(), "router.expert_bias": torch.linspace(-1, 1, 6)})
+        check_against_reference(layer, x, tol=1e-10)
+        layer(x)
+        losses[choice] = layer.aux_loss.item()
+    assert losses["selected"] != losses["unbiased"]
+
+
+def test_sequence_aux_loss_is_per_sequence():
+    torch.manual_seed(8)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, aux_loss_coef=0.3,
+                            aux_loss_scope="sequence", kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    check_against_reference(layer, x, tol=1e-10)
+    layer(x)
+    per_seq = layer.aux_loss.item()
+    layer(x.reshape(15, 8))  # one sequence of 15 tokens
+    assert abs(per_seq - layer.aux_loss.item()) > 1e-6
+
+
+def test_router_jitter_only_in_training_and_only_on_the_router_input():
+    torch.manual_seed(9)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, router_jitter=0.3, kernels="torch",
+                            aux_loss_coef=0.1, init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double().train()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    torch.manual_seed(11)
+    torch.randn(x.shape, dtype=torch.float64)  # check_against_reference draws its probe first
+    noise = torch.empty_like(x).uniform_(0.7, 1.3)
+    torch.manual_seed(11)
+    check_against_reference(layer, x, tol=1e-10, noise=noise)
+    layer.eval()
+    layer.aux_loss = torch.zeros(())  # drop the graph of the last forward before the copy
+    layer.zero_grad(set_to_none=True)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_hf_pooled_aux_loss_matches_transformers():
+    """aux_loss_scope="pooled": transformers' load_balancing_loss_func on the layers' logits."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch.manual_seed(12)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, aux_loss_coef=0.02,
+                            aux_loss_scope="pooled", z_loss_coef=0.0, kernels="torch", init_std=0.5)
+    model = torch.nn.Sequential(flexmoe.MoELayer(cfg), torch.nn.Linear(8, 8), flexmoe.MoELayer(cfg)).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    logits = []
+    for m in model:
+        if isinstance(m, flexmoe.MoELayer):
+            logits.append(m.router(x.reshape(-1, 8)).logits_TE)
+        x = m(x)
+    want = 0.02 * mixtral.load_balancing_loss_func(tuple(logits), 6, 2)
+    got = flexmoe.aux_loss(model)
+    assert abs(got.item() - want.item()) <= 1e-6 * want.item()  # HF accumulates in float32
+    assert all(layer.aux_loss.item() == 0.0 for layer in flexmoe.moe_layers(model))
+
+
+def test_expert_biases_and_clamped_swiglu():
+    torch.manual_seed(13)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=5, num_experts=5, top_k=2, activation="swiglu_clamped", swiglu_limit=0.4,
+                            expert_biases=True, router_bias=True, kernels="torch", init_std=0.8)
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, random.Random(0))
+    x = torch.randn(9, 8, dtype=torch.float64)
+    check_against_reference(layer, x, tol=1e-10)
+    h = torch.einsum("ehd,td->teh", layer.experts.gate_up_proj.detach(), x)
+    assert (h.abs() > 0.4).any()  # the clamp is active
+
+
+def test_shared_expert_width_not_a_multiple_of_d_ff():
+    torch.manual_seed(14)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, num_shared_experts=1, shared_d_ff=7,
+                            shared_expert_gate=True, kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    assert layer.shared_experts.down_proj.shape == (8, 7)
+    check_against_reference(layer, torch.randn(5, 8, dtype=torch.float64), tol=1e-10)
+
+
+def test_default_config_output_is_unchanged_by_the_new_fields():
+    """Explicit defaults of every new field give bit-identical outputs to the plain config."""
+    torch.manual_seed(15)
+    plain = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, capacity_factor=1.0, aux_loss_coef=0.1)
+    explicit = dataclasses.replace(plain, num_groups=2, top_groups=None, routed_scaling_factor=1.0,
+                                   capacity_priority="prob", aux_loss_experts="unbiased", router_jitter=0.0)
+    a = flexmoe.MoELayer(plain)
+    b = flexmoe.MoELayer(explicit)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(11, 8)
+    assert torch.equal(a(x), b(x)) and torch.equal(a.aux_loss, b.aux_loss)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_groups", 3, "num_groups"),
+    ("top_groups", 5, "top_groups"),
+    ("top_groups", 0, "top_groups"),
+    ("group_score_experts", 0, "group_score_experts"),
+    ("routed_scaling_factor", 0.0, "routed_scaling_factor"),
+    ("router_jitter", 1.0, "router_jitter"),
+    ("router_jitter", -0.1, "router_jitter"),
+    ("capacity_priority", "random", "capacity_priority"),
+    ("aux_loss_experts", "all", "aux_loss_experts"),
+    ("aux_loss_scope", "epoch", "aux_loss_scope"),
+    ("router_bias", 1, "router_bias"),
+    ("expert_biases", "yes", "expert_biases"),
+    ("max_ranks_per_token", 0, "max_ranks_per_token"),
+    ("max_nodes_per_token", 1.5, "max_nodes_per_token"),
+    ("shared_d_ff", 4, "shared_d_ff"),
+    ("swiglu_limit", 0.0, "swiglu_limit"),
+    ("swiglu_alpha", float("inf"), "swiglu_alpha"),
+])
+def test_bad_routing_options_name_the_field(field, value, match):
+    fields = dict(d_model=8, d_ff=4, num_experts=8, top_k=2, num_groups=4)
+    fields[field] = value
+    with pytest.raises(ValueError, match=match):
+        flexmoe.MoEConfig(**fields)
+
+
+def test_top_groups_must_hold_top_k_experts():
+    with pytest.raises(ValueError, match="top_groups"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, top_k=3, num_groups=4, top_groups=1)
+    with pytest.raises(ValueError, match="router='dts'"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, router="dts", num_groups=4, top_groups=2)
