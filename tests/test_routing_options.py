@@ -330,3 +330,26 @@ def test_top_groups_must_hold_top_k_experts():
         flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, top_k=3, num_groups=4, top_groups=1)
     with pytest.raises(ValueError, match="router='dts'"):
         flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, router="dts", num_groups=4, top_groups=2)
+
+
+def test_device_limits_from_a_placement():
+    """Rank / node groups of the experts; tables with replicas, and limits whose smallest ranks hold
+    fewer than top_k experts, are refused."""
+    import numpy as np
+
+    from flexmoe.routing.limits import device_limits
+
+    cfg = flexmoe.MoEConfig(d_model=4, d_ff=4, num_experts=6, top_k=2, max_ranks_per_token=1, max_nodes_per_token=1)
+    table = np.array([[4, 0], [1, 5], [2, -1], [3, -1]])
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        device_limits(table, 2, cfg)
+    (nodes, n_top), (ranks, r_top) = device_limits(table, 2, dataclasses.replace(cfg, max_ranks_per_token=2))
+    assert (n_top, r_top) == (1, 2)
+    assert nodes.member_GM.tolist() == [[0, 1, 4, 5], [2, 3, 6, 6]]
+    assert ranks.member_GM.tolist() == [[0, 4], [1, 5], [2, 6], [3, 6]]
+    with pytest.raises(ValueError, match="one replica per expert"):
+        device_limits(np.array([[0, 1], [2, 3], [4, 5], [0, -1]]), None, cfg)
+    # Without expert parallelism the fields change nothing.
+    torch.manual_seed(0)
+    plain = flexmoe.MoELayer(dataclasses.replace(cfg, max_nodes_per_token=None)).double()
+    check_against_reference(plain, torch.randn(5, 4, dtype=torch.float64), tol=1e-10)

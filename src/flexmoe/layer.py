@@ -17,7 +17,7 @@ from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
 from .routing import Routing, load_balancing_loss, make_router, router_z_loss
 from .routing.balance import BalanceStats, global_balance_loss, pooled_balance_loss, sequence_balance_loss
-from .routing.limits import GroupMap
+from .routing.limits import device_limits
 
 
 class MoELayer(nn.Module):
@@ -66,7 +66,7 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
         self.balance_stats: BalanceStats | None = None
-        self._limits_version: int | None = None
+        self._limits_key: tuple | None = None
         self._refresh_device_limits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ class MoELayer(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
-        if self._limits_version is not None and self._limits_version != self.experts.placement.version:
+        if self._limits_key is not None and self._limits_key != (self.experts.placement, self.experts.placement.version):
             self._refresh_device_limits()
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
@@ -110,36 +110,14 @@ class MoELayer(nn.Module):
         return loss
 
     def _refresh_device_limits(self) -> None:
-        """Rank and node groups of the experts for device- / node-limited routing (module
-        docstring of ``flexmoe.routing.limits``; docs/routing.md), from the current placement."""
+        """Rank and node groups for device- / node-limited routing, from the current placement."""
         cfg = self.config
-        if cfg.max_ranks_per_token is None and cfg.max_nodes_per_token is None:
-            return
         table = getattr(self.experts, "placement", None)
-        if table is None:
+        if table is None or (cfg.max_ranks_per_token is None and cfg.max_nodes_per_token is None):
             return
-        if (table.num_replicas_E() != 1).any():
-            raise ValueError(
-                "MoEConfig.max_ranks_per_token / max_nodes_per_token need a placement with one replica per "
-                "expert (a token's ranks are then its experts' ranks); this table replicates experts "
-                f"{[int(e) for e in (table.num_replicas_E() > 1).nonzero()[0]]}"
-            )
-        owner_E = [0] * cfg.num_experts
-        for r, s in zip(*(table.slot_expert_WS >= 0).nonzero()):
-            owner_E[int(table.slot_expert_WS[r, s])] = int(r)
-        limits = []
-        per_node = self.experts.ep_group.ranks_per_node
-        if cfg.max_nodes_per_token is not None and per_node is not None:
-            nodes = -(-table.world_size // per_node)
-            limits.append((GroupMap.from_owner([r // per_node for r in owner_E], nodes), cfg.max_nodes_per_token))
-        if cfg.max_ranks_per_token is not None:
-            limits.append((GroupMap.from_owner(owner_E, table.world_size), cfg.max_ranks_per_token))
-        for groups, top in limits:
-            sizes = sorted(int((groups.member_GM < cfg.num_experts).sum(1)[g]) for g in range(groups.num_groups))
-            if top < groups.num_groups and sum(sizes[-top:]) < cfg.top_k:
-                raise ValueError(f"device-limited routing: {top} ranks/nodes may hold fewer than top_k={cfg.top_k} experts")
+        limits = device_limits(table.slot_expert_WS, self.experts.ep_group.ranks_per_node, cfg)
         self.router.set_device_limits(limits)
-        self._limits_version = table.version
+        self._limits_key = (table, table.version)
 
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
+
+from ..config import MoEConfig
 
 
 @dataclasses.dataclass
@@ -72,3 +75,37 @@ def limit_to_groups(
     member_TGM = groups.member_GM.expand(T, -1, -1)
     allowed_TE1.scatter_(1, member_TGM.reshape(T, -1), chosen_TG.unsqueeze(-1).expand_as(member_TGM).reshape(T, -1))
     return select_TE.masked_fill(~allowed_TE1[:, :-1], float("-inf"))
+
+
+def device_limits(slot_expert_WS: np.ndarray, ranks_per_node: int | None, cfg: MoEConfig) -> list[tuple[GroupMap, int]]:
+    """Node and rank groups of ``cfg.max_nodes_per_token`` / ``max_ranks_per_token`` from a
+    placement (``slot_expert_WS[r, s]``: expert in slot s of rank r, -1 empty).
+
+    An expert's rank is the rank that holds it; tables with replicas are refused (the dispatcher
+    splits an expert's rows over its replicas by quota, not by the ranks a token chose). Nodes
+    need ``ranks_per_node`` (None: the node limit is not applied).
+    """
+    E = cfg.num_experts
+    held_E = np.bincount(slot_expert_WS[slot_expert_WS >= 0], minlength=E)
+    if (held_E != 1).any():
+        raise ValueError(
+            "MoEConfig.max_ranks_per_token / max_nodes_per_token need a placement with one replica per expert; "
+            f"this table holds experts {np.nonzero(held_E != 1)[0].tolist()} {held_E[held_E != 1].tolist()} times"
+        )
+    W = slot_expert_WS.shape[0]
+    owner_E = [0] * E
+    for r, s in zip(*np.nonzero(slot_expert_WS >= 0)):
+        owner_E[int(slot_expert_WS[r, s])] = int(r)
+    limits = []
+    if cfg.max_nodes_per_token is not None and ranks_per_node is not None:
+        nodes = -(-W // ranks_per_node)
+        limits.append((GroupMap.from_owner([r // ranks_per_node for r in owner_E], nodes), cfg.max_nodes_per_token))
+    if cfg.max_ranks_per_token is not None:
+        limits.append((GroupMap.from_owner(owner_E, W), cfg.max_ranks_per_token))
+    for groups, top in limits:
+        sizes = sorted(n for n in (groups.member_GM < E).sum(1).tolist() if n)  # empty groups are never chosen
+        if top < len(sizes) and sum(sizes[:top]) < cfg.top_k:
+            raise ValueError(
+                f"device-limited routing: {top} of the ranks/nodes can hold fewer than top_k={cfg.top_k} experts"
+            )
+    return limits
