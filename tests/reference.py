@@ -35,31 +35,37 @@ def exact_capacity(cfg, T):
 def limited_choice(select_t, cfg, group_stages):
     """One token's top-k: restrict to the best groups stage by stage, then the k best experts.
 
-    group_stages: list of (group_of_expert list, number of groups kept). A group scores the sum
-    of its ``group_score_experts`` best scores among the still-allowed experts (-inf if none).
+    group_stages: list of (groups as lists of member experts, number of groups kept); an expert
+    may be in several groups (a replicated expert is in every rank holding it). A group scores
+    the sum of its ``group_score_experts`` best scores among the still-allowed experts (-inf if
+    none). Returns the chosen experts and the groups kept by the last stage (None if no stage).
     """
     E = len(select_t)
     allowed = set(range(E))
-    for owner, keep in group_stages:
-        groups = sorted(set(owner))
-        if keep >= len(groups):
-            continue
+    kept = None
+    for groups, keep in group_stages:
         scored = []
-        for g in groups:
-            vals = sorted((select_t[e] for e in allowed if owner[e] == g), reverse=True)
+        for g, members in enumerate(groups):
+            vals = sorted((select_t[e] for e in members if e in allowed), reverse=True)
             score = sum(vals[: cfg.group_score_experts]) if vals else -math.inf
             scored.append((score, g))
         kept = {g for _, g in sorted(scored, key=lambda sg: -sg[0])[:keep]}
-        allowed = {e for e in allowed if owner[e] in kept}
+        allowed = {e for e in allowed if any(e in groups[g] for g in kept)}
     order = sorted(allowed, key=lambda e: -select_t[e])
-    return order[: cfg.top_k]
+    return order[: cfg.top_k], kept
+
+
+def owner_groups(owner, num_groups=None):
+    """Member lists from the group index of every expert."""
+    n = max(owner) + 1 if num_groups is None else num_groups
+    return [[e for e in range(len(owner)) if owner[e] == g] for g in range(n)]
 
 
 def config_group_stages(cfg):
     stages = []
     if cfg.top_groups is not None:
         size = cfg.num_experts // cfg.num_groups
-        stages.append(([e // size for e in range(cfg.num_experts)], cfg.top_groups))
+        stages.append((owner_groups([e // size for e in range(cfg.num_experts)]), cfg.top_groups))
     return stages
 
 
@@ -77,8 +83,8 @@ def reference_routing(x_TD, router_weight, cfg, expert_bias=None, router_bias=No
     select = probs.detach() + (expert_bias if expert_bias is not None else 0)
     T, E = probs.shape
     stages = config_group_stages(cfg) + list(device_stages)
-    chosen = [limited_choice([float(v) for v in select[t]], cfg, stages) for t in range(T)]
-    unbiased = [limited_choice([float(v) for v in probs[t].detach()], cfg, stages) for t in range(T)]
+    chosen = [limited_choice([float(v) for v in select[t]], cfg, stages)[0] for t in range(T)]
+    unbiased = [limited_choice([float(v) for v in probs[t].detach()], cfg, stages)[0] for t in range(T)]
     weights = []
     for t in range(T):
         w = torch.stack([probs[t, e] for e in chosen[t]])

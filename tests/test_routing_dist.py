@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from flexmoe import EPGroup, MoEConfig, MoELayer, PlacementTable
 from helpers import free_port
-from reference import reference_moe, reference_routing
+from reference import limited_choice, owner_groups, reference_moe, reference_routing
 
 WORLD = 4
 SPAWN_TIMEOUT_S = 240
@@ -50,7 +50,7 @@ def case_rank_limited(rank: int, nodes: EPGroup) -> None:
         ep = MoELayer(cfg, ep_group=EPGroup.create()).double()
         x = _tokens(rank)
         y = ep(x)
-        stages = [] if limit is None else [(owner_E, limit)]
+        stages = [] if limit is None else [(owner_groups(owner_E), limit)]
         y_ref, _, _, _ = reference_moe(copy.deepcopy(local), x, device_stages=stages)
         assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-10
         expert_TK = ep.router(x).expert_TK
@@ -75,17 +75,40 @@ def case_node_limited(rank: int, nodes: EPGroup) -> None:
     ep = MoELayer(cfg, ep_group=nodes, placement=table).double()
     x = _tokens(rank)
     y = ep(x)
-    y_ref, _, _, _ = reference_moe(copy.deepcopy(local), x, device_stages=[([owner_E[e] // 2 for e in range(8)], 1)])
+    y_ref, _, _, _ = reference_moe(copy.deepcopy(local), x, device_stages=[(owner_groups([owner_E[e] // 2 for e in range(8)]), 1)])
     assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-10
     node_TK = torch.tensor([owner_E[e] // 2 for e in range(8)])[ep.router(x).expert_TK]
     assert (node_TK == node_TK[:, :1]).all()
 
 
-def case_replicated_placement_is_refused(rank: int, nodes: EPGroup) -> None:
-    table = PlacementTable(4, [[0, 1], [2, 3], [0, -1], [3, -1]], [[0.5, 1], [1, 0.5], [0.5, 0], [0.5, 0]])
-    cfg = dataclasses.replace(BASE, num_experts=4, max_ranks_per_token=2)
-    with pytest.raises(ValueError, match="one replica per expert"):
-        MoELayer(cfg, ep_group=EPGroup.create(), placement=table)
+def case_rank_limited_with_replicas(rank: int, nodes: EPGroup) -> None:
+    """Replicated experts 0 and 3: a replicated expert counts on every rank holding it, and each
+    pair is computed in a replica on its token's chosen rank. Output and input gradient = reference."""
+    slot_expert = [[0, 1], [2, 3], [4, 5], [0, 3]]
+    table = PlacementTable(6, slot_expert, [[0.5, 1.0], [1.0, 0.5], [1.0, 1.0], [0.5, 0.5]])
+    cfg = dataclasses.replace(BASE, num_experts=6, max_ranks_per_token=1)
+    torch.manual_seed(10)
+    local = MoELayer(cfg).double()
+    torch.manual_seed(10)
+    ep = MoELayer(cfg, ep_group=EPGroup.create(), placement=table).double()
+    x = _tokens(rank).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = ep(x)
+    y_ref, _, counts_ref, _ = reference_moe(copy.deepcopy(local), x_ref, device_stages=[(slot_expert, 1)])
+    assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-10
+    assert torch.equal(ep.last_counts, counts_ref)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    (y * probe).sum().backward()
+    (y_ref * probe).sum().backward()
+    assert ((x.grad - x_ref.grad).norm() / x_ref.grad.norm()).item() < 1e-10
+    routing = ep.router(x.detach())
+    dest_TK = routing.slot_TK // 2
+    assert (dest_TK == dest_TK[:, :1]).all(), "every token's pairs go to one rank"
+    for t in range(x.shape[0]):  # and that rank holds each of its experts
+        for e, r in zip(routing.expert_TK[t].tolist(), dest_TK[t].tolist()):
+            assert e in slot_expert[r]
+    with pytest.raises(ValueError, match="max_nodes_per_token needs a placement with one replica"):
+        MoELayer(dataclasses.replace(cfg, max_nodes_per_token=1), ep_group=nodes, placement=table)
 
 
 def case_global_balance_loss(rank: int, nodes: EPGroup) -> None:
@@ -122,7 +145,7 @@ def case_global_loss_names_disagreeing_ranks(rank: int, nodes: EPGroup) -> None:
 CASES = {
     "rank_limited": case_rank_limited,
     "node_limited": case_node_limited,
-    "replicated_placement_is_refused": case_replicated_placement_is_refused,
+    "rank_limited_with_replicas": case_rank_limited_with_replicas,
     "global_balance_loss": case_global_balance_loss,
     "global_loss_names_disagreeing_ranks": case_global_loss_names_disagreeing_ranks,
 }

@@ -333,23 +333,47 @@ def test_top_groups_must_hold_top_k_experts():
 
 
 def test_device_limits_from_a_placement():
-    """Rank / node groups of the experts; tables with replicas, and limits whose smallest ranks hold
-    fewer than top_k experts, are refused."""
+    """Rank / node groups of the experts; limits whose smallest ranks hold fewer than top_k experts
+    are refused, and so is a node limit on a table with replicas."""
     import numpy as np
 
-    from flexmoe.routing.limits import device_limits
+    from flexmoe.routing.limits import device_limits, pick_replicas
 
     cfg = flexmoe.MoEConfig(d_model=4, d_ff=4, num_experts=6, top_k=2, max_ranks_per_token=1, max_nodes_per_token=1)
     table = np.array([[4, 0], [1, 5], [2, -1], [3, -1]])
     with pytest.raises(ValueError, match="fewer than top_k"):
         device_limits(table, 2, cfg)
-    (nodes, n_top), (ranks, r_top) = device_limits(table, 2, dataclasses.replace(cfg, max_ranks_per_token=2))
-    assert (n_top, r_top) == (1, 2)
+    limits = device_limits(table, 2, dataclasses.replace(cfg, max_ranks_per_token=2))
+    (nodes, n_top), (ranks, r_top) = limits.stages
+    assert (n_top, r_top) == (1, 2) and limits.slot_WE is None
     assert nodes.member_GM.tolist() == [[0, 1, 4, 5], [2, 3, 6, 6]]
     assert ranks.member_GM.tolist() == [[0, 4], [1, 5], [2, 6], [3, 6]]
+    replicated = np.array([[0, 1], [2, 3], [4, 5], [0, 3]])
     with pytest.raises(ValueError, match="one replica per expert"):
-        device_limits(np.array([[0, 1], [2, 3], [4, 5], [0, -1]]), None, cfg)
+        device_limits(replicated, 2, cfg)
+    limits = device_limits(replicated, None, dataclasses.replace(cfg, max_nodes_per_token=None, max_ranks_per_token=2),
+                           rank=3)
+    assert limits.stages[0][0].member_GM.tolist() == [[0, 1], [2, 3], [4, 5], [0, 3]]
+    assert limits.slot_WE[:, 0].tolist() == [0, -1, -1, 6] and limits.slot_WE[:, 3].tolist() == [-1, 3, -1, 7]
+    # Expert 0 on ranks {0, 3}: rank 3's own replica when rank 3 is chosen, else rank 0's.
+    chosen_TW = torch.tensor([[True, False, False, True], [True, True, False, False]])
+    slots = pick_replicas(torch.tensor([[0, 3], [0, 3]]), chosen_TW, limits.slot_WE, rank=3)
+    assert slots.tolist() == [[6, 7], [0, 3]]
     # Without expert parallelism the fields change nothing.
     torch.manual_seed(0)
     plain = flexmoe.MoELayer(dataclasses.replace(cfg, max_nodes_per_token=None)).double()
     check_against_reference(plain, torch.randn(5, 4, dtype=torch.float64), tol=1e-10)
+
+
+def test_slot_table_sends_rows_to_the_named_slot_and_counts_map_back():
+    import numpy as np
+
+    from flexmoe.parallel.expert_parallel import logical_counts, slot_table
+    from flexmoe.placement.split import split_tokens
+
+    table = flexmoe.PlacementTable(3, [[0, 1], [2, 0]], [[0.5, 1.0], [1.0, 0.5]])
+    slots = slot_table(table)
+    counts_WF = np.array([[3, 1, 0, 2], [0, 4, 5, 1]])  # rows per global slot, per source rank
+    send_WWS = split_tokens(slots, counts_WF)
+    assert send_WWS.reshape(2, 4).tolist() == counts_WF.tolist()
+    assert logical_counts(table, counts_WF).tolist() == [[5, 1, 0], [1, 4, 5]]

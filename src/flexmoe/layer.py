@@ -15,7 +15,7 @@ from .ops._backend import use_triton as resolve_use_triton
 from .parallel import EPGroup, ParallelConfig, ParallelExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
-from .routing import Routing, load_balancing_loss, make_router, router_z_loss
+from .routing import Routing, expert_counts, load_balancing_loss, make_router, router_z_loss
 from .routing.balance import BalanceStats, global_balance_loss, pooled_balance_loss, sequence_balance_loss
 from .routing.limits import device_limits
 
@@ -79,7 +79,14 @@ class MoELayer(nn.Module):
         if self._limits_key is not None and self._limits_key != (self.experts.placement, self.experts.placement.version):
             self._refresh_device_limits()
         routing = self.router(x_TD)
-        plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
+        counts_E = None
+        if routing.slot_TK is None:
+            plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
+        else:  # device-limited routing chose the replica of every pair: group the rows by slot
+            table = self.experts.placement
+            plan = make_dispatch_plan(routing.slot_TK, routing.weight_TK, routing.keep_TK,
+                                      table.world_size * table.slots_per_rank)
+            counts_E = expert_counts(routing.expert_TK, routing.keep_TK, routing.num_experts)
         x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
         y_ND = self.experts.run(x_ND, plan, use_triton)
         y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
@@ -87,8 +94,8 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD)
 
         self.aux_loss = self.router_loss(routing, x.shape[-2] if x.dim() >= 3 else x_TD.shape[0])
-        self.last_counts = plan.counts_E
-        self.router.record_load(plan.counts_E)
+        self.last_counts = plan.counts_E if counts_E is None else counts_E
+        self.router.record_load(self.last_counts)
         return y_TD.view(x.shape)
 
     def router_loss(self, routing: Routing, seq_len: int) -> torch.Tensor:
@@ -115,7 +122,7 @@ class MoELayer(nn.Module):
         table = getattr(self.experts, "placement", None)
         if table is None or (cfg.max_ranks_per_token is None and cfg.max_nodes_per_token is None):
             return
-        limits = device_limits(table.slot_expert_WS, self.experts.ep_group.ranks_per_node, cfg)
+        limits = device_limits(table.slot_expert_WS, self.experts.ep_group.ranks_per_node, cfg, self.experts.rank)
         self.router.set_device_limits(limits)
         self._limits_key = (table, table.version)
 

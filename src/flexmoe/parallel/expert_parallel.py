@@ -128,6 +128,8 @@ class ParallelExperts(GroupedExperts):
         placement puts each expert (a graph break under ``torch.compile``: the layout needs the
         counts on the host)."""
         experts, placement = self, self.placement
+        if plan.counts_E.shape[0] != self.config.num_experts:  # rows grouped by slot (routing.slot_TK)
+            placement = slot_table(placement)
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_ND.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
@@ -169,7 +171,7 @@ class ParallelExperts(GroupedExperts):
             per_row = timer.expert_s / timer.expert_rows if timer.expert_rows else -1.0
             bandwidth = timer.dispatch_bytes / timer.dispatch_s if timer.dispatch_bytes and timer.dispatch_s > 0 else -1.0
             self._rates = (per_row, bandwidth)
-        self.last_counts_WE = counts_WE
+        self.last_counts_WE = counts_WE if placement is self.placement else logical_counts(self.placement, counts_WE)
         self.last_pipeline_degree = degree
         self.memory_report = report
         return y_ND
@@ -308,6 +310,22 @@ class ParallelExperts(GroupedExperts):
         kept = mine[strategy] if build_graph else 0
         report = MemoryReport(strategy, kept, (mine["keep"] if build_graph else 0) - kept, mine)
         return strategy, report
+
+
+def slot_table(table: PlacementTable) -> PlacementTable:
+    """The table seen by rows already assigned to slots: every slot its own expert (id
+    ``rank * S + slot``), so the dispatcher sends each row to exactly the slot it names."""
+    W, S = table.slot_expert_WS.shape
+    return PlacementTable(W * S, np.arange(W * S).reshape(W, S), np.ones((W, S)), table.version)
+
+
+def logical_counts(table: PlacementTable, slot_counts_WF: np.ndarray) -> np.ndarray:
+    """Per-slot counts ``[W, W*S]`` summed into per-expert counts ``[W, E]``."""
+    expert_F = table.slot_expert_WS.reshape(-1)
+    counts_WE = np.zeros((slot_counts_WF.shape[0], table.num_experts), dtype=slot_counts_WF.dtype)
+    held_F = expert_F >= 0
+    np.add.at(counts_WE, (slice(None), expert_F[held_F]), slot_counts_WF[:, held_F])
+    return counts_WE
 
 
 def _synchronized_time(device: torch.device) -> float:

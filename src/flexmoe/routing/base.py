@@ -27,6 +27,9 @@ class Routing:
         Switch-Transformer loss in ``load_balancing_loss``; None for the top-k routers.
     balance_expert_TK: the experts the balance loss counts when they differ from ``expert_TK``
         (``MoEConfig.aux_loss_experts="unbiased"`` under a balancing bias); None = ``expert_TK``.
+    slot_TK: the global slot (``rank * slots_per_rank + slot``) each pair must be computed in,
+        when device-limited routing picks among replicas (``flexmoe.routing.limits``); None =
+        the dispatcher splits each expert's pairs over its replicas.
     """
 
     expert_TK: torch.Tensor
@@ -36,6 +39,7 @@ class Routing:
     logits_TE: torch.Tensor
     balance_loss: torch.Tensor | None = None
     balance_expert_TK: torch.Tensor | None = None
+    slot_TK: torch.Tensor | None = None
 
     @property
     def counted_expert_TK(self) -> torch.Tensor:

@@ -7,7 +7,9 @@ A group's score for a token is the sum of its ``score_experts`` best finite sele
 earlier limit) scores -inf. The token keeps the ``top_groups`` best groups; every other expert's
 selection score becomes -inf, so top-k can only pick inside them. Groups are config groups
 (``MoEConfig.num_groups``, contiguous), nodes or ranks (device-limited routing under expert
-parallelism, built from the placement table by ``GroupMap.from_owner``).
+parallelism, built from the placement table by ``device_limits``). A replicated expert belongs
+to the group of every rank holding a replica; it stays allowed if any of them is chosen, and
+``pick_replicas`` then sends the pair to a replica on a chosen rank.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ class GroupMap:
     num_experts: int
 
     @classmethod
+    def from_members(cls, members: list[list[int]], num_experts: int) -> "GroupMap":
+        """Groups from their member lists (an expert may be in several groups)."""
+        M = max(1, max(len(m) for m in members))
+        rows = [list(m) + [num_experts] * (M - len(m)) for m in members]
+        return cls(torch.tensor(rows, dtype=torch.int64), num_experts)
+
+    @classmethod
     def from_owner(cls, owner_E: list[int], num_groups: int) -> "GroupMap":
         """Groups from the group index of every expert (each expert in exactly one group)."""
         E = len(owner_E)
-        members = [[e for e in range(E) if owner_E[e] == g] for g in range(num_groups)]
-        M = max(1, max(len(m) for m in members))
-        rows = [m + [E] * (M - len(m)) for m in members]
-        return cls(torch.tensor(rows, dtype=torch.int64), E)
+        return cls.from_members([[e for e in range(E) if owner_E[e] == g] for g in range(num_groups)], E)
 
     @classmethod
     def contiguous(cls, num_experts: int, num_groups: int) -> "GroupMap":
@@ -61,51 +67,101 @@ def group_scores(select_TE: torch.Tensor, groups: GroupMap, score_experts: int) 
     return torch.where(finite_TGJ.any(-1), score_TG, float("-inf"))
 
 
+def choose_groups(select_TE: torch.Tensor, groups: GroupMap, top_groups: int, score_experts: int) -> torch.Tensor:
+    """Each token's ``top_groups`` best groups, a bool ``[T, G]`` mask."""
+    score_TG = group_scores(select_TE, groups, score_experts)
+    chosen_TG = torch.zeros_like(score_TG, dtype=torch.bool)
+    chosen_TG.scatter_(1, score_TG.topk(min(top_groups, groups.num_groups), dim=-1).indices, True)
+    return chosen_TG
+
+
+def mask_to_groups(select_TE: torch.Tensor, groups: GroupMap, chosen_TG: torch.Tensor) -> torch.Tensor:
+    """``select_TE`` with -inf on the experts in none of the token's chosen groups."""
+    T = select_TE.shape[0]
+    member_TN = groups.member_GM.expand(T, -1, -1).reshape(T, -1)
+    hits_TE1 = torch.zeros(T, groups.num_experts + 1, dtype=torch.int32, device=select_TE.device)
+    hits_TE1.scatter_add_(1, member_TN, chosen_TG.unsqueeze(-1).expand_as(groups.member_GM.expand(T, -1, -1))
+                          .reshape(T, -1).to(torch.int32))
+    return select_TE.masked_fill(hits_TE1[:, :-1] == 0, float("-inf"))
+
+
 def limit_to_groups(
     select_TE: torch.Tensor, groups: GroupMap, top_groups: int, score_experts: int
 ) -> torch.Tensor:
     """``select_TE`` with -inf outside each token's ``top_groups`` best groups."""
     if top_groups >= groups.num_groups:
         return select_TE
-    score_TG = group_scores(select_TE, groups, score_experts)
-    chosen_TG = torch.zeros_like(score_TG, dtype=torch.bool)
-    chosen_TG.scatter_(1, score_TG.topk(top_groups, dim=-1).indices, True)
-    T = select_TE.shape[0]
-    allowed_TE1 = torch.zeros(T, groups.num_experts + 1, dtype=torch.bool, device=select_TE.device)
-    member_TGM = groups.member_GM.expand(T, -1, -1)
-    allowed_TE1.scatter_(1, member_TGM.reshape(T, -1), chosen_TG.unsqueeze(-1).expand_as(member_TGM).reshape(T, -1))
-    return select_TE.masked_fill(~allowed_TE1[:, :-1], float("-inf"))
+    return mask_to_groups(select_TE, groups, choose_groups(select_TE, groups, top_groups, score_experts))
 
 
-def device_limits(slot_expert_WS: np.ndarray, ranks_per_node: int | None, cfg: MoEConfig) -> list[tuple[GroupMap, int]]:
+def pick_replicas(expert_TK: torch.Tensor, chosen_TW: torch.Tensor, slot_WE: torch.Tensor, rank: int) -> torch.Tensor:
+    """Global slot (``rank * S + slot``) each pair is sent to: a replica of its expert on one of
+    its token's chosen ranks, this rank's own when it is one of them, else the lowest such rank.
+
+    slot_WE[r, e]: global slot of the first replica of e on rank r, -1 when r holds none.
+    """
+    slot_TKW = slot_WE.t()[expert_TK]
+    ok_TKW = (slot_TKW >= 0) & chosen_TW.unsqueeze(1)
+    W = slot_WE.shape[0]
+    preference_W = torch.arange(W, 0, -1, device=expert_TK.device)
+    preference_W[rank] = W + 1
+    best_TK = torch.where(ok_TKW, preference_W, 0).argmax(-1, keepdim=True)
+    return slot_TKW.gather(-1, best_TK).squeeze(-1)
+
+
+@dataclasses.dataclass
+class DeviceLimits:
+    """Device- / node-limited routing on one placement: the group stages (nodes, then ranks) and,
+    when experts are replicated, the replica map ``slot_WE`` (see ``pick_replicas``) and this rank."""
+
+    stages: list[tuple[GroupMap, int]]
+    slot_WE: torch.Tensor | None = None
+    rank: int = 0
+
+    def to(self, device: torch.device) -> "DeviceLimits":
+        stages = [(groups.to(device), top) for groups, top in self.stages]
+        return DeviceLimits(stages, None if self.slot_WE is None else self.slot_WE.to(device), self.rank)
+
+
+def device_limits(
+    slot_expert_WS: np.ndarray, ranks_per_node: int | None, cfg: MoEConfig, rank: int = 0
+) -> DeviceLimits:
     """Node and rank groups of ``cfg.max_nodes_per_token`` / ``max_ranks_per_token`` from a
     placement (``slot_expert_WS[r, s]``: expert in slot s of rank r, -1 empty).
 
-    An expert's rank is the rank that holds it; tables with replicas are refused (the dispatcher
-    splits an expert's rows over its replicas by quota, not by the ranks a token chose). Nodes
-    need ``ranks_per_node`` (None: the node limit is not applied).
+    A rank's group is the experts it holds. With replicas an expert is in several rank groups and
+    each pair goes to a replica on a chosen rank (``pick_replicas``), not by the table's shares;
+    the node limit is then refused (a node choice would not bound the replica ranks). Nodes need
+    ``ranks_per_node`` (None: the node limit is not applied).
     """
     E = cfg.num_experts
+    W, S = slot_expert_WS.shape
     held_E = np.bincount(slot_expert_WS[slot_expert_WS >= 0], minlength=E)
-    if (held_E != 1).any():
+    replicated = bool((held_E > 1).any())
+    if replicated and cfg.max_nodes_per_token is not None:
         raise ValueError(
-            "MoEConfig.max_ranks_per_token / max_nodes_per_token need a placement with one replica per expert; "
-            f"this table holds experts {np.nonzero(held_E != 1)[0].tolist()} {held_E[held_E != 1].tolist()} times"
+            "MoEConfig.max_nodes_per_token needs a placement with one replica per expert; this table replicates "
+            f"experts {np.nonzero(held_E > 1)[0].tolist()}"
         )
-    W = slot_expert_WS.shape[0]
-    owner_E = [0] * E
-    for r, s in zip(*np.nonzero(slot_expert_WS >= 0)):
-        owner_E[int(slot_expert_WS[r, s])] = int(r)
+    members = [sorted({int(e) for e in slot_expert_WS[r] if e >= 0}) for r in range(W)]
     limits = []
     if cfg.max_nodes_per_token is not None and ranks_per_node is not None:
         nodes = -(-W // ranks_per_node)
-        limits.append((GroupMap.from_owner([r // ranks_per_node for r in owner_E], nodes), cfg.max_nodes_per_token))
+        node_members = [sorted({e for r in range(W) if r // ranks_per_node == n for e in members[r]}) for n in range(nodes)]
+        limits.append((GroupMap.from_members(node_members, E), cfg.max_nodes_per_token))
     if cfg.max_ranks_per_token is not None:
-        limits.append((GroupMap.from_owner(owner_E, W), cfg.max_ranks_per_token))
+        limits.append((GroupMap.from_members(members, E), cfg.max_ranks_per_token))
     for groups, top in limits:
         sizes = sorted(n for n in (groups.member_GM < E).sum(1).tolist() if n)  # empty groups are never chosen
         if top < len(sizes) and sum(sizes[:top]) < cfg.top_k:
             raise ValueError(
                 f"device-limited routing: {top} of the ranks/nodes can hold fewer than top_k={cfg.top_k} experts"
             )
-    return limits
+    slot_WE = None
+    if replicated and cfg.max_ranks_per_token is not None:
+        slot_WE = torch.full((W, E), -1, dtype=torch.int64)
+        for r in range(W):
+            for s in reversed(range(S)):
+                if slot_expert_WS[r, s] >= 0:
+                    slot_WE[r, slot_expert_WS[r, s]] = r * S + s
+    return DeviceLimits(limits, slot_WE, rank)

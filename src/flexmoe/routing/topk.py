@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from .base import Routing, expert_counts, router_logits
-from .limits import GroupMap, limit_to_groups
+from .limits import DeviceLimits, GroupMap, choose_groups, limit_to_groups, mask_to_groups, pick_replicas
 
 
 class TopKRouter(nn.Module):
@@ -38,7 +38,7 @@ class TopKRouter(nn.Module):
         )
         self._bias_loaded = False
         self.groups = GroupMap.contiguous(config.num_experts, config.num_groups) if config.limits_groups else None
-        self.device_limits: list[tuple[GroupMap, int]] = []
+        self.device_limits: DeviceLimits | None = None
         nn.init.normal_(self.weight, std=config.init_std)
 
     @property
@@ -51,9 +51,9 @@ class TopKRouter(nn.Module):
             self.expert_bias.copy_(bias_E)
         self._bias_loaded = True
 
-    def set_device_limits(self, limits: list[tuple[GroupMap, int]]) -> None:
+    def set_device_limits(self, limits: DeviceLimits) -> None:
         """Node / rank groups and how many of each a token may use (set by the layer under EP)."""
-        self.device_limits = [(groups.to(self.weight.device), top) for groups, top in limits]
+        self.device_limits = limits.to(self.weight.device)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.config
@@ -68,10 +68,13 @@ class TopKRouter(nn.Module):
             probs_TE = torch.sigmoid(logits_TE)
         with torch.no_grad():
             select_TE = probs_TE + self.expert_bias.to(probs_TE.dtype) if self.applies_bias else probs_TE
-            expert_TK = self._top_k(select_TE)
-            balance_TK = None
+            expert_TK, rank_TW = self._top_k(select_TE)
+            balance_TK = slot_TK = None
             if cfg.aux_loss_experts == "unbiased" and self.applies_bias:
-                balance_TK = self._top_k(probs_TE)
+                balance_TK = self._top_k(probs_TE)[0]
+            limits = self.device_limits
+            if limits is not None and limits.slot_WE is not None:
+                slot_TK = pick_replicas(expert_TK, rank_TW, limits.slot_WE, limits.rank)
         score_TK = probs_TE.gather(-1, expert_TK)
         weight_TK = score_TK
         if cfg.norm_topk_prob:
@@ -84,16 +87,20 @@ class TopKRouter(nn.Module):
             priority_TK = {"prob": score_TK, "weight": weight_TK, "position": None}[cfg.capacity_priority]
             priority_TK = None if priority_TK is None else priority_TK.detach()
             keep_TK = capacity_keep_mask(expert_TK, priority_TK, cfg.num_experts, capacity)
-        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE, balance_expert_TK=balance_TK)
+        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE, balance_expert_TK=balance_TK,
+                       slot_TK=slot_TK)
 
-    def _top_k(self, select_TE: torch.Tensor) -> torch.Tensor:
-        """The k best experts per token, inside the allowed groups, nodes and ranks."""
+    def _top_k(self, select_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The k best experts per token inside the allowed groups, nodes and ranks, and the
+        groups chosen by the last device stage (the ranks, when there is a rank limit)."""
         cfg = self.config
         if self.groups is not None:
             select_TE = limit_to_groups(select_TE, self.groups, cfg.top_groups, cfg.group_score_experts)
-        for groups, top in self.device_limits:
-            select_TE = limit_to_groups(select_TE, groups, top, cfg.group_score_experts)
-        return torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
+        chosen_TG = None
+        for groups, top in self.device_limits.stages if self.device_limits is not None else ():
+            chosen_TG = choose_groups(select_TE, groups, top, cfg.group_score_experts)
+            select_TE = mask_to_groups(select_TE, groups, chosen_TG)
+        return torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices, chosen_TG
 
     def _apply(self, fn, recurse=True):
         """Module dtype casts leave the float32 router state alone (device moves still apply)."""
