@@ -35,21 +35,26 @@ def exact_capacity(cfg, T):
 def limited_choice(select_t, cfg, group_stages):
     """One token's top-k: restrict to the best groups stage by stage, then the k best experts.
 
-    group_stages: list of (groups as lists of member experts, number of groups kept); an expert
-    may be in several groups (a replicated expert is in every rank holding it). A group scores
-    the sum of its ``group_score_experts`` best scores among the still-allowed experts (-inf if
-    none). Returns the chosen experts and the groups kept by the last stage (None if no stage).
+    group_stages: list of (groups as lists of member experts, number of groups kept[, parent]);
+    an expert may be in several groups (a replicated expert is in every rank holding it). A group
+    scores the sum of its ``group_score_experts`` best scores among the still-allowed experts
+    (-inf if none, or if ``parent[g]`` — its node — was not kept by the previous stage); groups
+    scoring -inf are never kept. Returns the chosen experts and the groups kept by the last stage.
     """
     E = len(select_t)
     allowed = set(range(E))
     kept = None
-    for groups, keep in group_stages:
+    for stage in group_stages:
+        groups, keep = stage[0], stage[1]
+        parent = stage[2] if len(stage) > 2 else None
         scored = []
         for g, members in enumerate(groups):
             vals = sorted((select_t[e] for e in members if e in allowed), reverse=True)
             score = sum(vals[: cfg.group_score_experts]) if vals else -math.inf
+            if parent is not None and parent[g] not in kept:
+                score = -math.inf
             scored.append((score, g))
-        kept = {g for _, g in sorted(scored, key=lambda sg: -sg[0])[:keep]}
+        kept = {g for sc, g in sorted(scored, key=lambda sg: -sg[0])[:keep] if sc > -math.inf}
         allowed = {e for e in allowed if any(e in groups[g] for g in kept)}
     order = sorted(allowed, key=lambda e: -select_t[e])
     return order[: cfg.top_k], kept

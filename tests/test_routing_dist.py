@@ -107,8 +107,19 @@ def case_rank_limited_with_replicas(rank: int, nodes: EPGroup) -> None:
     for t in range(x.shape[0]):  # and that rank holds each of its experts
         for e, r in zip(routing.expert_TK[t].tolist(), dest_TK[t].tolist()):
             assert e in slot_expert[r]
-    with pytest.raises(ValueError, match="max_nodes_per_token needs a placement with one replica"):
-        MoELayer(dataclasses.replace(cfg, max_nodes_per_token=1), ep_group=nodes, placement=table)
+    # Node- and rank-limited together (nodes {0, 1} and {2, 3}; expert 0 lives in both nodes).
+    cfg2 = dataclasses.replace(cfg, max_nodes_per_token=1, max_ranks_per_token=2)
+    torch.manual_seed(11)
+    local = MoELayer(cfg2).double()
+    torch.manual_seed(11)
+    ep = MoELayer(cfg2, ep_group=nodes, placement=table).double()
+    x = _tokens(rank)
+    node_groups = [[0, 1, 2, 3], [0, 3, 4, 5]]
+    stages = [(node_groups, 1), (slot_expert, 2, [0, 0, 1, 1])]
+    y_ref, _, _, _ = reference_moe(copy.deepcopy(local), x, device_stages=stages)
+    assert ((ep(x) - y_ref).norm() / y_ref.norm()).item() < 1e-10
+    node_TK = ep.router(x).slot_TK // 2 // 2
+    assert (node_TK == node_TK[:, :1]).all(), "every token's pairs go to one node"
 
 
 def case_global_balance_loss(rank: int, nodes: EPGroup) -> None:

@@ -334,7 +334,7 @@ def test_top_groups_must_hold_top_k_experts():
 
 def test_device_limits_from_a_placement():
     """Rank / node groups of the experts; limits whose smallest ranks hold fewer than top_k experts
-    are refused, and so is a node limit on a table with replicas."""
+    are refused; replicated experts belong to every rank holding them."""
     import numpy as np
 
     from flexmoe.routing.limits import device_limits, pick_replicas
@@ -344,16 +344,14 @@ def test_device_limits_from_a_placement():
     with pytest.raises(ValueError, match="fewer than top_k"):
         device_limits(table, 2, cfg)
     limits = device_limits(table, 2, dataclasses.replace(cfg, max_ranks_per_token=2))
-    (nodes, n_top), (ranks, r_top) = limits.stages
-    assert (n_top, r_top) == (1, 2) and limits.slot_WE is None
+    (nodes, n_top), (ranks, r_top) = limits.nodes, limits.ranks
+    assert (n_top, r_top) == (1, 2) and limits.slot_WE is None and limits.node_W.tolist() == [0, 0, 1, 1]
     assert nodes.member_GM.tolist() == [[0, 1, 4, 5], [2, 3, 6, 6]]
     assert ranks.member_GM.tolist() == [[0, 4], [1, 5], [2, 6], [3, 6]]
     replicated = np.array([[0, 1], [2, 3], [4, 5], [0, 3]])
-    with pytest.raises(ValueError, match="one replica per expert"):
-        device_limits(replicated, 2, cfg)
     limits = device_limits(replicated, None, dataclasses.replace(cfg, max_nodes_per_token=None, max_ranks_per_token=2),
                            rank=3)
-    assert limits.stages[0][0].member_GM.tolist() == [[0, 1], [2, 3], [4, 5], [0, 3]]
+    assert limits.nodes is None and limits.ranks[0].member_GM.tolist() == [[0, 1], [2, 3], [4, 5], [0, 3]]
     assert limits.slot_WE[:, 0].tolist() == [0, -1, -1, 6] and limits.slot_WE[:, 3].tolist() == [-1, 3, -1, 7]
     # Expert 0 on ranks {0, 3}: rank 3's own replica when rank 3 is chosen, else rank 0's.
     chosen_TW = torch.tensor([[True, False, False, True], [True, True, False, False]])

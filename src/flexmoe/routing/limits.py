@@ -67,12 +67,18 @@ def group_scores(select_TE: torch.Tensor, groups: GroupMap, score_experts: int) 
     return torch.where(finite_TGJ.any(-1), score_TG, float("-inf"))
 
 
-def choose_groups(select_TE: torch.Tensor, groups: GroupMap, top_groups: int, score_experts: int) -> torch.Tensor:
-    """Each token's ``top_groups`` best groups, a bool ``[T, G]`` mask."""
+def choose_groups(
+    select_TE: torch.Tensor, groups: GroupMap, top_groups: int, score_experts: int,
+    eligible_TG: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each token's ``top_groups`` best groups, a bool ``[T, G]`` mask; only groups with a finite
+    score, and only ``eligible_TG`` ones when given (ranks of the chosen nodes)."""
     score_TG = group_scores(select_TE, groups, score_experts)
+    if eligible_TG is not None:
+        score_TG = score_TG.masked_fill(~eligible_TG, float("-inf"))
     chosen_TG = torch.zeros_like(score_TG, dtype=torch.bool)
     chosen_TG.scatter_(1, score_TG.topk(min(top_groups, groups.num_groups), dim=-1).indices, True)
-    return chosen_TG
+    return chosen_TG & torch.isfinite(score_TG)
 
 
 def mask_to_groups(select_TE: torch.Tensor, groups: GroupMap, chosen_TG: torch.Tensor) -> torch.Tensor:
@@ -111,16 +117,39 @@ def pick_replicas(expert_TK: torch.Tensor, chosen_TW: torch.Tensor, slot_WE: tor
 
 @dataclasses.dataclass
 class DeviceLimits:
-    """Device- / node-limited routing on one placement: the group stages (nodes, then ranks) and,
-    when experts are replicated, the replica map ``slot_WE`` (see ``pick_replicas``) and this rank."""
+    """Device- / node-limited routing on one placement.
 
-    stages: list[tuple[GroupMap, int]]
+    nodes, ranks: (groups, how many a token keeps) of the node and rank limits, or None.
+    node_W: node of every rank (the rank limit only picks ranks of the chosen nodes).
+    slot_WE: the replica map when experts are replicated (see ``pick_replicas``); rank: this rank.
+    """
+
+    nodes: tuple[GroupMap, int] | None
+    ranks: tuple[GroupMap, int] | None
+    node_W: torch.Tensor
     slot_WE: torch.Tensor | None = None
     rank: int = 0
 
     def to(self, device: torch.device) -> "DeviceLimits":
-        stages = [(groups.to(device), top) for groups, top in self.stages]
-        return DeviceLimits(stages, None if self.slot_WE is None else self.slot_WE.to(device), self.rank)
+        move = lambda stage: None if stage is None else (stage[0].to(device), stage[1])  # noqa: E731
+        return DeviceLimits(move(self.nodes), move(self.ranks), self.node_W.to(device),
+                            None if self.slot_WE is None else self.slot_WE.to(device), self.rank)
+
+    def limit(self, select_TE: torch.Tensor, score_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select_TE`` masked to the chosen nodes, then the chosen ranks of those nodes, and the
+        ranks a token may send to, ``[T, W]`` bool."""
+        T, W = select_TE.shape[0], self.node_W.shape[0]
+        allowed_TW = torch.ones(T, W, dtype=torch.bool, device=select_TE.device)
+        if self.nodes is not None:
+            groups, top = self.nodes
+            node_TN = choose_groups(select_TE, groups, top, score_experts)
+            select_TE = mask_to_groups(select_TE, groups, node_TN)
+            allowed_TW = node_TN[:, self.node_W]
+        if self.ranks is not None:
+            groups, top = self.ranks
+            allowed_TW = choose_groups(select_TE, groups, top, score_experts, allowed_TW)
+            select_TE = mask_to_groups(select_TE, groups, allowed_TW)
+        return select_TE, allowed_TW
 
 
 def device_limits(
@@ -129,39 +158,35 @@ def device_limits(
     """Node and rank groups of ``cfg.max_nodes_per_token`` / ``max_ranks_per_token`` from a
     placement (``slot_expert_WS[r, s]``: expert in slot s of rank r, -1 empty).
 
-    A rank's group is the experts it holds. With replicas an expert is in several rank groups and
-    each pair goes to a replica on a chosen rank (``pick_replicas``), not by the table's shares;
-    the node limit is then refused (a node choice would not bound the replica ranks). Nodes need
-    ``ranks_per_node`` (None: the node limit is not applied).
+    A rank's group is the experts it holds, a node's those of its ranks. With replicas an expert
+    is in several groups and each pair goes to a replica on one of its token's allowed ranks
+    (``pick_replicas``), not by the table's shares. Nodes need ``ranks_per_node`` (None: the node
+    limit is not applied).
     """
     E = cfg.num_experts
     W, S = slot_expert_WS.shape
     held_E = np.bincount(slot_expert_WS[slot_expert_WS >= 0], minlength=E)
-    replicated = bool((held_E > 1).any())
-    if replicated and cfg.max_nodes_per_token is not None:
-        raise ValueError(
-            "MoEConfig.max_nodes_per_token needs a placement with one replica per expert; this table replicates "
-            f"experts {np.nonzero(held_E > 1)[0].tolist()}"
-        )
     members = [sorted({int(e) for e in slot_expert_WS[r] if e >= 0}) for r in range(W)]
-    limits = []
+    per_node = W if ranks_per_node is None else ranks_per_node
+    node_W = torch.arange(W) // per_node
+    nodes = ranks = None
     if cfg.max_nodes_per_token is not None and ranks_per_node is not None:
-        nodes = -(-W // ranks_per_node)
-        node_members = [sorted({e for r in range(W) if r // ranks_per_node == n for e in members[r]}) for n in range(nodes)]
-        limits.append((GroupMap.from_members(node_members, E), cfg.max_nodes_per_token))
+        count = -(-W // per_node)
+        node_members = [sorted({e for r in range(W) if r // per_node == n for e in members[r]}) for n in range(count)]
+        nodes = (GroupMap.from_members(node_members, E), cfg.max_nodes_per_token)
     if cfg.max_ranks_per_token is not None:
-        limits.append((GroupMap.from_members(members, E), cfg.max_ranks_per_token))
-    for groups, top in limits:
+        ranks = (GroupMap.from_members(members, E), cfg.max_ranks_per_token)
+    for groups, top in [stage for stage in (nodes, ranks) if stage is not None]:
         sizes = sorted(n for n in (groups.member_GM < E).sum(1).tolist() if n)  # empty groups are never chosen
         if top < len(sizes) and sum(sizes[:top]) < cfg.top_k:
             raise ValueError(
                 f"device-limited routing: {top} of the ranks/nodes can hold fewer than top_k={cfg.top_k} experts"
             )
     slot_WE = None
-    if replicated and cfg.max_ranks_per_token is not None:
+    if (held_E > 1).any() and (nodes is not None or ranks is not None):
         slot_WE = torch.full((W, E), -1, dtype=torch.int64)
         for r in range(W):
             for s in reversed(range(S)):
                 if slot_expert_WS[r, s] >= 0:
                     slot_WE[r, slot_expert_WS[r, s]] = r * S + s
-    return DeviceLimits(limits, slot_WE, rank)
+    return DeviceLimits(nodes, ranks, node_W, slot_WE, rank)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from .base import Routing, expert_counts, router_logits
-from .limits import DeviceLimits, GroupMap, choose_groups, limit_to_groups, mask_to_groups, pick_replicas
+from .limits import DeviceLimits, GroupMap, limit_to_groups, pick_replicas
 
 
 class TopKRouter(nn.Module):
@@ -91,16 +91,15 @@ class TopKRouter(nn.Module):
                        slot_TK=slot_TK)
 
     def _top_k(self, select_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The k best experts per token inside the allowed groups, nodes and ranks, and the
-        groups chosen by the last device stage (the ranks, when there is a rank limit)."""
+        """The k best experts per token inside the allowed groups, nodes and ranks, and the ranks
+        each token may send to (None without device limits)."""
         cfg = self.config
         if self.groups is not None:
             select_TE = limit_to_groups(select_TE, self.groups, cfg.top_groups, cfg.group_score_experts)
-        chosen_TG = None
-        for groups, top in self.device_limits.stages if self.device_limits is not None else ():
-            chosen_TG = choose_groups(select_TE, groups, top, cfg.group_score_experts)
-            select_TE = mask_to_groups(select_TE, groups, chosen_TG)
-        return torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices, chosen_TG
+        allowed_TW = None
+        if self.device_limits is not None:
+            select_TE, allowed_TW = self.device_limits.limit(select_TE, cfg.group_score_experts)
+        return torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices, allowed_TW
 
     def _apply(self, fn, recurse=True):
         """Module dtype casts leave the float32 router state alone (device moves still apply)."""
