@@ -140,7 +140,7 @@ def test_loaded_bias_is_applied_with_rate_zero(router):
     assert not torch.equal(before, after.sort(1).values)
     check_against_reference(layer, x, tol=1e-10)
     layer.train()
-    flexmoe.update_router_bias(layer)
+    layer.router.update_bias()
     assert layer.router.expert_bias[5] == 1.0  # rate 0: frozen
 
 
