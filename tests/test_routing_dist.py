@@ -122,6 +122,23 @@ def case_rank_limited_with_replicas(rank: int, nodes: EPGroup) -> None:
     assert (node_TK == node_TK[:, :1]).all(), "every token's pairs go to one node"
 
 
+def case_limited_with_a_rank_without_tokens(rank: int, nodes: EPGroup) -> None:
+    """Rank 1 routes no tokens; every rank still takes part and the others match the reference."""
+    cfg = dataclasses.replace(BASE, max_ranks_per_token=1, max_nodes_per_token=1)
+    torch.manual_seed(12)
+    local = MoELayer(cfg).double()
+    torch.manual_seed(12)
+    ep = MoELayer(cfg, ep_group=nodes).double()
+    x = _tokens(rank, [6, 0, 1, 3][rank])
+    y = ep(x)
+    assert y.shape == x.shape
+    if x.shape[0]:
+        owner_E = [e // 2 for e in range(8)]
+        stages = [(owner_groups([r // 2 for r in owner_E]), 1), (owner_groups(owner_E), 1, [0, 0, 1, 1])]
+        y_ref, _, _, _ = reference_moe(copy.deepcopy(local), x, device_stages=stages)
+        assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-10
+
+
 def case_global_balance_loss(rank: int, nodes: EPGroup) -> None:
     """Load fractions from the counts of all ranks (rank 3 has no tokens); P from this rank."""
     cfg = dataclasses.replace(BASE, aux_loss_coef=0.1, aux_loss_scope="global")
@@ -157,6 +174,7 @@ CASES = {
     "rank_limited": case_rank_limited,
     "node_limited": case_node_limited,
     "rank_limited_with_replicas": case_rank_limited_with_replicas,
+    "limited_with_a_rank_without_tokens": case_limited_with_a_rank_without_tokens,
     "global_balance_loss": case_global_balance_loss,
     "global_loss_names_disagreeing_ranks": case_global_loss_names_disagreeing_ranks,
 }

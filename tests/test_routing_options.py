@@ -375,3 +375,18 @@ def test_slot_table_sends_rows_to_the_named_slot_and_counts_map_back():
     send_WWS = split_tokens(slots, counts_WF)
     assert send_WWS.reshape(2, 4).tolist() == counts_WF.tolist()
     assert logical_counts(table, counts_WF).tolist() == [[5, 1, 0], [1, 4, 5]]
+
+
+def test_group_and_device_limits_with_no_tokens():
+    """A rank (or batch) without tokens: the limits must not fail on empty inputs."""
+    import numpy as np
+
+    from flexmoe.routing.limits import device_limits
+
+    cfg = deepseek_like(max_ranks_per_token=1, max_nodes_per_token=1, aux_loss_coef=0.1, aux_loss_scope="sequence")
+    layer = flexmoe.MoELayer(cfg).double()
+    layer.router.set_device_limits(device_limits(np.arange(8).reshape(4, 2), 2, cfg, rank=1))
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8) and layer.last_counts.sum() == 0
+    (y.sum() + layer.aux_loss).backward()

@@ -84,10 +84,10 @@ def choose_groups(
 def mask_to_groups(select_TE: torch.Tensor, groups: GroupMap, chosen_TG: torch.Tensor) -> torch.Tensor:
     """``select_TE`` with -inf on the experts in none of the token's chosen groups."""
     T = select_TE.shape[0]
-    member_TN = groups.member_GM.expand(T, -1, -1).reshape(T, -1)
+    G, M = groups.member_GM.shape
+    member_TN = groups.member_GM.expand(T, G, M).reshape(T, G * M)
     hits_TE1 = torch.zeros(T, groups.num_experts + 1, dtype=torch.int32, device=select_TE.device)
-    hits_TE1.scatter_add_(1, member_TN, chosen_TG.unsqueeze(-1).expand_as(groups.member_GM.expand(T, -1, -1))
-                          .reshape(T, -1).to(torch.int32))
+    hits_TE1.scatter_add_(1, member_TN, chosen_TG.unsqueeze(-1).expand(T, G, M).reshape(T, G * M).to(torch.int32))
     return select_TE.masked_fill(hits_TE1[:, :-1] == 0, float("-inf"))
 
 
