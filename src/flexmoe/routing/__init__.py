@@ -1,5 +1,6 @@
 """Routers: pick experts per token and their combine weights (``base``: what they share;
-``topk``: softmax / sigmoid top-k; ``dts``: the EvoMoE dense-to-sparse gate)."""
+``topk``: softmax / sigmoid top-k; ``limits``: group-, node- and rank-limited choice;
+``balance``: sequence / global / pooled balance losses; ``dts``: the EvoMoE dense-to-sparse gate)."""
 
 from torch import nn
 
