@@ -76,19 +76,31 @@ class TopKRouter(nn.Module):
             if limits is not None and limits.slot_WE is not None:
                 slot_TK = pick_replicas(expert_TK, rank_TW, limits.slot_WE, limits.rank)
         score_TK = probs_TE.gather(-1, expert_TK)
+        weight_TK = self._combine_weights(score_TK)
+        keep_TK = self._capacity_mask(expert_TK, score_TK, weight_TK)
+        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE, balance_expert_TK=balance_TK,
+                       slot_TK=slot_TK)
+
+    def _combine_weights(self, score_TK: torch.Tensor) -> torch.Tensor:
+        """Chosen scores, renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``."""
+        cfg = self.config
         weight_TK = score_TK
         if cfg.norm_topk_prob:
             weight_TK = score_TK / score_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         if cfg.routed_scaling_factor != 1.0:
             weight_TK = weight_TK * cfg.routed_scaling_factor
-        keep_TK = None
-        capacity = cfg.capacity(x_TD.shape[0])
-        if capacity is not None and capacity < x_TD.shape[0] * cfg.top_k:
-            priority_TK = {"prob": score_TK, "weight": weight_TK, "position": None}[cfg.capacity_priority]
-            priority_TK = None if priority_TK is None else priority_TK.detach()
-            keep_TK = capacity_keep_mask(expert_TK, priority_TK, cfg.num_experts, capacity)
-        return Routing(expert_TK, weight_TK, keep_TK, probs_TE, logits_TE, balance_expert_TK=balance_TK,
-                       slot_TK=slot_TK)
+        return weight_TK
+
+    def _capacity_mask(self, expert_TK, score_TK, weight_TK) -> torch.Tensor | None:
+        """Which pairs fit in the experts' capacity (None: all of them), by ``capacity_priority``."""
+        cfg = self.config
+        T = expert_TK.shape[0]
+        capacity = cfg.capacity(T)
+        if capacity is None or capacity >= T * cfg.top_k:
+            return None
+        priority_TK = {"prob": score_TK, "weight": weight_TK, "position": None}[cfg.capacity_priority]
+        priority_TK = None if priority_TK is None else priority_TK.detach()
+        return capacity_keep_mask(expert_TK, priority_TK, cfg.num_experts, capacity)
 
     def _top_k(self, select_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The k best experts per token inside the allowed groups, nodes and ranks, and the ranks
