@@ -390,3 +390,26 @@ def test_group_and_device_limits_with_no_tokens():
     y = layer(x)
     assert y.shape == (0, 8) and layer.last_counts.sum() == 0
     (y.sum() + layer.aux_loss).backward()
+
+
+def test_rank_limit_on_one_process_with_replicas_and_a_new_table():
+    """One rank holding replicas: the slot-keyed dispatch runs locally (same output and gradients
+    as the plain layer), and a new placement table is picked up on the next forward."""
+    import numpy as np
+
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, kernels="torch", max_ranks_per_token=1,
+                            init_std=0.5)
+    table = flexmoe.PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = flexmoe.MoELayer(cfg).double()
+    torch.manual_seed(0)
+    ep = flexmoe.MoELayer(cfg, placement=table).double()
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    y_ref, y = ref(x), ep(x)
+    assert ep.router(x).slot_TK is not None and rel(y, y_ref) < 1e-12
+    g_ref, g = (torch.autograd.grad(out.square().sum(), x)[0] for out in (y_ref, y))
+    assert rel(g, g_ref) < 1e-12 and torch.equal(ep.last_counts, ref.last_counts)
+    moved = table.copy()
+    moved.version += 1
+    ep.experts.set_placement(moved)
+    assert rel(ep(x), y_ref) < 1e-12 and ep._limits_key[0] is ep.experts.placement

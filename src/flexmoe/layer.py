@@ -76,7 +76,7 @@ class MoELayer(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
-        if self._limits_key is not None and self._limits_key != (self.experts.placement, self.experts.placement.version):
+        if self._limits_key is not None and self._placement_changed():
             self._refresh_device_limits()
         routing = self.router(x_TD)
         counts_E = None
@@ -125,6 +125,10 @@ class MoELayer(nn.Module):
         limits = device_limits(table.slot_expert_WS, self.experts.ep_group.ranks_per_node, cfg, self.experts.rank)
         self.router.set_device_limits(limits)
         self._limits_key = (table, table.version)
+
+    def _placement_changed(self) -> bool:
+        table, version = self._limits_key
+        return self.experts.placement is not table or self.experts.placement.version != version
 
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
