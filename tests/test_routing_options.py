@@ -413,3 +413,16 @@ def test_rank_limit_on_one_process_with_replicas_and_a_new_table():
     moved.version += 1
     ep.experts.set_placement(moved)
     assert rel(ep(x), y_ref) < 1e-12 and ep._limits_key[0] is ep.experts.placement
+
+
+def test_global_balance_loss_in_one_process_is_the_batch_loss():
+    torch.manual_seed(16)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=5, top_k=2, aux_loss_coef=0.2, aux_loss_scope="global",
+                            kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(13, 8, dtype=torch.float64)
+    f = torch.zeros(5, dtype=torch.float64)
+    for row in reference_routing(x, layer.router.weight.double(), cfg)[2]:
+        for e in row:
+            f[e] += 1.0 / (13 * 2)
+    check_against_reference(layer, x, tol=1e-10, global_f=f)

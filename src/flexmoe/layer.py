@@ -37,7 +37,7 @@ class MoELayer(nn.Module):
     holds the logical view of all experts either way.
 
     ``data_parallel_group``: the group whose counts ``aux_loss_scope="global"`` sums (None = the
-    default group). The sequence layout of ``aux_loss_scope="sequence"`` is the input's: ``[..., S, D]``.
+    default group, or this process alone when torch.distributed is not initialised). The sequence layout of ``aux_loss_scope="sequence"`` is the input's: ``[..., S, D]``.
     """
 
     def __init__(

@@ -50,22 +50,25 @@ def global_balance_loss(routing: Routing, group: dist.ProcessGroup | None) -> to
 
     Collective: every rank of ``group`` calls it in the same forward (ranks without tokens too).
     The expert count is checked across ranks first, so a mismatch raises instead of hanging.
+    ``group=None`` is the default group, or this process alone when torch.distributed is not
+    initialised (the loss is then the batch loss).
     """
     probs_TE = routing.probs_TE
     T, E = probs_TE.shape
     device = probs_TE.device
-    check_2 = torch.tensor([E, -E], dtype=torch.int64, device=device)
-    dist.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
-    if check_2[0] != E or -check_2[1] != E:
-        raise ValueError(
-            f"aux_loss_scope='global': ranks disagree on num_experts (this rank {E}, "
-            f"range {-int(check_2[1])}..{int(check_2[0])})"
-        )
     counts_E1 = torch.cat([
         expert_counts(routing.counted_expert_TK, None, E),
         torch.tensor([routing.expert_TK.numel()], dtype=torch.int64, device=device),
     ])
-    dist.all_reduce(counts_E1, group=group)
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        check_2 = torch.tensor([E, -E], dtype=torch.int64, device=device)
+        dist.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
+        if check_2[0] != E or -check_2[1] != E:
+            raise ValueError(
+                f"aux_loss_scope='global': ranks disagree on num_experts (this rank {E}, "
+                f"range {-int(check_2[1])}..{int(check_2[0])})"
+            )
+        dist.all_reduce(counts_E1, group=group)
     if T == 0 or counts_E1[-1] == 0:
         return probs_TE.sum() * 0.0
     f_E = counts_E1[:E].to(probs_TE.dtype) / counts_E1[-1].to(probs_TE.dtype)
