@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from flexmoe import EPGroup, MoEConfig, MoELayer, PlacementTable
 from helpers import free_port
-from reference import limited_choice, owner_groups, reference_moe, reference_routing
+from reference import owner_groups, reference_moe, reference_routing
 
 WORLD = 4
 SPAWN_TIMEOUT_S = 240
