@@ -19,6 +19,24 @@ def test_fullgraph_compile_matches_eager(kernels, capacity_factor):
         d_model=16, d_ff=8, num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
         capacity_factor=capacity_factor, num_shared_experts=1, kernels=kernels,
     )
+    check_compiled_matches_eager(cfg)
+
+
+def test_fullgraph_compile_with_the_peers_routing_options():
+    """DeepSeek-V3 groups and scaling, GPT-OSS biases and clamped SwiGLU, weight drop priority,
+    sequence balance loss: still one graph."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    cfg = flexmoe.MoEConfig(
+        d_model=16, d_ff=8, num_experts=4, top_k=2, aux_loss_coef=0.01, capacity_factor=1.0, kernels="torch",
+        router="sigmoid", num_groups=2, top_groups=1, routed_scaling_factor=2.5, capacity_priority="weight",
+        aux_loss_scope="sequence", router_bias=True, expert_biases=True, activation="swiglu_clamped",
+        num_shared_experts=1, shared_d_ff=5,
+    )
+    check_compiled_matches_eager(cfg)
+
+
+def check_compiled_matches_eager(cfg: flexmoe.MoEConfig) -> None:
     eager = flexmoe.MoELayer(cfg).double()
     compiled_layer = copy.deepcopy(eager)
     compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")

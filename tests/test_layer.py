@@ -18,8 +18,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def check_against_reference(layer: flexmoe.MoELayer, x: torch.Tensor, tol: float) -> None:
-    """Forward, aux loss, counts, input gradient and every parameter gradient."""
+def check_against_reference(layer: flexmoe.MoELayer, x: torch.Tensor, tol: float, **ref_kwargs) -> None:
+    """Forward, aux loss, counts, input gradient and every parameter gradient
+    (``ref_kwargs`` go to ``reference_moe``)."""
     ref_layer = copy.deepcopy(layer).double()
     x = x.detach().clone().requires_grad_(True)
     x_ref = x.detach().double().clone().requires_grad_(True)
@@ -27,7 +28,7 @@ def check_against_reference(layer: flexmoe.MoELayer, x: torch.Tensor, tol: float
 
     y = layer(x)
     ((y.double() * probe).sum() + layer.aux_loss.double()).backward()
-    y_ref, aux_ref, counts_ref, _ = reference_moe(ref_layer, x_ref)
+    y_ref, aux_ref, counts_ref, _ = reference_moe(ref_layer, x_ref, **ref_kwargs)
     ((y_ref * probe).sum() + aux_ref).backward()
 
     assert y.shape == x.shape
@@ -134,7 +135,7 @@ def test_capacity_drops_exactly_the_lowest_scoring_pairs():
     layer = flexmoe.MoELayer(cfg).double()
     x = torch.randn(20, 8, dtype=torch.float64)
     routing = layer.router(x)
-    _, probs, chosen, _, keep_ref = reference_routing(x, layer.router.weight.double(), cfg)
+    _, probs, chosen, _, keep_ref, _ = reference_routing(x, layer.router.weight.double(), cfg)
     assert routing.keep_TK is not None
     for t in range(20):
         got = {int(routing.expert_TK[t, k]) for k in range(2) if routing.keep_TK[t, k]}

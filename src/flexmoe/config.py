@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Literal
 
 import torch
 
-Activation = Literal["swiglu", "gelu", "relu"]
+Activation = Literal["swiglu", "swiglu_clamped", "gelu", "relu"]
 RouterKind = Literal["softmax", "sigmoid", "dts"]
+CapacityPriority = Literal["prob", "weight", "position"]
+AuxLossExperts = Literal["selected", "unbiased"]
+AuxLossScope = Literal["batch", "sequence", "global", "pooled"]
 TauSchedule = Literal["linear", "exponential"]
 SparseGate = Literal["topk", "gumbel_top1"]
 DTSBalance = Literal["probs", "masked"]
 DTSEvalRouting = Literal["phase", "top1"]
 KernelChoice = Literal["auto", "triton", "torch", "fused", "per_expert"]
 
-_ACTIVATIONS = ("swiglu", "gelu", "relu")
+_ACTIVATIONS = ("swiglu", "swiglu_clamped", "gelu", "relu")
+_PRIORITIES = ("prob", "weight", "position")
+_AUX_EXPERTS = ("selected", "unbiased")
+_AUX_SCOPES = ("batch", "sequence", "global", "pooled")
 _ROUTERS = ("softmax", "sigmoid", "dts")
 _TAU_SCHEDULES = ("linear", "exponential")
 _SPARSE_GATES = ("topk", "gumbel_top1")
@@ -110,38 +117,70 @@ class DTSGateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """One MoE feed-forward layer.
+    """One MoE feed-forward layer (docs/routing.md maps each peer's routing option to a field).
 
     d_model, d_ff: model width and per-expert hidden width.
     num_experts, top_k: routed experts and experts chosen per token (1 <= top_k <= num_experts).
-    activation: "swiglu" (gated; ``gate_up_proj`` is ``[E, 2F, D]``), "gelu" or "relu"
+    activation: "swiglu" (gated; ``gate_up_proj`` is ``[E, 2F, D]``), "swiglu_clamped"
+        (GPT-OSS: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=l)``,
+        with ``l = swiglu_limit``, ``alpha = swiglu_alpha``; same layout), "gelu" or "relu"
         (``gate_up_proj`` is ``[E, F, D]``).
+    expert_biases: the experts' projections have biases (``gate_up_proj_bias [E, H]``,
+        ``down_proj_bias [E, D]``, GPT-OSS).
     router: "softmax" or "sigmoid" scores with top-k selection on score + balancing bias, or
         "dts", the EvoMoE dense-to-sparse gate configured by ``dts``.
+    router_bias: the router's linear layer has a bias (GPT-OSS).
+    router_jitter: multiply the router's input by ``U(1 - eps, 1 + eps)`` noise in training mode
+        (Switch / Megatron ``input_jitter_eps``; the experts see the clean input). 0 disables it.
     norm_topk_prob: renormalise the k chosen weights to sum to one.
-    capacity_factor: None = dropless. A float gives each expert
-        ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots; overflow pairs are dropped
-        lowest router probability first and contribute zero.
+    routed_scaling_factor: multiplies the combine weights, after renormalisation (DeepSeek-V3
+        ``routed_scaling_factor``, torchtitan ``route_scale``, Megatron ``topk_scaling_factor``).
+    num_groups, top_groups, group_score_experts: group-limited routing (DeepSeek-V3 ``n_group``,
+        ``topk_group``): experts are cut into ``num_groups`` contiguous groups, a group scores the
+        sum of its ``group_score_experts`` best selection scores (2 in DeepSeek-V3, 1 = the max as
+        in DeepSeek-V2), and each token picks its top-k among the ``top_groups`` best groups.
+        ``top_groups=None`` means all groups (no limit).
+    max_ranks_per_token, max_nodes_per_token: device- / node-limited routing under expert
+        parallelism: the same rule with the groups being the ranks (nodes) that hold the experts
+        (docs/routing.md). None = no limit. Without expert parallelism they have no effect.
+    capacity_factor: None = dropless. A number gives each expert
+        ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots, computed exactly with the
+        factor read as the decimal it prints as (1.1 is 11/10); overflow pairs are dropped in
+        ``capacity_priority`` order and contribute zero.
+    capacity_priority: which pairs an over-full expert keeps: "prob" (highest router score),
+        "weight" (highest final combine weight, Megatron) or "position" (earliest token, Switch).
     aux_loss_coef: Switch-Transformer load-balancing loss coefficient (0 disables it).
+    aux_loss_experts: which experts the load fractions of that loss count under a balancing
+        bias: "selected" (the bias-shifted choice that is dispatched) or "unbiased" (top-k of the
+        unbiased scores, Megatron).
+    aux_loss_scope: "batch" (the layer's tokens), "sequence" (DeepSeek-V3 sequence-wise loss:
+        the loss per sequence of a ``[..., S, D]`` input, averaged over sequences; a 2-d input is
+        one sequence), "global" (Qwen3 / Megatron global-batch: load fractions from counts summed
+        over the layer's data-parallel group) or "pooled" (HF ``router_aux_loss_coef``
+        convention: ``top_k`` x the Switch loss with tokens pooled over all layers; computed by
+        ``flexmoe.aux_loss(model)``, the layer's own ``aux_loss`` holds only the z-loss).
     z_loss_coef: router z-loss coefficient (ST-MoE; 0 disables it).
-    bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the
-        scores for top-k selection only; ``flexmoe.runtime.update_router_bias(model)`` (call it once after
-        each ``optimizer.step()``) moves it by ``rate * sign(mean load - load)`` using the loads
-        accumulated since the previous call. 0 disables it.
-    num_shared_experts: dense experts of width ``d_ff`` every token passes through.
+    bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert float32 bias is
+        added to the scores for top-k selection only; ``flexmoe.runtime.update_router_bias(model)``
+        (call it once after each ``optimizer.step()``) moves it by ``rate * sign(mean load - load)``
+        using the loads accumulated since the previous call. 0 = frozen: a bias loaded with
+        ``load_state_dict`` is still applied.
+    num_shared_experts: dense experts every token passes through, of total width
+        ``shared_d_ff`` (None = ``num_shared_experts * d_ff``).
     shared_expert_gate: scale the shared experts by ``sigmoid(x @ w)`` (Qwen2-MoE style).
     router_dtype: dtype of router logits and probabilities (float32 by default).
     kernels: "auto" uses Triton kernels on CUDA and plain torch elsewhere; "triton" forces them
         (on CPU only under ``TRITON_INTERPRET=1``); "torch" never uses them. "fused" (opt-in,
         docs/kernels.md) runs the one-device expert stage in fused Triton grouped GEMMs (gather
         in the operand load, activation in the epilogue); with expert parallelism it acts as
-        "triton". "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
-        GEMM (one host synchronisation per GEMM call, for few large experts).
+        "triton". It does not take ``expert_biases`` or "swiglu_clamped" (a ValueError at
+        construction). "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the
+        grouped GEMM (one host synchronisation per GEMM call, for few large experts).
     validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
         On CPU a non-finite input raises ValueError; on GPU the check is an asynchronous device
         assert (no host synchronisation; a failure surfaces at a later CUDA call). Skipped under
         ``torch.compile``.
-    init_std: standard deviation of the normal initialisation of all weights.
+    init_std: standard deviation of the normal initialisation of all weights (biases start at 0).
     dts: settings of the dense-to-sparse gate (used when ``router == "dts"``).
     """
 
@@ -163,6 +202,21 @@ class MoEConfig:
     validate_inputs: bool = True
     init_std: float = 0.02
     dts: DTSGateConfig = dataclasses.field(default_factory=DTSGateConfig)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_biases: bool = False
+    router_bias: bool = False
+    router_jitter: float = 0.0
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    top_groups: int | None = None
+    group_score_experts: int = 2
+    max_ranks_per_token: int | None = None
+    max_nodes_per_token: int | None = None
+    capacity_priority: CapacityPriority = "prob"
+    aux_loss_experts: AuxLossExperts = "selected"
+    aux_loss_scope: AuxLossScope = "batch"
+    shared_d_ff: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -191,8 +245,70 @@ class MoEConfig:
             )
         if not isinstance(self.dts, DTSGateConfig):
             raise ValueError(f"MoEConfig.dts must be a DTSGateConfig, got {type(self.dts).__name__}")
+        self._check_routing_options()
         if self.router == "dts":
             self._check_dts()
+
+    def _check_routing_options(self) -> None:
+        for name in ("swiglu_alpha", "swiglu_limit", "routed_scaling_factor"):
+            _require_float(self, name, positive=True)
+        _require_float(self, "router_jitter", positive=False)
+        if self.router_jitter >= 1:
+            raise ValueError(f"MoEConfig.router_jitter must be < 1, got {self.router_jitter}")
+        for name in ("expert_biases", "router_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _require_choice(self, "capacity_priority", _PRIORITIES)
+        _require_choice(self, "aux_loss_experts", _AUX_EXPERTS)
+        _require_choice(self, "aux_loss_scope", _AUX_SCOPES)
+        _require_int(self, "num_groups", minimum=1)
+        _require_int(self, "group_score_experts", minimum=1)
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"MoEConfig.num_groups={self.num_groups} must divide num_experts={self.num_experts}"
+            )
+        if self.top_groups is not None:
+            _require_int(self, "top_groups", minimum=1)
+            if self.top_groups > self.num_groups:
+                raise ValueError(
+                    f"MoEConfig.top_groups={self.top_groups} must not exceed num_groups={self.num_groups}"
+                )
+            reachable = self.top_groups * (self.num_experts // self.num_groups)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"MoEConfig.top_groups={self.top_groups} groups of {self.num_experts // self.num_groups} "
+                    f"experts hold fewer than top_k={self.top_k} experts"
+                )
+        for name in ("max_ranks_per_token", "max_nodes_per_token"):
+            if getattr(self, name) is not None:
+                _require_int(self, name, minimum=1)
+        if self.kernels == "fused" and (self.expert_biases or self.activation == "swiglu_clamped"):
+            option = "expert_biases=True" if self.expert_biases else "activation='swiglu_clamped'"
+            raise ValueError(
+                f"MoEConfig.kernels='fused' does not support {option} (the fused kernels have no expert "
+                "biases and no clamped SwiGLU); use kernels='auto'"
+            )
+        if self.shared_d_ff is not None:
+            _require_int(self, "shared_d_ff", minimum=1)
+            if self.num_shared_experts == 0:
+                raise ValueError("MoEConfig.shared_d_ff needs num_shared_experts >= 1")
+        if self.router == "dts":
+            defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+            for name in ("num_groups", "top_groups", "max_ranks_per_token", "max_nodes_per_token",
+                         "capacity_priority", "aux_loss_experts", "aux_loss_scope", "router_jitter",
+                         "routed_scaling_factor"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"MoEConfig.{name} is not supported with router='dts' (leave the default)")
+
+    @property
+    def limits_groups(self) -> bool:
+        """Whether top-k is restricted to the best groups (``num_groups``/``top_groups``)."""
+        return self.top_groups is not None and self.top_groups < self.num_groups
+
+    @property
+    def shared_width(self) -> int:
+        """Total hidden width of the shared experts."""
+        return self.num_shared_experts * self.d_ff if self.shared_d_ff is None else self.shared_d_ff
 
     def _check_dts(self) -> None:
         if self.dts.top_k is not None and self.dts.top_k > self.num_experts:
@@ -206,13 +322,19 @@ class MoEConfig:
 
     @property
     def is_gated(self) -> bool:
-        return self.activation == "swiglu"
+        return self.activation in ("swiglu", "swiglu_clamped")
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Slots per expert for ``num_tokens`` tokens, or None when dropless."""
+        """Slots per expert for ``num_tokens`` tokens, or None when dropless.
+
+        ``ceil(capacity_factor * num_tokens * top_k / num_experts)`` in exact integer arithmetic,
+        the factor taken as the shortest decimal that prints as it (so 1.1 * 10 / 11 is exactly 1).
+        """
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        factor = Fraction(repr(float(self.capacity_factor)))
+        numerator = factor.numerator * num_tokens * self.top_k
+        return -(-numerator // (factor.denominator * self.num_experts))
 
 
 def _require_int(cfg, name: str, minimum: int) -> None:

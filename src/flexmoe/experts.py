@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
+from .ops.activation import clamped_swiglu
 from .ops.fused_experts import fused_expert_ffn
 
 if TYPE_CHECKING:
@@ -21,13 +22,14 @@ if TYPE_CHECKING:
 
 
 def expert_ffn(x_ND: torch.Tensor, gate_up_EHD: torch.Tensor, down_EDF: torch.Tensor, offsets_E: torch.Tensor,
-               scale_N: torch.Tensor, activation: str, use_triton: bool, per_expert: bool = False) -> torch.Tensor:
+               scale_N: torch.Tensor, activation: str, use_triton: bool, per_expert: bool = False,
+               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
     """``scale[i] * FFN_e(x[i])`` with the given weights (whole experts or slices of their width:
     ``flexmoe.parallel`` runs it on gathered and sharded weights). Rows past ``offsets_E[-1]``
     give zeros; weights are cast to the rows' dtype. ``per_expert``: one GEMM per expert
     (``kernels="per_expert"``) instead of the grouped GEMM."""
     h_NH = grouped_mm(x_ND, gate_up_EHD.to(x_ND.dtype), offsets_E, per_expert)
-    a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], activation, use_triton)
+    a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], activation, use_triton, swiglu_alpha, swiglu_limit)
     return grouped_mm(a_NF, down_EDF.to(x_ND.dtype), offsets_E, per_expert)
 
 
@@ -43,6 +45,11 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, config.d_model, config.d_ff))
         nn.init.normal_(self.gate_up_proj, std=config.init_std)
         nn.init.normal_(self.down_proj, std=config.init_std)
+        if config.expert_biases:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, hidden))
+            self.down_proj_bias = nn.Parameter(torch.zeros(E, config.d_model))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
 
     @property
     def num_experts(self) -> int:
@@ -56,8 +63,22 @@ class GroupedExperts(nn.Module):
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
         unless running under autocast with float32 parameters).
         """
-        return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, self.config.activation,
-                          use_triton, self.config.kernels == "per_expert")
+        cfg = self.config
+        per_expert = cfg.kernels == "per_expert"
+        if self.gate_up_proj_bias is None:
+            return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, cfg.activation,
+                              use_triton, per_expert, cfg.swiglu_alpha, cfg.swiglu_limit)
+        h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E, per_expert)
+        # Expert biases: row r belongs to the group whose offset first exceeds r.
+        row_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offsets_E.dtype)
+        row_expert_N = torch.searchsorted(offsets_E, row_N, right=True).clamp(max=self.num_experts - 1)
+        h_NH = h_NH + self.gate_up_proj_bias.to(h_NH.dtype)[row_expert_N]
+        a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], cfg.activation, use_triton,
+                                 cfg.swiglu_alpha, cfg.swiglu_limit)
+        y_ND = grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+        bias_ND = self.down_proj_bias.to(y_ND.dtype)[row_expert_N] * scale_N.to(y_ND.dtype).unsqueeze(-1)
+        valid_N1 = (row_N < offsets_E[-1:]).unsqueeze(-1)
+        return torch.where(valid_N1, y_ND + bias_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:
@@ -82,12 +103,12 @@ class GroupedExperts(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """The shared experts: one dense FFN of width ``num_shared_experts * d_ff``."""
+    """The shared experts: one dense FFN of width ``config.shared_width``."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
-        F_shared = config.num_shared_experts * config.d_ff
+        F_shared = config.shared_width
         hidden = 2 * F_shared if config.is_gated else F_shared
         self.gate_up_proj = nn.Parameter(torch.empty(hidden, config.d_model))
         self.down_proj = nn.Parameter(torch.empty(config.d_model, F_shared))
@@ -102,6 +123,8 @@ class DenseFFN(nn.Module):
         if self.config.activation == "swiglu":
             gate_TF, up_TF = h_TH.chunk(2, dim=-1)
             a_TF = nn.functional.silu(gate_TF) * up_TF
+        elif self.config.activation == "swiglu_clamped":
+            a_TF = clamped_swiglu(h_TH, self.config.swiglu_alpha, self.config.swiglu_limit)
         elif self.config.activation == "gelu":
             a_TF = nn.functional.gelu(h_TH)
         else:

@@ -16,7 +16,9 @@ from .ops.checks import check_finite
 from .parallel import AdaptiveConfig, EPGroup, ParallelConfig, ParallelExperts, ShardedExperts
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
-from .routing import make_router, router_loss
+from .routing import expert_counts, make_router, router_loss
+from .routing.balance import BalanceStats, pooled_balance_loss
+from .routing.limits import device_limits
 
 
 class MoELayer(nn.Module):
@@ -36,6 +38,9 @@ class MoELayer(nn.Module):
     ``flexmoe.parallel.AdaptiveConfig`` a ``ShardedExperts`` holding this rank's shards of the
     experts, run data-parallel, expert-parallel or sharded per step (docs/parallel.md).
     ``state_dict()`` holds the logical view of all experts either way.
+    ``data_parallel_group``: the group whose counts ``aux_loss_scope="global"`` sums (None = the
+    default group, or this process alone when torch.distributed is not initialised). The
+    sequence layout of ``aux_loss_scope="sequence"`` is the input's: ``[..., S, D]``.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class MoELayer(nn.Module):
         placement: PlacementTable | None = None,
         slots_per_rank: int | None = None,
         parallel: ParallelConfig | AdaptiveConfig | None = None,
+        data_parallel_group: torch.distributed.ProcessGroup | None = None,
     ):
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -59,14 +65,22 @@ class MoELayer(nn.Module):
                     "with placement= / slots_per_rank= (replicas of sharded experts are not supported); "
                     "use one or the other"
                 )
+            if config.expert_biases:
+                raise ValueError("MoEConfig.expert_biases is not supported with adaptive parallelism yet")
             self.experts = ShardedExperts(config, ep_group, parallel)
         elif ep_group is None and placement is None and slots_per_rank is None and parallel is None:
             self.experts = GroupedExperts(config)
         else:
+            if config.expert_biases:
+                raise ValueError("MoEConfig.expert_biases is not supported with expert parallelism yet")
             self.experts = ParallelExperts(config, ep_group, placement, slots_per_rank, parallel)
         self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
+        self.data_parallel_group = data_parallel_group
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
+        self.balance_stats: BalanceStats | None = None
+        self._limits_key: tuple | None = None
+        self._refresh_device_limits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.experts.begin_forward()
@@ -76,8 +90,17 @@ class MoELayer(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         use_triton = resolve_use_triton(self.config.kernels, x_TD.device)
 
+        if self._limits_key is not None and self._placement_changed():
+            self._refresh_device_limits()
         routing = self.router(x_TD)
-        plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
+        counts_E = None
+        if routing.slot_TK is None:
+            plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
+        else:  # device-limited routing chose the replica of every pair: group the rows by slot
+            table = self.experts.placement
+            plan = make_dispatch_plan(routing.slot_TK, routing.weight_TK, routing.keep_TK,
+                                      table.world_size * table.slots_per_rank)
+            counts_E = expert_counts(routing.expert_TK, routing.keep_TK, routing.num_experts)
         # The shared experts are queued first: on a GPU they run while an expert-parallel stage
         # waits for its counts on the host.
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
@@ -85,10 +108,27 @@ class MoELayer(nn.Module):
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
 
-        self.aux_loss = router_loss(routing, self.config)
-        self.last_counts = plan.counts_E
-        self.router.record_load(plan.counts_E)
+        seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]
+        self.aux_loss = router_loss(routing, self.config, seq_len, self.data_parallel_group)
+        if self.config.aux_loss_coef and self.config.aux_loss_scope == "pooled":
+            self.balance_stats = BalanceStats.of(routing)
+        self.last_counts = plan.counts_E if counts_E is None else counts_E
+        self.router.record_load(self.last_counts)
         return y_TD.view(x.shape)
+
+    def _refresh_device_limits(self) -> None:
+        """Rank and node groups for device- / node-limited routing, from the current placement."""
+        cfg = self.config
+        table = getattr(self.experts, "placement", None)
+        if table is None or (cfg.max_ranks_per_token is None and cfg.max_nodes_per_token is None):
+            return
+        limits = device_limits(table.slot_expert_WS, self.experts.ep_group.ranks_per_node, cfg, self.experts.rank)
+        self.router.set_device_limits(limits)
+        self._limits_key = (table, table.version)
+
+    def _placement_changed(self) -> bool:
+        table, version = self._limits_key
+        return self.experts.placement is not table or self.experts.placement.version != version
 
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
@@ -117,8 +157,19 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``aux_loss`` over the MoE layers of ``model`` (from their last forward)."""
-    losses = [layer.aux_loss for layer in moe_layers(model)]
+    """Sum of ``aux_loss`` over the MoE layers of ``model`` (from their last forward), plus the
+    loss pooled over the layers with ``aux_loss_scope="pooled"`` (HF convention), weighted by
+    their ``aux_loss_coef``."""
+    layers = moe_layers(model)
+    losses = [layer.aux_loss for layer in layers]
+    pooled = [layer for layer in layers if layer.config.aux_loss_scope == "pooled" and layer.config.aux_loss_coef]
+    if pooled:
+        coefs = {layer.config.aux_loss_coef for layer in pooled}
+        if len(coefs) != 1:
+            raise ValueError(f"aux_loss_scope='pooled' layers must share aux_loss_coef, got {sorted(coefs)}")
+        if any(layer.balance_stats is None for layer in pooled):
+            raise ValueError("aux_loss_scope='pooled': a layer has not run a forward yet")
+        losses.append(coefs.pop() * pooled_balance_loss([layer.balance_stats for layer in pooled]))
     if not losses:
         return torch.zeros(())
     total = losses[0]

@@ -80,12 +80,25 @@ def _backward(ctx, grad_NF):
 swiglu_scaled.register_autograd(_backward, setup_context=_setup)
 
 
+def clamped_swiglu(h_N2F: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's SwiGLU on ``[gate | up]`` rows: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``
+    with ``g = clamp(gate, max=l)`` (plain torch; autograd differentiates it)."""
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    gate_NF = gate_NF.clamp(max=limit)
+    return (up_NF.clamp(-limit, limit) + 1) * (gate_NF * torch.sigmoid(gate_NF * alpha))
+
+
 def scaled_activation(
-    h_NF: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, activation: str, use_triton: bool
+    h_NF: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, activation: str, use_triton: bool,
+    swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
-    """Apply ``activation`` to the expert hidden rows and scale each row by its weight."""
+    """Apply ``activation`` to the expert hidden rows and scale each row by its weight
+    (``swiglu_alpha`` / ``swiglu_limit``: only for "swiglu_clamped")."""
     if activation == "swiglu":
         return swiglu_scaled(h_NF, scale_N, valid_1, use_triton)
-    act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
+    if activation == "swiglu_clamped":
+        act = clamped_swiglu(h_NF, swiglu_alpha, swiglu_limit)
+    else:
+        act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
     out = act * scale_N.to(h_NF.dtype).unsqueeze(-1)
     return torch.where(_row_mask(h_NF.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -149,6 +149,12 @@ class ParallelExperts(GroupedExperts):
         agreement envelope is still checked (one small all-gather read on the host); under
         ``torch.compile`` it is skipped."""
         par = self.parallel
+        if _is_slot_keyed(plan, self.config):  # every rank sees the same config and table: all raise
+            raise ValueError(
+                "ParallelConfig.dispatch='bounded' does not take device-limited routing over replicated "
+                "experts (MoEConfig.max_ranks_per_token / max_nodes_per_token with a replicated placement "
+                "table picks each pair's replica); use dispatch='exact'"
+            )
         if not torch.compiler.is_compiling():
             build_graph = torch.is_grad_enabled()
             fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, plan.row_weight_N.dtype, build_graph)
@@ -164,19 +170,27 @@ class ParallelExperts(GroupedExperts):
     @torch.compiler.disable
     def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
         experts, placement, par = self, self.placement, self.parallel
+        slot_keyed = _is_slot_keyed(plan, self.config)
+        if slot_keyed:  # rows grouped by slot: each slot is its own expert for the dispatcher
+            placement = slot_table(placement)
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_TD.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
         )
-        fields = exchange_fields(self.config, par, placement, x_TD.dtype, weight_N.dtype, build_graph)
+        # The logical table enters the agreement (the slot table forgets which expert a slot holds).
+        fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, weight_N.dtype, build_graph)
+        fields["plan keys"] = "slots" if slot_keyed else "experts"
         check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
         profile = par.memory == "auto" and self._rates is None
         row_bytes = self._measure_row_bytes(experts, x_TD.dtype, weight_N.dtype, use_triton)
         # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
         # the counts, in one all-gather; otherwise they need the split, and a second one.
-        one_exchange = par.pipeline_degree == 1 and self._experts_on_one_rank
-        pairs_W = (pairs_per_rank(self.expert_rank_E, plan.offsets_E, plan.pair_row_TK, self.size)
-                   if one_exchange else None)
+        # (A slot-keyed plan's "experts" are slots, each on one rank.)
+        one_exchange = par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
+        rank_E = self.expert_rank_E
+        if slot_keyed:
+            rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
+        pairs_W = pairs_per_rank(rank_E, plan.offsets_E, plan.pair_row_TK, self.size) if one_exchange else None
         header_WH, counts_WE, pairs_WW = self._all_gather_counts(plan.counts_E, x_TD, plan.pair_row_TK.shape[0],
                                                                  pairs_W)
 
@@ -222,7 +236,7 @@ class ParallelExperts(GroupedExperts):
             self._rates = (per_row, bandwidth)
         packer = dispatch_packer(x_TD.dtype, x_TD.shape[1], weight_N.dtype, plan.pair_row_TK.shape[1])
         self.last_exchange = ExchangeStats.of(route, packer.row_bytes, x_TD.shape[1] * x_TD.dtype.itemsize)
-        self.last_counts_WE = counts_WE
+        self.last_counts_WE = logical_counts(self.placement, counts_WE) if slot_keyed else counts_WE
         self.last_pipeline_degree = degree
         self.memory_report = report
         return y_TD
@@ -373,6 +387,27 @@ class ParallelExperts(GroupedExperts):
         kept = mine[strategy] if build_graph else 0
         report = MemoryReport(strategy, kept, (mine["keep"] if build_graph else 0) - kept, mine)
         return strategy, report
+
+
+def _is_slot_keyed(plan: DispatchPlan, config: MoEConfig) -> bool:
+    """Whether the plan groups rows by global slot (``routing.slot_TK``) instead of by expert."""
+    return plan.counts_E.shape[0] != config.num_experts
+
+
+def slot_table(table: PlacementTable) -> PlacementTable:
+    """The table seen by rows already assigned to slots: every slot its own expert (id
+    ``rank * S + slot``), so the dispatcher sends each row to exactly the slot it names."""
+    W, S = table.slot_expert_WS.shape
+    return PlacementTable(W * S, np.arange(W * S).reshape(W, S), np.ones((W, S)), table.version)
+
+
+def logical_counts(table: PlacementTable, slot_counts_WF: np.ndarray) -> np.ndarray:
+    """Per-slot counts ``[W, W*S]`` summed into per-expert counts ``[W, E]``."""
+    expert_F = table.slot_expert_WS.reshape(-1)
+    counts_WE = np.zeros((slot_counts_WF.shape[0], table.num_experts), dtype=slot_counts_WF.dtype)
+    held_F = expert_F >= 0
+    np.add.at(counts_WE, (slice(None), expert_F[held_F]), slot_counts_WF[:, held_F])
+    return counts_WE
 
 
 def _synchronized_time(device: torch.device) -> float:

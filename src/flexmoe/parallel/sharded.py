@@ -108,7 +108,7 @@ class ShardedExperts(nn.Module):
             gate_up, down = self._gathered(DP)
             x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
             y_ND = expert_ffn(x_ND, gate_up, down, plan.offsets_E, plan.row_weight_N, self.config.activation,
-                              use_triton)
+                              use_triton, swiglu_alpha=self.config.swiglu_alpha, swiglu_limit=self.config.swiglu_limit)
             y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         else:
             y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton)
@@ -144,7 +144,8 @@ class ShardedExperts(nn.Module):
         row_pair = row_key // K
         offsets = torch.from_numpy(np.cumsum(splits.rows_E).astype(np.int32)).to(device)
         out_rows = expert_ffn(x_RD.index_select(0, row_pair), gate_up, down, offsets,
-                              weight_RK.reshape(-1).index_select(0, row_key), self.config.activation, use_triton)
+                              weight_RK.reshape(-1).index_select(0, row_key), self.config.activation, use_triton,
+                              swiglu_alpha=self.config.swiglu_alpha, swiglu_limit=self.config.swiglu_limit)
         out_RD = x_RD.new_zeros((R, D)).index_add(0, row_pair, out_rows)
         back = self._exchange(out_RD, splits.recv_W, splits.send_W)
         return x_TD.new_zeros((T, D)).index_add(0, token_S, back)

@@ -1,11 +1,13 @@
 """Routers: pick experts per token and their combine weights (``base``: what they share;
-``topk``: softmax / sigmoid top-k; ``dts``: the EvoMoE dense-to-sparse gate)."""
+``topk``: softmax / sigmoid top-k; ``limits``: group-, node- and rank-limited choice;
+``balance``: sequence / global / pooled balance losses; ``dts``: the EvoMoE dense-to-sparse gate)."""
 
 from torch import nn
 
 from ..config import MoEConfig
+from .balance import router_loss
 from .base import (
-    Routing, count_keys, expert_counts, expert_keys, load_balancing_loss, router_logits, router_loss, router_z_loss,
+    Routing, count_keys, expert_counts, expert_keys, load_balancing_loss, router_logits, router_z_loss,
 )
 from .dts import DTSRouter, set_gate_step
 from .topk import TopKRouter, capacity_keep_mask

@@ -13,8 +13,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..config import MoEConfig
-
 
 @dataclasses.dataclass
 class Routing:
@@ -27,6 +25,11 @@ class Routing:
     logits_TE: router logits.
     balance_loss: a router-specific load-balancing loss (unweighted) that replaces the
         Switch-Transformer loss in ``load_balancing_loss``; None for the top-k routers.
+    balance_expert_TK: the experts the balance loss counts when they differ from ``expert_TK``
+        (``MoEConfig.aux_loss_experts="unbiased"`` under a balancing bias); None = ``expert_TK``.
+    slot_TK: the global slot (``rank * slots_per_rank + slot``) each pair must be computed in,
+        when device-limited routing picks among replicas (``flexmoe.routing.limits``); None =
+        the dispatcher splits each expert's pairs over its replicas.
     """
 
     expert_TK: torch.Tensor
@@ -35,6 +38,13 @@ class Routing:
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
     balance_loss: torch.Tensor | None = None
+    balance_expert_TK: torch.Tensor | None = None
+    slot_TK: torch.Tensor | None = None
+
+    @property
+    def counted_expert_TK(self) -> torch.Tensor:
+        """The experts the balance loss counts."""
+        return self.expert_TK if self.balance_expert_TK is None else self.balance_expert_TK
 
     @property
     def num_experts(self) -> int:
@@ -105,7 +115,7 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     probs_TE = routing.probs_TE
     if probs_TE.shape[0] == 0:
         return probs_TE.sum() * 0.0
-    counts_E = expert_counts(routing.expert_TK, None, E).to(probs_TE.dtype)
+    counts_E = expert_counts(routing.counted_expert_TK, None, E).to(probs_TE.dtype)
     f_E = counts_E / routing.expert_TK.numel()
     p_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     return E * torch.sum(f_E * p_TE.mean(0))
@@ -117,13 +127,3 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
         return routing.logits_TE.sum() * 0.0
     return torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
 
-
-def router_loss(routing: Routing, config: MoEConfig) -> torch.Tensor:
-    """The layer's aux loss: ``aux_loss_coef`` x balance loss + ``z_loss_coef`` x z-loss (zero when
-    neither is configured)."""
-    loss = routing.logits_TE.new_zeros(())
-    if config.aux_loss_coef:
-        loss = loss + config.aux_loss_coef * load_balancing_loss(routing)
-    if config.z_loss_coef:
-        loss = loss + config.z_loss_coef * router_z_loss(routing)
-    return loss

@@ -20,6 +20,7 @@ except ImportError as err:
     ) from err
 
 from .backend import IMPLEMENTATION, expert_blocks, flexmoe_experts_forward, patch, register, unpatch
+from .convert import moe_config_from_hf, moe_layer_from_hf, moe_state_dict_from_hf
 from .experts import experts_forward
 from .layout import ExpertsLayout, UnsupportedBlockError, experts_layout
 
@@ -33,6 +34,9 @@ __all__ = [
     "experts_forward",
     "experts_layout",
     "flexmoe_experts_forward",
+    "moe_config_from_hf",
+    "moe_layer_from_hf",
+    "moe_state_dict_from_hf",
     "patch",
     "register",
     "unpatch",

@@ -1,0 +1,434 @@
+"""The peers' routing options (issue 12) against the float64 per-token reference (tests/reference.py).
+
+Legend: T tokens, D model width, E experts, K chosen experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+import flexmoe
+from reference import exact_capacity, reference_routing
+from test_layer import check_against_reference, random_config, rel
+
+
+def random_options(rng: random.Random, cfg: flexmoe.MoEConfig) -> dict:
+    """Random values of the routing options that fit ``cfg``."""
+    E, k = cfg.num_experts, cfg.top_k
+    divisors = [g for g in range(1, E + 1) if E % g == 0]
+    G = rng.choice(divisors)
+    top_groups = None
+    if G > 1:
+        fits = [m for m in range(1, G + 1) if m * (E // G) >= k]
+        top_groups = rng.choice(fits + [None])
+    return dict(
+        num_groups=G,
+        top_groups=top_groups,
+        group_score_experts=rng.choice([1, 2]) if E // G >= 2 else 1,
+        routed_scaling_factor=rng.choice([1.0, 2.5]),
+        capacity_priority=rng.choice(["prob", "weight", "position"]),
+        aux_loss_experts=rng.choice(["selected", "unbiased"]),
+        aux_loss_scope=rng.choice(["batch", "sequence"]),
+        router_bias=rng.random() < 0.5,
+        expert_biases=rng.random() < 0.5,
+        activation=rng.choice([cfg.activation, "swiglu_clamped"]),
+        swiglu_limit=rng.choice([0.5, 7.0]),
+        shared_d_ff=rng.choice([None, 5]) if cfg.num_shared_experts else None,
+    )
+
+
+def randomise_biases(layer: flexmoe.MoELayer, rng: random.Random) -> None:
+    """Nonzero router/expert biases, and a balancing bias loaded the way a checkpoint is."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    if rng.random() < 0.6:
+        state = layer.state_dict()
+        state["router.expert_bias"] = torch.randn(layer.config.num_experts) * 0.2
+        layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_routing_options_match_float64_reference(seed):
+    rng = random.Random(1000 + seed)
+    torch.manual_seed(seed)
+    base = random_config(rng, kernels="torch")
+    cfg = dataclasses.replace(base, **random_options(rng, base))
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, rng)
+    shape = rng.choice([(1, cfg.d_model), (7, cfg.d_model), (2, 5, cfg.d_model), (3, 1, cfg.d_model)])
+    check_against_reference(layer, torch.randn(shape, dtype=torch.float64), tol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_routing_options_under_triton_kernels(seed):
+    rng = random.Random(2000 + seed)
+    torch.manual_seed(seed)
+    base = random_config(rng, kernels="triton")
+    cfg = dataclasses.replace(base, **random_options(rng, base))
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, rng)
+    check_against_reference(layer, torch.randn(6, cfg.d_model, dtype=torch.float64), tol=1e-10)
+
+
+def deepseek_like(**overrides) -> flexmoe.MoEConfig:
+    fields = dict(d_model=8, d_ff=6, num_experts=8, top_k=2, router="sigmoid", num_groups=4, top_groups=2,
+                  routed_scaling_factor=2.5, kernels="torch", init_std=0.5)
+    fields.update(overrides)
+    return flexmoe.MoEConfig(**fields)
+
+
+def test_group_limited_routing_picks_only_inside_the_best_groups():
+    """DeepSeek-V3: group score = sum of the group's top-2 biased scores; k experts from the best groups."""
+    torch.manual_seed(0)
+    cfg = deepseek_like()
+    layer = flexmoe.MoELayer(cfg).double()
+    layer.router.set_expert_bias(torch.randn(8) * 0.3)
+    x = torch.randn(40, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    select = (routing.probs_TE + layer.router.expert_bias.double()).detach()
+    group_score = select.view(40, 4, 2).sum(-1)  # groups of 2: the top-2 sum is the sum
+    best = group_score.topk(2, dim=-1).indices
+    for t in range(40):
+        allowed = {int(g) * 2 + i for g in best[t] for i in range(2)}
+        assert set(routing.expert_TK[t].tolist()) <= allowed
+    unlimited = flexmoe.MoELayer(dataclasses.replace(cfg, top_groups=None)).double()
+    unlimited.load_state_dict(layer.state_dict())
+    assert not torch.equal(unlimited.router(x).expert_TK.sort(1).values, routing.expert_TK.sort(1).values)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_groups_with_no_chosen_expert():
+    """top_k = 1 with three groups kept: two kept groups contribute nothing, and k = 1 renormalised
+    gives weight = routed_scaling_factor exactly."""
+    torch.manual_seed(1)
+    cfg = deepseek_like(top_k=1, top_groups=3, norm_topk_prob=True, num_shared_experts=1)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(12, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    assert torch.allclose(routing.weight_TK, torch.full_like(routing.weight_TK, 2.5), rtol=0, atol=1e-15)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_group_score_from_the_max_of_each_group():
+    torch.manual_seed(2)
+    cfg = deepseek_like(num_experts=12, num_groups=3, top_groups=1, group_score_experts=1, router="softmax")
+    layer = flexmoe.MoELayer(cfg).double()
+    check_against_reference(layer, torch.randn(9, 8, dtype=torch.float64), tol=1e-10)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_loaded_bias_is_applied_with_rate_zero(router):
+    """A loaded e_score_correction_bias changes the choice even when bias_update_rate = 0 (frozen)."""
+    torch.manual_seed(3)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, router=router, kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    before = layer.router(x).expert_TK.sort(1).values
+    state = layer.state_dict()
+    state["router.expert_bias"] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    layer.load_state_dict(state)
+    after = layer.router(x).expert_TK
+    assert (after == 5).any(1).all()
+    assert not torch.equal(before, after.sort(1).values)
+    check_against_reference(layer, x, tol=1e-10)
+    layer.train()
+    layer.router.update_bias()
+    assert layer.router.expert_bias[5] == 1.0  # rate 0: frozen
+
+
+def test_router_state_stays_float32_under_bfloat16():
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=2, top_k=1, bias_update_rate=1e-3)
+    layer = flexmoe.MoELayer(cfg).bfloat16()
+    router = layer.router
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32 and router.pending_load_E.dtype == torch.float32
+    router.set_expert_bias(torch.tensor([0.6, 0.6]))
+    router.train()
+    for _ in range(20):
+        router.record_load(torch.tensor([1, 3]))
+        router.update_bias()
+    assert abs(router.expert_bias[0].item() - 0.62) < 1e-6
+    for _ in range(300):
+        router.record_load(torch.tensor([3, 1]))
+    assert router.pending_load_E.tolist() == [900.0, 300.0]
+    layer.double()
+    assert router.expert_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cf, T, k, E, want", [
+    (1.1, 25, 2, 5, 11), (1.1, 50, 1, 5, 11), (1.1, 100, 2, 2, 110), (1.1, 90, 4, 4, 99), (1.0, 7, 2, 4, 4),
+    (0.5, 8, 1, 4, 1), (2.0, 3, 1, 3, 2),
+])
+def test_capacity_is_exact_at_integers(cf, T, k, E, want):
+    cfg = flexmoe.MoEConfig(d_model=4, d_ff=4, num_experts=E, top_k=k, capacity_factor=cf)
+    assert cfg.capacity(T) == want == exact_capacity(cfg, T)
+    if cf == 1.1:  # the shapes where floating point is one too high
+        assert math.ceil(cf * T * k / E) == want + 1
+
+
+@pytest.mark.parametrize("priority", ["prob", "weight", "position"])
+def test_capacity_priority_keeps_the_right_pairs(priority):
+    torch.manual_seed(4)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, kernels="torch",
+                            capacity_priority=priority, init_std=1.0)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(24, 8, dtype=torch.float64)
+    routing = layer.router(x)
+    *_, keep_ref, _ = reference_routing(x, layer.router.weight.double(), cfg)
+    assert routing.keep_TK.tolist() == keep_ref
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_capacity_priorities_differ():
+    torch.manual_seed(5)
+    base = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, init_std=1.0)
+    x = torch.randn(24, 8, dtype=torch.float64)
+    layer = flexmoe.MoELayer(base).double()
+    kept = {}
+    for priority in ("prob", "weight", "position"):
+        layer.router.config = dataclasses.replace(base, capacity_priority=priority)
+        kept[priority] = layer.router(x).keep_TK
+    assert not torch.equal(kept["prob"], kept["weight"]) and not torch.equal(kept["prob"], kept["position"])
+
+
+def test_unbiased_aux_loss_counts_top_k_without_the_bias():
+    torch.manual_seed(6)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, router="sigmoid", aux_loss_coef=0.1,
+                            bias_update_rate=0.01, kernels="torch", init_std=0.5)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    losses = {}
+    for choice in ("selected", "unbiased"):
+        layer = flexmoe.MoELayer(dataclasses.replace(cfg, aux_loss_experts=choice)).double()
+        torch.manual_seed(7)
+        layer.load_state_dict({**layer.state_dict(), "router.expert_bias": torch.linspace(-1, 1, 6)})
+        check_against_reference(layer, x, tol=1e-10)
+        layer(x)
+        losses[choice] = layer.aux_loss.item()
+    assert losses["selected"] != losses["unbiased"]
+
+
+def test_sequence_aux_loss_is_per_sequence():
+    torch.manual_seed(8)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, aux_loss_coef=0.3,
+                            aux_loss_scope="sequence", kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    check_against_reference(layer, x, tol=1e-10)
+    layer(x)
+    per_seq = layer.aux_loss.item()
+    layer(x.reshape(15, 8))  # one sequence of 15 tokens
+    assert abs(per_seq - layer.aux_loss.item()) > 1e-6
+
+
+def test_router_jitter_only_in_training_and_only_on_the_router_input():
+    torch.manual_seed(9)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, router_jitter=0.3, kernels="torch",
+                            aux_loss_coef=0.1, init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double().train()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    torch.manual_seed(11)
+    torch.randn(x.shape, dtype=torch.float64)  # check_against_reference draws its probe first
+    noise = torch.empty_like(x).uniform_(0.7, 1.3)
+    torch.manual_seed(11)
+    check_against_reference(layer, x, tol=1e-10, noise=noise)
+    layer.eval()
+    layer.aux_loss = torch.zeros(())  # drop the graph of the last forward before the copy
+    layer.zero_grad(set_to_none=True)
+    check_against_reference(layer, x, tol=1e-10)
+
+
+def test_hf_pooled_aux_loss_matches_transformers():
+    """aux_loss_scope="pooled": transformers' load_balancing_loss_func on the layers' logits."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch.manual_seed(12)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, aux_loss_coef=0.02,
+                            aux_loss_scope="pooled", z_loss_coef=0.0, kernels="torch", init_std=0.5)
+    model = torch.nn.Sequential(flexmoe.MoELayer(cfg), torch.nn.Linear(8, 8), flexmoe.MoELayer(cfg)).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    logits = []
+    for m in model:
+        if isinstance(m, flexmoe.MoELayer):
+            logits.append(m.router(x.reshape(-1, 8)).logits_TE)
+        x = m(x)
+    want = 0.02 * mixtral.load_balancing_loss_func(tuple(logits), 6, 2)
+    got = flexmoe.aux_loss(model)
+    assert abs(got.item() - want.item()) <= 1e-6 * want.item()  # HF accumulates in float32
+    assert all(layer.aux_loss.item() == 0.0 for layer in flexmoe.moe_layers(model))
+
+
+def test_expert_biases_and_clamped_swiglu():
+    torch.manual_seed(13)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=5, num_experts=5, top_k=2, activation="swiglu_clamped", swiglu_limit=0.4,
+                            expert_biases=True, router_bias=True, kernels="torch", init_std=0.8)
+    layer = flexmoe.MoELayer(cfg).double()
+    randomise_biases(layer, random.Random(0))
+    x = torch.randn(9, 8, dtype=torch.float64)
+    check_against_reference(layer, x, tol=1e-10)
+    h = torch.einsum("ehd,td->teh", layer.experts.gate_up_proj.detach(), x)
+    assert (h.abs() > 0.4).any()  # the clamp is active
+
+
+def test_shared_expert_width_not_a_multiple_of_d_ff():
+    torch.manual_seed(14)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, num_shared_experts=1, shared_d_ff=7,
+                            shared_expert_gate=True, kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    assert layer.shared_experts.down_proj.shape == (8, 7)
+    check_against_reference(layer, torch.randn(5, 8, dtype=torch.float64), tol=1e-10)
+
+
+def test_default_config_output_is_unchanged_by_the_new_fields():
+    """Explicit defaults of every new field give bit-identical outputs to the plain config."""
+    torch.manual_seed(15)
+    plain = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=6, top_k=2, capacity_factor=1.0, aux_loss_coef=0.1)
+    explicit = dataclasses.replace(plain, num_groups=2, top_groups=None, routed_scaling_factor=1.0,
+                                   capacity_priority="prob", aux_loss_experts="unbiased", router_jitter=0.0)
+    a = flexmoe.MoELayer(plain)
+    b = flexmoe.MoELayer(explicit)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(11, 8)
+    assert torch.equal(a(x), b(x)) and torch.equal(a.aux_loss, b.aux_loss)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_groups", 3, "num_groups"),
+    ("top_groups", 5, "top_groups"),
+    ("top_groups", 0, "top_groups"),
+    ("group_score_experts", 0, "group_score_experts"),
+    ("routed_scaling_factor", 0.0, "routed_scaling_factor"),
+    ("router_jitter", 1.0, "router_jitter"),
+    ("router_jitter", -0.1, "router_jitter"),
+    ("capacity_priority", "random", "capacity_priority"),
+    ("aux_loss_experts", "all", "aux_loss_experts"),
+    ("aux_loss_scope", "epoch", "aux_loss_scope"),
+    ("router_bias", 1, "router_bias"),
+    ("expert_biases", "yes", "expert_biases"),
+    ("max_ranks_per_token", 0, "max_ranks_per_token"),
+    ("max_nodes_per_token", 1.5, "max_nodes_per_token"),
+    ("shared_d_ff", 4, "shared_d_ff"),
+    ("swiglu_limit", 0.0, "swiglu_limit"),
+    ("swiglu_alpha", float("inf"), "swiglu_alpha"),
+])
+def test_bad_routing_options_name_the_field(field, value, match):
+    fields = dict(d_model=8, d_ff=4, num_experts=8, top_k=2, num_groups=4)
+    fields[field] = value
+    with pytest.raises(ValueError, match=match):
+        flexmoe.MoEConfig(**fields)
+
+
+@pytest.mark.parametrize("option", [dict(expert_biases=True), dict(activation="swiglu_clamped")])
+def test_fused_kernels_refuse_expert_biases_and_clamped_swiglu(option):
+    """The fused kernels have neither: refused when the config is built, naming both fields."""
+    with pytest.raises(ValueError, match=r"kernels='fused' does not support " + next(iter(option))):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, kernels="fused", **option)
+    flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, kernels="triton", **option)
+
+
+def test_top_groups_must_hold_top_k_experts():
+    with pytest.raises(ValueError, match="top_groups"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, top_k=3, num_groups=4, top_groups=1)
+    with pytest.raises(ValueError, match="router='dts'"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=8, router="dts", num_groups=4, top_groups=2)
+
+
+def test_device_limits_from_a_placement():
+    """Rank / node groups of the experts; limits whose smallest ranks hold fewer than top_k experts
+    are refused; replicated experts belong to every rank holding them."""
+    import numpy as np
+
+    from flexmoe.routing.limits import device_limits, pick_replicas
+
+    cfg = flexmoe.MoEConfig(d_model=4, d_ff=4, num_experts=6, top_k=2, max_ranks_per_token=1, max_nodes_per_token=1)
+    table = np.array([[4, 0], [1, 5], [2, -1], [3, -1]])
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        device_limits(table, 2, cfg)
+    limits = device_limits(table, 2, dataclasses.replace(cfg, max_ranks_per_token=2))
+    (nodes, n_top), (ranks, r_top) = limits.nodes, limits.ranks
+    assert (n_top, r_top) == (1, 2) and limits.slot_WE is None and limits.node_W.tolist() == [0, 0, 1, 1]
+    assert nodes.member_GM.tolist() == [[0, 1, 4, 5], [2, 3, 6, 6]]
+    assert ranks.member_GM.tolist() == [[0, 4], [1, 5], [2, 6], [3, 6]]
+    replicated = np.array([[0, 1], [2, 3], [4, 5], [0, 3]])
+    limits = device_limits(replicated, None, dataclasses.replace(cfg, max_nodes_per_token=None, max_ranks_per_token=2),
+                           rank=3)
+    assert limits.nodes is None and limits.ranks[0].member_GM.tolist() == [[0, 1], [2, 3], [4, 5], [0, 3]]
+    assert limits.slot_WE[:, 0].tolist() == [0, -1, -1, 6] and limits.slot_WE[:, 3].tolist() == [-1, 3, -1, 7]
+    # Expert 0 on ranks {0, 3}: rank 3's own replica when rank 3 is chosen, else rank 0's.
+    chosen_TW = torch.tensor([[True, False, False, True], [True, True, False, False]])
+    slots = pick_replicas(torch.tensor([[0, 3], [0, 3]]), chosen_TW, limits.slot_WE, rank=3)
+    assert slots.tolist() == [[6, 7], [0, 3]]
+    # Without expert parallelism the fields change nothing.
+    torch.manual_seed(0)
+    plain = flexmoe.MoELayer(dataclasses.replace(cfg, max_nodes_per_token=None)).double()
+    check_against_reference(plain, torch.randn(5, 4, dtype=torch.float64), tol=1e-10)
+
+
+def test_slot_table_sends_rows_to_the_named_slot_and_counts_map_back():
+    import numpy as np
+
+    from flexmoe.parallel.expert_parallel import logical_counts, slot_table
+    from flexmoe.placement.split import split_tokens
+
+    table = flexmoe.PlacementTable(3, [[0, 1], [2, 0]], [[0.5, 1.0], [1.0, 0.5]])
+    slots = slot_table(table)
+    counts_WF = np.array([[3, 1, 0, 2], [0, 4, 5, 1]])  # rows per global slot, per source rank
+    send_WWS = split_tokens(slots, counts_WF)
+    assert send_WWS.reshape(2, 4).tolist() == counts_WF.tolist()
+    assert logical_counts(table, counts_WF).tolist() == [[5, 1, 0], [1, 4, 5]]
+
+
+def test_group_and_device_limits_with_no_tokens():
+    """A rank (or batch) without tokens: the limits must not fail on empty inputs."""
+    import numpy as np
+
+    from flexmoe.routing.limits import device_limits
+
+    cfg = deepseek_like(max_ranks_per_token=1, max_nodes_per_token=1, aux_loss_coef=0.1, aux_loss_scope="sequence")
+    layer = flexmoe.MoELayer(cfg).double()
+    layer.router.set_device_limits(device_limits(np.arange(8).reshape(4, 2), 2, cfg, rank=1))
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8) and layer.last_counts.sum() == 0
+    (y.sum() + layer.aux_loss).backward()
+
+
+def test_rank_limit_on_one_process_with_replicas_and_a_new_table():
+    """One rank holding replicas: the slot-keyed dispatch runs locally (same output and gradients
+    as the plain layer), and a new placement table is picked up on the next forward."""
+    import numpy as np
+
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, kernels="torch", max_ranks_per_token=1,
+                            init_std=0.5)
+    table = flexmoe.PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = flexmoe.MoELayer(cfg).double()
+    torch.manual_seed(0)
+    ep = flexmoe.MoELayer(cfg, placement=table).double()
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    y_ref, y = ref(x), ep(x)
+    assert ep.router(x).slot_TK is not None and rel(y, y_ref) < 1e-12
+    g_ref, g = (torch.autograd.grad(out.square().sum(), x)[0] for out in (y_ref, y))
+    assert rel(g, g_ref) < 1e-12 and torch.equal(ep.last_counts, ref.last_counts)
+    moved = table.copy()
+    moved.version += 1
+    ep.experts.set_placement(moved)
+    assert rel(ep(x), y_ref) < 1e-12 and ep._limits_key[0] is ep.experts.placement
+
+
+def test_global_balance_loss_in_one_process_is_the_batch_loss():
+    torch.manual_seed(16)
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=5, top_k=2, aux_loss_coef=0.2, aux_loss_scope="global",
+                            kernels="torch", init_std=0.5)
+    layer = flexmoe.MoELayer(cfg).double()
+    x = torch.randn(13, 8, dtype=torch.float64)
+    f = torch.zeros(5, dtype=torch.float64)
+    for row in reference_routing(x, layer.router.weight.double(), cfg)[2]:
+        for e in row:
+            f[e] += 1.0 / (13 * 2)
+    check_against_reference(layer, x, tol=1e-10, global_f=f)
