@@ -7,6 +7,7 @@ graph, and (few experts only) one cuBLAS GEMM per expert. TFLOP/s and % of a den
 measured in the same run. A failing case prints its error and the run goes on.
 
 GPU:  python benchmarks/kernels.py            (all shapes)    --quick: one shape, uniform
+      --sweep: autotune over a wide tile set (``SWEEP``) and print every config's time per kernel
 CPU smoke check (interpreted Triton, tiny shapes):  python benchmarks/kernels.py --tiny
 """
 
@@ -36,7 +37,41 @@ from flexmoe.plan import make_dispatch_plan  # noqa: E402
 from layer import SHAPES, matmul_tflops, skew_router_, timed, training_step  # noqa: E402
 
 TINY = {"tiny": (64, 32, 8, 2)}
+_c = fg._config
+SWEEP = {  # wider autotune sets for --sweep: (warps, stages, tile); the library's sets are picked from these
+    "gate_up": [_c(4, 4, BN=64, BK=64), _c(8, 4, BN=64, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+                _c(8, 3, BN=64, BK=128), _c(8, 6, BN=128, BK=32), _c(8, 4, BN=128, BK=64, GROUP=4),
+                _c(8, 4, BN=128, BK=64, GROUP=16)],
+    "mm": [_c(4, 4, BN=64, BK=64), _c(4, 4, BN=128, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+           _c(8, 3, BN=256, BK=64), _c(8, 4, BN=256, BK=64), _c(8, 3, BN=128, BK=128), _c(8, 3, BN=256, BK=64, GROUP=16)],
+    "dgrad": [_c(4, 4, BN=64, BK=64), _c(8, 3, BN=64, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+              _c(8, 3, BN=256, BK=64), _c(8, 3, BN=128, BK=128), _c(8, 4, BN=256, BK=64)],
+    "wgrad": [_c(4, 4, BM=64, BN=128, BK=64), _c(8, 3, BM=128, BN=128, BK=64), _c(8, 3, BM=128, BN=256, BK=64),
+              _c(8, 4, BM=128, BN=128, BK=64), _c(8, 3, BM=128, BN=128, BK=64, PER_SM=0),
+              _c(8, 3, BM=128, BN=256, BK=64, PER_SM=0), _c(8, 4, BM=128, BN=128, BK=64, PER_SM=1),
+              _c(8, 5, BM=128, BN=128, BK=32), _c(8, 3, BM=256, BN=128, BK=64)],
+}
+
+
+def use_sweep_configs() -> None:
+    """Swap the library's autotuners for ones over ``SWEEP`` (quick timing per config)."""
+    for name, configs in SWEEP.items():
+        fg._tuned[name] = fg.autotuned(name, configs, warmup=5, rep=25)
+
+
 PER_EXPERT_MAX_E = 16  # the per-expert GEMM loop is only a candidate for few experts
+TUNER = {"gate_up": "gate_up", "down": "mm", "dgrad": "dgrad", "wgrad_down": "wgrad", "wgrad_gate_up": "wgrad", "dx": "mm"}
+
+
+def sweep_stages(st) -> None:
+    """Run each fused stage once (autotuning it over ``SWEEP``) and print every config's time."""
+    for name in STAGES:
+        getattr(st, f"fused_{name}")()
+        torch.cuda.synchronize()
+        tuner = fg._tuned[TUNER[name]]
+        timings = getattr(tuner, "configs_timings", None) or {}
+        ranked = sorted((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items())
+        print(f"sweep {name}: " + "; ".join(f"{ms:.3f} ms {cfg}" for ms, cfg in ranked))
 
 
 def same_layer(layer: flexmoe.MoELayer, kernels: str) -> flexmoe.MoELayer:
@@ -78,6 +113,7 @@ class Stages:
         self.dh_NH = self.unfused_dgrad()[0]
         self.uses_tma = fg.hopper_tma(self.w_gu) and fg.hopper_tma(self.w_dn)
         self.tma = None  # fused kernels: TMA weight loads where fg.hopper_tma allows (None), or pointer loads (False)
+        self.pointer_variants = self.uses_tma  # also check / time the pointer-load variants
 
     # unfused stages
     def unfused_gate_up(self):
@@ -149,7 +185,7 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
     ones are not compared."""
     n = int(st.plan.offsets_E[-1])
     out = []
-    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.uses_tma]:
+    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.pointer_variants]:
         st.tma = tma
         got, want = getattr(st, f"fused_{name}")(), getattr(st, f"unfused_{name}")()
         label = f"{name} (pointer loads)" if tma is False else name
@@ -223,15 +259,19 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
     fused = same_layer(layer, "fused")
     st = Stages(layer, x_TD)
+    st.pointer_variants &= not args.sweep
     counts = st.plan.counts_E.float()
     N, H = int(st.plan.offsets_E[-1]), st.w_gu.shape[1]
     print(f"\n## {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
           f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}")
 
+    if args.sweep:
+        print("\n### tile sweep (ms per config, fastest first)")
+        sweep_stages(st)
     print(f"\n### correctness on this device (fused vs unfused, {dtype})")
     errors = check_stages(st) + check_layer(layer, fused, x_TD.unsqueeze(0))
     graphed = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.sweep:
         try:
             graph_errors, graphed = check_graph(fused, x_TD.unsqueeze(0))
             errors += graph_errors
@@ -247,7 +287,7 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             t_u = timed(getattr(st, f"unfused_{name}"), args.reps, device)
             t_f = timed(getattr(st, f"fused_{name}"), args.reps, device)
             t_p = float("nan")
-            if st.uses_tma and name in TMA_STAGES:
+            if st.pointer_variants and name in TMA_STAGES:
                 st.tma = False
                 t_p = timed(getattr(st, f"fused_{name}"), args.reps, device)
                 st.tma = None
@@ -257,9 +297,14 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             st.tma = None
             print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | |")
 
+    p = st.plan
+    for label, rows in (("x_TD -> x_ND", st.x_TD), ("dy_TD -> dy_ND", st.dy_TD)):
+        print(f"gather {label} (what a hybrid with grouped weight gradients adds): "
+              f"{timed(lambda: permute(rows, p.row_token_N, p.pair_row_TK, True), args.reps, device):.3f} ms")
     if device.type == "cuda":
         picked = {name: getattr(tuner, "best_config", None) for name, tuner in fg._tuned.items()}
         print("last autotuned configs: " + "; ".join(f"{name} {cfg}" for name, cfg in picked.items()))
+
 
     flops = 18 * args.tokens * k * D * F
     print("\n### layer forward+backward\n| impl | ms | TFLOP/s | % of matmul | vs unfused |\n|---|---|---|---|---|")
@@ -286,6 +331,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU (interpreted Triton)")
     parser.add_argument("--quick", action="store_true", help="one shape (olmoe), uniform routing")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)
@@ -297,6 +343,8 @@ def main() -> None:
         shapes, args.routing = {"olmoe": SHAPES["olmoe"]}, "uniform"
     if args.tiny:
         shapes, args.tokens, args.reps = TINY, 64, 1
+    if args.sweep:
+        use_sweep_configs()
     tflops = matmul_tflops(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreted Triton)"
     print(f"# {datetime.date.today()}  device: {name}  torch {torch.__version__}  dense bf16 matmul: {tflops:.0f} TFLOP/s")

@@ -41,17 +41,21 @@ def _loop_reference(x, w_gu, w_down, expert_TK, weight_TK, keep_TK, activation):
 
 
 @pytest.mark.parametrize(
-    "case", ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths"]
+    "case", ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
+             "deep_widths"]
 )
 def test_fused_op_and_gradients_match_float64_loop(case):
     """Forward and the gradients of x, both weights and the routing weights, with many rows per
     expert (several row blocks, several weight-gradient blocks meeting by atomic adds)."""
-    cases = ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths"]
+    cases = ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
+             "deep_widths"]
     torch.manual_seed(cases.index(case))
     T, K, E, D, Fd = 40, 2, 4, 16, 24
     activation = ["swiglu", "gelu", "relu"][cases.index(case) % 3]
     if case == "odd_widths":
         D, Fd, activation = 24, 40, "swiglu"
+    elif case == "deep_widths":  # several depth steps: D with a ragged last step, F and 2F whole ones
+        D, Fd, activation = 72, 32, "swiglu"
     elif case == "one_token":
         T = 1
     elif case == "top_k_is_E":
