@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import flexmoe  # noqa: E402
 from flexmoe.ops import grouped_mm, permute, scaled_activation, unpermute_sum  # noqa: E402
 from flexmoe.ops import fused_gemm as fg  # noqa: E402
+from flexmoe.ops._backend import fused_path  # noqa: E402
 from flexmoe.ops.activation import swiglu_scaled_backward  # noqa: E402
 from flexmoe.ops.grouped_gemm import grouped_mm_loop_wgrad, has_fast_grouped_mm  # noqa: E402
 from flexmoe.ops.triton_kernels import gather_sum  # noqa: E402
@@ -70,7 +71,8 @@ def sweep_stages(st) -> None:
         torch.cuda.synchronize()
         tuner = fg._tuned[TUNER[name]]
         timings = getattr(tuner, "configs_timings", None) or {}
-        ranked = sorted((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items())
+        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items()),
+                        key=lambda item: item[0])
         print(f"sweep {name}: " + "; ".join(f"{ms:.3f} ms {cfg}" for ms, cfg in ranked))
 
 
@@ -201,7 +203,7 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
     return out
 
 
-def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tensor) -> list[tuple[str, float, float]]:
+def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tensor, label: str = "layer") -> list[tuple[str, float, float]]:
     """Fused layer against the unfused one: output, input gradient, every parameter gradient."""
     grad = torch.randn_like(x)
     results = []
@@ -214,10 +216,10 @@ def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tenso
         for p in module.parameters():
             p.grad = None
     (y0, gx0, gp0), (y1, gx1, gp1) = outs
-    results.append(("layer y", *max_rel_err(y1, y0)))
-    results.append(("layer dx", *max_rel_err(gx1, gx0)))
+    results.append((f"{label} y", *max_rel_err(y1, y0)))
+    results.append((f"{label} dx", *max_rel_err(gx1, gx0)))
     for (name, _), g0, g1 in zip(layer.named_parameters(), gp0, gp1):
-        results.append((f"layer d{name}", *max_rel_err(g1, g0)))
+        results.append((f"{label} d{name}", *max_rel_err(g1, g0)))
     return results
 
 
@@ -258,6 +260,8 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
         with torch.no_grad():
             skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
     fused = same_layer(layer, "fused")
+    hybrid = same_layer(layer, "hybrid")
+    unfused = same_layer(layer, "triton")  # Triton permute / activation + grouped GEMMs: "auto" before issue 13
     st = Stages(layer, x_TD)
     st.pointer_variants &= not args.sweep
     counts = st.plan.counts_E.float()
@@ -269,9 +273,10 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
         print("\n### tile sweep (ms per config, fastest first)")
         sweep_stages(st)
     print(f"\n### correctness on this device (fused vs unfused, {dtype})")
-    errors = check_stages(st) + check_layer(layer, fused, x_TD.unsqueeze(0))
+    errors = (check_stages(st) + check_layer(unfused, fused, x_TD.unsqueeze(0))
+              + check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer"))
     graphed = None
-    if device.type == "cuda" and not args.sweep:
+    if device.type == "cuda" and not (args.sweep or args.no_graph):
         try:
             graph_errors, graphed = check_graph(fused, x_TD.unsqueeze(0))
             errors += graph_errors
@@ -308,7 +313,11 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
 
     flops = 18 * args.tokens * k * D * F
     print("\n### layer forward+backward\n| impl | ms | TFLOP/s | % of matmul | vs unfused |\n|---|---|---|---|---|")
-    impls = [("unfused (auto)", layer), ("fused", fused)]
+    auto_path = fused_path("auto", x_TD, D, F, E, k) or "unfused"
+    impls = [(f"unfused{' (auto)' if auto_path == 'unfused' else ''}", unfused), ("fused", fused),
+             ("hybrid (fused forward, grouped backward)", hybrid)]
+    if auto_path != "unfused":
+        impls.insert(1, (f"auto ({auto_path})", layer))
     if graphed is not None:
         impls.append(("fused + CUDA graph", graphed))
     if E <= PER_EXPERT_MAX_E:
@@ -331,6 +340,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU (interpreted Triton)")
     parser.add_argument("--quick", action="store_true", help="one shape (olmoe), uniform routing")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph check and timing")
     parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")

@@ -43,9 +43,13 @@ def main() -> int:
                                    "dw_ptr": "*bf16", "part_ptr": "*fp32", "block_slot_ptr": "*i32"},
          dict(GATHER_G=True, GATHER_X=False), fg.CONFIGS["wgrad"]),
     ]
-    desc = {"w_desc": "tensordesc<bf16[64,64]>"}
+    def desc(mode: int, config: triton.Config) -> dict:  # the descriptor's tile is the config's weight tile
+        block = fg._weight_block(mode, config.kwargs["BN"], config.kwargs["BK"])
+        return {"w_desc": f"tensordesc<bf16[{block[0]},{block[1]}]>"}
+
     tma_cases = [  # weight tiles through TMA descriptors (the sm90 default)
-        (kernel, {**types, **desc}, {**{k: v for k, v in extra.items() if k != "w_desc"}, "TMA": mode}, configs)
+        (kernel, {**types, **desc(mode, configs[0])}, {**{k: v for k, v in extra.items() if k != "w_desc"}, "TMA": mode},
+         configs)
         for (kernel, types, extra, configs), mode in zip(cases[:3], (1, 2, 1))
     ]
     failed = False

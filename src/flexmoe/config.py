@@ -14,12 +14,12 @@ import torch
 Activation = Literal["swiglu", "gelu", "relu"]
 RouterKind = Literal["softmax", "sigmoid", "dts"]
 TauSchedule = Literal["linear", "exponential"]
-KernelChoice = Literal["auto", "triton", "torch", "fused", "per_expert"]
+KernelChoice = Literal["auto", "triton", "torch", "fused", "hybrid", "per_expert"]
 
 _ACTIVATIONS = ("swiglu", "gelu", "relu")
 _ROUTERS = ("softmax", "sigmoid", "dts")
 _TAU_SCHEDULES = ("linear", "exponential")
-_KERNELS = ("auto", "triton", "torch", "fused", "per_expert")
+_KERNELS = ("auto", "triton", "torch", "fused", "hybrid", "per_expert")
 
 
 @dataclasses.dataclass
@@ -94,7 +94,8 @@ class MoEConfig:
         (on CPU only under ``TRITON_INTERPRET=1``); "torch" never uses them. "fused" (opt-in,
         docs/kernels.md) runs the one-device expert stage in fused Triton grouped GEMMs (gather
         in the operand load, activation in the epilogue); with expert parallelism it acts as
-        "triton". "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
+        "triton". "hybrid" is the fused forward with the backward in grouped GEMMs on re-gathered
+        rows ("auto" picks it where docs/kernels.md says it measured faster). "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
         GEMM (one host synchronisation per GEMM call, for few large experts).
     validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
         On CPU a non-finite input raises ValueError; on GPU the check is an asynchronous device

@@ -50,13 +50,14 @@ class GroupedExperts(nn.Module):
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
         return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
 
-    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan, grouped_backward: bool = False) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:
-        ``y[t] = sum_k weight[t, k] * FFN_e(x[t])`` over the plan's kept pairs, gather and combine included."""
+        ``y[t] = sum_k weight[t, k] * FFN_e(x[t])`` over the plan's kept pairs, gather and combine included.
+        ``grouped_backward`` ("hybrid"): the backward in grouped GEMMs on re-gathered rows."""
         dtype = x_TD.dtype
         return fused_expert_ffn(
             x_TD, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), plan.offsets_E, plan.row_token_N,
-            plan.pair_row_TK, plan.row_weight_N, self.config.activation,
+            plan.pair_row_TK, plan.row_weight_N, self.config.activation, grouped_backward,
         )
 
 

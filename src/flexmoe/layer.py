@@ -11,6 +11,7 @@ from torch import nn
 from .config import MoEConfig
 from .experts import DenseFFN, GroupedExperts
 from .ops import permute, unpermute_sum
+from .ops._backend import fused_path
 from .ops._backend import use_triton as resolve_use_triton
 from .ops.checks import check_finite
 from .parallel.config import ParallelConfig
@@ -71,8 +72,10 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TD)
         plan = make_dispatch_plan(routing.expert_TK, routing.weight_TK, routing.keep_TK, routing.num_experts)
-        if self.config.kernels == "fused" and self.expert_parallel is None:
-            y_TD = self.experts.forward_tokens(x_TD, plan)
+        cfg = self.config
+        path = fused_path(cfg.kernels, x_TD, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k)
+        if path is not None and self.expert_parallel is None:
+            y_TD = self.experts.forward_tokens(x_TD, plan, grouped_backward=path == "hybrid")
         else:
             x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
             y_ND = self.run_experts(x_ND, plan, use_triton)

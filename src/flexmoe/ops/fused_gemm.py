@@ -304,14 +304,25 @@ def _expert_wgrad_kernel(
             out_ok = outs < O
             in_ok = ins < I
             acc = tl.zeros([BM, BN], dtype=ACC)
+            kk = tl.arange(0, BK)
+            g_ptrs = g_ptr + (first + kk)[None, :] * O + outs[:, None]  # advanced by BK rows (ungathered g)
+            x_ptrs = x_ptr + (first + kk)[:, None] * I + ins[None, :]  # likewise for x
             for r0 in range(first, end, BK):
-                rows = r0 + tl.arange(0, BK)
+                rows = r0 + kk
                 row_ok = rows < end
-                g_rows, g_ok = _source_rows(g_index_ptr, rows, row_ok, GATHER_G)
-                x_rows, x_ok = _source_rows(x_index_ptr, rows, row_ok, GATHER_X)
-                g = tl.load(g_ptr + g_rows[None, :] * O + outs[:, None], mask=g_ok[None, :] & out_ok[:, None], other=0.0)
-                x = tl.load(x_ptr + x_rows[:, None] * I + ins[None, :], mask=x_ok[:, None] & in_ok[None, :], other=0.0)
+                if GATHER_G:
+                    g_rows, g_ok = _source_rows(g_index_ptr, rows, row_ok, True)
+                    g = tl.load(g_ptr + g_rows[None, :] * O + outs[:, None], mask=g_ok[None, :] & out_ok[:, None], other=0.0)
+                else:
+                    g = tl.load(g_ptrs, mask=row_ok[None, :] & out_ok[:, None], other=0.0)
+                if GATHER_X:
+                    x_rows, x_ok = _source_rows(x_index_ptr, rows, row_ok, True)
+                    x = tl.load(x_ptr + x_rows[:, None] * I + ins[None, :], mask=x_ok[:, None] & in_ok[None, :], other=0.0)
+                else:
+                    x = tl.load(x_ptrs, mask=row_ok[:, None] & in_ok[None, :], other=0.0)
                 acc = tl.dot(g, x, acc, input_precision=PREC)
+                g_ptrs += BK * O
+                x_ptrs += BK * I
             tile = outs[:, None] * I + ins[None, :]
             slot = tl.load(block_slot_ptr + q).to(tl.int64)
             if slot < 0:
@@ -353,16 +364,15 @@ def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
     return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
 
 
-# Autotune sets (CUDA). BM is not tuned: it follows the rows per expert (``row_block_size``).
+# Autotune sets (CUDA), the two fastest of ``benchmarks/kernels.py --sweep`` per kernel on an H200
+# (2026-12-01; Qwen3-like, OLMoE-like and Mixtral-like shapes agree on them). BM is not tuned: it
+# follows the rows per expert (``row_block_size``). Weight gradients: one program per item
+# (PER_SM=0) beat the persistent grid by 5-35%.
 CONFIGS = {
-    "gate_up": [_config(4, 4, BN=64, BK=64), _config(8, 3, BN=64, BK=64), _config(8, 3, BN=128, BK=64),
-                _config(8, 4, BN=128, BK=64)],
-    "mm": [_config(4, 4, BN=64, BK=64), _config(4, 4, BN=128, BK=64), _config(8, 3, BN=128, BK=64),
-           _config(8, 3, BN=256, BK=64)],
-    "dgrad": [_config(4, 4, BN=64, BK=64), _config(8, 3, BN=64, BK=64), _config(8, 3, BN=128, BK=64),
-              _config(8, 3, BN=256, BK=64)],
-    "wgrad": [_config(4, 4, BM=64, BN=128, BK=64), _config(8, 3, BM=128, BN=128, BK=64),
-              _config(8, 3, BM=128, BN=256, BK=64)],
+    "gate_up": [_config(8, 3, BN=128, BK=64), _config(8, 4, BN=128, BK=64)],
+    "mm": [_config(8, 3, BN=256, BK=64), _config(8, 4, BN=256, BK=64)],
+    "dgrad": [_config(8, 4, BN=128, BK=64), _config(8, 3, BN=128, BK=128)],
+    "wgrad": [_config(8, 3, BM=128, BN=256, BK=64, PER_SM=0), _config(8, 3, BM=256, BN=128, BK=64, PER_SM=0)],
 }
 _DGRAD_MIN_BN = 64  # the routing-weight gradient has one partial per BN columns: sized for the narrowest
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
