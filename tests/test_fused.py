@@ -237,3 +237,17 @@ def test_tma_weight_loads_match_pointer_loads(activation):
         runs[tma] = [t[:n] for t in (h, a, y, dh, dscale, dx)]
     for name, got, want in zip(["h", "a", "y", "dh", "dscale", "dx"], runs[True], runs[False]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_runs_fused_paths_only_where_measured():
+    """"fused" / "hybrid" run as asked; "auto" and the others never take them off sm90 CUDA bf16."""
+    from flexmoe.ops._backend import fused_path
+
+    x = torch.randn(3, 8)
+    assert fused_path("fused", x, 2048, 768, 128, 8) == "fused"
+    assert fused_path("hybrid", x, 2048, 768, 128, 8) == "hybrid"
+    for kernels in ("auto", "triton", "torch", "per_expert"):
+        assert fused_path(kernels, x, 2048, 768, 128, 8) is None
+        assert fused_path(kernels, x.bfloat16(), 2048, 768, 128, 8) is None
+    with pytest.raises(ValueError, match="kernels"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, kernels="hybird")

@@ -95,7 +95,8 @@ class MoEConfig:
         docs/kernels.md) runs the one-device expert stage in fused Triton grouped GEMMs (gather
         in the operand load, activation in the epilogue); with expert parallelism it acts as
         "triton". "hybrid" is the fused forward with the backward in grouped GEMMs on re-gathered
-        rows ("auto" picks it where docs/kernels.md says it measured faster). "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
+        rows ("auto" picks it where docs/kernels.md says it measured faster; "triton" under expert
+        parallelism too). "per_expert" is "auto" with one cuBLAS GEMM per expert instead of the grouped
         GEMM (one host synchronisation per GEMM call, for few large experts).
     validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
         On CPU a non-finite input raises ValueError; on GPU the check is an asynchronous device
