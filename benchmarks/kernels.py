@@ -115,7 +115,7 @@ class Stages:
         self.dh_NH = self.unfused_dgrad()[0]
         self.uses_tma = fg.hopper_tma(self.w_gu) and fg.hopper_tma(self.w_dn)
         self.tma = None  # fused kernels: TMA weight loads where fg.hopper_tma allows (None), or pointer loads (False)
-        self.pointer_variants = self.uses_tma  # also check / time the pointer-load variants
+        self.load_variants = self.uses_tma  # also check / time TMA and pointer weight loads explicitly
 
     # unfused stages
     def unfused_gate_up(self):
@@ -187,10 +187,11 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
     ones are not compared."""
     n = int(st.plan.offsets_E[-1])
     out = []
-    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.pointer_variants]:
+    variants = [(s, tma) for s in TMA_STAGES for tma in (True, False)] if st.load_variants else []
+    for name, tma in [(s, None) for s in STAGES] + variants:
         st.tma = tma
         got, want = getattr(st, f"fused_{name}")(), getattr(st, f"unfused_{name}")()
-        label = f"{name} (pointer loads)" if tma is False else name
+        label = name if tma is None else f"{name} ({'TMA' if tma else 'pointer'} loads)"
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         for i, (g, w) in enumerate(zip(got, want)):
@@ -263,7 +264,7 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     hybrid = same_layer(layer, "hybrid")
     unfused = same_layer(layer, "triton")  # Triton permute / activation + grouped GEMMs: "auto" before issue 13
     st = Stages(layer, x_TD)
-    st.pointer_variants &= not args.sweep
+    st.load_variants &= not args.sweep
     counts = st.plan.counts_E.float()
     N, H = int(st.plan.offsets_E[-1]), st.w_gu.shape[1]
     print(f"\n## {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
@@ -284,23 +285,26 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             print(f"CUDA graph check FAILED: {type(exc).__name__}: {exc}")
     print_errors(errors)
 
-    print(f"\n### kernels (same inputs; fused weight loads: {'TMA' if st.uses_tma else 'pointer'})")
-    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, pointer loads ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n### kernels (same inputs; TMA weight loads {'possible' if st.uses_tma else 'not possible'})")
+    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, TMA loads ms "
+          "| fused, pointer loads ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in STAGES:
         try:
             t_u = timed(getattr(st, f"unfused_{name}"), args.reps, device)
             t_f = timed(getattr(st, f"fused_{name}"), args.reps, device)
-            t_p = float("nan")
-            if st.pointer_variants and name in TMA_STAGES:
-                st.tma = False
-                t_p = timed(getattr(st, f"fused_{name}"), args.reps, device)
+            t_v = {True: float("nan"), False: float("nan")}
+            if st.load_variants and name in TMA_STAGES:
+                for tma in t_v:
+                    st.tma = tma
+                    t_v[tma] = timed(getattr(st, f"fused_{name}"), args.reps, device)
                 st.tma = None
             tf = stage_flops(name, N, D, F, H) / (t_f * 1e-3) / 1e12
-            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% | {t_p:.3f} |")
+            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% "
+                  f"| {t_v[True]:.3f} | {t_v[False]:.3f} |")
         except Exception as exc:  # noqa: BLE001
             st.tma = None
-            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | |")
+            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | | |")
 
     p = st.plan
     for label, rows in (("x_TD -> x_ND", st.x_TD), ("dy_TD -> dy_ND", st.dy_TD)):

@@ -540,7 +540,9 @@ def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: 
 
 
 def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
-    """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load."""
+    """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load.
+
+    ``tma`` None means pointer loads: TMA weight loads measured 9-21% slower here on an H200."""
     N, (E, D, F) = schedule.num_rows, w_EDF.shape
     gated = activation == "swiglu"
     dh_NH = torch.empty_like(h_NH)
@@ -549,7 +551,7 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
     parts = triton.cdiv(F, _DGRAD_MIN_BN if dy_TD.device.type == "cuda" else _CPU_TILE["BN"])
     part_NP = torch.zeros((N, parts), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
     grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
-    mode = 2 if (hopper_tma(w_EDF) if tma is None else tma) else 0
+    mode = 2 if tma else 0
     _launch("dgrad", dy_TD.device, grid, dy_TD, row_token_N, w_EDF, _weight_desc(w_EDF, mode),
             h_NH, scale_N, dh_NH, part_NP, *schedule.tables, schedule.num_blocks, D, F, parts, GATED=gated,
             ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype), TMA=mode)
