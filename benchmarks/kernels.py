@@ -7,6 +7,7 @@ graph, and (few experts only) one cuBLAS GEMM per expert. TFLOP/s and % of a den
 measured in the same run. A failing case prints its error and the run goes on.
 
 GPU:  python benchmarks/kernels.py            (all shapes)    --quick: one shape, uniform
+      --sweep: autotune over a wide tile set (``SWEEP``) and print every config's time per kernel
 CPU smoke check (interpreted Triton, tiny shapes):  python benchmarks/kernels.py --tiny
 """
 
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 import flexmoe  # noqa: E402
 from flexmoe.ops import grouped_mm, permute, scaled_activation, unpermute_sum  # noqa: E402
 from flexmoe.ops import fused_gemm as fg  # noqa: E402
+from flexmoe.ops._backend import fused_path  # noqa: E402
 from flexmoe.ops.activation import swiglu_scaled_backward  # noqa: E402
 from flexmoe.ops.grouped_gemm import grouped_mm_loop_wgrad, has_fast_grouped_mm  # noqa: E402
 from flexmoe.ops.triton_kernels import gather_sum  # noqa: E402
@@ -35,7 +37,42 @@ from layer import SHAPES, header, matmul_tflops, skew_router_, timed, training_s
 from layer import flexmoe_variant as same_layer  # noqa: E402
 
 TINY = {"tiny": (64, 32, 8, 2)}
+_c = fg._config
+SWEEP = {  # wider autotune sets for --sweep: (warps, stages, tile); the library's sets are picked from these
+    "gate_up": [_c(4, 4, BN=64, BK=64), _c(8, 4, BN=64, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+                _c(8, 3, BN=64, BK=128), _c(8, 6, BN=128, BK=32), _c(8, 4, BN=128, BK=64, GROUP=4),
+                _c(8, 4, BN=128, BK=64, GROUP=16)],
+    "mm": [_c(4, 4, BN=64, BK=64), _c(4, 4, BN=128, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+           _c(8, 3, BN=256, BK=64), _c(8, 4, BN=256, BK=64), _c(8, 3, BN=128, BK=128), _c(8, 3, BN=256, BK=64, GROUP=16)],
+    "dgrad": [_c(4, 4, BN=64, BK=64), _c(8, 3, BN=64, BK=64), _c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64),
+              _c(8, 3, BN=256, BK=64), _c(8, 3, BN=128, BK=128), _c(8, 4, BN=256, BK=64)],
+    "wgrad": [_c(4, 4, BM=64, BN=128, BK=64), _c(8, 3, BM=128, BN=128, BK=64), _c(8, 3, BM=128, BN=256, BK=64),
+              _c(8, 4, BM=128, BN=128, BK=64), _c(8, 3, BM=128, BN=128, BK=64, PER_SM=0),
+              _c(8, 3, BM=128, BN=256, BK=64, PER_SM=0), _c(8, 4, BM=128, BN=128, BK=64, PER_SM=1),
+              _c(8, 5, BM=128, BN=128, BK=32), _c(8, 3, BM=256, BN=128, BK=64)],
+}
+
+
+def use_sweep_configs() -> None:
+    """Swap the library's autotuners for ones over ``SWEEP`` (quick timing per config)."""
+    for name, configs in SWEEP.items():
+        fg._tuned[name] = fg.autotuned(name, configs, warmup=5, rep=25)
+
+
 PER_EXPERT_MAX_E = 16  # the per-expert GEMM loop is only a candidate for few experts
+TUNER = {"gate_up": "gate_up", "down": "mm", "dgrad": "dgrad", "wgrad_down": "wgrad", "wgrad_gate_up": "wgrad", "dx": "mm"}
+
+
+def sweep_stages(st) -> None:
+    """Run each fused stage once (autotuning it over ``SWEEP``) and print every config's time."""
+    for name in STAGES:
+        getattr(st, f"fused_{name}")()
+        torch.cuda.synchronize()
+        tuner = fg._tuned[TUNER[name]]
+        timings = getattr(tuner, "configs_timings", None) or {}
+        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items()),
+                        key=lambda item: item[0])
+        print(f"sweep {name}: " + "; ".join(f"{ms:.3f} ms {cfg}" for ms, cfg in ranked))
 
 
 def wgrad_unfused(g_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -68,6 +105,7 @@ class Stages:
         self.dh_NH = self.unfused_dgrad()[0]
         self.uses_tma = fg.hopper_tma(self.w_gu) and fg.hopper_tma(self.w_dn)
         self.tma = None  # fused kernels: TMA weight loads where fg.hopper_tma allows (None), or pointer loads (False)
+        self.load_variants = self.uses_tma  # also check / time TMA and pointer weight loads explicitly
 
     # unfused stages
     def unfused_gate_up(self):
@@ -139,10 +177,11 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
     ones are not compared."""
     n = int(st.plan.offsets_E[-1])
     out = []
-    for name, tma in [(s, None) for s in STAGES] + [(s, False) for s in TMA_STAGES if st.uses_tma]:
+    variants = [(s, tma) for s in TMA_STAGES for tma in (True, False)] if st.load_variants else []
+    for name, tma in [(s, None) for s in STAGES] + variants:
         st.tma = tma
         got, want = getattr(st, f"fused_{name}")(), getattr(st, f"unfused_{name}")()
-        label = f"{name} (pointer loads)" if tma is False else name
+        label = name if tma is None else f"{name} ({'TMA' if tma else 'pointer'} loads)"
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         for i, (g, w) in enumerate(zip(got, want)):
@@ -155,7 +194,7 @@ def check_stages(st: Stages) -> list[tuple[str, float, float]]:
     return out
 
 
-def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tensor) -> list[tuple[str, float, float]]:
+def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tensor, label: str = "layer") -> list[tuple[str, float, float]]:
     """Fused layer against the unfused one: output, input gradient, every parameter gradient."""
     grad = torch.randn_like(x)
     results = []
@@ -168,10 +207,10 @@ def check_layer(layer: flexmoe.MoELayer, fused: flexmoe.MoELayer, x: torch.Tenso
         for p in module.parameters():
             p.grad = None
     (y0, gx0, gp0), (y1, gx1, gp1) = outs
-    results.append(("layer y", *max_rel_err(y1, y0)))
-    results.append(("layer dx", *max_rel_err(gx1, gx0)))
+    results.append((f"{label} y", *max_rel_err(y1, y0)))
+    results.append((f"{label} dx", *max_rel_err(gx1, gx0)))
     for (name, _), g0, g1 in zip(layer.named_parameters(), gp0, gp1):
-        results.append((f"layer d{name}", *max_rel_err(g1, g0)))
+        results.append((f"{label} d{name}", *max_rel_err(g1, g0)))
     return results
 
 
@@ -212,16 +251,23 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
         with torch.no_grad():
             skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
     fused = same_layer(layer, "fused")
+    hybrid = same_layer(layer, "hybrid")
+    unfused = same_layer(layer, "triton")  # Triton permute / activation + grouped GEMMs: "auto" before issue 13
     st = Stages(layer, x_TD)
+    st.load_variants &= not args.sweep
     counts = st.plan.counts_E.float()
     N, H = int(st.plan.offsets_E[-1]), st.w_gu.shape[1]
     print(f"\n## {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
           f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}")
 
+    if args.sweep:
+        print("\n### tile sweep (ms per config, fastest first)")
+        sweep_stages(st)
     print(f"\n### correctness on this device (fused vs unfused, {dtype})")
-    errors = check_stages(st) + check_layer(layer, fused, x_TD.unsqueeze(0))
+    errors = (check_stages(st) + check_layer(unfused, fused, x_TD.unsqueeze(0))
+              + check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer"))
     graphed = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not (args.sweep or args.no_graph):
         try:
             graph_errors, graphed = check_graph(fused, x_TD.unsqueeze(0))
             errors += graph_errors
@@ -229,31 +275,43 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
             print(f"CUDA graph check FAILED: {type(exc).__name__}: {exc}")
     print_errors(errors)
 
-    print(f"\n### kernels (same inputs; fused weight loads: {'TMA' if st.uses_tma else 'pointer'})")
-    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, pointer loads ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n### kernels (same inputs; TMA weight loads {'possible' if st.uses_tma else 'not possible'})")
+    print("| stage | unfused ms | fused ms | fused speedup | fused TFLOP/s | % of matmul | fused, TMA loads ms "
+          "| fused, pointer loads ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in STAGES:
         try:
             t_u = timed(getattr(st, f"unfused_{name}"), args.reps, device)
             t_f = timed(getattr(st, f"fused_{name}"), args.reps, device)
-            t_p = float("nan")
-            if st.uses_tma and name in TMA_STAGES:
-                st.tma = False
-                t_p = timed(getattr(st, f"fused_{name}"), args.reps, device)
+            t_v = {True: float("nan"), False: float("nan")}
+            if st.load_variants and name in TMA_STAGES:
+                for tma in t_v:
+                    st.tma = tma
+                    t_v[tma] = timed(getattr(st, f"fused_{name}"), args.reps, device)
                 st.tma = None
             tf = stage_flops(name, N, D, F, H) / (t_f * 1e-3) / 1e12
-            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% | {t_p:.3f} |")
+            print(f"| {name} | {t_u:.3f} | {t_f:.3f} | {t_u / t_f:.2f}x | {tf:.0f} | {100 * tf / tflops:.0f}% "
+                  f"| {t_v[True]:.3f} | {t_v[False]:.3f} |")
         except Exception as exc:  # noqa: BLE001
             st.tma = None
-            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | |")
+            print(f"| {name} | FAILED: {type(exc).__name__}: {exc} | | | | | | |")
 
+    p = st.plan
+    for label, rows in (("x_TD -> x_ND", st.x_TD), ("dy_TD -> dy_ND", st.dy_TD)):
+        print(f"gather {label} (what a hybrid with grouped weight gradients adds): "
+              f"{timed(lambda: permute(rows, p.row_token_N, p.pair_row_TK, True), args.reps, device):.3f} ms")
     if device.type == "cuda":
         picked = {name: getattr(tuner, "best_config", None) for name, tuner in fg._tuned.items()}
         print("last autotuned configs: " + "; ".join(f"{name} {cfg}" for name, cfg in picked.items()))
 
+
     flops = 18 * args.tokens * k * D * F
     print("\n### layer forward+backward\n| impl | ms | TFLOP/s | % of matmul | vs unfused |\n|---|---|---|---|---|")
-    impls = [("unfused (auto)", layer), ("fused", fused)]
+    auto_path = fused_path("auto", x_TD, D, F, E, k) or "unfused"
+    impls = [(f"unfused{' (auto)' if auto_path == 'unfused' else ''}", unfused), ("fused", fused),
+             ("hybrid (fused forward, grouped backward)", hybrid)]
+    if auto_path != "unfused":
+        impls.insert(1, (f"auto ({auto_path})", layer))
     if graphed is not None:
         impls.append(("fused + CUDA graph", graphed))
     if E <= PER_EXPERT_MAX_E:
@@ -276,6 +334,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU (interpreted Triton)")
     parser.add_argument("--quick", action="store_true", help="one shape (olmoe), uniform routing")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph check and timing")
+    parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)
@@ -287,6 +347,8 @@ def main() -> None:
         shapes, args.routing = {"olmoe": SHAPES["olmoe"]}, "uniform"
     if args.tiny:
         shapes, args.tokens, args.reps = TINY, 64, 1
+    if args.sweep:
+        use_sweep_configs()
     tflops = matmul_tflops(device)
     print(header(device) + f"  dense bf16 matmul: {tflops:.0f} TFLOP/s")
     for shape, (D, F, E, k) in shapes.items():

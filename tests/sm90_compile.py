@@ -33,19 +33,23 @@ def main() -> int:
     common = dict(ACC=tl.float32, PREC="tf32")
     cases = [
         (fg._gate_up_kernel, {"x_ptr": "*bf16", "row_token_ptr": "*i64", "w_ptr": "*bf16", "scale_ptr": "*fp32",
-                              "h_ptr": "*bf16", "a_ptr": "*bf16"}, dict(GATED=True, ACT=0, BM=128, w_desc=None), fg._GATED_CONFIGS),
+                              "h_ptr": "*bf16", "a_ptr": "*bf16"}, dict(GATED=True, ACT=0, BM=128, w_desc=None), fg.CONFIGS["gate_up"]),
         (fg._down_dgrad_kernel, {"dy_ptr": "*bf16", "row_token_ptr": "*i64", "w_ptr": "*bf16", "h_ptr": "*bf16",
                                  "scale_ptr": "*fp32", "dh_ptr": "*bf16", "dscale_part_ptr": "*fp32"},
-         dict(GATED=False, ACT=1, BM=128, w_desc=None), fg._DGRAD_CONFIGS),
+         dict(GATED=False, ACT=1, BM=128, w_desc=None), fg.CONFIGS["dgrad"]),
         (fg._expert_mm_kernel, {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(stride_wk=1, BM=64, w_desc=None),
-         fg._MM_CONFIGS),
+         fg.CONFIGS["mm"]),
         (fg._expert_wgrad_kernel, {"g_ptr": "*bf16", "g_index_ptr": "*i64", "x_ptr": "*bf16", "x_index_ptr": "*i32",
                                    "dw_ptr": "*bf16", "part_ptr": "*fp32", "block_slot_ptr": "*i32"},
-         dict(GATHER_G=True, GATHER_X=False), fg._WGRAD_CONFIGS),
+         dict(GATHER_G=True, GATHER_X=False), fg.CONFIGS["wgrad"]),
     ]
-    desc = {"w_desc": "tensordesc<bf16[64,64]>"}
+    def desc(mode: int, config: triton.Config) -> dict:  # the descriptor's tile is the config's weight tile
+        block = fg._weight_block(mode, config.kwargs["BN"], config.kwargs["BK"])
+        return {"w_desc": f"tensordesc<bf16[{block[0]},{block[1]}]>"}
+
     tma_cases = [  # weight tiles through TMA descriptors (the sm90 default)
-        (kernel, {**types, **desc}, {**{k: v for k, v in extra.items() if k != "w_desc"}, "TMA": mode}, configs)
+        (kernel, {**types, **desc(mode, configs[0])}, {**{k: v for k, v in extra.items() if k != "w_desc"}, "TMA": mode},
+         configs)
         for (kernel, types, extra, configs), mode in zip(cases[:3], (1, 2, 1))
     ]
     failed = False

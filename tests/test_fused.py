@@ -41,17 +41,22 @@ def _loop_reference(x, w_gu, w_down, expert_TK, weight_TK, keep_TK, activation):
 
 
 @pytest.mark.parametrize(
-    "case", ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths"]
+    "case", ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
+             "deep_widths"]
 )
-def test_fused_op_and_gradients_match_float64_loop(case):
+@pytest.mark.parametrize("grouped_backward", [False, True], ids=["fused_backward", "hybrid_backward"])
+def test_fused_op_and_gradients_match_float64_loop(case, grouped_backward):
     """Forward and the gradients of x, both weights and the routing weights, with many rows per
     expert (several row blocks, several weight-gradient blocks meeting by atomic adds)."""
-    cases = ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths"]
+    cases = ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
+             "deep_widths"]
     torch.manual_seed(cases.index(case))
     T, K, E, D, Fd = 40, 2, 4, 16, 24
     activation = ["swiglu", "gelu", "relu"][cases.index(case) % 3]
     if case == "odd_widths":
         D, Fd, activation = 24, 40, "swiglu"
+    elif case == "deep_widths":  # several depth steps: D with a ragged last step, F and 2F whole ones
+        D, Fd, activation = 72, 32, "swiglu"
     elif case == "one_token":
         T = 1
     elif case == "top_k_is_E":
@@ -73,7 +78,8 @@ def test_fused_op_and_gradients_match_float64_loop(case):
     w_down = (0.3 * torch.randn(E, D, Fd, dtype=torch.float64)).requires_grad_(True)
     weight_TK = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
     plan = make_dispatch_plan(expert_TK, weight_TK, keep_TK, E)
-    y = fused_expert_ffn(x, w_gu, w_down, plan.offsets_E, plan.row_token_N, plan.pair_row_TK, plan.row_weight_N, activation)
+    y = fused_expert_ffn(x, w_gu, w_down, plan.offsets_E, plan.row_token_N, plan.pair_row_TK, plan.row_weight_N, activation,
+                         grouped_backward)
     probe = torch.randn(T, D, dtype=torch.float64)
     grads = torch.autograd.grad((y * probe).sum(), [x, w_gu, w_down, weight_TK])
 
@@ -88,40 +94,44 @@ def test_fused_op_and_gradients_match_float64_loop(case):
         assert grads[1][3:].abs().max() == 0 and grads[2][3:].abs().max() == 0
 
 
+@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
 @pytest.mark.parametrize("seed", range(6))
-def test_fused_layer_matches_reference_on_random_configs(seed):
-    """The whole layer with kernels="fused" (gelu / relu / swiglu, capacity, shared experts),
-    float64 and float32, against tests/reference.py."""
+def test_fused_layer_matches_reference_on_random_configs(seed, kernels):
+    """The whole layer with kernels="fused" / "hybrid" (gelu / relu / swiglu, capacity, shared
+    experts), float64 and float32, against tests/reference.py."""
     rng = random.Random(300 + seed)
     torch.manual_seed(seed)
     dtype = torch.float64 if seed % 2 == 0 else torch.float32
-    cfg = random_config(rng, kernels="fused", d_model=rng.choice([8, 24]), d_ff=rng.choice([8, 40]))
+    cfg = random_config(rng, kernels=kernels, d_model=rng.choice([8, 24]), d_ff=rng.choice([8, 40]))
     layer = flexmoe.MoELayer(cfg).to(dtype)
     x = torch.randn(rng.randint(1, 12), cfg.d_model, dtype=dtype)
     check_against_reference(layer, x, tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
-def test_fused_layer_capacity_drops_match_reference():
+@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+def test_fused_layer_capacity_drops_match_reference(kernels):
     torch.manual_seed(5)
-    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, init_std=1.0, kernels="fused")
+    cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, init_std=1.0, kernels=kernels)
     layer = flexmoe.MoELayer(cfg).double()
     x = torch.randn(20, 8, dtype=torch.float64)
     check_against_reference(layer, x, tol=1e-10)
     assert layer.last_counts.sum() == 4 * cfg.capacity(20)
 
 
-def test_fused_layer_no_tokens():
-    layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=4, kernels="fused")).double()
+@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+def test_fused_layer_no_tokens(kernels):
+    layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=4, kernels=kernels)).double()
     x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     y.sum().backward()
     assert y.shape == (0, 8) and layer.experts.gate_up_proj.grad.abs().sum() == 0
 
 
-def test_fused_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+def test_fused_compiles_fullgraph_and_matches_eager(kernels):
     torch.manual_seed(0)
     torch._dynamo.reset()
-    cfg = flexmoe.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, aux_loss_coef=0.01, num_shared_experts=1, kernels="fused")
+    cfg = flexmoe.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, aux_loss_coef=0.01, num_shared_experts=1, kernels=kernels)
     eager = flexmoe.MoELayer(cfg).double()
     compiled_layer = copy.deepcopy(eager)
     compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
@@ -227,3 +237,17 @@ def test_tma_weight_loads_match_pointer_loads(activation):
         runs[tma] = [t[:n] for t in (h, a, y, dh, dscale, dx)]
     for name, got, want in zip(["h", "a", "y", "dh", "dscale", "dx"], runs[True], runs[False]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_runs_fused_paths_only_where_measured():
+    """"fused" / "hybrid" run as asked; "auto" and the others never take them off sm90 CUDA bf16."""
+    from flexmoe.ops._backend import fused_path
+
+    x = torch.randn(3, 8)
+    assert fused_path("fused", x, 2048, 768, 128, 8) == "fused"
+    assert fused_path("hybrid", x, 2048, 768, 128, 8) == "hybrid"
+    for kernels in ("auto", "triton", "torch", "per_expert"):
+        assert fused_path(kernels, x, 2048, 768, 128, 8) is None
+        assert fused_path(kernels, x.bfloat16(), 2048, 768, 128, 8) is None
+    with pytest.raises(ValueError, match="kernels"):
+        flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, kernels="hybird")

@@ -15,6 +15,7 @@ from torch import nn
 from .config import MoEConfig
 from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.activation import clamped_swiglu
+from .ops._backend import fused_path
 from .ops.fused_experts import fused_expert_ffn
 
 if TYPE_CHECKING:
@@ -80,13 +81,14 @@ class GroupedExperts(nn.Module):
         valid_N1 = (row_N < offsets_E[-1:]).unsqueeze(-1)
         return torch.where(valid_N1, y_ND + bias_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
 
-    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan, grouped_backward: bool = False) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:
-        ``y[t] = sum_k weight[t, k] * FFN_e(x[t])`` over the plan's kept pairs, gather and combine included."""
+        ``y[t] = sum_k weight[t, k] * FFN_e(x[t])`` over the plan's kept pairs, gather and combine included.
+        ``grouped_backward`` ("hybrid"): the backward in grouped GEMMs on re-gathered rows."""
         dtype = x_TD.dtype
         return fused_expert_ffn(
             x_TD, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), plan.offsets_E, plan.row_token_N,
-            plan.pair_row_TK, plan.row_weight_N, self.config.activation,
+            plan.pair_row_TK, plan.row_weight_N, self.config.activation, grouped_backward,
         )
 
     def begin_forward(self) -> None:
@@ -95,8 +97,12 @@ class GroupedExperts(nn.Module):
     def run(self, x_TD: torch.Tensor, plan: "DispatchPlan", use_triton: bool) -> torch.Tensor:
         """The layer's expert stage: tokens in, ``sum_k weight * FFN_k(token)`` out (here every
         expert is local; ``flexmoe.parallel.ParallelExperts`` spreads them over ranks)."""
-        if self.config.kernels == "fused":  # gather in the gate_up load, combine after the down GEMM
-            return self.forward_tokens(x_TD, plan)
+        cfg = self.config
+        path = None  # "fused" / "hybrid": gather in the gate_up load, combine after the down GEMM
+        if self.gate_up_proj_bias is None and cfg.activation != "swiglu_clamped":
+            path = fused_path(cfg.kernels, x_TD, cfg.d_model, cfg.d_ff, self.num_experts, cfg.top_k)
+        if path is not None:
+            return self.forward_tokens(x_TD, plan, grouped_backward=path == "hybrid")
         x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
         y_ND = self(x_ND, plan.offsets_E, plan.row_weight_N, use_triton)
         return unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)

@@ -102,3 +102,24 @@ def scaled_activation(
         act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
     out = act * scale_N.to(h_NF.dtype).unsqueeze(-1)
     return torch.where(_row_mask(h_NF.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def scaled_activation_backward(
+    h_NH: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, activation: str,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, dscale)`` of ``scaled_activation`` for the output gradient ``grad_NF`` (rows at or
+    past ``valid_1[0]`` get zeros), without an autograd graph: for backward passes written by hand."""
+    if activation == "swiglu":
+        if use_triton:
+            return triton_kernels().swiglu_scaled_bwd(h_NH, scale_N, valid_1, grad_NF)
+        return _torch_swiglu_scaled_backward(h_NH, scale_N, valid_1, grad_NF)
+    grad_NF = torch.where(_row_mask(h_NH.shape[0], valid_1), grad_NF, torch.zeros((), dtype=grad_NF.dtype, device=grad_NF.device))
+    if activation == "gelu":
+        cdf_NF = 0.5 * (1 + torch.erf(h_NH * 0.7071067811865476))
+        act_NF, dact_NF = h_NH * cdf_NF, cdf_NF + h_NH * torch.exp(-0.5 * h_NH * h_NH) * 0.3989422804014327
+    else:
+        act_NF, dact_NF = F.relu(h_NH), (h_NH > 0).to(h_NH.dtype)
+    acc = torch.float32 if h_NH.dtype in (torch.bfloat16, torch.float16) else h_NH.dtype
+    dscale_N = (act_NF.to(acc) * grad_NF.to(acc)).sum(-1).to(scale_N.dtype)
+    return grad_NF * scale_N.to(h_NH.dtype).unsqueeze(-1) * dact_NF, dscale_N

@@ -87,3 +87,11 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor,
     if not per_expert and has_fast_grouped_mm(x_NI, w_EOI):
         return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E)
     return grouped_mm_loop(x_NI.contiguous(), w_EOI.contiguous(), offsets_E)
+
+
+def grouped_wgrad(grad_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``dw[e] = grad_e^T @ x_e`` (``[E, O, I]``; zero for groups without rows): ``torch._grouped_mm``
+    where it has a fast kernel, else the per-group loop."""
+    if has_fast_grouped_mm(grad_NO, x_NI.unsqueeze(0)):
+        return torch._grouped_mm(grad_NO.t(), x_NI, offs=offsets_E)
+    return grouped_mm_loop_wgrad(grad_NO.contiguous(), x_NI.contiguous(), offsets_E)
