@@ -91,6 +91,7 @@ class _Change:
     old: PlacementTable
     new: PlacementTable
     move_time: float
+    revert: bool = False  # the guard's return to static EP, not the planner's change
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +164,12 @@ class Replanner:
             raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
         horizon = 1.0 if truth else float(self.policy.interval)
         seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
-        plans = []
+        plans, reverts = [], set()
         for i, table in enumerate(tables):
             margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
             if behind:
                 new = _finish_as(table, PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank))
+                reverts.add(i)
             elif seen[i] is None:
                 new = table
             else:
@@ -182,7 +184,7 @@ class Replanner:
         for i, (table, p) in enumerate(zip(tables, plans)):
             if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
                 move = cost.move_time(table, p.table)
-                self._changes[i] = _Change(table, p.table, move)
+                self._changes[i] = _Change(table, p.table, move, i in reverts)
                 self.spent_L[i] += move
         return plans
 
@@ -204,7 +206,8 @@ class Replanner:
         if change is not None and self._recent:
             before = sum(cost.step_time(change.old, c_LWE[layer]).total for c_LWE in self._recent)
             paid = before - sum(used) - change.move_time >= 0
-            self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
+            if not change.revert:  # a return to static that paid says the planner's table did not
+                self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
             self._changes[layer] = None
         behind = self.spent_L[layer] > self.static_L[layer] * (1.0 + 1e-12) and not _same_slots(table, static)
         if behind:
@@ -221,7 +224,8 @@ class Replanner:
             "static": list(self.static_L),
             "recent": [c.tolist() for c in self._recent],
             "changes": [None if c is None else {"old": c.old.state_dict(), "new": c.new.state_dict(),
-                                                "move_time": c.move_time} for c in self._changes],
+                                                "move_time": c.move_time, "revert": c.revert}
+                        for c in self._changes],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,7 +239,8 @@ class Replanner:
         self.static_L = [float(x) for x in state["static"]]
         self._recent = [np.array(c, dtype=np.float64) for c in state["recent"]]
         self._changes = [None if c is None else _Change(PlacementTable.from_state_dict(c["old"]),
-                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]))
+                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]),
+                                                        bool(c.get("revert", False)))
                          for c in state["changes"]]
 
     def _fit_budget(self, tables, seen, plans, cost, horizon) -> list[LayerPlan]:
