@@ -16,7 +16,8 @@ true counts, through the cost model):
 
 - the previous change is replayed: if, net of its move time, it did worse than keeping the table
   it replaced, that is a miss. After ``m`` consecutive misses a change must beat keeping the
-  current table by an extra ``guard_gain * (2^m - 1)`` (relative); a change that paid resets it.
+  current table by an extra ``guard_gain * (2^m - 1)`` (relative); a planner's change that paid
+  resets it (the guard's return to static does not: that it paid says the planner's table did not).
 - the layer's modelled time so far (tables used plus moves) is compared with what static EP
   would have cost on the same steps: when it is behind, the layer goes back to static EP (a
   miss too), so a layer where planning does not pay loses at most a few excursions.
