@@ -146,6 +146,46 @@ def test_simulate_one_rank_trace_over_virtual_ranks(one_rank_trace, capsys, tmp_
     assert oracle["balance_mean"] < static["balance_mean"]
 
 
+@pytest.mark.parametrize("argv, policy", [
+    (["--interval", "2", "--warmup", "1", "--no-guard"], dict(interval=2, warmup=1, guard=False)),
+    (["--interval", "3", "--predictor", "window_max", "--predictor-window", "4", "--guard-gain", "0.1"],
+     dict(interval=3, predictor=dict(kind="window_max", window=4), guard_gain=0.1)),
+    (["--interval", "2", "--predictor", "ema", "--predictor-decay", "0.5", "--bytes-budget", "1e6"],
+     dict(interval=2, predictor=dict(kind="ema", decay=0.5), bytes_budget=1e6)),
+], ids=["no-guard", "window-max", "ema-budget"])
+def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_path, capsys, argv, policy):
+    from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
+    from flexmoe.sim import read_trace, simulate
+    from flexmoe.sim.trace import deal_to_ranks
+
+    summary = tmp_path / "s.json"
+    assert main(["simulate", str(one_rank_trace), "--planners", "static,greedy,eplb", "--world-size", "4",
+                 "--json", str(summary), *argv, *SMALL_COST]) == 0
+    assert "re-plan every" in capsys.readouterr().out
+    if "predictor" in policy:
+        policy["predictor"] = PredictorConfig(**policy["predictor"])
+    trace = read_trace(one_rank_trace)
+    trace = RoutingTrace(deal_to_ranks(trace.counts_TLWE, 4), trace.steps_T, trace.meta)
+    cost = CostModel.from_shape(64, 32, flops=764e12, mem_bw=3.0e12, a2a_bw=350e9)
+    planners = [make_planner(n) for n in ("static", "greedy", "eplb")]
+    want = [r.summary() for r in simulate(trace, planners, cost, 4, 4, ReplanPolicy(**policy))]
+    default = [r.summary() for r in simulate(trace, planners, cost, 4, 4)]
+    assert json.loads(summary.read_text()) == pytest.approx(want)
+    assert want != default  # the flags change the replay, so ignoring them would fail here
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--predictor", "trend", "--predictor-window", "0"], "PredictorConfig.window"),
+    (["--guard-gain", "1.5"], "guard_gain"),
+    (["--bytes-budget", "-1"], "bytes_budget"),
+])
+def test_simulate_bad_policy_flags(one_rank_trace, capsys, argv, match):
+    assert_one_line_error(capsys, one_rank_trace.parent, ["simulate", str(one_rank_trace), "--json", "s.json",
+                                                          *argv, *SMALL_COST], match)
+
+
 def test_deal_to_ranks_matches_dealing_rows_one_by_one():
     from flexmoe.sim.trace import deal_to_ranks
 

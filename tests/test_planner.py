@@ -275,6 +275,7 @@ def test_measure_on_cpu():
     cost = measure_cost_model(32, 16, rows=64, local_experts=2, repeats=1)
     assert cost.c_tok > 0 and cost.a2a_bw > 0 and cost.c_slot >= 0
     assert cost.bytes_per_token == 32 * 4
+    assert cost.sync_bw is None and cost.move_bw is None  # one rank, no fabric: both fall back to a2a_bw
 
 
 # ---- planners ----------------------------------------------------------------------------------
@@ -549,12 +550,28 @@ def _plan_on_rank(rank: int, world: int, port: int) -> None:
         for other in gathered:
             assert torch.equal(other, gathered[0])
         cost = measure_cost_model(32, 16, rows=32, local_experts=2, repeats=1, group=dist.group.WORLD)
-        agreed = torch.tensor([cost.c_tok, cost.c_slot, cost.a2a_bw], dtype=torch.float64)
+        agreed = torch.tensor([cost.c_tok, cost.c_slot, cost.a2a_bw, cost.sync_bw, cost.move_bw], dtype=torch.float64)
         both = [torch.empty_like(agreed) for _ in range(world)]
         dist.all_gather(both, agreed)
-        assert torch.equal(both[0], both[1]) and cost.a2a_bw > 0
+        assert torch.equal(both[0], both[1])
+        _assert_bandwidths_measured_and_used(cost)
     finally:
         dist.destroy_process_group()
+
+
+def _assert_bandwidths_measured_and_used(cost: CostModel) -> None:
+    """All-to-all, replica sync and move bandwidths are measured apart (positive, finite) and each
+    sets its own term: a2a bytes / a2a_bw, ring all-reduce / sync_bw, one replica copy / move_bw."""
+    for name in ("a2a_bw", "sync_bw", "move_bw"):
+        value = getattr(cost, name)
+        assert value is not None and np.isfinite(value) and value > 0, (name, value)
+    static = PlacementTable.static(2, 2, 2)
+    replicated = PlacementTable(2, np.array([[0, -1], [1, 0]]), np.array([[0.5, 0.0], [1.0, 0.5]]), 1)
+    counts_WE = np.array([[0, 3], [5, 0]])
+    step = cost.step_time(static, counts_WE)
+    assert step.a2a == pytest.approx(cost.a2a_passes * 5 * cost.bytes_per_token / cost.a2a_bw)
+    assert cost.step_time(replicated, counts_WE).sync == pytest.approx(cost.grad_bytes / cost.sync_bw)
+    assert cost.move_time(static, replicated) == pytest.approx(cost.move_bytes / cost.move_bw)
 
 
 def test_identical_plans_and_measured_costs_across_processes():

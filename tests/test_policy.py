@@ -157,6 +157,13 @@ def test_guard_returns_a_layer_that_is_behind_static():
     tables = [p.table for p in replanner.plan(tables, cost)]
     np.testing.assert_array_equal(tables[0].slot_expert_WS, static.slot_expert_WS)
     assert tables[0].version == replicated.version + 1 and replanner.misses_L[0] == 1
+    # the return to static pays (no replica sync any more), but that shows the planner's table did
+    # not: the miss stands, so the planner's next change still needs the margin
+    for _ in range(5):
+        replanner.observe(uniform)
+    (again,) = replanner.plan(tables, cost)
+    assert again.table is tables[0] and replanner.misses_L[0] == 1
+    assert again.margin == pytest.approx(ReplanPolicy().guard_gain)
 
 
 def test_replanner_resume_makes_the_same_plans():

@@ -16,7 +16,8 @@ true counts, through the cost model):
 
 - the previous change is replayed: if, net of its move time, it did worse than keeping the table
   it replaced, that is a miss. After ``m`` consecutive misses a change must beat keeping the
-  current table by an extra ``guard_gain * (2^m - 1)`` (relative); a change that paid resets it.
+  current table by an extra ``guard_gain * (2^m - 1)`` (relative); a planner's change that paid
+  resets it (the guard's return to static does not: that it paid says the planner's table did not).
 - the layer's modelled time so far (tables used plus moves) is compared with what static EP
   would have cost on the same steps: when it is behind, the layer goes back to static EP (a
   miss too), so a layer where planning does not pay loses at most a few excursions.
@@ -91,6 +92,7 @@ class _Change:
     old: PlacementTable
     new: PlacementTable
     move_time: float
+    revert: bool = False  # the guard's return to static EP, not the planner's change
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +165,12 @@ class Replanner:
             raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
         horizon = 1.0 if truth else float(self.policy.interval)
         seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
-        plans = []
+        plans, reverts = [], set()
         for i, table in enumerate(tables):
             margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
             if behind:
                 new = _finish_as(table, PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank))
+                reverts.add(i)
             elif seen[i] is None:
                 new = table
             else:
@@ -182,7 +185,7 @@ class Replanner:
         for i, (table, p) in enumerate(zip(tables, plans)):
             if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
                 move = cost.move_time(table, p.table)
-                self._changes[i] = _Change(table, p.table, move)
+                self._changes[i] = _Change(table, p.table, move, i in reverts)
                 self.spent_L[i] += move
         return plans
 
@@ -204,7 +207,8 @@ class Replanner:
         if change is not None and self._recent:
             before = sum(cost.step_time(change.old, c_LWE[layer]).total for c_LWE in self._recent)
             paid = before - sum(used) - change.move_time >= 0
-            self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
+            if not change.revert:  # a return to static that paid says the planner's table did not
+                self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
             self._changes[layer] = None
         behind = self.spent_L[layer] > self.static_L[layer] * (1.0 + 1e-12) and not _same_slots(table, static)
         if behind:
@@ -221,7 +225,8 @@ class Replanner:
             "static": list(self.static_L),
             "recent": [c.tolist() for c in self._recent],
             "changes": [None if c is None else {"old": c.old.state_dict(), "new": c.new.state_dict(),
-                                                "move_time": c.move_time} for c in self._changes],
+                                                "move_time": c.move_time, "revert": c.revert}
+                        for c in self._changes],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,7 +240,8 @@ class Replanner:
         self.static_L = [float(x) for x in state["static"]]
         self._recent = [np.array(c, dtype=np.float64) for c in state["recent"]]
         self._changes = [None if c is None else _Change(PlacementTable.from_state_dict(c["old"]),
-                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]))
+                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]),
+                                                        bool(c.get("revert", False)))
                          for c in state["changes"]]
 
     def _fit_budget(self, tables, seen, plans, cost, horizon) -> list[LayerPlan]:

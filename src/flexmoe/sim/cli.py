@@ -1,6 +1,7 @@
 """``flexmoe simulate``: replay a routing trace under several placement planners.
 
     flexmoe simulate TRACE [--planners static,greedy,...] [--world-size W] [--slots-per-rank S] [--plot out.png]
+                     [--interval N] [--warmup N] [--predictor KIND] [--no-guard]   # the ReplanPolicy
     flexmoe simulate --synthetic [TRACE] [--steps ...]   # generate a trace (saved to TRACE if given), then replay it
 
 "rank balance" here is max / mean token load over *ranks* (what placement changes); training's
@@ -20,6 +21,8 @@ import sys
 
 from ..placement.cost_model import CostModel
 from ..placement.planner import PLANNERS, make_planner
+from ..placement.policy import ReplanPolicy
+from ..placement.predict import PREDICTORS, PredictorConfig
 from .simulator import format_table, plot_results, simulate
 from .synthetic import SyntheticTraceConfig, generate_trace
 from .trace import RoutingTrace, deal_to_ranks, read_trace
@@ -41,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None,
                         help="write a PNG of rank balance and step time over steps (needs matplotlib; default: none)")
     parser.add_argument("--json", default=None, help="write the summary rows as JSON to this file (default: none)")
+    _add_policy_arguments(parser)
     cost = parser.add_argument_group("cost model (per expert shape and hardware rates)")
     cost.add_argument("--d-model", type=int, default=2048, help="model width D of the experts (default: %(default)s)")
     cost.add_argument("--d-ff", type=int, default=768, help="expert hidden width F (default: %(default)s)")
@@ -77,6 +81,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         syn.add_argument(flag, type=kind, default=getattr(defaults, field), help=f"{help_text} (default: %(default)s)")
 
 
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``ReplanPolicy`` flags: the runtime scheduler's cadence, predictor and guard."""
+    pol = parser.add_argument_group("re-plan policy (the runtime scheduler's; the oracle plans before every step)")
+    base, pred = ReplanPolicy(), PredictorConfig()
+    pol.add_argument("--interval", type=int, default=base.interval,
+                     help="steps between plans; a plan is kept that long (default: %(default)s)")
+    pol.add_argument("--warmup", type=int, default=None,
+                     help="steps observed before the first plan (default: the interval)")
+    pol.add_argument("--predictor", choices=("planner", *PREDICTORS), default="planner",
+                     help="load predictor of every layer: ema, window_max, mean_std or trend (see "
+                          "docs/placement_planning.md), or planner for each planner's own (default: %(default)s)")
+    for flag, kind, what in (("--predictor-decay", float, "ema decay (0: the last step)"),
+                             ("--predictor-window", int, "steps in the window of window_max, mean_std, trend"),
+                             ("--predictor-z", float, "std multiple of mean_std"),
+                             ("--predictor-lead", float, "steps ahead trend extrapolates")):
+        pol.add_argument(flag, type=kind, default=getattr(pred, flag[12:]), help=f"{what} (default: %(default)s)")
+    pol.add_argument("--guard", action=argparse.BooleanOptionalAction, default=base.guard,
+                     help="judge past plans on the observed steps (misses, account against static, backtest); "
+                          "--no-guard takes every plan (default: on)")
+    pol.add_argument("--guard-gain", type=float, default=base.guard_gain,
+                     help="hysteresis step: extra relative gain a change needs after each miss (default: %(default)s)")
+    pol.add_argument("--bytes-budget", type=float, default=None,
+                     help="network bytes one plan may move over all layers (default: no limit)")
+
+
+def _policy(args) -> ReplanPolicy:
+    """The ``ReplanPolicy`` of the flags (the same object ``PlacementScheduler`` takes)."""
+    for flag, value, low in (("--interval", args.interval, 1), ("--warmup", args.warmup, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    predictor = None
+    if args.predictor != "planner":
+        predictor = PredictorConfig(args.predictor, decay=args.predictor_decay, window=args.predictor_window,
+                                    z=args.predictor_z, lead=args.predictor_lead)
+    return ReplanPolicy(interval=args.interval, warmup=args.warmup, predictor=predictor, guard=args.guard,
+                        guard_gain=args.guard_gain, bytes_budget=args.bytes_budget)
+
+
+def _describe(policy: ReplanPolicy) -> str:
+    p = policy.predictor
+    predictor = "each planner's own" if p is None else {
+        "ema": f"ema decay {p.decay}", "window_max": f"window max {p.window}",
+        "mean_std": f"mean + {p.z} std over {p.window}", "trend": f"trend over {p.window}, {p.lead} ahead"}[p.kind]
+    budget = "" if policy.bytes_budget is None else f", at most {policy.bytes_budget:.3g} bytes a plan"
+    return (f"re-plan every {policy.interval} steps from step {policy.first_plan}, predictor {predictor}, "
+            f"guard {'on (gain ' + str(policy.guard_gain) + ')' if policy.guard else 'off'}{budget}")
+
+
 def _cost(args) -> CostModel:
     extra = {"a2a_bw_inter": args.a2a_bw_inter, "ranks_per_node": args.ranks_per_node}
     if args.measure:
@@ -95,8 +147,9 @@ def run(args) -> int:
         return 2
 
 
-def _check_args(args) -> list:
-    """The planners, after every check that needs no trace (so nothing runs or is written first)."""
+def _check_args(args) -> tuple[list, ReplanPolicy]:
+    """The planners and the policy, after every check that needs no trace (so nothing runs or is
+    written first)."""
     if not args.synthetic and not args.trace:
         raise ValueError("give a TRACE file or --synthetic")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -110,7 +163,7 @@ def _check_args(args) -> list:
     if unknown or not names:
         what = f"unknown planner {', '.join(map(repr, unknown))}" if unknown else "no planner"
         raise ValueError(f"{what} in --planners; choose from {', '.join(PLANNERS)}")
-    return [make_planner(n) for n in names]
+    return [make_planner(n) for n in names], _policy(args)
 
 
 def _load_trace(args) -> RoutingTrace | None:
@@ -150,7 +203,7 @@ def _ranks(trace: RoutingTrace, world_size: int | None) -> tuple[RoutingTrace, i
 
 
 def _run(args) -> int:
-    planners = _check_args(args)
+    planners, policy = _check_args(args)
     trace = _load_trace(args)
     if trace is None:
         return 0
@@ -160,9 +213,10 @@ def _run(args) -> int:
         raise ValueError(f"{args.trace} holds no complete step (every layer recorded) to replay")
     trace, W, note = _ranks(trace, args.world_size)
     S = args.slots_per_rank or -(-trace.num_experts // W) + 2
-    results = simulate(trace, planners, _cost(args), world_size=W, slots_per_rank=S)
+    results = simulate(trace, planners, _cost(args), world_size=W, slots_per_rank=S, policy=policy)
     print(f"{trace.num_steps} steps x {trace.num_layers} layers, {W} ranks, {trace.num_experts} experts, "
           f"{S} slots per rank")
+    print(_describe(policy))
     if note:
         print(note)
     print(format_table(results))
