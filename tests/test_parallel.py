@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexmoe import MoEConfig, MoELayer
 from flexmoe.parallel import EPGroup, ParallelConfig, all_to_all_v
@@ -256,6 +257,44 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
         assert grads[2][5].abs().max() == 0, "the empty slot gets a zero gradient"
         report = ep.experts.memory_report
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
+
+
+class _WgradCalls(TorchDispatchMode):
+    """Records the (rows, out width, in width) of every expert weight-gradient GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.flexmoe.grouped_mm_loop_wgrad.default:
+            grad_NO, x_NI = args[0], args[1]
+            self.calls.append((grad_NO.shape[0], grad_NO.shape[1], x_NI.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("memory", ["keep", "recompute", "recommunicate", "both"])
+def test_chunked_backward_computes_each_weight_gradient_once(memory):
+    """A pipeline of 4 chunks: one weight-gradient GEMM per expert weight over the rows of all
+    chunks (it used to be one full-size gradient per chunk, added up), and the same gradients
+    as one chunk."""
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    x = torch.randn(13, 8, dtype=torch.float64)
+    grads = {}
+    for degree in (1, 4):
+        torch.manual_seed(0)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory=memory)).double()
+        y = ep(x)
+        recorder = _WgradCalls()
+        with recorder:
+            (y * y.detach().cos()).sum().backward()
+        rows = ep.experts.last_exchange.expert_rows
+        assert ep.experts.last_pipeline_degree == degree and rows > 0
+        assert sorted(recorder.calls) == sorted([(rows, 12, 8), (rows, 8, 6)]), recorder.calls
+        grads[degree] = [p.grad.clone() for p in ep.experts.parameters()]
+    for got, want in zip(grads[4], grads[1]):
+        _check("weight grad, 4 chunks against 1", got, want, F64_TOL)
 
 
 def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():

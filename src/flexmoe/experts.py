@@ -15,6 +15,7 @@ from torch import nn
 from .config import MoEConfig
 from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.fused_experts import fused_expert_ffn
+from .ops.grouped_gemm import WgradRows, record_wgrad_rows
 
 if TYPE_CHECKING:
     from .plan import DispatchPlan
@@ -38,17 +39,25 @@ class GroupedExperts(nn.Module):
         return self.gate_up_proj.shape[0]
 
     def forward(
-        self, x_ND: torch.Tensor, offsets_E: torch.Tensor, scale_N: torch.Tensor, use_triton: bool
+        self, x_ND: torch.Tensor, offsets_E: torch.Tensor, scale_N: torch.Tensor, use_triton: bool,
+        wgrad_rows: WgradRows | None = None,
     ) -> torch.Tensor:
         """``y[i] = scale[i] * FFN_e(x[i])`` for the expert e whose group holds row i.
 
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
-        unless running under autocast with float32 parameters).
+        unless running under autocast with float32 parameters). ``wgrad_rows`` (2 entries)
+        receives, in backward, each GEMM's input rows and output gradient (gate_up, then down),
+        for callers that compute the weight gradients themselves (the chunked EP stage).
         """
         per_expert = self.config.kernels == "per_expert"
         h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E, per_expert)
+        if wgrad_rows is not None:
+            h_NH = record_wgrad_rows(h_NH, x_ND, wgrad_rows, 0)
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], self.config.activation, use_triton)
-        return grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+        y_ND = grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+        if wgrad_rows is not None:
+            y_ND = record_wgrad_rows(y_ND, a_NF, wgrad_rows, 1)
+        return y_ND
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel import ParallelExperts
-from ..parallel.agreement import SYNC, check_envelope
+from ..parallel.agreement import SYNC
 from ..placement.table import table_digest
 
 
@@ -69,7 +69,7 @@ def check_sync_point(model: nn.Module) -> None:
         steps = [stage.forward_steps for stage in stages]
         fields = {"forward steps of the EP layers": repr(steps)}
         timeout = min(stage.parallel.timeout_s for stage in stages)
-        check_envelope(stages[0].ep_group, SYNC, steps[0], fields, timeout, stages[0].gate_up_proj.device)
+        stages[0].agreement.check(SYNC, steps[0], fields, timeout, stages[0].gate_up_proj.device)
 
 
 def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
