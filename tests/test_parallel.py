@@ -655,6 +655,33 @@ def case_rank_that_raises_and_stays_alive(env):
     dist.barrier()
 
 
+def case_forward_checks_agreement_in_its_counts_all_gather(env):
+    """After a layer's first check, an exact forward is ONE all-gather (envelope + counts), a
+    backward one (its check), and a rank that changed something since is still caught there."""
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    calls = []
+    real = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].numel())
+        return real(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        y = layer(x)
+        assert len(calls) == 1, f"forward all-gathers: {calls}"
+        y.sum().backward()
+        assert len(calls) == 2, f"forward + backward all-gathers: {calls}"
+    finally:
+        dist.all_gather = real
+    if env.rank == 1:
+        layer.experts.placement.version += 1
+    with pytest.raises(AgreementError, match=re.escape("placement version (rank 0: 0, rank 1: 1)")):
+        layer(x)
+
+
 def _bounded(rows: int) -> ParallelConfig:
     return ParallelConfig(dispatch="bounded", rows_per_rank_pair=rows)
 
@@ -752,6 +779,7 @@ CASES_2 = {
     "rank_that_skips_a_forward_but_syncs_gradients": case_rank_that_skips_a_forward_but_syncs_gradients,
     "rank_that_raises_between_forward_and_backward": case_rank_that_raises_between_forward_and_backward,
     "rank_that_raises_and_stays_alive": case_rank_that_raises_and_stays_alive,
+    "forward_checks_agreement_in_its_counts_all_gather": case_forward_checks_agreement_in_its_counts_all_gather,
     "bounded_without_overflow": case_bounded_without_overflow,
     "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
     "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,
