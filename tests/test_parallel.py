@@ -45,6 +45,7 @@ from flexmoe.runtime import (
     sync_router_loads,
 )
 from flexmoe.parallel.agreement import AgreementError
+from flexmoe.parallel.symmetric import compact_blocks, expand_blocks, symmetric_all_to_all_available
 from flexmoe.parallel.dispatch import expand_pairs, known_counts, pairs_per_rank, route_pairs, row_replicas
 from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
@@ -98,6 +99,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(rows_per_rank_pair=0), "rows_per_rank_pair"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
+        (dict(bounded_transport="nvlink"), "bounded_transport"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(timeout_s=float("inf")), "timeout_s"),
     ],
@@ -197,6 +199,30 @@ def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
     for src, _, _, d, s in delivered:
         per_replica[src, d, s] += 1
     assert (per_replica == send_WWS).all(), "the split is placement.split's"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_symmetric_exchange_layout_matches_the_block_all_to_all(seed):
+    """The symmetric-memory transport's packing, with all_to_all_vdev simulated: compacting the
+    used rows, sending them with device splits and expanding them on arrival gives every rank
+    the blocks the equal-split all-to-all gives, unused rows set to the fill."""
+    rng = np.random.default_rng(seed)
+    W, C, Q = int(rng.integers(1, 5)), int(rng.integers(1, 6)), 3
+    used_WW = torch.as_tensor(rng.integers(0, C + 1, size=(W, W)))  # [src, dst]
+    blocks = [torch.randn(W * C, Q, dtype=torch.float64) for _ in range(W)]
+    dense = [compact_blocks(blocks[s], used_WW[s], C) for s in range(W)]
+    for d in range(W):
+        # all_to_all_vdev: rank d receives each source's rows for d, in source order.
+        starts = [int(used_WW[s, :d].sum()) for s in range(W)]
+        arrived = torch.cat([dense[s][starts[s]:starts[s] + int(used_WW[s, d])] for s in range(W)])
+        recv = torch.cat([arrived, arrived.new_zeros((W * C - arrived.shape[0], Q))])
+        got = expand_blocks(recv, used_WW[:, d], C, fill=-1.0)
+        want = torch.full((W * C, Q), -1.0, dtype=torch.float64)
+        for s in range(W):
+            n = int(used_WW[s, d])
+            want[s * C:s * C + n] = blocks[s][d * C:d * C + n]
+        assert torch.equal(got, want)
+    assert not symmetric_all_to_all_available(torch.device("cpu")), "CPU tensors use the all-to-all fallback"
 
 
 def test_pipeline_tuner_keeps_the_fastest_degree_per_load_level():

@@ -26,6 +26,7 @@ from ..placement.table import PlacementTable
 from ..plan import DispatchPlan
 from .agreement import BACKWARD, FORWARD, STATE, LayerAgreement, all_gather_ints, exchange_fields
 from .bounded import BoundedReport, bounded_stage, replica_tables
+from .symmetric import SymmetricTransport, symmetric_all_to_all_available
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
@@ -112,6 +113,7 @@ class ParallelExperts(GroupedExperts):
         self.memory_report: MemoryReport | None = None
         self.last_exchange: ExchangeStats | None = None
         self.last_bounded: BoundedReport | None = None
+        self._symmetric: SymmetricTransport | None = None
         self.forward_steps = 0
         # The forward's all-gather: envelope, header, counts per expert, pairs per rank.
         self.agreement = LayerAgreement(ep, len(_HEADER) + config.num_experts + ep.size)
@@ -151,17 +153,34 @@ class ParallelExperts(GroupedExperts):
         agreement envelope is still checked (one small all-gather read on the host); under
         ``torch.compile`` it is skipped."""
         par = self.parallel
+        transport = self._bounded_transport(x_TD.device)
         if not torch.compiler.is_compiling():
             build_graph = torch.is_grad_enabled()
             fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, plan.row_weight_N.dtype, build_graph)
+            fields["bounded transport used"] = "symmetric_memory" if transport is not None else "all_to_all"
             self.agreement.check(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
         y_TD, report = bounded_stage(self, x_TD, plan, self.replica_ids_EQ, self.replica_fraction_EQ, rank=self.rank,
                                      world=self.size, rows_per_rank_pair=par.rows_per_rank_pair,
-                                     group=self.ep_group.group, use_triton=use_triton)
+                                     group=self.ep_group.group, use_triton=use_triton, transport=transport)
         self.last_bounded = report
         self.last_counts_WE = self.memory_report = self.last_exchange = None
         self.last_pipeline_degree = 1
         return y_TD
+
+    def _bounded_transport(self, device: torch.device) -> SymmetricTransport | None:
+        """The symmetric-memory transport when ``bounded_transport`` asks for it and it can run
+        (built once: allocating its buffers is collective), else None (equal-split all-to-alls)."""
+        choice = self.parallel.bounded_transport
+        if choice == "all_to_all" or self.size == 1 or (choice == "auto" and torch.compiler.is_compiling()):
+            return None
+        if not symmetric_all_to_all_available(device):
+            if choice == "symmetric_memory":
+                raise RuntimeError("ParallelConfig.bounded_transport='symmetric_memory' needs CUDA tensors and a torch "
+                                   "with NVSHMEM symmetric memory (torch.ops.symm_mem.all_to_all_vdev); use 'auto'")
+            return None
+        if self._symmetric is None:
+            self._symmetric = SymmetricTransport(self.ep_group.group, self.parallel.rows_per_rank_pair)
+        return self._symmetric
 
     @torch.compiler.disable
     def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
