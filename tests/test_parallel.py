@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexmoe import MoEConfig, MoELayer
 from flexmoe.parallel import EPGroup, ParallelConfig, all_to_all_v
@@ -44,6 +45,7 @@ from flexmoe.runtime import (
     sync_router_loads,
 )
 from flexmoe.parallel.agreement import AgreementError
+from flexmoe.parallel.symmetric import compact_blocks, expand_blocks, symmetric_all_to_all_available
 from flexmoe.parallel.dispatch import expand_pairs, known_counts, pairs_per_rank, route_pairs, row_replicas
 from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
@@ -97,6 +99,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(rows_per_rank_pair=0), "rows_per_rank_pair"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
+        (dict(bounded_transport="nvlink"), "bounded_transport"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(timeout_s=float("inf")), "timeout_s"),
     ],
@@ -198,6 +201,30 @@ def test_pairs_carry_every_kept_pair_once_and_each_token_once_per_rank(seed):
     assert (per_replica == send_WWS).all(), "the split is placement.split's"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_symmetric_exchange_layout_matches_the_block_all_to_all(seed):
+    """The symmetric-memory transport's packing, with all_to_all_vdev simulated: compacting the
+    used rows, sending them with device splits and expanding them on arrival gives every rank
+    the blocks the equal-split all-to-all gives, unused rows set to the fill."""
+    rng = np.random.default_rng(seed)
+    W, C, Q = int(rng.integers(1, 5)), int(rng.integers(1, 6)), 3
+    used_WW = torch.as_tensor(rng.integers(0, C + 1, size=(W, W)))  # [src, dst]
+    blocks = [torch.randn(W * C, Q, dtype=torch.float64) for _ in range(W)]
+    dense = [compact_blocks(blocks[s], used_WW[s], C) for s in range(W)]
+    for d in range(W):
+        # all_to_all_vdev: rank d receives each source's rows for d, in source order.
+        starts = [int(used_WW[s, :d].sum()) for s in range(W)]
+        arrived = torch.cat([dense[s][starts[s]:starts[s] + int(used_WW[s, d])] for s in range(W)])
+        recv = torch.cat([arrived, arrived.new_zeros((W * C - arrived.shape[0], Q))])
+        got = expand_blocks(recv, used_WW[:, d], C, fill=-1.0)
+        want = torch.full((W * C, Q), -1.0, dtype=torch.float64)
+        for s in range(W):
+            n = int(used_WW[s, d])
+            want[s * C:s * C + n] = blocks[s][d * C:d * C + n]
+        assert torch.equal(got, want)
+    assert not symmetric_all_to_all_available(torch.device("cpu")), "CPU tensors use the all-to-all fallback"
+
+
 def test_pipeline_tuner_keeps_the_fastest_degree_per_load_level():
     tuner = PipelineTuner((1, 2, 4))
     level = PipelineTuner.level(np.array([[3, 9], [0, 1]]))
@@ -256,6 +283,44 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
         assert grads[2][5].abs().max() == 0, "the empty slot gets a zero gradient"
         report = ep.experts.memory_report
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
+
+
+class _WgradCalls(TorchDispatchMode):
+    """Records the (rows, out width, in width) of every expert weight-gradient GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.flexmoe.grouped_mm_loop_wgrad.default:
+            grad_NO, x_NI = args[0], args[1]
+            self.calls.append((grad_NO.shape[0], grad_NO.shape[1], x_NI.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("memory", ["keep", "recompute", "recommunicate", "both"])
+def test_chunked_backward_computes_each_weight_gradient_once(memory):
+    """A pipeline of 4 chunks: one weight-gradient GEMM per expert weight over the rows of all
+    chunks (it used to be one full-size gradient per chunk, added up), and the same gradients
+    as one chunk."""
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    x = torch.randn(13, 8, dtype=torch.float64)
+    grads = {}
+    for degree in (1, 4):
+        torch.manual_seed(0)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory=memory)).double()
+        y = ep(x)
+        recorder = _WgradCalls()
+        with recorder:
+            (y * y.detach().cos()).sum().backward()
+        rows = ep.experts.last_exchange.expert_rows
+        assert ep.experts.last_pipeline_degree == degree and rows > 0
+        assert sorted(recorder.calls) == sorted([(rows, 12, 8), (rows, 8, 6)]), recorder.calls
+        grads[degree] = [p.grad.clone() for p in ep.experts.parameters()]
+    for got, want in zip(grads[4], grads[1]):
+        _check("weight grad, 4 chunks against 1", got, want, F64_TOL)
 
 
 def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
@@ -616,6 +681,33 @@ def case_rank_that_raises_and_stays_alive(env):
     dist.barrier()
 
 
+def case_forward_checks_agreement_in_its_counts_all_gather(env):
+    """After a layer's first check, an exact forward is ONE all-gather (envelope + counts), a
+    backward one (its check), and a rank that changed something since is still caught there."""
+    layer = MoELayer(_config(), ep_group=dist.group.WORLD).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    _step(layer, x)
+    calls = []
+    real = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].numel())
+        return real(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        y = layer(x)
+        assert len(calls) == 1, f"forward all-gathers: {calls}"
+        y.sum().backward()
+        assert len(calls) == 2, f"forward + backward all-gathers: {calls}"
+    finally:
+        dist.all_gather = real
+    if env.rank == 1:
+        layer.experts.placement.version += 1
+    with pytest.raises(AgreementError, match=re.escape("placement version (rank 0: 0, rank 1: 1)")):
+        layer(x)
+
+
 def _bounded(rows: int) -> ParallelConfig:
     return ParallelConfig(dispatch="bounded", rows_per_rank_pair=rows)
 
@@ -713,6 +805,7 @@ CASES_2 = {
     "rank_that_skips_a_forward_but_syncs_gradients": case_rank_that_skips_a_forward_but_syncs_gradients,
     "rank_that_raises_between_forward_and_backward": case_rank_that_raises_between_forward_and_backward,
     "rank_that_raises_and_stays_alive": case_rank_that_raises_and_stays_alive,
+    "forward_checks_agreement_in_its_counts_all_gather": case_forward_checks_agreement_in_its_counts_all_gather,
     "bounded_without_overflow": case_bounded_without_overflow,
     "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
     "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,

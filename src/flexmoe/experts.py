@@ -17,6 +17,7 @@ from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.activation import clamped_swiglu
 from .ops._backend import fused_path
 from .ops.fused_experts import fused_expert_ffn
+from .ops.grouped_gemm import WgradRows, record_wgrad_rows
 
 if TYPE_CHECKING:
     from .plan import DispatchPlan
@@ -57,26 +58,36 @@ class GroupedExperts(nn.Module):
         return self.gate_up_proj.shape[0]
 
     def forward(
-        self, x_ND: torch.Tensor, offsets_E: torch.Tensor, scale_N: torch.Tensor, use_triton: bool
+        self, x_ND: torch.Tensor, offsets_E: torch.Tensor, scale_N: torch.Tensor, use_triton: bool,
+        wgrad_rows: WgradRows | None = None,
     ) -> torch.Tensor:
         """``y[i] = scale[i] * FFN_e(x[i])`` for the expert e whose group holds row i.
 
         Rows past ``offsets_E[-1]`` give zeros. Weights are cast to the rows' dtype (a no-op
-        unless running under autocast with float32 parameters).
+        unless running under autocast with float32 parameters). ``wgrad_rows`` (2 entries)
+        receives, in backward, each GEMM's input rows and output gradient (gate_up, then down),
+        for callers that compute the weight gradients themselves (the chunked EP stage).
         """
         cfg = self.config
         per_expert = cfg.kernels == "per_expert"
-        if self.gate_up_proj_bias is None:
+        if self.gate_up_proj_bias is None and wgrad_rows is None:
             return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, cfg.activation,
                               use_triton, per_expert, cfg.swiglu_alpha, cfg.swiglu_limit)
         h_NH = grouped_mm(x_ND, self.gate_up_proj.to(x_ND.dtype), offsets_E, per_expert)
-        # Expert biases: row r belongs to the group whose offset first exceeds r.
-        row_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offsets_E.dtype)
-        row_expert_N = torch.searchsorted(offsets_E, row_N, right=True).clamp(max=self.num_experts - 1)
-        h_NH = h_NH + self.gate_up_proj_bias.to(h_NH.dtype)[row_expert_N]
+        if wgrad_rows is not None:
+            h_NH = record_wgrad_rows(h_NH, x_ND, wgrad_rows, 0)
+        if self.gate_up_proj_bias is not None:
+            # Expert biases: row r belongs to the group whose offset first exceeds r.
+            row_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offsets_E.dtype)
+            row_expert_N = torch.searchsorted(offsets_E, row_N, right=True).clamp(max=self.num_experts - 1)
+            h_NH = h_NH + self.gate_up_proj_bias.to(h_NH.dtype)[row_expert_N]
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], cfg.activation, use_triton,
                                  cfg.swiglu_alpha, cfg.swiglu_limit)
         y_ND = grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
+        if wgrad_rows is not None:
+            y_ND = record_wgrad_rows(y_ND, a_NF, wgrad_rows, 1)
+        if self.gate_up_proj_bias is None:
+            return y_ND
         bias_ND = self.down_proj_bias.to(y_ND.dtype)[row_expert_N] * scale_N.to(y_ND.dtype).unsqueeze(-1)
         valid_N1 = (row_N < offsets_E[-1:]).unsqueeze(-1)
         return torch.where(valid_N1, y_ND + bias_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))

@@ -22,7 +22,7 @@ import torch
 
 from ._backend import fused_gemm, triton_kernels
 from .activation import scaled_activation_backward
-from .grouped_gemm import grouped_mm, grouped_wgrad, has_fast_grouped_mm
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad, has_fast_grouped_mm
 
 
 @torch.library.custom_op("flexmoe::fused_experts", mutates_args=())
@@ -68,8 +68,8 @@ def _grouped_backward(dy_TD, x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_ro
     dy_ND = t.gather_rows(dy_TD, row_token_N)
     da_NF = grouped_mm(dy_ND, w_EDF.transpose(1, 2), offsets_E)
     dh_NH, dscale_N = scaled_activation_backward(h_NH, scale_N, offsets_E[-1:], da_NF, activation, True)
-    dw_EDF = grouped_wgrad(dy_ND, a_NF, offsets_E)
-    dw_EHD = grouped_wgrad(dh_NH, t.gather_rows(x_TD, row_token_N), offsets_E)
+    dw_EDF = grouped_mm_wgrad(dy_ND, a_NF, offsets_E)
+    dw_EHD = grouped_mm_wgrad(dh_NH, t.gather_rows(x_TD, row_token_N), offsets_E)
     dx_ND = grouped_mm(dh_NH, w_EHD.transpose(1, 2), offsets_E)
     return t.gather_sum(dx_ND, pair_row_TK), dw_EHD, dw_EDF, dscale_N
 

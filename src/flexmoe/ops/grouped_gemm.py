@@ -56,9 +56,14 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_NO):
+    """Only the gradients asked for: the expert-parallel stage computes the weight gradient of
+    all its chunks at once (``grouped_mm_wgrad``) and runs these GEMMs with detached weights."""
     x_NI, w_EOI, offsets_E = ctx.saved_tensors
-    grad_x = grouped_mm_loop(grad_NO.contiguous(), w_EOI.transpose(1, 2).contiguous(), offsets_E)
-    grad_w = grouped_mm_loop_wgrad(grad_NO.contiguous(), x_NI, offsets_E)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grouped_mm_loop(grad_NO.contiguous(), w_EOI.transpose(1, 2).contiguous(), offsets_E)
+    if ctx.needs_input_grad[1]:
+        grad_w = grouped_mm_loop_wgrad(grad_NO.contiguous(), x_NI, offsets_E)
     return grad_x, grad_w, None
 
 
@@ -67,15 +72,29 @@ grouped_mm_loop.register_autograd(_backward, setup_context=_setup)
 
 def has_fast_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` has a fast kernel for these operands."""
+    return _fast_for(x_NI, w_EOI.dtype, w_EOI.shape[1])
+
+
+def _fast_for(x_NI: torch.Tensor, w_dtype: torch.dtype, out_width: int) -> bool:
     return (
         x_NI.is_cuda
         and x_NI.dtype == torch.bfloat16
-        and w_EOI.dtype == torch.bfloat16
+        and w_dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
         and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
         and x_NI.shape[1] % 8 == 0
-        and w_EOI.shape[1] % 8 == 0
+        and out_width % 8 == 0
     )
+
+
+def grouped_mm_wgrad(grad_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor,
+                     per_expert: bool = False) -> torch.Tensor:
+    """``dw[e] = grad_e^T @ x_e`` for every group (zero for empty ones): the weight gradient of
+    ``grouped_mm(x, w, offsets)`` as one grouped GEMM (``torch._grouped_mm`` with the groups
+    along the reduced dimension where fast, else the per-group loop)."""
+    if not per_expert and _fast_for(x_NI, grad_NO.dtype, grad_NO.shape[1]):
+        return torch._grouped_mm(grad_NO.t(), x_NI, offs=offsets_E)
+    return grouped_mm_loop_wgrad(grad_NO.contiguous(), x_NI.contiguous(), offsets_E)
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor, per_expert: bool = False) -> torch.Tensor:
@@ -89,9 +108,29 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor,
     return grouped_mm_loop(x_NI.contiguous(), w_EOI.contiguous(), offsets_E)
 
 
-def grouped_wgrad(grad_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """``dw[e] = grad_e^T @ x_e`` (``[E, O, I]``; zero for groups without rows): ``torch._grouped_mm``
-    where it has a fast kernel, else the per-group loop."""
-    if has_fast_grouped_mm(grad_NO, x_NI.unsqueeze(0)):
-        return torch._grouped_mm(grad_NO.t(), x_NI, offs=offsets_E)
-    return grouped_mm_loop_wgrad(grad_NO.contiguous(), x_NI.contiguous(), offsets_E)
+class WgradRows:
+    """The operands of deferred weight gradients: for GEMM i of a graph, its input rows and the
+    gradient of its output, filled in by backward (``record_wgrad_rows``)."""
+
+    def __init__(self, count: int):
+        self.rows: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
+
+
+class _RecordWgradRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_NO, x_NI, holder: WgradRows, index: int):
+        ctx.holder, ctx.index = holder, index
+        ctx.save_for_backward(x_NI)
+        return y_NO.view_as(y_NO)
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        (x_NI,) = ctx.saved_tensors
+        ctx.holder.rows[ctx.index] = (x_NI, grad_NO)
+        return grad_NO, None, None, None
+
+
+def record_wgrad_rows(y_NO: torch.Tensor, x_NI: torch.Tensor, holder: WgradRows, index: int) -> torch.Tensor:
+    """``y_NO`` unchanged; its backward stores ``(x_NI, grad of y_NO)`` as ``holder.rows[index]``,
+    so the weight gradient of the GEMM ``y = x @ w^T`` can be computed later, with other rows."""
+    return _RecordWgradRows.apply(y_NO, x_NI, holder, index)

@@ -10,6 +10,13 @@ envelopes differ do the ranks exchange the full fields (one object all-gather), 
 names the field and every rank's value; every rank raises, before any collective whose sizes
 depend on what differs.
 
+After a layer's first check has passed (so its ranks agree on ``num_experts`` and with it the
+size of every later check), the envelope travels at the front of a fixed-width all-gather that
+also carries the forward's counts (``LayerAgreement``): one collective per forward for both,
+read on the host before any collective whose sizes depend on them. Every control point of that
+layer uses the same width afterwards (zeros past the envelope), so a rank in the forward and a
+rank in ``sync_gradients`` still pair their all-gathers and both raise.
+
 Each wait is bounded by ``ParallelConfig.timeout_s``: a rank that raised and stays alive, or
 never comes, makes the others fail with a ``TimeoutError`` naming the control point. (gloo
 bounds each wait itself; with NCCL the bound is the process group's own ``timeout=``.)
@@ -74,11 +81,52 @@ def check_envelope(ep: EPGroup, kind: int, step: int, fields: dict[str, str], ti
         return
     mine = torch.tensor([kind, step, digest(fields)], dtype=torch.int64, device=device)
     everyone = all_gather_ints(ep, mine, timeout_s, _KINDS[kind]).cpu().numpy()
-    if (everyone == everyone[0]).all():
+    _raise_unless_equal(ep, everyone, kind, step, fields)
+
+
+def _raise_unless_equal(ep: EPGroup, envelopes_W3, kind: int, step: int, fields: dict[str, str]) -> None:
+    if (envelopes_W3 == envelopes_W3[0]).all():
         return
     details: list = [None] * ep.size
     dist.all_gather_object(details, {"kind": kind, "step": step, "fields": fields}, group=ep.group)
     raise AgreementError(_describe(details, ep.rank))
+
+
+class LayerAgreement:
+    """The agreement checks of one EP layer, the forward's counts riding with them.
+
+    The first check is ``check_envelope`` (three int64, the same for every layer); the payload,
+    if any, follows in a second all-gather. Once one check has passed on every rank, each check
+    is ONE all-gather of ``3 + payload_width`` int64: the envelope, then the payload (zeros when
+    none). payload_width is fixed by the layer (its expert count), which that first check
+    compared, so the widths agree.
+    """
+
+    def __init__(self, ep: EPGroup, payload_width: int):
+        self.ep = ep
+        self.payload_width = payload_width
+        self.agreed = False
+
+    def check(self, kind: int, step: int, fields: dict[str, str], timeout_s: float, device: torch.device,
+              payload: torch.Tensor | None = None):
+        """Raise ``AgreementError`` on every rank unless all agree; return every rank's payload
+        (``int64 [W, payload_width]`` on the host) when one is given, else None."""
+        ep, width = self.ep, self.payload_width
+        if payload is not None and payload.shape != (width,):
+            raise ValueError(f"agreement payload of shape {tuple(payload.shape)}, the layer's is ({width},)")
+        if ep.size == 1:
+            return payload.to(torch.int64).cpu().numpy()[None] if payload is not None else None
+        if not self.agreed:
+            check_envelope(ep, kind, step, fields, timeout_s, device)
+            self.agreed = True
+            if payload is None:
+                return None
+            return all_gather_ints(ep, payload.to(torch.int64), timeout_s, _KINDS[kind]).cpu().numpy()
+        envelope = torch.tensor([kind, step, digest(fields)], dtype=torch.int64).to(device)
+        body = payload.to(torch.int64) if payload is not None else torch.zeros(width, dtype=torch.int64, device=device)
+        everyone = all_gather_ints(ep, torch.cat([envelope, body]), timeout_s, _KINDS[kind]).cpu().numpy()
+        _raise_unless_equal(ep, everyone[:, :3], kind, step, fields)
+        return everyone[:, 3:] if payload is not None else None
 
 
 def all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:

@@ -14,6 +14,10 @@ rows, and one equal-split all-to-all brings them back. All of it is plain differ
 (functional collectives), so autograd gives backward and ``torch.compile(fullgraph=True)``
 captures it.
 
+With ``transport`` (symmetric.py: torch's symmetric-memory ``all_to_all_vdev`` on NVSHMEM
+GPUs) the blocks travel with device splits instead: only the used rows move, in one
+exchange per tensor, and they are expanded back into the same block layout on arrival.
+
 Overflow rule: pairs past the first C to one destination are dropped, like capacity drops:
 their experts on that rank contribute zero to the token, and they are counted
 (``BoundedReport``). With C >= the tokens of every rank nothing can overflow.
@@ -31,6 +35,7 @@ from ..experts import GroupedExperts
 from ..placement.table import PlacementTable
 from .dispatch import route_pairs
 from .stage import _pair_weights
+from .symmetric import SymmetricTransport, symmetric_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +92,10 @@ def local_row_replicas(ids_EQ: torch.Tensor, frac_EQ: torch.Tensor, counts_E: to
 
 
 def bounded_stage(stage: GroupedExperts, x_TD: torch.Tensor, plan, ids_EQ, frac_EQ, *, rank: int, world: int,
-                  rows_per_rank_pair: int, group, use_triton: bool) -> tuple[torch.Tensor, BoundedReport]:
-    """``sum_k weight * FFN_k(token)`` for the local tokens, experts anywhere in the group."""
+                  rows_per_rank_pair: int, group, use_triton: bool,
+                  transport: SymmetricTransport | None = None) -> tuple[torch.Tensor, BoundedReport]:
+    """``sum_k weight * FFN_k(token)`` for the local tokens, experts anywhere in the group
+    (through ``transport`` when given, else equal-split all-to-alls)."""
     T, D = x_TD.shape
     K = plan.pair_row_TK.shape[1]
     W, C, S = world, rows_per_rank_pair, stage.num_experts
@@ -115,8 +122,12 @@ def bounded_stage(stage: GroupedExperts, x_TD: torch.Tensor, plan, ids_EQ, frac_
     w_TK = _pair_weights(plan.row_weight_N, plan.pair_row_TK)
     w_BK = torch.where(used_BK, torch.cat([w_TK, w_TK.new_zeros((1, K))]).index_select(0, token_B), 0)
     x_BD = torch.cat([x_TD, x_TD.new_zeros((1, D))]).index_select(0, token_B)
-    slot_recv = _exchange(slot_BK, group, W)
-    x_recv, w_recv = (x_BD, w_BK) if W == 1 else _PairExchange.apply(group, x_BD, w_BK)
+    if transport is not None:
+        used_W = pairs_W.clamp_max(C)
+        x_recv, w_recv, slot_recv, recv_used_W = symmetric_blocks(transport, used_W, (x_BD, w_BK, slot_BK), (0, 0, -1))
+    else:
+        slot_recv = _exchange(slot_BK, group, W)
+        x_recv, w_recv = (x_BD, w_BK) if W == 1 else _PairExchange.apply(group, x_BD, w_BK)
 
     # Receiver: rows grouped by slot, invalid rows last (past the grouped-GEMM offsets).
     flat_R = torch.arange(B * K, device=device)
@@ -133,7 +144,10 @@ def bounded_stage(stage: GroupedExperts, x_TD: torch.Tensor, plan, ids_EQ, frac_
     y_RD = GroupedExperts.forward(stage, x_RD, offsets_S, w_R, use_triton)
     y_RD = torch.where(sorted_valid_R.unsqueeze(1), y_RD, 0)
     y_BD = torch.zeros((B, D), dtype=y_RD.dtype, device=device).index_add(0, pair_R, y_RD)
-    y_back = y_BD if W == 1 else _PairExchange.apply(group, y_BD)[0]
+    if transport is not None:
+        y_back = symmetric_blocks(transport, recv_used_W, (y_BD,), (0,))[0]
+    else:
+        y_back = y_BD if W == 1 else _PairExchange.apply(group, y_BD)[0]
     y_back = torch.where(used_BK.any(dim=1, keepdim=True), y_back, 0)
     y_TD = torch.zeros((T + 1, D), dtype=y_back.dtype, device=device).index_add(0, token_B, y_back)[:T]
     return y_TD, BoundedReport(dropped_pairs_W, dropped_rows, B)

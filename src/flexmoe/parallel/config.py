@@ -12,10 +12,12 @@ from typing import Literal, Union
 MemoryStrategy = Literal["keep", "recompute", "recommunicate", "both", "auto"]
 AllToAll = Literal["flat", "hierarchical"]
 Dispatch = Literal["exact", "bounded"]
+BoundedTransport = Literal["auto", "all_to_all", "symmetric_memory"]
 
 MEMORY_STRATEGIES = ("keep", "recompute", "recommunicate", "both")
 _ALL_TO_ALL = ("flat", "hierarchical")
 _DISPATCH = ("exact", "bounded")
+_BOUNDED_TRANSPORT = ("auto", "all_to_all", "symmetric_memory")
 
 
 @dataclasses.dataclass
@@ -53,6 +55,11 @@ class ParallelConfig:
     rows_per_rank_pair: the bounded buffer: pair rows each rank sends each rank per forward.
         The most tokens any rank has per forward means no overflow (every token may reach every
         rank); about ``tokens * min(1, 1.5 * top_k / ranks)`` suits balanced routing.
+    bounded_transport: how the bounded dispatch moves its buffers. "all_to_all": equal-split
+        all-to-alls (every buffer row, used or not). "symmetric_memory": torch's
+        symmetric-memory ``all_to_all_vdev`` with splits on the device (only used rows move;
+        CUDA with NVSHMEM only, else the forward raises). "auto" (default): symmetric memory
+        where available and not under ``torch.compile``, else "all_to_all".
     timeout_s: the longest a collective of this layer waits for the other ranks before raising
         ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
         bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).
@@ -67,6 +74,7 @@ class ParallelConfig:
     all_to_all: AllToAll = "flat"
     dispatch: Dispatch = "exact"
     rows_per_rank_pair: int | None = None
+    bounded_transport: BoundedTransport = "auto"
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -92,6 +100,9 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.all_to_all must be one of {_ALL_TO_ALL}, got {self.all_to_all!r}")
         if self.dispatch not in _DISPATCH:
             raise ValueError(f"ParallelConfig.dispatch must be one of {_DISPATCH}, got {self.dispatch!r}")
+        if self.bounded_transport not in _BOUNDED_TRANSPORT:
+            raise ValueError(f"ParallelConfig.bounded_transport must be one of {_BOUNDED_TRANSPORT}, "
+                             f"got {self.bounded_transport!r}")
         rows = self.rows_per_rank_pair
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"ParallelConfig.rows_per_rank_pair must be None or an int >= 1, got {rows!r}")

@@ -2,8 +2,8 @@
 
 Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
 ``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
-the local tokens and their dispatch plan (``run``). Per forward: the agreement envelope
-(agreement.py), one all-gather of the per-expert counts, the host layout (which replica takes
+the local tokens and their dispatch plan (``run``). Per forward: one all-gather of the agreement
+envelope (agreement.py) with the per-expert counts behind it, the host layout (which replica takes
 which row), one all-gather of the (token, rank) pair counts (dispatch.py; it rides with the
 counts when every expert's replicas sit on one rank and the pipeline degree is 1), then the
 pipelined stage (stage.py). At world size 1 with every expert in its own slot the stage is the
@@ -24,8 +24,9 @@ from ..experts import GroupedExperts
 from ..placement.split import split_tokens
 from ..placement.table import PlacementTable
 from ..plan import DispatchPlan
-from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope, exchange_fields
+from .agreement import BACKWARD, FORWARD, STATE, LayerAgreement, all_gather_ints, exchange_fields
 from .bounded import BoundedReport, bounded_stage, replica_tables
+from .symmetric import SymmetricTransport, symmetric_all_to_all_available
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
@@ -112,7 +113,10 @@ class ParallelExperts(GroupedExperts):
         self.memory_report: MemoryReport | None = None
         self.last_exchange: ExchangeStats | None = None
         self.last_bounded: BoundedReport | None = None
+        self._symmetric: SymmetricTransport | None = None
         self.forward_steps = 0
+        # The forward's all-gather: envelope, header, counts per expert, pairs per rank.
+        self.agreement = LayerAgreement(ep, len(_HEADER) + config.num_experts + ep.size)
         self._set_replica_tables()
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
@@ -155,17 +159,34 @@ class ParallelExperts(GroupedExperts):
                 "experts (MoEConfig.max_ranks_per_token / max_nodes_per_token with a replicated placement "
                 "table picks each pair's replica); use dispatch='exact'"
             )
+        transport = self._bounded_transport(x_TD.device)
         if not torch.compiler.is_compiling():
             build_graph = torch.is_grad_enabled()
             fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, plan.row_weight_N.dtype, build_graph)
-            check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
+            fields["bounded transport used"] = "symmetric_memory" if transport is not None else "all_to_all"
+            self.agreement.check(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
         y_TD, report = bounded_stage(self, x_TD, plan, self.replica_ids_EQ, self.replica_fraction_EQ, rank=self.rank,
                                      world=self.size, rows_per_rank_pair=par.rows_per_rank_pair,
-                                     group=self.ep_group.group, use_triton=use_triton)
+                                     group=self.ep_group.group, use_triton=use_triton, transport=transport)
         self.last_bounded = report
         self.last_counts_WE = self.memory_report = self.last_exchange = None
         self.last_pipeline_degree = 1
         return y_TD
+
+    def _bounded_transport(self, device: torch.device) -> SymmetricTransport | None:
+        """The symmetric-memory transport when ``bounded_transport`` asks for it and it can run
+        (built once: allocating its buffers is collective), else None (equal-split all-to-alls)."""
+        choice = self.parallel.bounded_transport
+        if choice == "all_to_all" or self.size == 1 or (choice == "auto" and torch.compiler.is_compiling()):
+            return None
+        if not symmetric_all_to_all_available(device):
+            if choice == "symmetric_memory":
+                raise RuntimeError("ParallelConfig.bounded_transport='symmetric_memory' needs CUDA tensors and a torch "
+                                   "with NVSHMEM symmetric memory (torch.ops.symm_mem.all_to_all_vdev); use 'auto'")
+            return None
+        if self._symmetric is None:
+            self._symmetric = SymmetricTransport(self.ep_group.group, self.parallel.rows_per_rank_pair)
+        return self._symmetric
 
     @torch.compiler.disable
     def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
@@ -180,7 +201,6 @@ class ParallelExperts(GroupedExperts):
         # The logical table enters the agreement (the slot table forgets which expert a slot holds).
         fields = exchange_fields(self.config, par, self.placement, x_TD.dtype, weight_N.dtype, build_graph)
         fields["plan keys"] = "slots" if slot_keyed else "experts"
-        check_envelope(self.ep_group, FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device)
         profile = par.memory == "auto" and self._rates is None
         row_bytes = self._measure_row_bytes(experts, x_TD.dtype, weight_N.dtype, use_triton)
         # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
@@ -191,8 +211,8 @@ class ParallelExperts(GroupedExperts):
         if slot_keyed:
             rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
         pairs_W = pairs_per_rank(rank_E, plan.offsets_E, plan.pair_row_TK, self.size) if one_exchange else None
-        header_WH, counts_WE, pairs_WW = self._all_gather_counts(plan.counts_E, x_TD, plan.pair_row_TK.shape[0],
-                                                                 pairs_W)
+        header_WH, counts_WE, pairs_WW = self._agree_and_gather_counts(fields, plan.counts_E, x_TD,
+                                                                       plan.pair_row_TK.shape[0], pairs_W)
 
         self.tuner.absorb(header_WH[:, [_COLUMN["trial level"], _COLUMN["trial degree"], _COLUMN["trial ns"]]])
         self._absorb_rates(header_WH)
@@ -222,7 +242,7 @@ class ParallelExperts(GroupedExperts):
             build_graph=build_graph,
             pair_row_TK=plan.pair_row_TK,
             row_pair_N=plan.row_pair_N,
-            before_backward=lambda: check_envelope(self.ep_group, BACKWARD, step, fields, par.timeout_s, x_TD.device),
+            before_backward=lambda: self.agreement.check(BACKWARD, step, fields, par.timeout_s, x_TD.device),
             timer=StageTimer() if profile else None,
         )
         start = _synchronized_time(x_TD.device) if trial else 0.0
@@ -291,7 +311,7 @@ class ParallelExperts(GroupedExperts):
         """Every expert in logical order ``[E, ...]``, each from its first replica (collective)."""
         dtype = self.gate_up_proj.dtype
         fields = exchange_fields(self.config, self.parallel, self.placement, dtype, dtype, False)
-        check_envelope(self.ep_group, STATE, self.forward_steps, fields, self.parallel.timeout_s, self.gate_up_proj.device)
+        self.agreement.check(STATE, self.forward_steps, fields, self.parallel.timeout_s, self.gate_up_proj.device)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, tensor in self._slot_tensors():
             if prefix + name in destination:
@@ -336,9 +356,10 @@ class ParallelExperts(GroupedExperts):
             return mine.cpu().numpy()[None]
         return all_gather_ints(self.ep_group, mine, self.parallel.timeout_s, what).cpu().numpy()
 
-    def _all_gather_counts(self, counts_E, x_TD, tokens, pairs_W=None):
-        """Every rank's header (numbers for the online choices), counts per logical expert, and
-        pair counts per destination rank when given (else None)."""
+    def _agree_and_gather_counts(self, fields, counts_E, x_TD, tokens, pairs_W=None):
+        """The forward's agreement check, and with it (one all-gather) every rank's header
+        (numbers for the online choices), counts per logical expert, and pair counts per
+        destination rank when given (else None)."""
         par = self.parallel
         budget = -1
         if par.memory == "auto":
@@ -353,12 +374,14 @@ class ParallelExperts(GroupedExperts):
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
-        parts = [torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64)]
-        if pairs_W is not None:
-            parts.append(pairs_W.to(torch.int64))
-        everyone = self._all_gather(torch.cat(parts), "the counts of an EP layer's forward")
+        with_pairs = pairs_W is not None
+        if not with_pairs:
+            pairs_W = torch.zeros(self.size, dtype=torch.int64, device=counts_E.device)
+        payload = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64),
+                             pairs_W.to(torch.int64)])
+        everyone = self.agreement.check(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device, payload)
         H, E = len(_HEADER), counts_E.shape[0]
-        pairs_WW = everyone[:, H + E:] if pairs_W is not None else None
+        pairs_WW = everyone[:, H + E:] if with_pairs else None
         return everyone[:, :H], everyone[:, H:H + E], pairs_WW
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:

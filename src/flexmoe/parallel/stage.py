@@ -10,6 +10,9 @@ back; the source adds the rows that come back into its tokens. Chunk c+1's dispa
 before chunk c's experts run, and chunk c's return before chunk c+1's experts, so communication
 overlaps compute. Backward runs the same pipeline with gradients: one output-gradient row per
 pair travels to the experts, one input-gradient row (with the K weight gradients) comes back.
+A chunk's backward computes only its input and routing-weight gradients; the expert weight
+gradients of all chunks are computed once at the end (one grouped GEMM per weight over every
+chunk's rows, gathered slot-major: ``_WeightGrads``), never one full-size gradient per chunk.
 
 What backward needs on the expert side depends on the memory strategy:
 keep          the expert graph (input, hidden activations)
@@ -25,12 +28,14 @@ import dataclasses
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from ..experts import GroupedExperts
-from .comm import Exchanger, RowPacker
+from ..ops.grouped_gemm import WgradRows, grouped_mm_wgrad
+from .comm import Exchanger, RowPacker, index_from_ranges
 from .dispatch import PairRoute, expand_pairs
 
 KEEPS_GRAPH = ("keep", "recommunicate")
@@ -95,7 +100,7 @@ class _ExpertParallelStage(torch.autograd.Function):
         (T, D), K = x_TD.shape, route.slot_PK.shape[1]
         packer = dispatch_packer(x_TD.dtype, D, weight_N.dtype, K)
         keeps_graph = run.build_graph and run.strategy in KEEPS_GRAPH
-        params = _param_leaves(gate_up, down, keeps_graph)
+        params = _param_leaves(gate_up, down)
         w_TK = _pair_weights(weight_N, run.pair_row_TK)
 
         def dispatch(c: int):
@@ -138,7 +143,7 @@ class _ExpertParallelStage(torch.autograd.Function):
 
         if run.build_graph:
             ctx.run, ctx.saved, ctx.expansions = run, saved, expansions
-            ctx.params = params if keeps_graph else None
+            ctx.params = params
             ctx.weight_dtype = weight_N.dtype
             resent = [x_TD] if run.strategy in RESENDS_INPUT else []
             ctx.save_for_backward(gate_up, down, *resent)
@@ -157,13 +162,13 @@ class _ExpertParallelStage(torch.autograd.Function):
         sends = [grad_TD, *resent]
         packer = RowPacker([(t.dtype, D) for t in sends])
         back = RowPacker([(grad_TD.dtype, D), (ctx.weight_dtype, K)])
-        params = ctx.params if ctx.params is not None else _param_leaves(gate_up, down, True)
+        params = ctx.params
+        weight_grads = _WeightGrads(route.rows_nWS.sum(axis=1), route.offsets_nS(grad_TD.device), grad_TD.device)
 
         def dispatch(c: int):
             token_P = route.token_P[route.send_slice(c)]
             return run.exchanger.start(packer.pack(sends, token_P), route.split_WW(c))
 
-        grad_gate_up = grad_down = None
         returns = []
         upcoming = dispatch(0)
         for c in range(route.num_chunks):
@@ -175,19 +180,16 @@ class _ExpertParallelStage(torch.autograd.Function):
             row_pair_R = row_key_R // K
             grad_RD = grad_PD.index_select(0, row_pair_R)
             x_RD = x_PD[0].index_select(0, row_pair_R) if x_PD else None
-            dx_RD, dw_R, d_gate_up, d_down = _expert_backward(run, ctx.saved[c], params, grad_RD, x_RD, offsets_S)
+            dx_RD, dw_R, wgrad_rows = _expert_backward(run, ctx.saved[c], params, grad_RD, x_RD, offsets_S)
             ctx.saved[c] = None
-            if d_gate_up is None:
-                pass
-            elif grad_gate_up is None:
-                grad_gate_up, grad_down = d_gate_up, d_down
-            else:
-                grad_gate_up += d_gate_up
-                grad_down += d_down
+            if wgrad_rows is not None:
+                weight_grads.add(c, wgrad_rows)
             P = grad_PD.shape[0]
             dx_PD = dx_RD.new_zeros((P, D)).index_add_(0, row_pair_R, dx_RD)
             dw_PK = dx_RD.new_zeros(P * K, dtype=ctx.weight_dtype).index_copy_(0, row_key_R, dw_R.to(ctx.weight_dtype)).view(P, K)
             returns.append(run.exchanger.start(back.pack([dx_PD, dw_PK]), route.split_WW(c), reverse=True))
+        per_expert = run.experts.config.kernels == "per_expert"
+        grad_gate_up, grad_down = weight_grads.compute([gate_up, down], per_expert)  # overlaps the last return
         grad_x_TD = grad_TD.new_zeros((T, D))
         grad_w_TK = grad_TD.new_zeros((T, K), dtype=ctx.weight_dtype)
         for c, pending in enumerate(returns):
@@ -196,8 +198,6 @@ class _ExpertParallelStage(torch.autograd.Function):
             grad_x_TD.index_add_(0, token_P, dx_PD)
             grad_w_TK.index_add_(0, token_P, dw_PK)
         grad_w_N = grad_w_TK.view(-1).index_select(0, run.row_pair_N)
-        if grad_gate_up is None:
-            grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
         return grad_x_TD, grad_w_N, grad_gate_up, grad_down, None
 
 
@@ -208,15 +208,59 @@ def _pair_weights(weight_N: torch.Tensor, pair_row_TK: torch.Tensor) -> torch.Te
     return torch.where(pair_row_TK >= 0, w, 0)
 
 
-def _param_leaves(gate_up, down, requires_grad: bool) -> dict[str, torch.Tensor]:
-    return {
-        "gate_up_proj": gate_up.detach().requires_grad_(requires_grad),
-        "down_proj": down.detach().requires_grad_(requires_grad),
-    }
+def _param_leaves(gate_up, down) -> dict[str, torch.Tensor]:
+    """The expert weights without autograd: their gradients come from ``_WeightGrads``."""
+    return {"gate_up_proj": gate_up.detach(), "down_proj": down.detach()}
 
 
-def _call_experts(run: StageRun, params, x_RD, w_R, offsets_S) -> torch.Tensor:
-    return functional_call(run.experts, params, (x_RD, offsets_S, w_R, run.use_triton))
+def _call_experts(run: StageRun, params, x_RD, w_R, offsets_S, wgrad_rows: WgradRows | None = None) -> torch.Tensor:
+    return functional_call(run.experts, params, (x_RD, offsets_S, w_R, run.use_triton, wgrad_rows))
+
+
+class _WeightGrads:
+    """The expert weight gradients of a whole pipeline, each one grouped GEMM.
+
+    Every chunk's backward hands over its two GEMMs' input rows and output gradients
+    (``WgradRows``); with several chunks they are copied into buffers ordered slot-major (slot,
+    then chunk, then row), so ``dw[s] = sum over chunks of grad_s^T @ x_s`` is one wgrad GEMM per
+    weight over all rows. With one chunk the chunk's own tensors are used (no copy), so degree 1
+    computes exactly what the unchunked layer does. rows_nS: rows per (chunk, local slot).
+    """
+
+    def __init__(self, rows_nS: np.ndarray, offsets_nS: torch.Tensor, device: torch.device):
+        self.rows_nS = rows_nS
+        total_S = rows_nS.sum(axis=0)
+        self.total = int(total_S.sum())
+        self.device = device
+        if rows_nS.shape[0] == 1:
+            self.offsets_S = offsets_nS[0]
+        else:
+            self.offsets_S = torch.from_numpy(np.cumsum(total_S).astype(np.int32)).to(device)
+            self.start_nS = (np.cumsum(total_S) - total_S)[None, :] + (np.cumsum(rows_nS, axis=0) - rows_nS)
+        self.pairs: list = [None, None]
+
+    def add(self, chunk: int, wgrad_rows: WgradRows) -> None:
+        if self.rows_nS.shape[0] == 1:
+            self.pairs = list(wgrad_rows.rows)
+            return
+        index = index_from_ranges(self.start_nS[chunk], self.rows_nS[chunk], self.device)
+        for i, (x_RI, grad_RO) in enumerate(wgrad_rows.rows):
+            if self.pairs[i] is None:
+                self.pairs[i] = (x_RI.new_empty((self.total, x_RI.shape[1])),
+                                 grad_RO.new_empty((self.total, grad_RO.shape[1])))
+            self.pairs[i][0].index_copy_(0, index, x_RI)
+            self.pairs[i][1].index_copy_(0, index, grad_RO)
+
+    def compute(self, weights: list[torch.Tensor], per_expert: bool) -> list[torch.Tensor]:
+        """The gradient of each weight (zeros when no chunk had rows)."""
+        grads = []
+        for weight, pair in zip(weights, self.pairs):
+            if pair is None:
+                grads.append(torch.zeros_like(weight))
+            else:
+                grads.append(grouped_mm_wgrad(pair[1], pair[0], self.offsets_S, per_expert).to(weight.dtype))
+        self.pairs = [None, None]
+        return grads
 
 
 @dataclasses.dataclass
@@ -230,6 +274,7 @@ class _ChunkSaved:
     input_grad: list | None = None
     anchor: torch.Tensor | None = None
     swap: "_SwapSavedInput | None" = None
+    wgrad_rows: WgradRows | None = None
 
 
 def _expert_forward(run: StageRun, params, x_RD, w_R, offsets_S, keeps_graph: bool):
@@ -240,12 +285,12 @@ def _expert_forward(run: StageRun, params, x_RD, w_R, offsets_S, keeps_graph: bo
         with torch.no_grad():
             y_RD = _call_experts(run, params, x_RD, w_R, offsets_S)
         return y_RD, _ChunkSaved(w_R, x_RD if run.strategy == "recompute" else None)
-    saved = _ChunkSaved(w_R.detach().requires_grad_(), output_grad=[], input_grad=[])
+    saved = _ChunkSaved(w_R.detach().requires_grad_(), output_grad=[], input_grad=[], wgrad_rows=WgradRows(2))
     saved.anchor = torch.empty(0, device=x_RD.device, requires_grad=True)
     swap = _SwapSavedInput(x_RD) if run.strategy == "recommunicate" else contextlib.nullcontext()
     with torch.enable_grad(), swap:
         x_in = _GraphInput.apply(x_RD, saved.anchor, saved.input_grad)
-        y_RD = _call_experts(run, params, x_in, saved.scale_R, offsets_S)
+        y_RD = _call_experts(run, params, x_in, saved.scale_R, offsets_S, saved.wgrad_rows)
         saved.root = _GraphRoot.apply(y_RD, saved.output_grad)
     if run.strategy == "recommunicate":
         saved.swap = swap
@@ -253,29 +298,24 @@ def _expert_forward(run: StageRun, params, x_RD, w_R, offsets_S, keeps_graph: bo
 
 
 def _expert_backward(run: StageRun, saved: _ChunkSaved | None, params, grad_RD, x_RD, offsets_S):
-    """Gradients of one chunk: input rows, weights, and the chunk's share of the parameters."""
+    """Gradients of one chunk: its input rows and routing weights, and what the expert weight
+    gradients need (``WgradRows``: each GEMM's input rows and output gradient; None without rows)."""
     if saved is None:
-        return grad_RD, grad_RD.new_zeros(grad_RD.shape[0]), None, None
+        return grad_RD, grad_RD.new_zeros(grad_RD.shape[0]), None
     if saved.root is None:
         x_RD = saved.x_RD if x_RD is None else x_RD
         x_leaf = x_RD.detach().requires_grad_()
         w_leaf = saved.scale_R.detach().requires_grad_()
+        wgrad_rows = WgradRows(2)
         with torch.enable_grad():
-            y_RD = _call_experts(run, params, x_leaf, w_leaf, offsets_S)
-        dx, dw, dgu, ddn = torch.autograd.grad(
-            y_RD, [x_leaf, w_leaf, params["gate_up_proj"], params["down_proj"]], grad_RD
-        )
-        return dx, dw, dgu, ddn
+            y_RD = _call_experts(run, params, x_leaf, w_leaf, offsets_S, wgrad_rows)
+        dx, dw = torch.autograd.grad(y_RD, [x_leaf, w_leaf], grad_RD)
+        return dx, dw, wgrad_rows
     if saved.swap is not None:
         saved.swap.provide(x_RD)
     saved.output_grad.append(grad_RD)
-    _, dw, dgu, ddn = torch.autograd.grad(
-        saved.root,
-        [saved.anchor, saved.scale_R, params["gate_up_proj"], params["down_proj"]],
-        saved.root.new_empty(0),
-        allow_unused=True,
-    )
-    return saved.input_grad.pop(), dw, dgu, ddn
+    _, dw = torch.autograd.grad(saved.root, [saved.anchor, saved.scale_R], saved.root.new_empty(0), allow_unused=True)
+    return saved.input_grad.pop(), dw, saved.wgrad_rows
 
 
 class _GraphInput(torch.autograd.Function):

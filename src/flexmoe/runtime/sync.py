@@ -76,7 +76,11 @@ def check_sync_point(model: nn.Module) -> None:
         steps = [stage.forward_steps for stage in stages]
         fields = {"forward steps of the EP layers": repr(steps)}
         timeout = min(_timeout_s(stage) for stage in stages)
-        check_envelope(stages[0].ep_group, SYNC, steps[0], fields, timeout, stages[0].gate_up_proj.device)
+        first, device = stages[0], stages[0].gate_up_proj.device
+        if isinstance(first, ParallelExperts):
+            first.agreement.check(SYNC, steps[0], fields, timeout, device)
+        else:
+            check_envelope(first.ep_group, SYNC, steps[0], fields, timeout, device)
 
 
 def _timeout_s(stage: ParallelExperts | ShardedExperts) -> float:
