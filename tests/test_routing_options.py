@@ -432,3 +432,11 @@ def test_global_balance_loss_in_one_process_is_the_batch_loss():
         for e in row:
             f[e] += 1.0 / (13 * 2)
     check_against_reference(layer, x, tol=1e-10, global_f=f)
+
+
+def test_group_maps_follow_the_router_to_its_device():
+    """Measured on an H200: group-limited routing failed after ``.cuda()`` because the group map
+    stayed on the CPU. A device move (here to "meta") must take the map along."""
+    cfg = flexmoe.MoEConfig(d_model=16, d_ff=8, num_experts=8, top_k=2, num_groups=4, top_groups=2)
+    layer = flexmoe.MoELayer(cfg).to("meta")
+    assert layer.router.groups.member_GM.device.type == "meta"

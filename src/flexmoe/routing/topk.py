@@ -114,13 +114,19 @@ class TopKRouter(nn.Module):
         return torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices, allowed_TW
 
     def _apply(self, fn, recurse=True):
-        """Module dtype casts leave the float32 router state alone (device moves still apply)."""
+        """Module dtype casts leave the float32 router state alone (device moves still apply), and
+        the group maps (plain tensors, not buffers) follow the router's device."""
         kept = {name: self._buffers[name] for name in self._FLOAT32_BUFFERS}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:
                 self._buffers[name] = old.to(new.device)
+        device = self.weight.device
+        if self.groups is not None:
+            self.groups = self.groups.to(device)
+        if self.device_limits is not None:
+            self.device_limits = self.device_limits.to(device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
