@@ -23,6 +23,17 @@ def _block(width: int) -> int:
 
 
 @triton.jit
+def _gather_rows_kernel(src_ptr, index_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    src_row = tl.load(index_ptr + row).to(tl.int64)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < D
+        values = tl.load(src_ptr + src_row * D + cols, mask=in_row & (cols * 0 + src_row >= 0), other=0.0)
+        tl.store(out_ptr + row * D + cols, values, mask=in_row)
+
+
+@triton.jit
 def _gather_sum_kernel(src_ptr, index_ptr, out_ptr, D, K, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     for start in range(0, D, BLOCK):
@@ -70,6 +81,16 @@ def scatter_rows(src_TD: torch.Tensor, pair_row_TK: torch.Tensor, row_token_N: t
         if T:
             _scatter_rows_kernel[(T,)](src_TD, pair_row_TK.contiguous(), out_ND, D, K, BLOCK=_block(D))
         _zero_unowned_rows_kernel[(N,)](row_token_N.contiguous(), out_ND, D, BLOCK=_block(D))
+    return out_ND
+
+
+def gather_rows(src_TD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+    """``out[i] = src[index[i]]``, zero where ``index[i] < 0`` (the hybrid backward's re-gather)."""
+    src_TD = src_TD.contiguous()
+    N, D = index_N.shape[0], src_TD.shape[1]
+    out_ND = torch.empty((N, D), dtype=src_TD.dtype, device=src_TD.device)
+    if N and D:
+        _gather_rows_kernel[(N,)](src_TD, index_N.contiguous(), out_ND, D, BLOCK=_block(D))
     return out_ND
 
 
