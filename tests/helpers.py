@@ -12,10 +12,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cases_in_processes(world: int, module: str, out_dir: str, timeout_s: float) -> list[dict]:
-    """Spawn ``world`` gloo processes that each run ``module.run_cases(rank, world, port)`` (a
-    dict case name -> "ok" or a traceback) and return every rank's dict; a rank that wrote
-    nothing (crashed, hung past ``timeout_s``) fails the calling test."""
+def spawn_ranks(world: int, out_dir: str, timeout_s: float, target, make_args) -> list[dict]:
+    """Spawn ``world`` processes ``target(*make_args(rank, port))`` that each write
+    ``out_dir/rank{r}.json``, and return every rank's dict; a rank that wrote nothing (crashed,
+    hung past ``timeout_s``) fails the calling test."""
     import json
     import os
 
@@ -24,7 +24,7 @@ def run_cases_in_processes(world: int, module: str, out_dir: str, timeout_s: flo
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_case_worker, args=(module, r, world, port, out_dir)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=make_args(r, port)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -41,6 +41,12 @@ def run_cases_in_processes(world: int, module: str, out_dir: str, timeout_s: flo
         with open(path) as f:
             results.append(json.load(f))
     return results
+
+
+def run_cases_in_processes(world: int, module: str, out_dir: str, timeout_s: float) -> list[dict]:
+    """``spawn_ranks`` of ``module.run_cases(rank, world, port)`` (a dict case name -> "ok" or a
+    traceback) on ``world`` gloo processes."""
+    return spawn_ranks(world, out_dir, timeout_s, _case_worker, lambda r, port: (module, r, world, port, out_dir))
 
 
 def _case_worker(module: str, rank: int, world: int, port: int, out_dir: str) -> None:

@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,7 +50,7 @@ from flexmoe.plan import make_dispatch_plan
 from flexmoe.parallel.tuning import PipelineTuner, RowBytes, choose_memory_strategy, kept_bytes
 from flexmoe.placement import PlacementTable
 from flexmoe.placement.split import split_tokens
-from helpers import free_port
+from helpers import spawn_ranks
 
 F64_TOL, F32_TOL = 1e-10, 1e-5
 SPAWN_TIMEOUT_S = 420
@@ -961,25 +960,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def _run_world(world: int, out_dir: str) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(SPAWN_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = []
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        if not os.path.exists(path):
-            pytest.fail(f"rank {r} of {world} wrote no results (crashed or timed out after {SPAWN_TIMEOUT_S} s)")
-        with open(path) as f:
-            results.append(json.load(f))
-    return results
+    return spawn_ranks(world, out_dir, SPAWN_TIMEOUT_S, _worker, lambda r, port: (r, world, port, out_dir))
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flexmoe import EPGroup, MoEConfig, MoELayer, PlacementTable
 from flexmoe.parallel import ParallelConfig
-from helpers import free_port
+from helpers import spawn_ranks
 from reference import owner_groups, reference_moe, reference_routing
 
 WORLD = 4
@@ -216,25 +215,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out_dir = str(tmp_path_factory.mktemp("routing_dist"))
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out_dir)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(SPAWN_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    out = []
-    for r in range(WORLD):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        if not os.path.exists(path):
-            pytest.fail(f"rank {r} wrote no results (crashed or timed out after {SPAWN_TIMEOUT_S} s)")
-        with open(path) as f:
-            out.append(json.load(f))
-    return out
+    return spawn_ranks(WORLD, out_dir, SPAWN_TIMEOUT_S, _worker, lambda r, port: (r, port, out_dir))
 
 
 @pytest.mark.parametrize("case", list(CASES))

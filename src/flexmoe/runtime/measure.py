@@ -92,15 +92,16 @@ def _measure_bandwidths(dev, dtype, group, world: int, repeats: int, sync, nbyte
         out = torch.empty_like(buf)
         return [nbytes / _best_seconds(lambda: out.copy_(buf), None, 1, repeats, sync)]
     rank = dist.get_rank(group)
-    ranks = dist.get_process_group_ranks(group)
     send = torch.empty(n * world, device=dev, dtype=dtype)
     recv = torch.empty_like(send)
-    peer_to, peer_from = ranks[(rank + 1) % world], ranks[(rank - 1) % world]
+    # A ring of point-to-point sends (every rank to its successor), as an uneven all-to-all: a
+    # collective, so it needs no p2p tags (gloo's batch_isend_irecv hung after a re-initialised
+    # default group) and every rank takes part in the same call.
+    to_W = [n if w == (rank + 1) % world else 0 for w in range(world)]
+    from_W = [n if w == (rank - 1) % world else 0 for w in range(world)]
 
-    def ring_send():  # every rank sends one buffer to its successor and receives one from its predecessor
-        for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, send[:n], peer_to, group),
-                                           dist.P2POp(dist.irecv, recv[:n], peer_from, group)]):
-            req.wait()
+    def ring_send():
+        dist.all_to_all_single(recv[:n], send[:n], output_split_sizes=from_W, input_split_sizes=to_W, group=group)
 
     t_a2a = _best_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group, world, repeats, sync)
     t_sync = _best_seconds(lambda: dist.all_reduce(recv[:n], group=group), group, world, repeats, sync)
