@@ -115,8 +115,10 @@ class ParallelExperts(GroupedExperts):
         self.last_bounded: BoundedReport | None = None
         self._symmetric: SymmetricTransport | None = None
         self.forward_steps = 0
-        # The forward's all-gather: envelope, header, counts per expert, pairs per rank.
-        self.agreement = LayerAgreement(ep, len(_HEADER) + config.num_experts + ep.size)
+        # The forward's all-gather: envelope, header, counts per expert (or per global slot, for
+        # slot-keyed plans of device-limited routing: the wider of the two, zero-padded), pairs per rank.
+        self._count_width = max(config.num_experts, self.placement.world_size * self.placement.slots_per_rank)
+        self.agreement = LayerAgreement(ep, len(_HEADER) + self._count_width + ep.size)
         self._set_replica_tables()
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
@@ -377,11 +379,14 @@ class ParallelExperts(GroupedExperts):
         with_pairs = pairs_W is not None
         if not with_pairs:
             pairs_W = torch.zeros(self.size, dtype=torch.int64, device=counts_E.device)
-        payload = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), counts_E.to(torch.int64),
+        E, C = counts_E.shape[0], self._count_width
+        padded_C = torch.zeros(C, dtype=torch.int64, device=counts_E.device)
+        padded_C[:E] = counts_E.to(torch.int64)
+        payload = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), padded_C,
                              pairs_W.to(torch.int64)])
         everyone = self.agreement.check(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device, payload)
-        H, E = len(_HEADER), counts_E.shape[0]
-        pairs_WW = everyone[:, H + E:] if with_pairs else None
+        H = len(_HEADER)
+        pairs_WW = everyone[:, H + C:] if with_pairs else None
         return everyone[:, :H], everyone[:, H:H + E], pairs_WW
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:
