@@ -52,14 +52,7 @@ def plot_losses(records: list[dict], out: Path, title: str) -> Path:
                 label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(f"{title}: language-model loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, f"{title}: language-model loss", out / "loss.png")
 
 
 def plot_balance(records: list[dict], out: Path, title: str) -> Path | None:
@@ -77,14 +70,7 @@ def plot_balance(records: list[dict], out: Path, title: str) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("max expert load / mean")
     smoothed = f", moving average over {window} steps" if window > 1 else ""
-    ax.set_title(f"{title}: expert-load balance (1 = even{smoothed})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    path = out / "balance.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, f"{title}: expert-load balance (1 = even{smoothed})", out / "balance.png", small_legend=True)
 
 
 def _plot_series(steps, series_TL: np.ndarray, out: Path, name: str, title: str, ylabel: str,
@@ -97,14 +83,7 @@ def _plot_series(steps, series_TL: np.ndarray, out: Path, name: str, title: str,
         ax.plot(steps, _smooth(series_TL[:, layer], window), marker, label=f"MoE layer {layer}")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    path = out / name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, out / name, small_legend=True)
 
 
 def plot_similarity(records: list[dict], out: Path, title: str) -> Path | None:
@@ -122,14 +101,7 @@ def plot_similarity(records: list[dict], out: Path, title: str) -> Path | None:
         ax.plot(steps, output_TL[:, layer], "s--", color=line.get_color(), label=f"layer {layer} outputs")
     ax.set_xlabel("step")
     ax.set_ylabel("mean pairwise cosine between experts")
-    ax.set_title(f"{title}: expert similarity (1 = identical experts)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    path = out / "similarity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, f"{title}: expert similarity (1 = identical experts)", out / "similarity.png", small_legend=True)
 
 
 def plot_active_experts(records: list[dict], out: Path, title: str) -> Path | None:
@@ -205,3 +177,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
             blocks = trace.meta.get("moe_blocks")
             paths.append(plot_expert_load(trace.counts_TLWE, trace.steps_T, out, title, blocks))
     return paths
+
+
+def _finish(plt, fig, ax, title: str, path: Path, small_legend: bool = False) -> Path:
+    """Title, grid and legend of a one-axis figure, then write it to ``path`` and close it."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**({"fontsize": "small", "ncol": 2} if small_legend else {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
