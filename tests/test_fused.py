@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import subprocess
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import flexmoe
+from test_compile import check_compiled_matches_eager
 from flexmoe.ops.checks import check_finite
 from flexmoe.ops.fused_experts import fused_expert_ffn
 from flexmoe.ops.fused_gemm import row_blocks
@@ -132,18 +132,7 @@ def test_fused_compiles_fullgraph_and_matches_eager(kernels):
     torch.manual_seed(0)
     torch._dynamo.reset()
     cfg = flexmoe.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, aux_loss_coef=0.01, num_shared_experts=1, kernels=kernels)
-    eager = flexmoe.MoELayer(cfg).double()
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 5, 16, dtype=torch.float64)
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ye, yc = eager(xe), compiled(xc)
-    (ye.square().sum() + eager.aux_loss).backward()
-    (yc.square().sum() + compiled_layer.aux_loss).backward()
-    torch.testing.assert_close(yc, ye, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-12, atol=1e-12)
-    for pe, pc in zip(eager.parameters(), compiled_layer.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-12, atol=1e-12)
+    check_compiled_matches_eager(cfg)
 
 
 def test_per_expert_gemms_match_reference():
