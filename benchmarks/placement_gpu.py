@@ -18,6 +18,9 @@ GPU:  python benchmarks/placement_gpu.py         (synthetic drifting trace + ben
       --quick: fewer steps and samples, first layer of each trace
 ``--layers`` picks the layers replayed and timed (the simulator's CPU time grows with them).
 CPU smoke check:  python benchmarks/placement_gpu.py --tiny
+Plans made on one machine, timed on another (the simulator is CPU-bound, the GPU's time short):
+      python benchmarks/placement_gpu.py ... --save-plans plans.pkl   (CPU: replay only, no timing)
+      python benchmarks/placement_gpu.py --load-plans plans.pkl       (GPU: time the saved plans)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import glob
 import os
+import pickle
 import sys
 import traceback
 
@@ -209,6 +213,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="calls per timed trial (3 trials, after 3 warm-up calls)")
     parser.add_argument("--quick", action="store_true", help="150 steps, 8 samples, first layer of each trace")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny shapes and traces")
+    parser.add_argument("--save-plans", metavar="PATH", help="replay and save the sampled plans; time nothing")
+    parser.add_argument("--load-plans", metavar="PATH", help="time plans saved by --save-plans (no replay)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.quick:
@@ -222,6 +228,34 @@ def main() -> None:
     print(f"expert stage timed: D={args.d_model}, F={args.d_ff}, SwiGLU, {dtype}, forward + backward "
           f"(GroupedExperts, {'Triton + grouped_mm' if device.type == 'cuda' else 'torch'}); "
           f"cost model from_shape(flops={args.flops:.3g}, mem_bw={args.mem_bw:.3g}, a2a_bw={args.a2a_bw:.3g})")
+    saved = []
+    for title, samples, modelled, S in _plans(args, cost):
+        if args.save_plans:
+            saved.append((title, samples, modelled, S))
+            print(f"replayed: {title}")
+            continue
+        try:
+            max_rows = max(int(s.quota_WS.sum(1).max()) for got in samples.values() for s in got)
+            stage = RankStage(args.d_model, args.d_ff, S, max(max_rows, 1), device, args.reps)
+            report(title, samples, modelled, stage, cost)
+            del stage
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - one failing trace must not end the run
+            print(f"\n## {title}: FAILED")
+            traceback.print_exc(file=sys.stdout)
+    if args.save_plans:
+        with open(args.save_plans, "wb") as f:
+            pickle.dump(saved, f)
+        print(f"plans of {len(saved)} trace(s) saved to {args.save_plans}")
+
+
+def _plans(args, cost: CostModel):
+    """(title, samples, modelled, S) per trace: replayed here, or read from ``--load-plans``."""
+    if args.load_plans:
+        with open(args.load_plans, "rb") as f:  # our own file, written by --save-plans
+            yield from pickle.load(f)
+        return
     for title, trace, _ in load_traces(args):
         try:
             counts = trace.counts_TLWE
@@ -230,20 +264,14 @@ def main() -> None:
             counts = counts[:, picked]  # only the timed layers are replayed (the bytes budget spans these)
             T, L, W, E = counts.shape
             S = -(-E // W) + 2
-            layers = list(range(L))
             first = min(T - 1, ReplanPolicy().first_plan + 1)
             samples_T = {int(t) for t in np.linspace(first, T - 1, args.samples).round()}
-            samples, modelled = collect(counts, cost, S, ReplanPolicy(), samples_T, layers)
-            max_rows = max(int(s.quota_WS.sum(1).max()) for got in samples.values() for s in got)
-            stage = RankStage(args.d_model, args.d_ff, S, max(max_rows, 1), device, args.reps)
-            report(f"{title}; {S} slots per rank; layers replayed and timed {picked}", samples, modelled, stage, cost)
-            del stage
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            samples, modelled = collect(counts, cost, S, ReplanPolicy(), samples_T, list(range(L)))
         except Exception:  # noqa: BLE001 - one failing trace must not end the run
             print(f"\n## {title}: FAILED")
             traceback.print_exc(file=sys.stdout)
-
+            continue
+        yield f"{title}; {S} slots per rank; layers replayed and timed {picked}", samples, modelled, S
 
 if __name__ == "__main__":
     main()
