@@ -78,15 +78,13 @@ def random_change(table: PlacementTable, kind: str, rng: np.random.Generator) ->
     if kind == "shrink":
         cands = [s for s in full if reps[se[s]] > 1]
         return shrink_replica(table, cands[rng.integers(len(cands))])
-    if kind == "migrate":
-        src = full[rng.integers(len(full))]
-        cands = [f for f in free if f[0] != src[0] and not (se[f[0]] == se[src]).any()]
-        return migrate_replica(table, src, cands[rng.integers(len(cands))])
-    if kind == "swap":
-        a = full[rng.integers(len(full))]
-        cands = [b for b in full if b[0] != a[0] and se[b] != se[a]
+    if kind == "migrate":  # to another rank that does not hold the expert
+        cands = [(src, f) for src in full for f in free if f[0] != src[0] and not (se[f[0]] == se[src]).any()]
+        return migrate_replica(table, *cands[rng.integers(len(cands))])
+    if kind == "swap":  # two experts on different ranks, neither already on the other's rank
+        cands = [(a, b) for a in full for b in full if b[0] != a[0] and se[b] != se[a]
                  and not (se[b[0]] == se[a]).any() and not (se[a[0]] == se[b]).any()]
-        return swap_slots(table, a, cands[rng.integers(len(cands))])
+        return swap_slots(table, *cands[rng.integers(len(cands))])
     if kind == "reshuffle":  # a multi-change plan: random permutation of all slot contents
         perm = rng.permutation(se.size)
         new = PlacementTable(E, se.reshape(-1)[perm].reshape(se.shape),
@@ -383,10 +381,12 @@ def invariance_scenarios(rank, world):
     out["scheduler"] = {"errors": errors(views), "replica_diff": max(diffs), "metrics": sched["metrics"],
                         "final_table": sched["s"].planned_tables[0].state_dict(), "plans": sched["tables"],
                         "trace": [records[(t, 0)] for t in range(len(records))]}
-    on_step, resumed = scheduled(rank, topo, resume_after=STEPS // 2)
+    moved = [m["step"] - 1 for m in sched["metrics"] if m["layers"][0]["transfers"] and m["step"] < STEPS]
+    resume_after = min(moved, key=lambda step: abs(step - STEPS // 2))  # a move is in flight then
+    on_step, resumed = scheduled(rank, topo, resume_after=resume_after)
     views, _ = train(rank, topo, on_step)
     out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].planned_tables[0].state_dict(),
-                      "pending_at_save": resumed["pending_at_save"]}
+                      "pending_at_save": resumed["pending_at_save"], "resume_after": resume_after}
     return out, errors
 
 
