@@ -94,7 +94,7 @@ class PendingMove:
                 "between issuing the move and applying it (an optimizer step before the layer's next "
                 "forward?); the layer keeps table "
                 f"v{self.stage.placement.version}. Issue a move after optimizer.step() and apply it "
-                "before the next backward"
+                "before the next forward"
             )
         transfer.land(timeout_s)
         self.stage.set_placement(self.table)
