@@ -492,3 +492,20 @@ def test_scheduler_validates_async_moves():
     layer = SlotLayer(one_rank_table([0, 1, -1]))
     with pytest.raises(ValueError, match="PlacementScheduler.async_moves"):
         PlacementScheduler(layer, None, HotExpertPlanner(), "cm", async_moves=1)
+
+
+def test_copying_a_model_with_a_pending_move_copies_the_old_state_only():
+    """The landing hook holds the scheduler weakly: a deep copy (or a pickled model) is the
+    consistent old state and no second scheduler comes with it."""
+    cfg = MoEConfig(d_model=6, d_ff=4, num_experts=3, top_k=2, kernels="torch")
+    layer = MoELayer(cfg, placement=one_rank_table([0, 1, 2, -1]))
+    opt = torch.optim.Adam(layer.parameters())
+    sched = PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
+    layer(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    sched.step()
+    twin = copy.deepcopy(layer)
+    twin(torch.randn(4, 6))
+    assert twin.experts.placement.version == 0 and sched.pending == (0,)
+    layer(torch.randn(4, 6))
+    assert layer.experts.placement.version == 1 and sched.pending == ()

@@ -22,8 +22,8 @@ layers 0..i-1.
 
 from __future__ import annotations
 
-import functools
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,7 +157,7 @@ class PlacementScheduler:
         self.timeout_s = min(stage.parallel.timeout_s for stage in self._stages)
         self._moves: list[PendingMove | None] = [None] * len(self.layers)  # in flight, per layer
         self._restored: list[PlacementTable | None] = [None] * len(self.layers)  # to move on resume
-        self._hooks = [layer.register_forward_pre_hook(functools.partial(self._before_forward, i))
+        self._hooks = [layer.register_forward_pre_hook(_LandBeforeForward(self, i))
                        for i, layer in enumerate(self.layers)]
 
     def _make_recorder(self, trace):
@@ -216,10 +216,6 @@ class PlacementScheduler:
     def finish_moves(self) -> None:
         """Land every pending move now (a collective when any is pending), in layer order."""
         for i in self.pending:
-            self._land(i)
-
-    def _before_forward(self, i: int, module, args) -> None:
-        if self._moves[i] is not None or self._restored[i] is not None:
             self._land(i)
 
     def _land(self, i: int) -> None:
@@ -383,6 +379,31 @@ class PlacementScheduler:
         device = self.layers[0].experts.gate_up_proj.device
         self._pending = [] if state["pending"] is None else list(state["pending"].to(device).unbind(0))
         self._accum = None
+
+
+class _LandBeforeForward:
+    """The forward pre-hook of layer ``i``: land its pending move. It holds the scheduler weakly,
+    so copying or pickling a model does not copy the scheduler (a copy's hook does nothing)."""
+
+    def __init__(self, scheduler: PlacementScheduler, i: int) -> None:
+        self.scheduler = weakref.ref(scheduler)
+        self.i = i
+
+    def __call__(self, module, args) -> None:
+        scheduler = self.scheduler() if self.scheduler is not None else None
+        if scheduler is not None and self.i in scheduler.pending:
+            scheduler._land(self.i)
+
+    def __getstate__(self) -> dict:
+        return {"scheduler": None, "i": self.i}
+
+    def __deepcopy__(self, memo) -> "_LandBeforeForward":
+        copy = _LandBeforeForward.__new__(_LandBeforeForward)
+        copy.__setstate__(self.__getstate__())
+        return copy
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 def _same(a: PlacementTable, b: PlacementTable) -> bool:
