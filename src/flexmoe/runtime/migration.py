@@ -175,7 +175,7 @@ def apply_placement(
     """Switch ``layer`` to ``new_table``, moving expert weights and optimizer state as needed.
 
     Call it on every rank of the layer's EP group with the same table, between ``optimizer.step()``
-    and the next backward (gradients are not moved). Ranks first exchange the old and new table
+    and the next forward (gradients are not moved). Ranks first exchange the old and new table
     versions and the layout of the optimizer state; any disagreement raises RuntimeError before
     anything moves. ``ranks_per_node`` (default: the layer's EP group's) makes copies prefer a
     source on the destination's node.

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..layer import moe_layers
 from ..parallel import ParallelExperts, ep_stage
+from ..parallel.agreement import wait
 from ..placement.planner import GreedyPlanner, Planner
 from ..placement.policy import ReplanPolicy, Replanner
 from ..placement.predict import LoadPredictor, PredictorConfig
@@ -41,7 +42,6 @@ from ..placement.split import balance_ratio
 from ..placement.table import PlacementTable
 from ..sim.trace import TraceRecorder
 from .measure import measure_cost_model
-from ..parallel.agreement import wait
 from .migration import (
     PendingMove,
     apply_placement,
@@ -57,7 +57,7 @@ class PlacementScheduler:
     """Dynamic expert placement for every MoE layer of ``model`` that has a placement table.
 
     Call ``step()`` on every rank of the expert-parallel group once per training step, after
-    ``optimizer.step()`` and before the next backward. With gradient accumulation call
+    ``optimizer.step()`` and before the next forward. With gradient accumulation call
     ``observe()`` after each micro-batch's forward; ``step()`` then uses the sum of the observed
     counts instead of the last forward's.
 

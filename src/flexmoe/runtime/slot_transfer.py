@@ -91,10 +91,16 @@ class SlotTransfer:
         return self
 
     def wait(self, timeout_s: float) -> None:
-        """Finish the posted sends and receives (TimeoutError after ``timeout_s``); writes nothing."""
+        """Finish the posted sends and receives (TimeoutError after ``timeout_s``); writes nothing.
+        With NCCL the current stream waits for them, the host does not (the process group's
+        watchdog bounds them)."""
         works, self.works = self.works, []
+        on_stream = bool(works) and dist.get_backend(self.group) == "nccl"
         for work in works:
-            wait(work, timeout_s, "a placement move's slot transfer")
+            if on_stream:
+                work.wait()
+            else:
+                wait(work, timeout_s, "a placement move's slot transfer")
         self._send_bufs = {}
 
     def land(self, timeout_s: float) -> None:
