@@ -155,7 +155,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     failure_groups = [dist.new_group([0, 1]) for _ in range(2)]
-    training, _ = invariance_scenarios(rank, WORLD)
+    training, _, _ = invariance_scenarios(rank, WORLD)
     results = {"training": training,
                "overlap": {"async": overlap_scenario(rank, True), "blocking": overlap_scenario(rank, False)}}
     dist.barrier()

@@ -377,6 +377,7 @@ def invariance_scenarios(rank, world):
 
     on_step, sched = scheduled(rank, topo)
     views, diffs = train(rank, topo, on_step)
+    scheduler_views = views
     records = sched["trace"].records
     out["scheduler"] = {"errors": errors(views), "replica_diff": max(diffs), "metrics": sched["metrics"],
                         "final_table": sched["s"].planned_tables[0].state_dict(), "plans": sched["tables"],
@@ -387,15 +388,16 @@ def invariance_scenarios(rank, world):
     views, _ = train(rank, topo, on_step)
     out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].planned_tables[0].state_dict(),
                       "pending_at_save": resumed["pending_at_save"], "resume_after": resume_after}
-    return out, errors
+    return out, errors, scheduler_views
 
 
 def run_training_scenarios(rank):
-    out, errors = invariance_scenarios(rank, WORLD)
+    out, errors, async_views = invariance_scenarios(rank, WORLD)
     topo = Topology(dist.group.WORLD, None, initial_table())
     on_step, sched = scheduled(rank, topo, async_moves=False)
     views, _ = train(rank, topo, on_step)
-    out["scheduler_blocking"] = {"errors": errors(views), "final_table": sched["s"].planned_tables[0].state_dict()}
+    out["scheduler_blocking"] = {"errors": errors(views), "final_table": sched["s"].planned_tables[0].state_dict(),
+                                 "vs_async": errors(views, async_views)}
 
     on_step, _ = random_changes()
     views, _ = train(rank, topo, on_step, average_replicas=True)
@@ -497,6 +499,7 @@ def test_training_invariant_under_scheduler(results):
 def test_blocking_moves_make_the_same_plans_and_stay_invariant(results):
     r = results["training"]["scheduler_blocking"]
     assert max(r["errors"]) < TOL, r["errors"]
+    assert max(r["vs_async"]) == 0.0, r["vs_async"]  # bit-identical to asynchronous moves
     assert r["final_table"] == results["training"]["scheduler"]["final_table"]
 
 
