@@ -4,6 +4,7 @@ test_placement_runtime_dist.py."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -25,7 +26,7 @@ from flexmoe.placement import (
     shrink_replica,
     swap_slots,
 )
-from flexmoe.runtime import apply_placement
+from flexmoe.runtime import apply_placement, issue_placement
 from flexmoe.runtime import PlacementScheduler
 from flexmoe.sim.trace import read_trace
 
@@ -276,7 +277,11 @@ def test_scheduler_cadence_metrics_log_and_trace(caplog, tmp_path):
     trace = read_trace(tmp_path / "trace.jsonl")
     assert trace.steps_T.tolist() == [0, 1, 2, 3, 4, 5] and trace.counts_TLWE.shape == (6, 2, 1, 3)
     np.testing.assert_array_equal(trace.counts_TLWE[1, :, 0], np.stack(hot) * 2)
-    # first plan: expand the hot expert in each layer; second plan: shrink it again
+    # first plan: expand the hot expert in each layer; second plan: shrink it again (async: the
+    # move lands before the layer's next forward; these layers have none, so land it by hand)
+    assert sched.pending == (0, 1) and layers[0].experts.placement.version == 1
+    sched.finish_moves()
+    assert sched.pending == ()
     assert layers[0].experts.placement.num_replicas_E().tolist() == [1, 1, 1]
     assert layers[0].experts.placement.version == 2
     m = sched.last_metrics
@@ -387,3 +392,120 @@ def test_one_process_training_is_invariant_under_local_changes():
     for e in range(4):
         for a, b in zip(moved[e], base[e]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------- asynchronous moves, one process
+
+
+def _real_layer_run(steps, async_moves, checkpoint_after=None):
+    """A real one-process EP layer (replicas and moves are local copies) under the scheduler with
+    HotExpertPlanner every step. Returns the logical state, the final table and, per step, what
+    was pending after ``step()`` and after the next forward. ``checkpoint_after``: save model,
+    optimizer and scheduler right after that step's plan and go on with fresh objects."""
+    cfg = MoEConfig(d_model=6, d_ff=4, num_experts=3, top_k=2, router_dtype=torch.float64, kernels="torch")
+
+    def build():
+        torch.manual_seed(3)
+        layer = MoELayer(cfg, placement=one_rank_table([0, 1, 2, -1])).double()
+        with torch.no_grad():
+            layer.router.weight[1] += 1.0
+        opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+        return layer, opt, PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", async_moves=async_moves,
+                                              policy=ReplanPolicy(interval=1, guard=False))
+
+    layer, opt, sched = build()
+    seen = []
+    for step in range(steps):
+        x = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step)) + 0.3
+        version = layer.experts.placement.version
+        layer(x).pow(2).mean().backward()
+        seen.append(("forward", version, layer.experts.placement.version, sched.pending))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        seen.append(("step", layer.experts.placement.version, sched.planned_tables[0].version, sched.pending))
+        if step == checkpoint_after:
+            saved = copy.deepcopy({"model": layer.state_dict(), "optimizer": opt.state_dict(),
+                                   "placement": sched.state_dict()})
+            layer, opt, sched = build()
+            sched.load_state_dict(saved["placement"])
+            layer.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            seen.append(("saved", saved["placement"]["tables"][0]["version"],
+                         saved["placement"]["pending_tables"][0]["version"], sched.pending))
+    sched.finish_moves()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state.update({f"adam.{i}.{k}": v.clone() for i, st in enumerate(opt.state.values()) for k, v in st.items()})
+    return state, layer.experts.placement.state_dict(), seen
+
+
+def test_async_moves_land_at_the_next_forward_and_equal_blocking_moves():
+    blocking, blocking_table, seen_blocking = _real_layer_run(5, async_moves=False)
+    moved, table, seen = _real_layer_run(5, async_moves=True)
+    assert table == blocking_table and table["version"] >= 4
+    assert moved.keys() == blocking.keys()
+    assert all(torch.equal(moved[k], blocking[k]) for k in moved)  # same moves, same arithmetic
+    # after step(): the layer still holds the old table, the new one pending; the forward lands it
+    for kind, held, planned, pending in seen:
+        if kind == "step":
+            assert pending == (0,) and planned == held + 1, seen
+        else:
+            assert pending == () and (planned > held or held == 0), seen
+    assert all(entry[3] == () and (entry[0] != "step" or entry[1] == entry[2]) for entry in seen_blocking)
+
+
+def test_checkpoint_taken_while_a_move_is_pending_resumes_exactly():
+    straight, straight_table, _ = _real_layer_run(5, async_moves=True)
+    resumed, resumed_table, seen = _real_layer_run(5, async_moves=True, checkpoint_after=2)
+    saved = [entry for entry in seen if entry[0] == "saved"]
+    assert saved == [("saved", 2, 3, (0,))], seen  # old table saved, the pending one with it
+    assert resumed_table == straight_table
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_a_stale_async_move_raises_and_writes_nothing():
+    table = one_rank_table([0, 1, 2, -1])
+    layer, opt = adam_layer(table)
+    move = issue_placement(layer, swap_slots(table, (0, 0), (0, 1)), opt)
+    assert layer.experts.placement.version == 0 and not move.done
+    sum((p ** 3).sum() for p in layer.parameters()).backward()
+    opt.step()  # between issue and apply: the staged rows no longer hold the current values
+    current = [t.clone() for t in state_tensors(layer, opt)]
+    with pytest.raises(RuntimeError, match="stale: gate_up_proj, down_proj"):
+        move.apply()
+    assert layer.experts.placement.version == 0
+    assert all(torch.equal(a, b) for a, b in zip(state_tensors(layer, opt), current))
+    with pytest.raises(RuntimeError, match="already applied or cancelled"):
+        move.apply()
+
+    move = issue_placement(layer, swap_slots(table, (0, 0), (0, 1)), opt)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # replaces the state tensors
+    with pytest.raises(RuntimeError, match=r"stale: optimizer0\.gate_up_proj\.exp_avg,"):
+        move.apply()
+    move = issue_placement(layer, swap_slots(table, (0, 0), (0, 1)), opt)
+    before = [t.clone() for t in state_tensors(layer, opt)]
+    assert move.apply().transfers == 2
+    torch.testing.assert_close(state_tensors(layer, opt)[0][[1, 0]], before[0][[0, 1]], rtol=0, atol=0)
+
+
+def test_scheduler_validates_async_moves():
+    layer = SlotLayer(one_rank_table([0, 1, -1]))
+    with pytest.raises(ValueError, match="PlacementScheduler.async_moves"):
+        PlacementScheduler(layer, None, HotExpertPlanner(), "cm", async_moves=1)
+
+
+def test_copying_a_model_with_a_pending_move_copies_the_old_state_only():
+    """The landing hook holds the scheduler weakly: a deep copy (or a pickled model) is the
+    consistent old state and no second scheduler comes with it."""
+    cfg = MoEConfig(d_model=6, d_ff=4, num_experts=3, top_k=2, kernels="torch")
+    layer = MoELayer(cfg, placement=one_rank_table([0, 1, 2, -1]))
+    opt = torch.optim.Adam(layer.parameters())
+    sched = PlacementScheduler(layer, opt, HotExpertPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
+    layer(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    sched.step()
+    twin = copy.deepcopy(layer)
+    twin(torch.randn(4, 6))
+    assert twin.experts.placement.version == 0 and sched.pending == (0,)
+    layer(torch.randn(4, 6))
+    assert layer.experts.placement.version == 1 and sched.pending == ()

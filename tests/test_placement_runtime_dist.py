@@ -5,9 +5,12 @@
 2. invariance: float64 EP training with Adam and skewed routing, with placement changes of every
    kind (expand, shrink, migrate, swap, multi-change plans) at random steps, equals training with the
    static table in the logical view (weights, exp_avg, exp_avg_sq, step) to 1e-10 relative; replicas
-   stay bit-identical. Once by direct ``apply_placement`` calls, once through ``PlacementScheduler``
-   with the greedy planner, once more resuming that run from a checkpoint half-way, and once with
-   data parallelism over two EP groups of two ranks (the groups must plan identical tables).
+   stay bit-identical. Once by direct ``apply_placement`` calls, once by direct asynchronous moves
+   (``issue_placement`` after the optimizer step, ``apply`` before the next forward), through
+   ``PlacementScheduler`` with the greedy planner with asynchronous moves (the default) and with
+   blocking ones, once more resuming the asynchronous run from a checkpoint taken half-way while a
+   move is in flight, and once with data parallelism over two EP groups of two ranks (the groups
+   must plan identical tables). test_placement_runtime_async.py runs the same on 2 processes.
 3. the check has teeth: averaging replica gradients instead of summing them, or migrating without the
    optimizer state, is detected.
 """
@@ -41,7 +44,7 @@ from flexmoe.placement import (
     swap_slots,
     table_digest,
 )
-from flexmoe.runtime import apply_placement, sync_gradients
+from flexmoe.runtime import apply_placement, issue_placement, sync_gradients
 from helpers import free_port
 
 WORLD = 4
@@ -53,8 +56,12 @@ SPAWN_TIMEOUT_S = 240
 # ------------------------------------------------------------------------------- helpers (all ranks)
 
 
-def initial_table() -> PlacementTable:
-    se = np.array([[0, 1, -1], [2, 3, -1], [4, -1, -1], [5, -1, -1]])
+def initial_table(world: int = WORLD) -> PlacementTable:
+    """4 ranks: 3 slots each, experts 0-3 two per rank on ranks 0-1; 2 ranks: 5 slots, 3 experts each."""
+    if world == 2:
+        se = np.array([[0, 1, 2, -1, -1], [3, 4, 5, -1, -1]])
+    else:
+        se = np.array([[0, 1, -1], [2, 3, -1], [4, -1, -1], [5, -1, -1]])
     return PlacementTable(E, se, (se >= 0).astype(float))
 
 
@@ -71,15 +78,13 @@ def random_change(table: PlacementTable, kind: str, rng: np.random.Generator) ->
     if kind == "shrink":
         cands = [s for s in full if reps[se[s]] > 1]
         return shrink_replica(table, cands[rng.integers(len(cands))])
-    if kind == "migrate":
-        src = full[rng.integers(len(full))]
-        cands = [f for f in free if f[0] != src[0] and not (se[f[0]] == se[src]).any()]
-        return migrate_replica(table, src, cands[rng.integers(len(cands))])
-    if kind == "swap":
-        a = full[rng.integers(len(full))]
-        cands = [b for b in full if b[0] != a[0] and se[b] != se[a]
+    if kind == "migrate":  # to another rank that does not hold the expert
+        cands = [(src, f) for src in full for f in free if f[0] != src[0] and not (se[f[0]] == se[src]).any()]
+        return migrate_replica(table, *cands[rng.integers(len(cands))])
+    if kind == "swap":  # two experts on different ranks, neither already on the other's rank
+        cands = [(a, b) for a in full for b in full if b[0] != a[0] and se[b] != se[a]
                  and not (se[b[0]] == se[a]).any() and not (se[a[0]] == se[b]).any()]
-        return swap_slots(table, a, cands[rng.integers(len(cands))])
+        return swap_slots(table, *cands[rng.integers(len(cands))])
     if kind == "reshuffle":  # a multi-change plan: random permutation of all slot contents
         perm = rng.permutation(se.size)
         new = PlacementTable(E, se.reshape(-1)[perm].reshape(se.shape),
@@ -236,15 +241,18 @@ def batch(step, rank):
     return x, target
 
 
-def train(rank, topo, on_step=None, average_replicas=False):
+def train(rank, topo, on_step=None, average_replicas=False, before_forward=None):
     """STEPS Adam steps; ``on_step(step, layer, opt)`` runs after each optimizer step and may
-    return a replacement ``(layer, opt)`` (a resumed checkpoint). Returns the logical view and the
-    largest replica difference after each step."""
+    return a replacement ``(layer, opt)`` (a resumed checkpoint); ``before_forward(step)`` runs
+    before each forward, after the batch is built. Returns the logical view (a collective, taken
+    while asynchronous moves are in flight) and the largest replica difference after each step."""
     layer = build_layer(topo)
     opt = torch.optim.Adam(layer.parameters(), lr=0.02)
     views, diffs = [], []
     for step in range(STEPS):
         x, target = batch(step, rank)
+        if before_forward is not None:
+            before_forward(step)
         loss = ((layer(x) - target) ** 2).mean()
         loss.backward()
         sync_gradients(layer, expert_dp_group=topo.expert_dp_group)
@@ -263,21 +271,36 @@ def train(rank, topo, on_step=None, average_replicas=False):
 CHANGE_KINDS = ["expand", "expand", "swap", "migrate", "reshuffle", "shrink", "expand", "migrate", "swap", "shrink"]
 
 
-def random_changes(move_optimizer_state=True):
-    """Changes of every kind at random steps (the same on all ranks)."""
+def random_changes(move_optimizer_state=True, async_moves=False):
+    """Changes of every kind at random steps (the same on all ranks). ``async_moves``: the step's
+    changes in one table, issued after the optimizer step and applied before the next forward
+    (use ``before_forward`` as ``train``'s)."""
     rng = np.random.default_rng(5)
     steps = sorted(rng.choice(np.arange(STEPS - 1), size=len(CHANGE_KINDS) - 2, replace=False).tolist())
     plan = {}
     for i, kind in enumerate(CHANGE_KINDS):  # two steps get two changes
         plan.setdefault(steps[min(i, len(steps) - 1)], []).append(kind)
-    log = []
+    log, pending = [], []
 
     def on_step(step, layer, opt):
+        if async_moves and step in plan:
+            new = layer.experts.placement
+            for kind in plan[step]:
+                new = random_change(new, kind, rng)
+            pending.append(issue_placement(layer, new, opt))
+            r = pending[-1].report
+            log.append((step, "+".join(plan[step]), r.expands, r.shrinks, r.migrates, r.bytes_moved))
+            return
         for kind in plan.get(step, []):
             new = random_change(layer.experts.placement, kind, rng)
             report = apply_placement(layer, new, opt, move_optimizer_state=move_optimizer_state)
             log.append((step, kind, report.expands, report.shrinks, report.migrates, report.bytes_moved))
 
+    def before_forward(step):
+        while pending:
+            pending.pop().apply()
+
+    on_step.before_forward = before_forward
     return on_step, log
 
 
@@ -300,16 +323,17 @@ class ListRecorder:
         self.records[(int(step), int(layer))] = np.asarray(counts_WE).tolist()
 
 
-def scheduled(rank, topo, resume_after=None):
+def scheduled(rank, topo, resume_after=None, async_moves=True):
     """A PlacementScheduler with the greedy planner, every 2 steps. With ``resume_after``, the
-    model, optimizer and scheduler are checkpointed after that step and training goes on with fresh
-    objects loaded from the checkpoint (scheduler state first, so the logical model state dict is
-    laid out by the saved tables)."""
+    model, optimizer and scheduler are checkpointed after that step (with the plan's moves still in
+    flight: ``pending_at_save``) and training goes on with fresh objects loaded from the checkpoint
+    (scheduler state first, so the logical model state dict is laid out by the saved tables)."""
     holder = {"metrics": [], "tables": [], "trace": ListRecorder()}
 
     def make(layer, opt):
         return PlacementScheduler(layer, opt, SCHEDULED_PLANNER(), SCHEDULED_COST, policy=SCHEDULED_POLICY,
-                                  expert_dp_group=topo.expert_dp_group, trace=holder["trace"])
+                                  expert_dp_group=topo.expert_dp_group, trace=holder["trace"],
+                                  async_moves=async_moves)
 
     def on_step(step, layer, opt):
         if "s" not in holder:
@@ -317,8 +341,9 @@ def scheduled(rank, topo, resume_after=None):
         metrics = holder["s"].step()
         if metrics:
             holder["metrics"].append(metrics)
-            holder["tables"].append((step + 1, holder["s"].tables[0].state_dict()))
+            holder["tables"].append((step + 1, holder["s"].planned_tables[0].state_dict()))
         if step == resume_after:
+            holder["pending_at_save"] = list(holder["s"].pending)
             saved = copy.deepcopy({"model": layer.state_dict(), "optimizer": opt.state_dict(),
                                    "placement": holder["s"].state_dict()})
             layer = build_layer(topo)
@@ -336,27 +361,43 @@ def scheduled(rank, topo, resume_after=None):
     return on_step, holder
 
 
-def run_training_scenarios(rank):
-    topo = Topology(dist.group.WORLD, None, initial_table())
+def invariance_scenarios(rank, world):
+    """Baseline, direct (blocking and asynchronous), scheduler (asynchronous), resume mid-move."""
+    topo = Topology(dist.group.WORLD, None, initial_table(world))
     base_views, base_diffs = train(rank, topo)
     out = {"baseline_replica_diff": max(base_diffs)}
 
     def errors(views, base=base_views):
         return [compare(v, b) for v, b in zip(views, base)]
 
-    on_step, log = random_changes()
-    views, diffs = train(rank, topo, on_step)
-    out["direct"] = {"errors": errors(views), "replica_diff": max(diffs), "log": log}
+    for name, async_moves in (("direct", False), ("direct_async", True)):
+        on_step, log = random_changes(async_moves=async_moves)
+        views, diffs = train(rank, topo, on_step, before_forward=on_step.before_forward)
+        out[name] = {"errors": errors(views), "replica_diff": max(diffs), "log": log}
 
     on_step, sched = scheduled(rank, topo)
     views, diffs = train(rank, topo, on_step)
+    scheduler_views = views
     records = sched["trace"].records
     out["scheduler"] = {"errors": errors(views), "replica_diff": max(diffs), "metrics": sched["metrics"],
-                        "final_table": sched["s"].tables[0].state_dict(), "plans": sched["tables"],
+                        "final_table": sched["s"].planned_tables[0].state_dict(), "plans": sched["tables"],
                         "trace": [records[(t, 0)] for t in range(len(records))]}
-    on_step, resumed = scheduled(rank, topo, resume_after=STEPS // 2)
+    moved = [m["step"] - 1 for m in sched["metrics"] if m["layers"][0]["transfers"] and m["step"] < STEPS]
+    resume_after = min(moved, key=lambda step: abs(step - STEPS // 2))  # a move is in flight then
+    on_step, resumed = scheduled(rank, topo, resume_after=resume_after)
     views, _ = train(rank, topo, on_step)
-    out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].tables[0].state_dict()}
+    out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].planned_tables[0].state_dict(),
+                      "pending_at_save": resumed["pending_at_save"], "resume_after": resume_after}
+    return out, errors, scheduler_views
+
+
+def run_training_scenarios(rank):
+    out, errors, async_views = invariance_scenarios(rank, WORLD)
+    topo = Topology(dist.group.WORLD, None, initial_table())
+    on_step, sched = scheduled(rank, topo, async_moves=False)
+    views, _ = train(rank, topo, on_step)
+    out["scheduler_blocking"] = {"errors": errors(views), "final_table": sched["s"].planned_tables[0].state_dict(),
+                                 "vs_async": errors(views, async_views)}
 
     on_step, _ = random_changes()
     views, _ = train(rank, topo, on_step, average_replicas=True)
@@ -373,7 +414,7 @@ def run_training_scenarios(rank):
     base_views, _ = train(rank, topo)
     on_step, sched = scheduled(rank, topo)
     views, diffs = train(rank, topo, on_step)
-    digests = torch.tensor([table_digest(sched["s"].tables[0])])
+    digests = torch.tensor([table_digest(sched["s"].planned_tables[0])])
     everyone = [torch.zeros_like(digests) for _ in range(WORLD)]
     dist.all_gather(everyone, digests)
     out["dp_ep"] = {"errors": errors(views, base_views), "replica_diff": max(diffs),
@@ -428,20 +469,38 @@ def test_migration_detects_table_mismatch(results):
     assert "disagree on the new placement table" in results["migration"]["mismatch_error"]
 
 
-def test_training_invariant_under_direct_placement_changes(results):
-    r = results["training"]["direct"]
-    kinds = {entry[1] for entry in r["log"]}
+def check_direct(training, name):
+    r = training[name]
+    kinds = {k for entry in r["log"] for k in entry[1].split("+")}
     assert kinds == {"expand", "shrink", "migrate", "swap", "reshuffle"}, r["log"]
+    assert sum(entry[-1] for entry in r["log"]) > 0, r["log"]
     assert max(r["errors"]) < TOL, r["errors"]
-    assert r["replica_diff"] == 0.0 and results["training"]["baseline_replica_diff"] == 0.0
+    assert r["replica_diff"] == 0.0 and training["baseline_replica_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["direct", "direct_async"])
+def test_training_invariant_under_direct_placement_changes(results, name):
+    check_direct(results["training"], name)
+
+
+def check_scheduler(training):
+    r = training["scheduler"]
+    layers = [m["layers"][0] for m in r["metrics"]]
+    assert sum(m["expands"] for m in layers) > 0 and sum(m["bytes_moved"] for m in layers) > 0, layers
+    assert all(m["pending"] for m in layers if m["transfers"]), layers  # asynchronous moves
+    assert max(r["errors"]) < TOL, r["errors"]
+    assert r["replica_diff"] == 0.0
 
 
 def test_training_invariant_under_scheduler(results):
-    r = results["training"]["scheduler"]
-    layers = [m["layers"][0] for m in r["metrics"]]
-    assert sum(m["expands"] for m in layers) > 0 and sum(m["bytes_moved"] for m in layers) > 0, layers
+    check_scheduler(results["training"])
+
+
+def test_blocking_moves_make_the_same_plans_and_stay_invariant(results):
+    r = results["training"]["scheduler_blocking"]
     assert max(r["errors"]) < TOL, r["errors"]
-    assert r["replica_diff"] == 0.0
+    assert max(r["vs_async"]) == 0.0, r["vs_async"]  # bit-identical to asynchronous moves
+    assert r["final_table"] == results["training"]["scheduler"]["final_table"]
 
 
 def test_simulated_and_real_runs_make_the_same_plans(results):
@@ -463,11 +522,17 @@ def test_simulated_and_real_runs_make_the_same_plans(results):
     assert any(p["slot_expert"] != initial_table().state_dict()["slot_expert"] for p in plans.values())
 
 
-def test_resuming_from_a_checkpoint_mid_run(results):
-    r = results["training"]["resumed"]
+def check_resumed(training):
+    """The checkpoint was taken while a move was in flight; resuming loses nothing."""
+    r = training["resumed"]
+    assert r["pending_at_save"] == [0], r
     assert max(r["errors"]) < TOL, r["errors"]
-    assert r["final_table"] == results["training"]["scheduler"]["final_table"]
+    assert r["final_table"] == training["scheduler"]["final_table"]
     assert r["final_table"]["version"] > 0
+
+
+def test_resuming_from_a_checkpoint_mid_run(results):
+    check_resumed(results["training"])
 
 
 def test_data_parallel_ep_groups_plan_alike_and_stay_invariant(results):

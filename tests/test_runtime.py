@@ -76,3 +76,42 @@ def test_cost_model_prices_the_moves_the_migration_runs():
     assert cost.moves(old, new) == list(diff_placement(old, new).transfers)
     assert {m.src[0] for m in cost.moves(old, new)} == {0, 1}
     assert cost.move_time(old, new) == pytest.approx(1e6 / 1e9)
+
+
+def test_runtime_with_async_placement_is_the_manual_step():
+    """MoERuntime.after_optimizer_step posts the re-plan's moves; the next forward lands them;
+    the result is bitwise the manual loop with blocking moves."""
+    from flexmoe.placement import ReplanPolicy, expand_replica, shrink_replica
+
+    class Alternate:  # replicate expert 0 into the free slot, then drop it again
+        def plan(self, table, counts_WE, cost_model):
+            if table.num_replicas_E()[0] == 1:
+                return expand_replica(table, 0, (0, 4))
+            return shrink_replica(table, (0, 4))
+
+    def run(runtime: bool):
+        torch.manual_seed(0)
+        cfg = flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=4, top_k=2, kernels="torch")
+        se = np.array([[0, 1, 2, 3, -1]])
+        model = torch.nn.Sequential(flexmoe.MoELayer(cfg, placement=PlacementTable(4, se, (se >= 0) * 1.0)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        sched = flexmoe.PlacementScheduler(model, optimizer, Alternate(), "cm", async_moves=runtime,
+                                           policy=ReplanPolicy(interval=1, guard=False))
+        moe, pending = MoERuntime(model, placement=sched), []
+        torch.manual_seed(1)
+        for step in range(4):
+            loss = model(torch.randn(6, 8)).square().mean()
+            loss.backward()
+            (moe.after_backward if runtime else lambda: sync_gradients(model))()
+            optimizer.step()
+            optimizer.zero_grad()
+            (moe.after_optimizer_step if runtime else sched.step)()
+            pending.append(sched.pending)
+        sched.finish_moves()
+        return [t.detach().clone() for t in model.state_dict().values()], pending, sched.tables[0].version
+
+    by_runtime, pending, version = run(True)
+    by_hand, pending_by_hand, version_by_hand = run(False)
+    assert pending == [(0,)] * 4 and pending_by_hand == [()] * 4
+    assert version == version_by_hand == 4
+    assert all(torch.equal(a, b) for a, b in zip(by_runtime, by_hand))

@@ -5,7 +5,7 @@ scheduler), and measuring the cost model's constants."""
 from ..routing import set_gate_step
 
 from .measure import measure_cost_model
-from .migration import MigrationReport, apply_placement, check_same_placement
+from .migration import MigrationReport, PendingMove, apply_placement, check_same_placement, issue_placement
 from .scheduler import PlacementScheduler
 from .step import MoERuntime, update_router_bias
 from .sync import (
@@ -20,11 +20,13 @@ from .sync import (
 __all__ = [
     "MigrationReport",
     "MoERuntime",
+    "PendingMove",
     "PlacementScheduler",
     "apply_placement",
     "check_same_placement",
     "expert_parameter_names",
     "expert_parameters",
+    "issue_placement",
     "measure_cost_model",
     "set_gate_step",
     "sync_dense_gradients",

@@ -6,8 +6,15 @@ from the diff of the old and new table. Each copy carries the slot's row of ever
 and of every optimizer state tensor of that parameter (Adam ``exp_avg``, ``exp_avg_sq``, ...).
 All rows are read into staging buffers before any slot is written, so a slot may be a source and a
 destination of the same change (two experts can swap). Remote rows travel with one
-``batch_isend_irecv``; rows that stay on their rank are copied locally. Run it between optimizer
-steps, on every rank of the group, with the same new table.
+``batch_isend_irecv``; rows that stay on their rank are copied locally (runtime/slot_transfer.py).
+
+A move runs in two halves: ``issue_placement`` (collective) checks that the ranks agree, stages the
+source rows and posts the remote ones without waiting; ``PendingMove.apply`` waits for them and
+switches the layer to the new table. Between the two the layer keeps its old table and slots
+untouched, so it may be read (a forward, a checkpoint) but its weights and optimizer state must
+not change: ``apply`` raises, writing nothing, when an optimizer step (or any in-place write to a
+moving tensor) came in between, because the staged rows would be stale. ``apply_placement`` runs
+both halves at once. Every wait is bounded by the layer's ``ParallelConfig.timeout_s``.
 
 In terms of the FlexMoE primitives, per expert: new replica locations without an old one are filled
 by *migrate* (when an old location is dropped at the same time) or *expand*; old locations that are
@@ -17,6 +24,7 @@ dropped without a new one are a *shrink* (the slot is left as is and no longer r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -24,9 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel.agreement import wait
 from ..parallel.expert_parallel import ParallelExperts, ep_stage
-from ..placement.moves import Transfer, diff_placement
+from ..placement.moves import diff_placement
 from ..placement.table import PlacementTable, table_digest
+from .slot_transfer import Field, SlotTransfer
+
 
 @dataclasses.dataclass(frozen=True)
 class MigrationReport:
@@ -49,42 +60,72 @@ class MigrationReport:
     bytes_received: int
 
 
-@dataclasses.dataclass
-class _Field:
-    """One tensor with a slot row per physical slot: a parameter or one of its optimizer states."""
+class PendingMove:
+    """A table change of one layer whose slot rows are in flight (from ``issue_placement``).
 
-    name: str
-    tensor: torch.Tensor
+    ``apply()`` lands it (on every rank of the group, before the layer's next forward);
+    ``cancel()`` finishes the transfers and drops them, leaving the layer on its old table.
+    ``report`` is known from the start. Either call is the move's end; a second one raises.
+    """
+
+    def __init__(self, stage: ParallelExperts, table: PlacementTable, transfer: SlotTransfer,
+                 report: MigrationReport, versions: list[int]) -> None:
+        self.stage = stage
+        self.table = table
+        self.report = report
+        self._transfer: SlotTransfer | None = transfer
+        self._versions = versions
 
     @property
-    def row_bytes(self) -> int:
-        return self.tensor[0].numel() * self.tensor.element_size()
+    def done(self) -> bool:
+        return self._transfer is None
+
+    def apply(self) -> MigrationReport:
+        """Wait for the rows (at most ``ParallelConfig.timeout_s``), write them, switch the table.
+        RuntimeError (and nothing written; the layer keeps its old table) when a moving tensor
+        changed since the issue."""
+        transfer = self._take_transfer()
+        timeout_s = self.stage.parallel.timeout_s
+        stale = [f.name for f, version in zip(transfer.fields, self._versions) if f.changed_since(version)]
+        if stale:
+            transfer.wait(timeout_s)
+            raise RuntimeError(
+                f"placement move to table v{self.table.version} is stale: {', '.join(stale[:4])} changed "
+                "between issuing the move and applying it (an optimizer step before the layer's next "
+                "forward?); the layer keeps table "
+                f"v{self.stage.placement.version}. Issue a move after optimizer.step() and apply it "
+                "before the next forward"
+            )
+        transfer.land(timeout_s)
+        self.stage.set_placement(self.table)
+        return self.report
+
+    def cancel(self) -> None:
+        """Finish the posted transfers (so the ranks stay paired) and write nothing."""
+        self._take_transfer().wait(self.stage.parallel.timeout_s)
+
+    def _take_transfer(self) -> SlotTransfer:
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            raise RuntimeError(f"the placement move to table v{self.table.version} was already applied or cancelled")
+        return transfer
 
 
-def apply_placement(
+def issue_placement(
     layer: nn.Module,
     new_table: PlacementTable,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
     ranks_per_node: int | None = None,
     move_optimizer_state: bool = True,
-) -> MigrationReport:
-    """Switch ``layer`` to ``new_table``, moving expert weights and optimizer state as needed.
-
-    Call it on every rank of the layer's EP group with the same table, between ``optimizer.step()``
-    and the next backward (gradients are not moved). Ranks first exchange the old and new table
-    versions and the layout of the optimizer state; any disagreement raises RuntimeError before
-    anything moves. ``ranks_per_node`` (default: the layer's EP group's) makes copies prefer a
-    source on the destination's node.
-    Per-slot optimizer states are any state tensor whose first dimension is the
-    slot dimension; 0-d states (Adam's ``step``) are shared by all slots of a parameter and must be
-    equal on all ranks. ``move_optimizer_state=False`` moves weights only (wrong for training; it
-    exists so tests can show that they notice).
-    """
+) -> PendingMove:
+    """Start switching ``layer`` to ``new_table``: check, stage and post the slot rows; returns
+    without waiting for them. Arguments as ``apply_placement``; call ``.apply()`` on the result
+    on every rank before the layer's next forward, with no optimizer step in between."""
     stage = require_stage(layer, "apply_placement")
     old_table: PlacementTable = stage.placement
     new_table.validate()
-    rank, world, group = stage.rank, stage.size, stage.ep_group.group
+    rank, group = stage.rank, stage.ep_group.group
     if ranks_per_node is None:
         ranks_per_node = stage.ep_group.ranks_per_node
     if new_table.slot_expert_WS.shape != old_table.slot_expert_WS.shape:
@@ -101,14 +142,13 @@ def apply_placement(
             f"a changed table needs a higher version: old {old_table.version}, new {new_table.version}"
         )
     fields, scalars = _slot_fields(stage, old_table.slots_per_rank, as_optimizer_list(optimizer))
-    _check_agreement(old_table, new_table, fields, scalars, group, world)
+    _check_agreement(old_table, new_table, fields, scalars, stage)
 
     moving = fields if move_optimizer_state else fields[: len(list(stage.parameters()))]
-    sent, received = _execute(plan.transfers, moving, rank, group)
-    stage.set_placement(new_table.copy())
-
+    versions = [f.owner._version for f in moving]
+    transfer = SlotTransfer(plan.transfers, moving, rank, group).issue()
     row_bytes = sum(f.row_bytes for f in moving)
-    return MigrationReport(
+    report = MigrationReport(
         old_version=old_table.version,
         new_version=new_table.version,
         expands=plan.expands,
@@ -118,16 +158,47 @@ def apply_placement(
         remote_transfers=plan.num_remote,
         bytes_per_slot=row_bytes,
         bytes_moved=row_bytes * len(plan.transfers),
-        bytes_sent=row_bytes * sent,
-        bytes_received=row_bytes * received,
+        bytes_sent=row_bytes * transfer.rows_sent,
+        bytes_received=row_bytes * transfer.rows_received,
     )
+    return PendingMove(stage, new_table.copy(), transfer, report, versions)
+
+
+def apply_placement(
+    layer: nn.Module,
+    new_table: PlacementTable,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    *,
+    ranks_per_node: int | None = None,
+    move_optimizer_state: bool = True,
+) -> MigrationReport:
+    """Switch ``layer`` to ``new_table``, moving expert weights and optimizer state as needed.
+
+    Call it on every rank of the layer's EP group with the same table, between ``optimizer.step()``
+    and the next forward (gradients are not moved). Ranks first exchange the old and new table
+    versions and the layout of the optimizer state; any disagreement raises RuntimeError before
+    anything moves. ``ranks_per_node`` (default: the layer's EP group's) makes copies prefer a
+    source on the destination's node.
+    Per-slot optimizer states are any state tensor whose first dimension is the
+    slot dimension; 0-d states (Adam's ``step``) are shared by all slots of a parameter and must be
+    equal on all ranks. ``move_optimizer_state=False`` moves weights only (wrong for training; it
+    exists so tests can show that they notice). Blocking: ``issue_placement`` is the
+    non-blocking form.
+    """
+    return issue_placement(layer, new_table, optimizer, ranks_per_node=ranks_per_node,
+                           move_optimizer_state=move_optimizer_state).apply()
 
 
 def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
     """Raise RuntimeError unless every rank of ``group`` holds the same table (version and
     contents) in each of the expert-parallel ``layers``. No-op on a single process, and for
-    one-rank tables without an explicit group."""
-    tables = [require_stage(layer, "check_same_placement").placement for layer in layers]
+    one-rank tables without an explicit group. Waits at most the layers' ``ParallelConfig.timeout_s``."""
+    stages = [require_stage(layer, "check_same_placement") for layer in layers]
+    check_same_tables([s.placement for s in stages], group, min((s.parallel.timeout_s for s in stages), default=0.0))
+
+
+def check_same_tables(tables: Sequence[PlacementTable], group, timeout_s: float) -> None:
+    """``check_same_placement`` on the tables themselves (e.g. the targets of pending moves)."""
     if not tables or not dist.is_available() or not dist.is_initialized():
         return
     if dist.get_world_size(group) == 1 or (group is None and tables[0].world_size == 1):
@@ -136,9 +207,7 @@ def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
         [[table.version, table_digest(table)] for table in tables],
         dtype=torch.int64, device=comm_device(group),
     )
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    all_WL2 = torch.stack(gathered).cpu()
+    all_WL2 = gather_bounded(mine, group, timeout_s, "the placement tables check").cpu()
     if not bool((all_WL2 == all_WL2[0]).all()):
         versions = all_WL2[..., 0].tolist()
         raise RuntimeError(
@@ -146,6 +215,13 @@ def check_same_placement(layers: Sequence[nn.Module], group=None) -> None:
             f"{versions}; equal versions mean different contents); every rank must call the "
             "scheduler / apply_placement with the same plans"
         )
+
+
+def gather_bounded(mine: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
+    """``[W, *mine.shape]``: ``mine`` from every rank of ``group``; TimeoutError after ``timeout_s``."""
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    wait(dist.all_gather(parts, mine.contiguous(), group=group, async_op=True), timeout_s, what)
+    return torch.stack(parts)
 
 
 def require_stage(layer: nn.Module, caller: str) -> ParallelExperts:
@@ -169,14 +245,14 @@ def as_optimizer_list(optimizer) -> list[torch.optim.Optimizer]:
 
 def _slot_fields(
     stage: ParallelExperts, S: int, optimizers: Iterable[torch.optim.Optimizer]
-) -> tuple[list[_Field], list[tuple[str, float]]]:
+) -> tuple[list[Field], list[tuple[str, float]]]:
     """Expert parameters first (in module order), then their per-slot optimizer states."""
     params = list(stage.named_parameters())
-    fields: list[_Field] = []
+    fields: list[Field] = []
     for name, p in params:
         if p.dim() == 0 or p.shape[0] != S:
             raise ValueError(f"expert parameter {name} has shape {tuple(p.shape)}, expected {S} slots first")
-        fields.append(_Field(name, p.data))
+        fields.append(Field(name, p.data, p))
     scalars: list[tuple[str, float]] = []
     for i, opt in enumerate(optimizers):
         for name, p in params:
@@ -187,7 +263,7 @@ def _slot_fields(
                 if value is None:
                     continue
                 if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == S:
-                    fields.append(_Field(label, value))
+                    fields.append(Field(label, value, value, lambda o=opt, p=p, k=key: o.state.get(p, {}).get(k)))
                 elif (torch.is_tensor(value) and value.numel() == 1) or isinstance(value, (int, float)):
                     scalars.append((label, float(value)))
                 else:
@@ -199,109 +275,45 @@ def _slot_fields(
     return fields, scalars
 
 
-def _check_agreement(old_table, new_table, fields, scalars, group, world) -> None:
-    if world == 1:
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 2
+
+
+def _check_agreement(old_table, new_table, fields, scalars, stage: ParallelExperts) -> None:
+    """One bounded all-gather of digests; only when they differ, the details (every rank then
+    knows they differ, so every rank joins that second exchange and raises)."""
+    if stage.size == 1:
         return
+    group = stage.ep_group.group
     mine = {
         "old": (old_table.version, table_digest(old_table)),
         "new": (new_table.version, table_digest(new_table)),
         "fields": [(f.name, tuple(f.tensor.shape), str(f.tensor.dtype)) for f in fields],
         "scalars": scalars,
     }
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    for key, what in (("old", "current"), ("new", "new")):
-        if any(o[key] != everyone[0][key] for o in everyone):
-            versions = [o[key][0] for o in everyone]
+    digests = torch.tensor([*mine["old"], *mine["new"], _digest(mine["fields"]), _digest(mine["scalars"])],
+                           dtype=torch.int64, device=comm_device(group))
+    all_W6 = gather_bounded(digests, group, stage.parallel.timeout_s, "the placement move's agreement check").cpu()
+    if bool((all_W6 == all_W6[0]).all()):
+        return
+    for key, what, cols in (("old", "current", slice(0, 2)), ("new", "new", slice(2, 4))):
+        if not bool((all_W6[:, cols] == all_W6[0, cols]).all()):
             raise RuntimeError(
-                f"ranks disagree on the {what} placement table of a layer (versions per rank: {versions}; "
-                "equal versions mean the same version holds different contents); "
-                "every rank must apply the same plan"
+                f"ranks disagree on the {what} placement table of a layer (versions per rank: "
+                f"{all_W6[:, cols.start].tolist()}; equal versions mean the same version holds different "
+                "contents); every rank must apply the same plan"
             )
+    everyone: list = [None] * stage.size
+    dist.all_gather_object(everyone, {"fields": mine["fields"], "scalars": scalars}, group=group)
     if any(o["fields"] != everyone[0]["fields"] for o in everyone):
         raise RuntimeError(
             "ranks hold different expert parameters / optimizer states; cannot move slots between them: "
             f"{[o['fields'] for o in everyone]}"
         )
-    if any(o["scalars"] != everyone[0]["scalars"] for o in everyone):
-        raise RuntimeError(
-            "scalar optimizer states (e.g. Adam 'step') differ across ranks, so a slot cannot move "
-            f"between them: {[o['scalars'] for o in everyone]}"
-        )
-
-
-def _execute(transfers: Sequence[Transfer], fields: list[_Field], rank: int, group) -> tuple[int, int]:
-    """Copy slot rows of every field along ``transfers``; returns (rows sent, rows received) counts."""
-    local = [t for t in transfers if t.src[0] == rank and t.dst[0] == rank]
-    sends: dict[int, list[Transfer]] = {}
-    recvs: dict[int, list[Transfer]] = {}
-    for t in transfers:
-        if t.src[0] == rank and t.dst[0] != rank:
-            sends.setdefault(t.dst[0], []).append(t)
-        elif t.dst[0] == rank and t.src[0] != rank:
-            recvs.setdefault(t.src[0], []).append(t)
-
-    dtypes = list(dict.fromkeys(f.tensor.dtype for f in fields))
-
-    def rows(ts: list[Transfer], which: str, f: _Field) -> torch.Tensor:
-        return torch.tensor([getattr(t, which)[1] for t in ts], dtype=torch.long, device=f.tensor.device)
-
-    # Read everything first (index_select copies), so sources may be overwritten afterwards.
-    staged_local = [f.tensor.index_select(0, rows(local, "src", f)) for f in fields] if local else []
-    send_bufs = {peer: _pack(fields, dtypes, lambda f: f.tensor.index_select(0, rows(ts, "src", f)))
-                 for peer, ts in sorted(sends.items())}
-    recv_bufs = {peer: _empty_like_pack(fields, dtypes, len(ts)) for peer, ts in sorted(recvs.items())}
-
-    ops = []
-    for peer in sorted(set(sends) | set(recvs)):
-        global_peer = dist.get_global_rank(group, peer) if group is not None else peer
-        for tag, dtype in enumerate(dtypes):
-            if peer in sends:
-                ops.append(dist.P2POp(dist.isend, send_bufs[peer][dtype], global_peer, group, tag))
-            if peer in recvs:
-                ops.append(dist.P2POp(dist.irecv, recv_bufs[peer][dtype], global_peer, group, tag))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-    with torch.no_grad():
-        for f, staged in zip(fields, staged_local):
-            f.tensor.index_copy_(0, rows(local, "dst", f), staged)
-        for peer, ts in sorted(recvs.items()):
-            for f, block in zip(fields, _unpack(fields, dtypes, recv_bufs[peer], len(ts))):
-                f.tensor.index_copy_(0, rows(ts, "dst", f), block)
-    return sum(map(len, sends.values())), sum(map(len, recvs.values()))
-
-
-def _pack(fields: list[_Field], dtypes: list[torch.dtype], take) -> dict[torch.dtype, torch.Tensor]:
-    """One flat buffer per dtype: the selected rows of each field of that dtype, in field order."""
-    out = {}
-    for dtype in dtypes:
-        parts = [take(f).reshape(-1) for f in fields if f.tensor.dtype == dtype]
-        out[dtype] = torch.cat(parts)
-    return out
-
-
-def _empty_like_pack(fields: list[_Field], dtypes: list[torch.dtype], n: int) -> dict[torch.dtype, torch.Tensor]:
-    out = {}
-    for dtype in dtypes:
-        same = [f for f in fields if f.tensor.dtype == dtype]
-        numel = n * sum(f.tensor[0].numel() for f in same)
-        out[dtype] = torch.empty(numel, dtype=dtype, device=same[0].tensor.device)
-    return out
-
-
-def _unpack(fields: list[_Field], dtypes, bufs: dict[torch.dtype, torch.Tensor], n: int) -> list[torch.Tensor]:
-    """Inverse of ``_pack``: the ``[n, *row shape]`` block of each field, in field order."""
-    offsets = {dtype: 0 for dtype in dtypes}
-    blocks = []
-    for f in fields:
-        row_shape = tuple(f.tensor.shape[1:])
-        numel = n * f.tensor[0].numel()
-        start = offsets[f.tensor.dtype]
-        blocks.append(bufs[f.tensor.dtype][start:start + numel].view(n, *row_shape))
-        offsets[f.tensor.dtype] = start + numel
-    return blocks
+    raise RuntimeError(
+        "scalar optimizer states (e.g. Adam 'step') differ across ranks, so a slot cannot move "
+        f"between them: {[o['scalars'] for o in everyone]}"
+    )
 
 
 def comm_device(group) -> torch.device:

@@ -9,11 +9,21 @@ they feed a ``flexmoe.placement.Replanner`` (the same object the simulator runs:
 predictors, guard, bytes budget), which proposes a table per layer, and ``apply_placement`` moves
 weights and optimizer state. All ranks compute the same plans from the same counts; their tables
 are checked to agree after every change.
+
+With ``async_moves`` (the default) a plan's moves are issued, not waited for: ``step()`` stages the
+slot rows and posts the transfers, and each layer lands its move in a forward pre-hook, just before
+its next forward. The rule that keeps this exact: a move is issued right after
+``optimizer.step()`` and lands before the next forward, and nothing in between changes a weight or
+an optimizer state (the old table and slots stay valid and are what a checkpoint saves); a move
+that finds a moving tensor changed raises instead of landing stale rows. So the transfers overlap
+with the host work before the next forward (data loading) and, for layer i, with the forward of
+layers 0..i-1.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +34,7 @@ from torch import nn
 
 from ..layer import moe_layers
 from ..parallel import ParallelExperts, ep_stage
+from ..parallel.agreement import wait
 from ..placement.planner import GreedyPlanner, Planner
 from ..placement.policy import ReplanPolicy, Replanner
 from ..placement.predict import LoadPredictor, PredictorConfig
@@ -31,14 +42,22 @@ from ..placement.split import balance_ratio
 from ..placement.table import PlacementTable
 from ..sim.trace import TraceRecorder
 from .measure import measure_cost_model
-from .migration import apply_placement, as_optimizer_list, check_same_placement, comm_device
+from .migration import (
+    PendingMove,
+    apply_placement,
+    as_optimizer_list,
+    check_same_tables,
+    comm_device,
+    gather_bounded,
+    issue_placement,
+)
 
 
 class PlacementScheduler:
     """Dynamic expert placement for every MoE layer of ``model`` that has a placement table.
 
     Call ``step()`` on every rank of the expert-parallel group once per training step, after
-    ``optimizer.step()`` and before the next backward. With gradient accumulation call
+    ``optimizer.step()`` and before the next forward. With gradient accumulation call
     ``observe()`` after each micro-batch's forward; ``step()`` then uses the sum of the observed
     counts instead of the last forward's.
 
@@ -63,6 +82,11 @@ class PlacementScheduler:
         gradients are synchronised over such a group.
     logger: where per-layer plan summaries go (INFO, on global rank 0 only); default
         ``logging.getLogger("flexmoe.placement")``.
+    async_moves: True (default): a plan's transfers are posted by ``step()`` and land just
+        before each layer's next forward (a forward pre-hook), overlapping with what runs in
+        between; exact because nothing may change the weights or optimizer state in between (a
+        move that finds them changed raises). False: ``step()`` waits for every move.
+        ``pending`` names the layers with a move in flight, ``finish_moves()`` lands them now.
 
     After each plan, ``last_metrics`` holds ``{"step", "bytes_moved", "layers": [...]}`` with, per
     layer: the balance ratio (max / mean rank load) observed since the last plan under the old table
@@ -85,6 +109,7 @@ class PlacementScheduler:
         trace: Any = None,
         expert_dp_group: dist.ProcessGroup | None = None,
         logger: logging.Logger | None = None,
+        async_moves: bool = True,
     ):
         self.layers = [m for m in moe_layers(model) if ep_stage(m) is not None]
         if not self.layers:
@@ -105,6 +130,8 @@ class PlacementScheduler:
                 raise ValueError(f"PlacementScheduler.{name} must be an int >= {minimum}, got {value!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"PlacementScheduler.ema_decay must be None or in [0, 1), got {ema_decay!r}")
+        if not isinstance(async_moves, bool):
+            raise ValueError(f"PlacementScheduler.async_moves must be a bool, got {async_moves!r}")
         if policy is not None and (interval, warmup, ema_decay) != (None, None, None):
             raise ValueError("PlacementScheduler: give either policy or interval/warmup/ema_decay, not both")
         if policy is None:
@@ -126,6 +153,12 @@ class PlacementScheduler:
         self.last_metrics: dict = {}
         self._pending: list[torch.Tensor] = []  # [L, E] per step, this rank, not yet gathered
         self._accum: torch.Tensor | None = None
+        self.async_moves = async_moves
+        self.timeout_s = min(stage.parallel.timeout_s for stage in self._stages)
+        self._moves: list[PendingMove | None] = [None] * len(self.layers)  # in flight, per layer
+        self._restored: list[PlacementTable | None] = [None] * len(self.layers)  # to move on resume
+        self._hooks = [layer.register_forward_pre_hook(_LandBeforeForward(self, i))
+                       for i, layer in enumerate(self.layers)]
 
     def _make_recorder(self, trace):
         if trace is None or callable(getattr(trace, "record", None)):
@@ -166,6 +199,7 @@ class PlacementScheduler:
     def step(self) -> dict | None:
         """Record this step's counts; every ``interval`` steps plan and migrate. Returns the new
         ``last_metrics`` when it planned, else None."""
+        self.finish_moves()  # only when no forward ran since the last plan
         counts = self._accum if self._accum is not None else self._local_counts()
         self._accum = None
         self._pending.append(counts)
@@ -173,6 +207,32 @@ class PlacementScheduler:
         if not self.policy.due(self.num_steps):
             return None
         return self._plan_and_apply(self._gather_pending())
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """Indices (into ``layers``) of the layers whose move has not landed yet."""
+        return tuple(i for i in range(len(self.layers)) if self._moves[i] is not None or self._restored[i] is not None)
+
+    def finish_moves(self) -> None:
+        """Land every pending move now (a collective when any is pending), in layer order."""
+        for i in self.pending:
+            self._land(i)
+
+    def _land(self, i: int) -> None:
+        move, table = self._moves[i], self._restored[i]
+        self._moves[i] = self._restored[i] = None  # a failed landing is not retried: the layer keeps its old table
+        if move is not None:
+            move.apply()
+        elif table is not None:  # a checkpoint taken while this move was in flight: move it now
+            apply_placement(self.layers[i], table, self.optimizers,
+                            ranks_per_node=getattr(self.cost_model, "ranks_per_node", None))
+
+    @property
+    def planned_tables(self) -> list[PlacementTable]:
+        """Per layer, the table it holds once its pending move (if any) has landed (``tables``:
+        the ones they hold now)."""
+        return [m.table if m is not None else r if r is not None else s.placement
+                for m, r, s in zip(self._moves, self._restored, self._stages)]
 
     def _local_counts(self) -> torch.Tensor:
         counts = []
@@ -188,12 +248,12 @@ class PlacementScheduler:
         self._pending = []
         if self.expert_dp_group is not None and dist.get_world_size(self.expert_dp_group) > 1:
             local_HLE = local_HLE.to(comm_device(self.expert_dp_group))
-            dist.all_reduce(local_HLE, group=self.expert_dp_group)
+            wait(dist.all_reduce(local_HLE, group=self.expert_dp_group, async_op=True), self.timeout_s,
+                 "the placement scheduler's counts all-reduce over expert_dp_group")
         if self.world_size > 1:
             local_HLE = local_HLE.to(comm_device(self.group))
-            parts = [torch.empty_like(local_HLE) for _ in range(self.world_size)]
-            dist.all_gather(parts, local_HLE, group=self.group)
-            all_HWLE = torch.stack(parts, dim=1).cpu().numpy()
+            all_HWLE = gather_bounded(local_HLE, self.group, self.timeout_s,
+                                      "the placement scheduler's counts all-gather").transpose(0, 1).cpu().numpy()
         else:
             all_HWLE = local_HLE.cpu().numpy()[:, None]
         first_step = self.num_steps - all_HWLE.shape[0]
@@ -221,17 +281,22 @@ class PlacementScheduler:
             }
             report = None
             if not _same(old, new):
-                report = apply_placement(layer, new, self.optimizers, ranks_per_node=ranks_per_node)
-            replicas_E = stage.placement.num_replicas_E()
-            metrics.update(version=stage.placement.version, replicas=replicas_E.tolist(),
-                           replicated_experts=int((replicas_E > 1).sum()))
+                move = issue_placement(layer, new, self.optimizers, ranks_per_node=ranks_per_node)
+                report = move.report
+                if self.async_moves:
+                    self._moves[i] = move
+                else:
+                    move.apply()
+            replicas_E = new.num_replicas_E()
+            metrics.update(version=new.version, replicas=replicas_E.tolist(),
+                           replicated_experts=int((replicas_E > 1).sum()), pending=self._moves[i] is not None)
             for key in ("expands", "shrinks", "migrates", "transfers", "remote_transfers",
                         "bytes_moved", "bytes_sent", "bytes_received"):
                 metrics[key] = getattr(report, key) if report else 0
             layer_metrics.append(metrics)
-        check_same_placement(self.layers, self.group)
+        check_same_tables(self.planned_tables, self.group, self.timeout_s)
         if self.expert_dp_group is not None:
-            check_same_placement(self.layers, self.expert_dp_group)
+            check_same_tables(self.planned_tables, self.expert_dp_group, self.timeout_s)
         self.last_metrics = {
             "step": self.num_steps,
             "bytes_moved": sum(m["bytes_moved"] for m in layer_metrics),
@@ -264,28 +329,46 @@ class PlacementScheduler:
 
     def state_dict(self) -> dict:
         """Tables, step counter and load predictors; no communication, so any rank may save it.
-        Counts of the steps since the last plan are this rank's own."""
+        Counts of the steps since the last plan are this rank's own. With moves in flight,
+        ``tables`` are the layers' current (old) tables, which the weights and optimizer state
+        still match, and ``pending_tables`` the tables they are moving to (None where none is):
+        loading it moves them again at the next forward, from the same state."""
         return {
             "num_steps": self.num_steps,
             "tables": [t.state_dict() for t in self.tables],
+            "pending_tables": [None if t is s.placement else t.state_dict()
+                               for t, s in zip(self.planned_tables, self._stages)],
             "replanner": self.replanner.state_dict(),
             "pending": torch.stack([t.cpu() for t in self._pending]) if self._pending else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore tables (set on the layers without moving anything: the weights come from the
-        model's state dict saved together with this), step counter and predictors."""
+        model's state dict saved together with this), step counter and predictors. Moves that
+        were in flight when it was saved run before each layer's next forward (a collective).
+        Moves in flight here are finished and dropped first."""
         tables = [PlacementTable.from_state_dict(t) for t in state["tables"]]
+        pending = [None if t is None else PlacementTable.from_state_dict(t)
+                   for t in state.get("pending_tables") or [None] * len(tables)]
         if len(tables) != len(self.layers):
             raise ValueError(f"state has {len(tables)} placement tables, the model has {len(self.layers)} layers")
+        if len(pending) != len(tables):
+            raise ValueError(f"state has {len(pending)} pending tables for {len(tables)} placement tables")
         for i, (stage, table) in enumerate(zip(self._stages, tables)):
+            if pending[i] is not None:
+                stage.check_table(pending[i])
             if table.slot_expert_WS.shape != stage.placement.slot_expert_WS.shape:
                 raise ValueError(
                     f"layer {i}: saved table has shape {table.slot_expert_WS.shape}, "
                     f"the layer {stage.placement.slot_expert_WS.shape}"
                 )
+        for i, move in enumerate(self._moves):
+            if move is not None:
+                self._moves[i] = None
+                move.cancel()
         for stage, table in zip(self._stages, tables):
             stage.set_placement(table)
+        self._restored = pending
         if "replanner" in state:
             self.replanner.load_state_dict(state["replanner"])
         else:  # saved before the re-plan policy: predictors only
@@ -296,6 +379,31 @@ class PlacementScheduler:
         device = self.layers[0].experts.gate_up_proj.device
         self._pending = [] if state["pending"] is None else list(state["pending"].to(device).unbind(0))
         self._accum = None
+
+
+class _LandBeforeForward:
+    """The forward pre-hook of layer ``i``: land its pending move. It holds the scheduler weakly,
+    so copying or pickling a model does not copy the scheduler (a copy's hook does nothing)."""
+
+    def __init__(self, scheduler: PlacementScheduler, i: int) -> None:
+        self.scheduler = weakref.ref(scheduler)
+        self.i = i
+
+    def __call__(self, module, args) -> None:
+        scheduler = self.scheduler() if self.scheduler is not None else None
+        if scheduler is not None and self.i in scheduler.pending:
+            scheduler._land(self.i)
+
+    def __getstate__(self) -> dict:
+        return {"scheduler": None, "i": self.i}
+
+    def __deepcopy__(self, memo) -> "_LandBeforeForward":
+        copy = _LandBeforeForward.__new__(_LandBeforeForward)
+        copy.__setstate__(self.__getstate__())
+        return copy
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 def _same(a: PlacementTable, b: PlacementTable) -> bool:

@@ -7,7 +7,9 @@ A step, in order (each call is a no-op where the model does not need it)::
     loss.backward()
     moe.after_backward()              # gradient sync: dense grads averaged, replica grads summed
     optimizer.step()
-    moe.after_optimizer_step()        # bias update (loads summed over ranks), placement
+    moe.after_optimizer_step()        # bias update (loads summed over ranks), placement: a
+                                      # re-plan's moves are posted here and land in each layer's
+                                      # next forward; change no weight in between
 
 With gradient accumulation call ``moe.observe()`` after each micro-batch's forward when a
 placement scheduler is attached (its counts then add up over the micro-batches).
