@@ -131,14 +131,18 @@ def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
+    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr, xr_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
-    EVEN_K: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, STORE_X: tl.constexpr = False, WS: tl.constexpr = False,
 ):
-    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
+    """STORE_X: also write the gathered rows to ``xr`` (``x_ND``, for the weight gradient): depth
+    step s of a row block is stored by its column-tile program s % tiles, so the extra stores are
+    spread evenly over the programs. WS: warp-specialised depth loop (a tuning choice on sm90+)."""
+    tiles_n = tl.cdiv(F, BN)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tiles_n, GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
         src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
@@ -152,9 +156,12 @@ def _gate_up_kernel(
         row_w = (expert * H + pid_n * BN).to(tl.int32)
         acc_g = tl.zeros([BM, BN], dtype=ACC)
         acc_u = tl.zeros([BM, BN], dtype=ACC)
-        for k0 in range(0, D, BK):
+        for k0 in tl.range(0, D, BK, warp_specialize=WS):
             k_ok = _k_mask(k0, kk, D, EVEN_K)
             x = tl.load(x_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if STORE_X:
+                if (k0 // BK) % tiles_n == pid_n:
+                    tl.store(xr_ptr + rows[:, None] * D + (k0 + kk)[None, :], x, mask=row_ok[:, None] & k_ok[None, :])
             if TMA:
                 wg = tl.trans(w_desc.load([row_w, k0]))
             else:
@@ -360,8 +367,8 @@ def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
     return [bn, bk] if mode == 1 else [bk, bn]
 
 
-def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
-    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
+def _config(num_warps: int, num_stages: int, maxnreg: int | None = None, **tile) -> triton.Config:
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, pre_hook=_set_weight_block)
 
 
 # Autotune sets (CUDA), the two fastest of ``benchmarks/kernels.py --sweep`` per kernel on an H200
@@ -377,7 +384,7 @@ CONFIGS = {
 _DGRAD_MIN_BN = 64  # the routing-weight gradient has one partial per BN columns: sized for the narrowest
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 _KEYS = {
-    "gate_up": ["D", "F", "GATED", "BM", "TMA"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"],
+    "gate_up": ["D", "F", "GATED", "BM", "TMA", "STORE_X"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"],
     "dgrad": ["D", "F", "GATED", "BM", "TMA"], "wgrad": ["NUM_BLOCKS", "O", "I"],
 }
 _DEPTH = {"gate_up": "D", "mm": "KDIM", "dgrad": "D"}  # the GEMM depth of each kernel (EVEN_K when BK divides it)
@@ -504,8 +511,11 @@ class WgradSchedule:
         return self.tables[0].shape[0]
 
 
-def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
-    """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation.
+def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None,
+            keep_rows: bool = False):
+    """``(h_NH, a_NF, x_ND)``: the gate_up GEMM on gathered token rows, the scaled activation and,
+    with ``keep_rows``, the gathered rows themselves (written from the operand tiles the GEMM loads,
+    no separate gather; rows past the kept ones unspecified), else an empty ``[0, D]``.
 
     ``tma``: weight tiles through TMA descriptors (None: where ``hopper_tma`` allows)."""
     N, (E, H, D) = schedule.num_rows, w_EHD.shape
@@ -513,13 +523,17 @@ def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: s
     F = H // 2 if gated else H
     h_NH = x_TD.new_empty((N, H))
     a_NF = x_TD.new_empty((N, F))
+    x_ND = x_TD.new_empty((N if keep_rows else 0, D))
     if N and F and x_TD.shape[0]:
         grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
         mode = int(hopper_tma(w_EHD) if tma is None else tma)
         _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF,
-                *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
-                BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype), TMA=mode)
-    return h_NH, a_NF
+                x_ND if keep_rows else h_NH, *schedule.tables, schedule.num_blocks, D, F, GATED=gated,
+                ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype),
+                TMA=mode, STORE_X=keep_rows)
+    elif keep_rows:
+        x_ND.zero_()
+    return h_NH, a_NF, x_ND
 
 
 def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None) -> torch.Tensor:
