@@ -400,9 +400,13 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
         try:
             ws = fg.autotuned("gate_up", [WS_CONFIG], warmup=5, rep=25)
             grid = lambda meta: (st.schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
-            run_ws = lambda: ws[grid](st.x_TD, p.row_token_N, st.w_gu, fg._weight_desc(st.w_gu, 1), st.scale_N, st.h_NH.clone(),  # noqa: E731
-                                      st.a_NF.clone(), st.h_NH, *st.schedule.tables, st.schedule.num_blocks, D, F, GATED=True,
+            h_out, a_out = torch.empty_like(st.h_NH), torch.empty_like(st.a_NF)
+            run_ws = lambda: ws[grid](st.x_TD, p.row_token_N, st.w_gu, fg._weight_desc(st.w_gu, 1), st.scale_N, h_out,  # noqa: E731
+                                      a_out, h_out, *st.schedule.tables, st.schedule.num_blocks, D, F, GATED=True,
                                       ACT=0, BM=st.schedule.block, ACC=fg._acc(dtype), PREC="tf32", TMA=1)
+            run_ws()
+            errors = [("WS gate_up a", *max_rel_err(a_out[:n], st.a_NF[:n]))]
+            print_errors(errors)
             print(f"gate_up, warp-specialised depth loop: {timed(run_ws, args.reps, device):.3f} ms")
         except Exception as exc:  # noqa: BLE001
             print(f"gate_up, warp-specialised depth loop: FAILED {type(exc).__name__}: {str(exc)[:200]}")
@@ -410,6 +414,7 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     rows = [("gate_up unfused (gather, grouped GEMM, act)", st.unfused_gate_up), ("gate_up fused", st.fused_gate_up),
             ("gate_up fused + keep x_ND", keep),
             ("gather x_TD -> x_ND", lambda: permute(st.x_TD, p.row_token_N, p.pair_row_TK, True)),
+            ("row-block table (Schedule)", lambda: fg.Schedule(p.offsets_E, p.row_token_N.shape[0]).tables),
             ("expert stage fwd+bwd, unfused", expert_stage_step(st, "unfused")),
             ("expert stage fwd+bwd, hybrid re-gather", expert_stage_step(st, "hybrid", False)),
             ("expert stage fwd+bwd, hybrid keep x_ND", expert_stage_step(st, "hybrid", True))]
