@@ -386,6 +386,9 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     errors = check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer")
     h, a, x_ND = keep()
     errors += [("gate_up kept x_ND", *max_rel_err(x_ND[:n], st.x_ND[:n])), ("gate_up kept a", *max_rel_err(a[:n], st.a_NF[:n]))]
+    tables = zip(fg.row_blocks(p.offsets_E, p.row_token_N.shape[0], st.schedule.block),
+                 fg.row_blocks_fused(p.offsets_E, p.row_token_N.shape[0], st.schedule.block))
+    errors.append(("row-block table, one launch (entries differing)", sum(int((a != b).sum()) for a, b in tables), 0.0))
     for label, impl, kept in (("expert stage hybrid", "hybrid", True), ("expert stage hybrid, re-gather", "hybrid", False)):
         for i, (g, w) in enumerate(zip(expert_stage_step(st, impl, kept)(), expert_stage_step(st, "unfused")())):
             errors.append((f"{label} grad[{i}]", *max_rel_err(g, w)))
@@ -414,7 +417,9 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     rows = [("gate_up unfused (gather, grouped GEMM, act)", st.unfused_gate_up), ("gate_up fused", st.fused_gate_up),
             ("gate_up fused + keep x_ND", keep),
             ("gather x_TD -> x_ND", lambda: permute(st.x_TD, p.row_token_N, p.pair_row_TK, True)),
-            ("row-block table (Schedule)", lambda: fg.Schedule(p.offsets_E, p.row_token_N.shape[0]).tables),
+            ("row-block table, torch ops", lambda: fg.row_blocks(p.offsets_E, p.row_token_N.shape[0], st.schedule.block)),
+            ("row-block table, one Triton launch",
+             lambda: fg.row_blocks_fused(p.offsets_E, p.row_token_N.shape[0], st.schedule.block)),
             ("expert stage fwd+bwd, unfused", expert_stage_step(st, "unfused")),
             ("expert stage fwd+bwd, hybrid re-gather", expert_stage_step(st, "hybrid", False)),
             ("expert stage fwd+bwd, hybrid keep x_ND", expert_stage_step(st, "hybrid", True))]

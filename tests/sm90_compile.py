@@ -72,6 +72,9 @@ def main() -> int:
     types = {"part_ptr": "*fp32", "dw_ptr": "*bf16", "blocks_ptr": "*i32", "slot_start_ptr": "*i32"}
     ttgir(fg._wgrad_reduce_kernel, types, dict(BLOCK=4096, ACC=tl.float32), triton.Config({}, num_warps=8, num_stages=1))
     print("ok _wgrad_reduce_kernel")
+    types = {"offsets_ptr": "*i32", "expert_ptr": "*i32", "first_ptr": "*i32", "end_ptr": "*i32"}
+    ttgir(fg._row_blocks_kernel, types, dict(BLOCK=128, BE=128, BQ=128), triton.Config({}, num_warps=4, num_stages=1))
+    print("ok _row_blocks_kernel")
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ import flexmoe
 from test_compile import check_compiled_matches_eager
 from flexmoe.ops.checks import check_finite
 from flexmoe.ops.fused_experts import fused_expert_ffn
-from flexmoe.ops.fused_gemm import row_blocks
+from flexmoe.ops.fused_gemm import row_blocks, row_blocks_fused
 from flexmoe.plan import make_dispatch_plan
 from test_layer import check_against_reference, random_config
 
@@ -141,12 +141,13 @@ def test_per_expert_gemms_match_reference():
     check_against_reference(flexmoe.MoELayer(cfg).double(), torch.randn(9, 8, dtype=torch.float64), tol=1e-10)
 
 
+@pytest.mark.parametrize("tables", [row_blocks, row_blocks_fused], ids=["torch", "one_launch"])
 @pytest.mark.parametrize("block", [1, 3, 16])
-def test_row_blocks_cover_each_expert_row_once_within_block_size(block):
+def test_row_blocks_cover_each_expert_row_once_within_block_size(block, tables):
     counts_E = torch.tensor([0, 50, 1, 0, 7, 16])
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     N = int(counts_E.sum()) + 5  # five dropped rows after the kept ones
-    expert_Q, first_Q, end_Q = row_blocks(offsets_E, N, block)
+    expert_Q, first_Q, end_Q = tables(offsets_E, N, block)
     owner = torch.full((N,), -1)
     for e, a, b in zip(expert_Q.tolist(), first_Q.tolist(), end_Q.tolist()):
         assert 0 <= b - a <= block
@@ -155,6 +156,19 @@ def test_row_blocks_cover_each_expert_row_once_within_block_size(block):
             owner[a:b] = e
     assert torch.equal(owner[: N - 5], torch.repeat_interleave(torch.arange(6), counts_E))
     assert (owner[N - 5:] == -1).all()
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [9], [0, 0, 9], [130, 0, 1], list(range(40)), [3] * 300],
+                         ids=["no_rows", "one_expert", "all_on_the_last", "hot_and_single", "ramp", "many_experts"])
+def test_row_blocks_in_one_launch_equal_the_torch_tables(counts):
+    """The one-launch table (what every fused kernel runs on) entry for entry against the torch
+    ops, unused entries included; many experts make the kernel walk several chunks of entries."""
+    counts_E = torch.tensor(counts)
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    N = int(counts_E.sum()) + 3
+    for block in (1, 7, 32):
+        for got, want in zip(row_blocks_fused(offsets_E, N, block), row_blocks(offsets_E, N, block)):
+            assert torch.equal(got, want)
 
 
 def test_finiteness_check_raises_on_cpu_and_asserts_on_device():
@@ -197,7 +211,7 @@ def test_fused_kernels_compile_for_hopper_with_tensor_cores():
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 9, done.stdout
+    assert done.stdout.count("ok ") == 10, done.stdout
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

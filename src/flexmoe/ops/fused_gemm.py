@@ -75,6 +75,45 @@ def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torc
     return expert_Q.to(torch.int32), first_Q.to(torch.int32), end_Q.to(torch.int32)
 
 
+@triton.jit
+def _row_blocks_kernel(offsets_ptr, expert_ptr, first_ptr, end_ptr, E, Q,
+                       BLOCK: tl.constexpr, BE: tl.constexpr, BQ: tl.constexpr):
+    """``row_blocks`` in one program (one launch instead of a chain of small torch ops): the
+    experts' block counts and their prefix sum sit in registers; each entry q finds its expert by
+    counting the prefix sums <= q and picks that expert's values by a one-hot sum."""
+    e = tl.arange(0, BE)
+    e_ok = e < E
+    ends = tl.load(offsets_ptr + e, mask=e_ok, other=0).to(tl.int64)
+    starts = tl.load(offsets_ptr + e - 1, mask=e_ok & (e > 0), other=0).to(tl.int64)
+    blocks = tl.where(e_ok, (ends - starts + BLOCK - 1) // BLOCK, 0)
+    cum = tl.cumsum(blocks, 0)
+    before = cum - blocks
+    total = tl.sum(blocks, 0)
+    for q0 in range(0, Q, BQ):
+        q = q0 + tl.arange(0, BQ)
+        at_or_past = (cum[None, :] <= q[:, None]) & e_ok[None, :]
+        expert = tl.minimum(tl.sum(at_or_past.to(tl.int32), 1), E - 1)
+        pick = e[None, :] == expert[:, None]
+        first = (tl.sum(tl.where(pick, starts[None, :], 0), 1)
+                 + (q - tl.sum(tl.where(pick, before[None, :], 0), 1)) * BLOCK)
+        used = q < total
+        end = tl.where(used, tl.minimum(first + BLOCK, tl.sum(tl.where(pick, ends[None, :], 0), 1)), 0)
+        ok = q < Q
+        tl.store(expert_ptr + q, expert.to(tl.int32), mask=ok)
+        tl.store(first_ptr + q, tl.where(used, first, 0).to(tl.int32), mask=ok)
+        tl.store(end_ptr + q, end.to(tl.int32), mask=ok)
+
+
+def row_blocks_fused(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``row_blocks`` in one Triton launch (same tables)."""
+    E = offsets_E.shape[0]
+    Q = num_rows // block + E + 1
+    tables = [torch.empty(Q, dtype=torch.int32, device=offsets_E.device) for _ in range(3)]
+    BE = triton.next_power_of_2(E)
+    _row_blocks_kernel[(1,)](offsets_E.contiguous(), *tables, E, Q, BLOCK=block, BE=BE, BQ=max(16, min(128, 16384 // BE)))
+    return tuple(tables)
+
+
 # ---------------------------------------------------------------- device helpers
 
 
@@ -468,7 +507,7 @@ class Schedule:
     def __init__(self, offsets_E: torch.Tensor, num_rows: int):
         self.num_rows = num_rows
         self.block = row_block_size(num_rows, offsets_E.shape[0], offsets_E.device)
-        self.tables = row_blocks(offsets_E, num_rows, self.block)
+        self.tables = row_blocks_fused(offsets_E, num_rows, self.block)
         self.offsets_E = offsets_E
 
     @property
@@ -493,7 +532,7 @@ class WgradSchedule:
     """
 
     def __init__(self, offsets_E: torch.Tensor, num_rows: int, chunk: int):
-        self.tables = row_blocks(offsets_E, num_rows, chunk)
+        self.tables = row_blocks_fused(offsets_E, num_rows, chunk)
         expert_Q, first_Q, end_Q = self.tables
         starts_E, _, blocks_E = expert_blocks(offsets_E, chunk)
         slots_E = torch.where(blocks_E > 1, blocks_E, 0)
