@@ -400,6 +400,7 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
             timings = getattr(fg._tuned["gate_up"], "configs_timings", None) or {}
             ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()), key=lambda i: i[0])
             print(f"sweep {label}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
+    if args.probe_ws and device.type == "cuda" and st.uses_tma:
         try:
             ws = fg.autotuned("gate_up", [WS_CONFIG], warmup=5, rep=25)
             grid = lambda meta: (st.schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
@@ -447,6 +448,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--hybrid", action="store_true", help="only the hybrid path against unfused (layer trials interleaved)")
     parser.add_argument("--trials", type=int, default=3, help="--hybrid: interleaved layer trials")
+    parser.add_argument("--probe-ws", action="store_true", help="--hybrid: also time a warp-specialised gate_up")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)
