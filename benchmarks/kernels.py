@@ -24,7 +24,6 @@ import copy  # noqa: E402
 import traceback  # noqa: E402
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 import flexmoe  # noqa: E402
 from flexmoe.ops import grouped_mm, permute, scaled_activation, unpermute_sum  # noqa: E402
@@ -55,11 +54,9 @@ SWEEP = {  # wider autotune sets for --sweep: (warps, stages, tile); the library
 }
 
 
-HYBRID_SWEEP = {  # --hybrid --sweep: the gate_up tiles (with and without keeping the rows); "mm" unused there
-    "gate_up": SWEEP["gate_up"] + [_c(8, 5, BN=128, BK=64), _c(8, 3, BN=128, BK=64, GROUP=32),
-                                   _c(8, 4, BN=128, BK=64, GROUP=2)],
+HYBRID_SWEEP = {  # --hybrid --sweep: the hybrid runs one fused kernel, gate_up
+    "gate_up": SWEEP["gate_up"] + [_c(8, 5, BN=128, BK=64), _c(8, 3, BN=128, BK=64, GROUP=32)],
 }
-WS_CONFIG = _c(8, 3, BN=128, BK=64, WS=True)  # warp-specialised depth loop: probed alone (may not compile)
 
 
 def use_sweep_configs(sets: dict = SWEEP) -> None:
@@ -147,7 +144,7 @@ class Stages:
 
     # fused kernels
     def fused_gate_up(self):
-        return fg.gate_up(self.x_TD, self.plan.row_token_N, self.w_gu, self.scale_N, self.schedule, self.act, self.tma)[:2]
+        return fg.gate_up(self.x_TD, self.plan.row_token_N, self.w_gu, self.scale_N, self.schedule, self.act, self.tma)
 
     def fused_down(self):
         return gather_sum(fg.expert_mm(self.a_NF, self.w_dn, True, self.schedule, self.tma), self.plan.pair_row_TK)
@@ -338,10 +335,9 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     print(f"ideal at the measured matmul rate: {flops / (tflops * 1e12) * 1e3:.2f} ms")
 
 
-def expert_stage_step(st: Stages, impl: str, keep_rows: bool = True):
+def expert_stage_step(st: Stages, impl: str):
     """One forward+backward of the expert stage alone (token rows in and out, every gradient):
-    "unfused" (permute, grouped GEMMs, combine) or "hybrid" (``keep_rows``: x_ND from the gate_up
-    kernel, else gathered again in backward)."""
+    "unfused" (permute, grouped GEMMs, combine) or "hybrid" (fused gate_up, grouped backward)."""
     p = st.plan
     x = st.x_TD.detach().clone().requires_grad_(True)
     w_gu, w_dn = st.w_gu.clone().requires_grad_(True), st.w_dn.clone().requires_grad_(True)
@@ -357,7 +353,7 @@ def expert_stage_step(st: Stages, impl: str, keep_rows: bool = True):
             y_ND = grouped_mm(scaled_activation(h, scale, p.offsets_E[-1:], st.act, True), w_dn, p.offsets_E)
             y = unpermute_sum(y_ND, p.pair_row_TK, p.row_token_N, True)
         else:
-            y = fused_expert_ffn(x, w_gu, w_dn, p.offsets_E, p.row_token_N, p.pair_row_TK, scale, st.act, True, keep_rows)
+            y = fused_expert_ffn(x, w_gu, w_dn, p.offsets_E, p.row_token_N, p.pair_row_TK, scale, st.act, True)
         y.backward(st.dy_TD)
         return [t.grad for t in leaves]
 
@@ -365,8 +361,8 @@ def expert_stage_step(st: Stages, impl: str, keep_rows: bool = True):
 
 
 def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
-    """``--hybrid``: the hybrid path (rows kept by the gate_up kernel) against the unfused one:
-    correctness, the gate_up stage, the expert stage alone, the layer (trials interleaved)."""
+    """``--hybrid``: the hybrid path against the unfused one, lighter than the full run: correctness,
+    the gate_up stage, the expert stage alone, the layer (``--trials`` interleaved trials)."""
     torch.manual_seed(0)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
@@ -381,49 +377,22 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     print(f"\n## hybrid: {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
           f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}")
     p = st.plan
-    keep = lambda: fg.gate_up(st.x_TD, p.row_token_N, st.w_gu, st.scale_N, st.schedule, st.act, keep_rows=True)  # noqa: E731
-    n = int(p.offsets_E[-1])
     errors = check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer")
-    h, a, x_ND = keep()
-    errors += [("gate_up kept x_ND", *max_rel_err(x_ND[:n], st.x_ND[:n])), ("gate_up kept a", *max_rel_err(a[:n], st.a_NF[:n]))]
-    tables = zip(fg.row_blocks(p.offsets_E, p.row_token_N.shape[0], st.schedule.block),
-                 fg.row_blocks_fused(p.offsets_E, p.row_token_N.shape[0], st.schedule.block))
-    errors.append(("row-block table, one launch (entries differing)", sum(int((a != b).sum()) for a, b in tables), 0.0))
-    for label, impl, kept in (("expert stage hybrid", "hybrid", True), ("expert stage hybrid, re-gather", "hybrid", False)):
-        for i, (g, w) in enumerate(zip(expert_stage_step(st, impl, kept)(), expert_stage_step(st, "unfused")())):
-            errors.append((f"{label} grad[{i}]", *max_rel_err(g, w)))
+    for i, (g, w) in enumerate(zip(expert_stage_step(st, "hybrid")(), expert_stage_step(st, "unfused")())):
+        errors.append((f"expert stage hybrid grad[{i}]", *max_rel_err(g, w)))
     print_errors(errors)
     if args.sweep and device.type == "cuda":
-        for label, fn in (("gate_up", st.fused_gate_up), ("gate_up keep rows", keep)):
-            fn()
-            torch.cuda.synchronize()
-            timings = getattr(fg._tuned["gate_up"], "configs_timings", None) or {}
-            ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()), key=lambda i: i[0])
-            print(f"sweep {label}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
-    if args.probe_ws and device.type == "cuda" and st.uses_tma:
-        try:
-            ws = fg.autotuned("gate_up", [WS_CONFIG], warmup=5, rep=25)
-            grid = lambda meta: (st.schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
-            h_out, a_out = torch.empty_like(st.h_NH), torch.empty_like(st.a_NF)
-            run_ws = lambda: ws[grid](st.x_TD, p.row_token_N, st.w_gu, fg._weight_desc(st.w_gu, 1), st.scale_N, h_out,  # noqa: E731
-                                      a_out, h_out, *st.schedule.tables, st.schedule.num_blocks, D, F, GATED=True,
-                                      ACT=0, BM=st.schedule.block, ACC=fg._acc(dtype), PREC="tf32", TMA=1)
-            run_ws()
-            errors = [("WS gate_up a", *max_rel_err(a_out[:n], st.a_NF[:n]))]
-            print_errors(errors)
-            print(f"gate_up, warp-specialised depth loop: {timed(run_ws, args.reps, device):.3f} ms")
-        except Exception as exc:  # noqa: BLE001
-            print(f"gate_up, warp-specialised depth loop: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+        st.fused_gate_up()
+        torch.cuda.synchronize()
+        timings = getattr(fg._tuned["gate_up"], "configs_timings", None) or {}
+        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()), key=lambda i: i[0])
+        print("sweep gate_up: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
     print("\n| stage | ms |\n|---|---|")
     rows = [("gate_up unfused (gather, grouped GEMM, act)", st.unfused_gate_up), ("gate_up fused", st.fused_gate_up),
-            ("gate_up fused + keep x_ND", keep),
             ("gather x_TD -> x_ND", lambda: permute(st.x_TD, p.row_token_N, p.pair_row_TK, True)),
-            ("row-block table, torch ops", lambda: fg.row_blocks(p.offsets_E, p.row_token_N.shape[0], st.schedule.block)),
-            ("row-block table, one Triton launch",
-             lambda: fg.row_blocks_fused(p.offsets_E, p.row_token_N.shape[0], st.schedule.block)),
+            ("row-block table (fg.Schedule)", lambda: fg.Schedule(p.offsets_E, p.row_token_N.shape[0]).tables),
             ("expert stage fwd+bwd, unfused", expert_stage_step(st, "unfused")),
-            ("expert stage fwd+bwd, hybrid re-gather", expert_stage_step(st, "hybrid", False)),
-            ("expert stage fwd+bwd, hybrid keep x_ND", expert_stage_step(st, "hybrid", True))]
+            ("expert stage fwd+bwd, hybrid", expert_stage_step(st, "hybrid"))]
     for label, fn in rows:
         print(f"| {label} | {timed(fn, args.reps, device):.3f} |")
     flops = 18 * args.tokens * k * D * F
@@ -448,7 +417,6 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--hybrid", action="store_true", help="only the hybrid path against unfused (layer trials interleaved)")
     parser.add_argument("--trials", type=int, default=3, help="--hybrid: interleaved layer trials")
-    parser.add_argument("--probe-ws", action="store_true", help="--hybrid: also time a warp-specialised gate_up")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)

@@ -15,7 +15,7 @@ import flexmoe
 from test_compile import check_compiled_matches_eager
 from flexmoe.ops.checks import check_finite
 from flexmoe.ops.fused_experts import fused_expert_ffn
-from flexmoe.ops.fused_gemm import row_blocks, row_blocks_fused
+from flexmoe.ops.fused_gemm import row_blocks
 from flexmoe.plan import make_dispatch_plan
 from test_layer import check_against_reference, random_config
 
@@ -141,13 +141,12 @@ def test_per_expert_gemms_match_reference():
     check_against_reference(flexmoe.MoELayer(cfg).double(), torch.randn(9, 8, dtype=torch.float64), tol=1e-10)
 
 
-@pytest.mark.parametrize("tables", [row_blocks, row_blocks_fused], ids=["torch", "one_launch"])
 @pytest.mark.parametrize("block", [1, 3, 16])
-def test_row_blocks_cover_each_expert_row_once_within_block_size(block, tables):
+def test_row_blocks_cover_each_expert_row_once_within_block_size(block):
     counts_E = torch.tensor([0, 50, 1, 0, 7, 16])
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     N = int(counts_E.sum()) + 5  # five dropped rows after the kept ones
-    expert_Q, first_Q, end_Q = tables(offsets_E, N, block)
+    expert_Q, first_Q, end_Q = row_blocks(offsets_E, N, block)
     owner = torch.full((N,), -1)
     for e, a, b in zip(expert_Q.tolist(), first_Q.tolist(), end_Q.tolist()):
         assert 0 <= b - a <= block
@@ -156,19 +155,6 @@ def test_row_blocks_cover_each_expert_row_once_within_block_size(block, tables):
             owner[a:b] = e
     assert torch.equal(owner[: N - 5], torch.repeat_interleave(torch.arange(6), counts_E))
     assert (owner[N - 5:] == -1).all()
-
-
-@pytest.mark.parametrize("counts", [[0, 0, 0], [9], [0, 0, 9], [130, 0, 1], list(range(40)), [3] * 300],
-                         ids=["no_rows", "one_expert", "all_on_the_last", "hot_and_single", "ramp", "many_experts"])
-def test_row_blocks_in_one_launch_equal_the_torch_tables(counts):
-    """The one-launch table (what every fused kernel runs on) entry for entry against the torch
-    ops, unused entries included; many experts make the kernel walk several chunks of entries."""
-    counts_E = torch.tensor(counts)
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    N = int(counts_E.sum()) + 3
-    for block in (1, 7, 32):
-        for got, want in zip(row_blocks_fused(offsets_E, N, block), row_blocks(offsets_E, N, block)):
-            assert torch.equal(got, want)
 
 
 def test_finiteness_check_raises_on_cpu_and_asserts_on_device():
@@ -211,7 +197,7 @@ def test_fused_kernels_compile_for_hopper_with_tensor_cores():
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 10, done.stdout
+    assert done.stdout.count("ok ") == 8, done.stdout
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -233,7 +219,7 @@ def test_tma_weight_loads_match_pointer_loads(activation):
     scale = plan.row_weight_N.contiguous()
     runs = {}
     for tma in (False, True):
-        h, a, _ = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, activation, tma=tma)
+        h, a = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, activation, tma=tma)
         y = fg.expert_mm(a, w_down, True, schedule, tma=tma)
         dh, dscale = fg.down_dgrad(x, plan.row_token_N, w_down, h, scale, schedule, activation, tma=tma)
         dx = fg.expert_mm(dh, w_gu, False, schedule, tma=tma)
@@ -254,50 +240,3 @@ def test_auto_runs_fused_paths_only_where_measured():
         assert fused_path(kernels, x.bfloat16(), 2048, 768, 128, 8) is None
     with pytest.raises(ValueError, match="kernels"):
         flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, kernels="hybird")
-
-
-@pytest.mark.parametrize("D, Fd, activation", [(72, 40, "swiglu"), (40, 100, "gelu"), (24, 8, "relu")],
-                         ids=["more_depth_steps_than_tiles", "more_tiles_than_depth_steps", "one_of_each"])
-def test_gate_up_keeps_the_gathered_rows(D, Fd, activation):
-    """``keep_rows``: the x_ND the gate_up kernel writes from its operand tiles is x[row_token] on
-    every kept row (each depth step written by one column-tile program; empty expert, drops)."""
-    from flexmoe.ops import fused_gemm as fg
-
-    torch.manual_seed(11)
-    T, K, E = 45, 2, 5
-    H = 2 * Fd if activation == "swiglu" else Fd
-    x = torch.randn(T, D, dtype=torch.float64)
-    w_gu = torch.randn(E, H, D, dtype=torch.float64)
-    expert_TK = torch.stack([torch.randperm(4)[:K] for _ in range(T)])  # expert 4 is empty
-    plan = make_dispatch_plan(expert_TK, torch.rand(T, K, dtype=torch.float64), torch.rand(T, K) < 0.8, E)
-    schedule = fg.Schedule(plan.offsets_E, plan.row_token_N.shape[0])
-    scale = plan.row_weight_N.contiguous()
-    h, a, x_ND = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, activation, keep_rows=True)
-    h0, a0, none = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, activation)
-    n = int(plan.offsets_E[-1])
-    assert none.shape == (0, D) and x_ND.shape == (plan.row_token_N.shape[0], D) and n < x_ND.shape[0]
-    torch.testing.assert_close(x_ND[:n], x[plan.row_token_N[:n].long()], rtol=0, atol=0)
-    torch.testing.assert_close(h[:n], h0[:n], rtol=0, atol=0)
-    torch.testing.assert_close(a[:n], a0[:n], rtol=0, atol=0)
-
-
-def test_hybrid_without_weight_gradient_gathers_rows_in_backward():
-    """"hybrid" keeps x_ND only when the gate_up weight needs a gradient; without it the backward
-    gathers the rows itself, and the other gradients still match the float64 loop."""
-    torch.manual_seed(4)
-    T, K, E, D, Fd = 30, 2, 4, 16, 24
-    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    w_gu = 0.3 * torch.randn(E, 2 * Fd, D, dtype=torch.float64)
-    w_down = (0.3 * torch.randn(E, D, Fd, dtype=torch.float64)).requires_grad_(True)
-    expert_TK = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
-    weight_TK = torch.rand(T, K, dtype=torch.float64)
-    plan = make_dispatch_plan(expert_TK, weight_TK, None, E)
-    y = fused_expert_ffn(x, w_gu, w_down, plan.offsets_E, plan.row_token_N, plan.pair_row_TK, plan.row_weight_N,
-                         "swiglu", True)
-    probe = torch.randn(T, D, dtype=torch.float64)
-    grads = torch.autograd.grad((y * probe).sum(), [x, w_down])
-    y_ref = _loop_reference(x, w_gu, w_down, expert_TK, weight_TK, torch.ones(T, K, dtype=torch.bool), "swiglu")
-    grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x, w_down])
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)

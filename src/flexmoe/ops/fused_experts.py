@@ -9,10 +9,8 @@ and its combine. Neither ``x_ND`` nor a permuted output gradient is ever written
 ``grouped_backward`` (the "hybrid" path) keeps the fused gate_up (the down GEMM, which fuses
 nothing, runs as a grouped GEMM where ``torch._grouped_mm`` is fast) but runs the backward as the
 unfused path does (the fused backward GEMMs measured slower on an H200, docs/kernels.md): the
-output gradient is gathered into grouped rows and every backward GEMM is a grouped GEMM
-(``torch._grouped_mm`` on sm90 bf16). Its forward keeps ``x_ND`` for the weight gradient
-(``keep_rows``): the gate_up kernel writes the gathered rows from the tiles it loads anyway, which
-is cheaper than gathering them again in backward.
+output gradient and ``x`` are gathered into grouped rows and every backward GEMM is a grouped GEMM
+(``torch._grouped_mm`` on sm90 bf16); ``x_ND`` is still not kept between the passes.
 Both passes are ``torch.library`` custom ops with fake implementations, so
 ``torch.compile(fullgraph=True)`` captures them. They need Triton (CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1``).
@@ -31,31 +29,28 @@ from .grouped_gemm import grouped_mm, grouped_mm_wgrad, has_fast_grouped_mm
 def fused_experts(
     x_TD: torch.Tensor, w_EHD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor,
     row_token_N: torch.Tensor, pair_row_TK: torch.Tensor, scale_N: torch.Tensor, activation: str,
-    grouped_backward: bool, keep_rows: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y_TD, h_NH, a_NF, x_ND)``: the combined expert output and what backward needs (``x_ND``
-    the gathered rows with ``keep_rows``, else empty)."""
+    grouped_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y_TD, h_NH, a_NF)``: the combined expert output and the two activations backward needs."""
     k = fused_gemm()
     schedule = k.Schedule(offsets_E, row_token_N.shape[0])
-    h_NH, a_NF, x_ND = k.gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule, activation, keep_rows=keep_rows)
+    h_NH, a_NF = k.gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule, activation)
     if grouped_backward and has_fast_grouped_mm(a_NF, w_EDF):  # "hybrid": the down GEMM fuses nothing
         y_ND = grouped_mm(a_NF, w_EDF, offsets_E)
     else:
         y_ND = k.expert_mm(a_NF, w_EDF, True, schedule)
-    return triton_kernels().gather_sum(y_ND, pair_row_TK), h_NH, a_NF, x_ND
+    return triton_kernels().gather_sum(y_ND, pair_row_TK), h_NH, a_NF
 
 
 @torch.library.custom_op("flexmoe::fused_experts_backward", mutates_args=())
 def fused_experts_backward(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, w_EHD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor,
     row_token_N: torch.Tensor, pair_row_TK: torch.Tensor, scale_N: torch.Tensor, h_NH: torch.Tensor,
-    a_NF: torch.Tensor, x_ND: torch.Tensor, activation: str, grouped_backward: bool,
+    a_NF: torch.Tensor, activation: str, grouped_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx_TD, dw_EHD, dw_EDF, dscale_N)``; ``x_ND`` the kept gathered rows, or empty."""
+    """``(dx_TD, dw_EHD, dw_EDF, dscale_N)``."""
     if grouped_backward:
-        if x_ND.shape[0] != row_token_N.shape[0]:
-            x_ND = triton_kernels().gather_rows(x_TD, row_token_N)
-        return _grouped_backward(dy_TD, x_ND, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF,
+        return _grouped_backward(dy_TD, x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF,
                                  activation)
     E = w_EHD.shape[0]
     k = fused_gemm()
@@ -67,47 +62,46 @@ def fused_experts_backward(
     return triton_kernels().gather_sum(dx_ND, pair_row_TK), dw_EHD, dw_EDF, dscale_N
 
 
-def _grouped_backward(dy_TD, x_ND, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, activation):
+def _grouped_backward(dy_TD, x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, activation):
     """The backward of the hybrid path: gathered rows and grouped GEMMs (see the module docstring)."""
     t = triton_kernels()
     dy_ND = t.gather_rows(dy_TD, row_token_N)
     da_NF = grouped_mm(dy_ND, w_EDF.transpose(1, 2), offsets_E)
     dh_NH, dscale_N = scaled_activation_backward(h_NH, scale_N, offsets_E[-1:], da_NF, activation, True)
     dw_EDF = grouped_mm_wgrad(dy_ND, a_NF, offsets_E)
-    dw_EHD = grouped_mm_wgrad(dh_NH, x_ND, offsets_E)
+    dw_EHD = grouped_mm_wgrad(dh_NH, t.gather_rows(x_TD, row_token_N), offsets_E)
     dx_ND = grouped_mm(dh_NH, w_EHD.transpose(1, 2), offsets_E)
     return t.gather_sum(dx_ND, pair_row_TK), dw_EHD, dw_EDF, dscale_N
 
 
 @fused_experts.register_fake
-def _(x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, activation, grouped_backward, keep_rows):
+def _(x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, activation, grouped_backward):
     N, H = row_token_N.shape[0], w_EHD.shape[1]
-    x_ND = x_TD.new_empty((N if keep_rows else 0, x_TD.shape[1]))
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty((N, H)), x_TD.new_empty((N, w_EDF.shape[2])), x_ND
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty((N, H)), x_TD.new_empty((N, w_EDF.shape[2]))
 
 
 @fused_experts_backward.register_fake
-def _(dy_TD, x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, x_ND, activation,
+def _(dy_TD, x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, activation,
       grouped_backward):
     return torch.empty_like(x_TD), torch.empty_like(w_EHD), torch.empty_like(w_EDF), torch.empty_like(scale_N)
 
 
 def _setup(ctx, inputs, output):
-    *tensors, activation, grouped_backward, _ = inputs
-    _, h_NH, a_NF, x_ND = output
-    ctx.mark_non_differentiable(h_NH, a_NF, x_ND)
-    ctx.save_for_backward(*tensors, h_NH, a_NF, x_ND)
+    *tensors, activation, grouped_backward = inputs
+    _, h_NH, a_NF = output
+    ctx.mark_non_differentiable(h_NH, a_NF)
+    ctx.save_for_backward(*tensors, h_NH, a_NF)
     ctx.activation = activation
     ctx.grouped_backward = grouped_backward
 
 
-def _backward(ctx, dy_TD, _dh, _da, _dx):
-    x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, x_ND = ctx.saved_tensors
+def _backward(ctx, dy_TD, _dh, _da):
+    x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF = ctx.saved_tensors
     dx_TD, dw_EHD, dw_EDF, dscale_N = fused_experts_backward(
-        dy_TD.contiguous(), x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF, x_ND,
+        dy_TD.contiguous(), x_TD, w_EHD, w_EDF, offsets_E, row_token_N, pair_row_TK, scale_N, h_NH, a_NF,
         ctx.activation, ctx.grouped_backward,
     )
-    return dx_TD, dw_EHD, dw_EDF, None, None, None, dscale_N, None, None, None
+    return dx_TD, dw_EHD, dw_EDF, None, None, None, dscale_N, None, None
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup)
@@ -116,17 +110,12 @@ fused_experts.register_autograd(_backward, setup_context=_setup)
 def fused_expert_ffn(
     x_TD: torch.Tensor, w_EHD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor,
     row_token_N: torch.Tensor, pair_row_TK: torch.Tensor, scale_N: torch.Tensor, activation: str,
-    grouped_backward: bool = False, keep_rows: bool | None = None,
+    grouped_backward: bool = False,
 ) -> torch.Tensor:
     """``y[t] = sum_k scale * FFN_e(x[t])`` over the kept (token, slot) pairs, in fused kernels
-    (the backward in grouped GEMMs with ``grouped_backward``). ``keep_rows`` (grouped backward
-    only): the forward keeps the gathered rows for the gate_up weight gradient instead of the
-    backward gathering them again; None: where that gradient will be needed."""
-    if keep_rows is None:
-        keep_rows = torch.is_grad_enabled() and w_EHD.requires_grad
-    keep_rows = keep_rows and grouped_backward
-    y_TD, _, _, _ = fused_experts(
+    (the backward in grouped GEMMs with ``grouped_backward``)."""
+    y_TD, _, _ = fused_experts(
         x_TD.contiguous(), w_EHD.contiguous(), w_EDF.contiguous(), offsets_E, row_token_N, pair_row_TK,
-        scale_N.contiguous(), activation, grouped_backward, keep_rows,
+        scale_N.contiguous(), activation, grouped_backward,
     )
     return y_TD

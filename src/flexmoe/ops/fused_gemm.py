@@ -75,45 +75,6 @@ def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torc
     return expert_Q.to(torch.int32), first_Q.to(torch.int32), end_Q.to(torch.int32)
 
 
-@triton.jit
-def _row_blocks_kernel(offsets_ptr, expert_ptr, first_ptr, end_ptr, E, Q,
-                       BLOCK: tl.constexpr, BE: tl.constexpr, BQ: tl.constexpr):
-    """``row_blocks`` in one program (one launch instead of a chain of small torch ops): the
-    experts' block counts and their prefix sum sit in registers; each entry q finds its expert by
-    counting the prefix sums <= q and picks that expert's values by a one-hot sum."""
-    e = tl.arange(0, BE)
-    e_ok = e < E
-    ends = tl.load(offsets_ptr + e, mask=e_ok, other=0).to(tl.int64)
-    starts = tl.load(offsets_ptr + e - 1, mask=e_ok & (e > 0), other=0).to(tl.int64)
-    blocks = tl.where(e_ok, (ends - starts + BLOCK - 1) // BLOCK, 0)
-    cum = tl.cumsum(blocks, 0)
-    before = cum - blocks
-    total = tl.sum(blocks, 0)
-    for q0 in range(0, Q, BQ):
-        q = q0 + tl.arange(0, BQ)
-        at_or_past = (cum[None, :] <= q[:, None]) & e_ok[None, :]
-        expert = tl.minimum(tl.sum(at_or_past.to(tl.int32), 1), E - 1)
-        pick = e[None, :] == expert[:, None]
-        first = (tl.sum(tl.where(pick, starts[None, :], 0), 1)
-                 + (q - tl.sum(tl.where(pick, before[None, :], 0), 1)) * BLOCK)
-        used = q < total
-        end = tl.where(used, tl.minimum(first + BLOCK, tl.sum(tl.where(pick, ends[None, :], 0), 1)), 0)
-        ok = q < Q
-        tl.store(expert_ptr + q, expert.to(tl.int32), mask=ok)
-        tl.store(first_ptr + q, tl.where(used, first, 0).to(tl.int32), mask=ok)
-        tl.store(end_ptr + q, end.to(tl.int32), mask=ok)
-
-
-def row_blocks_fused(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``row_blocks`` in one Triton launch (same tables)."""
-    E = offsets_E.shape[0]
-    Q = num_rows // block + E + 1
-    tables = [torch.empty(Q, dtype=torch.int32, device=offsets_E.device) for _ in range(3)]
-    BE = triton.next_power_of_2(E)
-    _row_blocks_kernel[(1,)](offsets_E.contiguous(), *tables, E, Q, BLOCK=block, BE=BE, BQ=max(16, min(128, 16384 // BE)))
-    return tuple(tables)
-
-
 # ---------------------------------------------------------------- device helpers
 
 
@@ -170,18 +131,14 @@ def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr, xr_ptr,
+    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
-    EVEN_K: tl.constexpr = False, STORE_X: tl.constexpr = False, WS: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False,
 ):
-    """STORE_X: also write the gathered rows to ``xr`` (``x_ND``, for the weight gradient): depth
-    step s of a row block is stored by its column-tile program s % tiles, so the extra stores are
-    spread evenly over the programs. WS: warp-specialised depth loop (a tuning choice on sm90+)."""
-    tiles_n = tl.cdiv(F, BN)
-    q, pid_n = _grouped_tile(NUM_BLOCKS, tiles_n, GROUP)
+    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
         src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
@@ -195,12 +152,9 @@ def _gate_up_kernel(
         row_w = (expert * H + pid_n * BN).to(tl.int32)
         acc_g = tl.zeros([BM, BN], dtype=ACC)
         acc_u = tl.zeros([BM, BN], dtype=ACC)
-        for k0 in tl.range(0, D, BK, warp_specialize=WS):
+        for k0 in range(0, D, BK):
             k_ok = _k_mask(k0, kk, D, EVEN_K)
             x = tl.load(x_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-            if STORE_X:
-                if (k0 // BK) % tiles_n == pid_n:
-                    tl.store(xr_ptr + rows[:, None] * D + (k0 + kk)[None, :], x, mask=row_ok[:, None] & k_ok[None, :])
             if TMA:
                 wg = tl.trans(w_desc.load([row_w, k0]))
             else:
@@ -406,8 +360,8 @@ def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
     return [bn, bk] if mode == 1 else [bk, bn]
 
 
-def _config(num_warps: int, num_stages: int, maxnreg: int | None = None, **tile) -> triton.Config:
-    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, pre_hook=_set_weight_block)
+def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
 
 
 # Autotune sets (CUDA), the two fastest of ``benchmarks/kernels.py --sweep`` per kernel on an H200
@@ -423,7 +377,7 @@ CONFIGS = {
 _DGRAD_MIN_BN = 64  # the routing-weight gradient has one partial per BN columns: sized for the narrowest
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 _KEYS = {
-    "gate_up": ["D", "F", "GATED", "BM", "TMA", "STORE_X"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"],
+    "gate_up": ["D", "F", "GATED", "BM", "TMA"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"],
     "dgrad": ["D", "F", "GATED", "BM", "TMA"], "wgrad": ["NUM_BLOCKS", "O", "I"],
 }
 _DEPTH = {"gate_up": "D", "mm": "KDIM", "dgrad": "D"}  # the GEMM depth of each kernel (EVEN_K when BK divides it)
@@ -507,7 +461,7 @@ class Schedule:
     def __init__(self, offsets_E: torch.Tensor, num_rows: int):
         self.num_rows = num_rows
         self.block = row_block_size(num_rows, offsets_E.shape[0], offsets_E.device)
-        self.tables = row_blocks_fused(offsets_E, num_rows, self.block)
+        self.tables = row_blocks(offsets_E, num_rows, self.block)
         self.offsets_E = offsets_E
 
     @property
@@ -532,7 +486,7 @@ class WgradSchedule:
     """
 
     def __init__(self, offsets_E: torch.Tensor, num_rows: int, chunk: int):
-        self.tables = row_blocks_fused(offsets_E, num_rows, chunk)
+        self.tables = row_blocks(offsets_E, num_rows, chunk)
         expert_Q, first_Q, end_Q = self.tables
         starts_E, _, blocks_E = expert_blocks(offsets_E, chunk)
         slots_E = torch.where(blocks_E > 1, blocks_E, 0)
@@ -550,11 +504,8 @@ class WgradSchedule:
         return self.tables[0].shape[0]
 
 
-def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None,
-            keep_rows: bool = False):
-    """``(h_NH, a_NF, x_ND)``: the gate_up GEMM on gathered token rows, the scaled activation and,
-    with ``keep_rows``, the gathered rows themselves (written from the operand tiles the GEMM loads,
-    no separate gather; rows past the kept ones unspecified), else an empty ``[0, D]``.
+def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
+    """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation.
 
     ``tma``: weight tiles through TMA descriptors (None: where ``hopper_tma`` allows)."""
     N, (E, H, D) = schedule.num_rows, w_EHD.shape
@@ -562,17 +513,13 @@ def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: s
     F = H // 2 if gated else H
     h_NH = x_TD.new_empty((N, H))
     a_NF = x_TD.new_empty((N, F))
-    x_ND = x_TD.new_empty((N if keep_rows else 0, D))
     if N and F and x_TD.shape[0]:
         grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
         mode = int(hopper_tma(w_EHD) if tma is None else tma)
         _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF,
-                x_ND if keep_rows else h_NH, *schedule.tables, schedule.num_blocks, D, F, GATED=gated,
-                ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype),
-                TMA=mode, STORE_X=keep_rows)
-    elif keep_rows:
-        x_ND.zero_()
-    return h_NH, a_NF, x_ND
+                *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
+                BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype), TMA=mode)
+    return h_NH, a_NF
 
 
 def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None) -> torch.Tensor:
