@@ -29,6 +29,7 @@ import flexmoe  # noqa: E402
 from flexmoe.ops import grouped_mm, permute, scaled_activation, unpermute_sum  # noqa: E402
 from flexmoe.ops import fused_gemm as fg  # noqa: E402
 from flexmoe.ops._backend import fused_path  # noqa: E402
+from flexmoe.ops.fused_experts import fused_expert_ffn  # noqa: E402
 from flexmoe.ops.activation import swiglu_scaled_backward  # noqa: E402
 from flexmoe.ops.grouped_gemm import grouped_mm_loop_wgrad, has_fast_grouped_mm  # noqa: E402
 from flexmoe.ops.triton_kernels import gather_sum  # noqa: E402
@@ -53,9 +54,14 @@ SWEEP = {  # wider autotune sets for --sweep: (warps, stages, tile); the library
 }
 
 
-def use_sweep_configs() -> None:
+HYBRID_SWEEP = {  # --hybrid --sweep: the hybrid runs one fused kernel, gate_up
+    "gate_up": SWEEP["gate_up"] + [_c(8, 5, BN=128, BK=64), _c(8, 3, BN=128, BK=64, GROUP=32)],
+}
+
+
+def use_sweep_configs(sets: dict = SWEEP) -> None:
     """Swap the library's autotuners for ones over ``SWEEP`` (quick timing per config)."""
-    for name, configs in SWEEP.items():
+    for name, configs in sets.items():
         fg._tuned[name] = fg.autotuned(name, configs, warmup=5, rep=25)
 
 
@@ -329,6 +335,79 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     print(f"ideal at the measured matmul rate: {flops / (tflops * 1e12) * 1e3:.2f} ms")
 
 
+def expert_stage_step(st: Stages, impl: str):
+    """One forward+backward of the expert stage alone (token rows in and out, every gradient):
+    "unfused" (permute, grouped GEMMs, combine) or "hybrid" (fused gate_up, grouped backward)."""
+    p = st.plan
+    x = st.x_TD.detach().clone().requires_grad_(True)
+    w_gu, w_dn = st.w_gu.clone().requires_grad_(True), st.w_dn.clone().requires_grad_(True)
+    scale = st.scale_N.clone().requires_grad_(True)
+    leaves = [x, w_gu, w_dn, scale]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        if impl == "unfused":
+            x_ND = permute(x, p.row_token_N, p.pair_row_TK, True)
+            h = grouped_mm(x_ND, w_gu, p.offsets_E)
+            y_ND = grouped_mm(scaled_activation(h, scale, p.offsets_E[-1:], st.act, True), w_dn, p.offsets_E)
+            y = unpermute_sum(y_ND, p.pair_row_TK, p.row_token_N, True)
+        else:
+            y = fused_expert_ffn(x, w_gu, w_dn, p.offsets_E, p.row_token_N, p.pair_row_TK, scale, st.act, True)
+        y.backward(st.dy_TD)
+        return [t.grad for t in leaves]
+
+    return step
+
+
+def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
+    """``--hybrid``: the hybrid path against the unfused one, lighter than the full run: correctness,
+    the gate_up stage, the expert stage alone, the layer (``--trials`` interleaved trials)."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
+    layer = flexmoe.MoELayer(cfg).to(device=device, dtype=dtype)
+    x_TD = torch.randn(args.tokens, D, device=device, dtype=dtype)
+    if routing == "zipf":
+        with torch.no_grad():
+            skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
+    hybrid, unfused = same_layer(layer, "hybrid"), same_layer(layer, "triton")
+    st = Stages(layer, x_TD)
+    counts = st.plan.counts_E.float()
+    print(f"\n## hybrid: {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
+          f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}")
+    p = st.plan
+    errors = check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer")
+    for i, (g, w) in enumerate(zip(expert_stage_step(st, "hybrid")(), expert_stage_step(st, "unfused")())):
+        errors.append((f"expert stage hybrid grad[{i}]", *max_rel_err(g, w)))
+    print_errors(errors)
+    if args.sweep and device.type == "cuda":
+        st.fused_gate_up()
+        torch.cuda.synchronize()
+        timings = getattr(fg._tuned["gate_up"], "configs_timings", None) or {}
+        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()), key=lambda i: i[0])
+        print("sweep gate_up: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
+    print("\n| stage | ms |\n|---|---|")
+    rows = [("gate_up unfused (gather, grouped GEMM, act)", st.unfused_gate_up), ("gate_up fused", st.fused_gate_up),
+            ("gather x_TD -> x_ND", lambda: permute(st.x_TD, p.row_token_N, p.pair_row_TK, True)),
+            ("row-block table (fg.Schedule)", lambda: fg.Schedule(p.offsets_E, p.row_token_N.shape[0]).tables),
+            ("expert stage fwd+bwd, unfused", expert_stage_step(st, "unfused")),
+            ("expert stage fwd+bwd, hybrid", expert_stage_step(st, "hybrid"))]
+    for label, fn in rows:
+        print(f"| {label} | {timed(fn, args.reps, device):.3f} |")
+    flops = 18 * args.tokens * k * D * F
+    x_BTD = x_TD.unsqueeze(0)
+    steps = {"unfused": training_step(unfused, x_BTD), "hybrid": training_step(hybrid, x_BTD)}
+    print("\n| trial | unfused ms | hybrid ms | hybrid speedup | hybrid % of matmul |\n|---|---|---|---|---|")
+    ratios = []
+    for trial in range(args.trials):
+        t = {name: timed(step, args.reps, device) for name, step in steps.items()}
+        ratios.append(t["unfused"] / t["hybrid"])
+        tf = flops / (t["hybrid"] * 1e-3) / 1e12
+        print(f"| {trial} | {t['unfused']:.2f} | {t['hybrid']:.2f} | {ratios[-1]:.3f}x | {100 * tf / tflops:.0f}% |")
+    print(f"hybrid speedup over unfused: min {min(ratios):.3f}x, max {max(ratios):.3f}x over {args.trials} trials")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU (interpreted Triton)")
@@ -336,6 +415,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph check and timing")
     parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
+    parser.add_argument("--hybrid", action="store_true", help="only the hybrid path against unfused (layer trials interleaved)")
+    parser.add_argument("--trials", type=int, default=3, help="--hybrid: interleaved layer trials")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)
@@ -348,13 +429,14 @@ def main() -> None:
     if args.tiny:
         shapes, args.tokens, args.reps = TINY, 64, 1
     if args.sweep:
-        use_sweep_configs()
+        use_sweep_configs(HYBRID_SWEEP if args.hybrid else SWEEP)
+    case = run_hybrid_case if args.hybrid else run_case
     tflops = matmul_tflops(device)
     print(header(device) + f"  dense bf16 matmul: {tflops:.0f} TFLOP/s")
     for shape, (D, F, E, k) in shapes.items():
         for routing in args.routing.split(","):
             try:
-                run_case(shape, D, F, E, k, routing, args, device, tflops)
+                case(shape, D, F, E, k, routing, args, device, tflops)
             except Exception:  # noqa: BLE001 - one failing case must not end the run
                 print(f"\n## {shape}, {routing}: FAILED")
                 traceback.print_exc(file=sys.stdout)

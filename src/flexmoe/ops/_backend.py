@@ -50,6 +50,8 @@ def use_triton(kernels: str, device: torch.device) -> bool:
 #   OLMoE-like (2048, 1024, 64, 8)  uniform 9.99 / 13.08 / 10.34
 # The fused gate_up wins (1.14-1.20x on Qwen3-like) but re-gathering x for the weight gradients
 # costs what it saves; every fused backward GEMM is slower than torch._grouped_mm (0.44-0.94x).
+# Round 3 (same device, BENCHMARKS.md): writing x_ND from the gate_up kernel to spare the backward
+# gather was no cheaper than the gather and wrong on the device; not kept.
 # Per-expert cuBLAS ("per_expert") is not picked either: 0.87x / 0.90x of the grouped GEMM layer on
 # Mixtral-like (4096, 14336, 8, 2), uniform / Zipf (same device and date).
 _SM90_HYBRID_SHAPES: frozenset[tuple[int, int, int, int]] = frozenset()
