@@ -104,15 +104,22 @@ class ShardedExperts(nn.Module):
             if phase == RESOLVE:
                 code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
         start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
+        weights = (self.gate_up_proj, self.down_proj)
+        clock = _TrialClock(self.tuner, level, code, x_TD.device) if phase == TRIAL and build_graph else None
+        if clock is not None:  # a training forward: its backward belongs to the trial's time too
+            x_TD, *weights = _AfterBackward.apply(clock.backward_done, x_TD, *weights)
         if code == DP:
-            gate_up, down = self._gathered(DP)
+            gate_up, down = self._gathered(DP, *weights)
             x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
             y_ND = expert_ffn(x_ND, gate_up, down, plan.offsets_E, plan.row_weight_N, self.config.activation,
                               use_triton, swiglu_alpha=self.config.swiglu_alpha, swiglu_limit=self.config.swiglu_limit)
             y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         else:
-            y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton)
-        if phase == TRIAL:
+            y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton, *weights)
+        if clock is not None:
+            clock.forward_s = _synchronized_time(x_TD.device) - start
+            y_TD = _BeforeBackward.apply(y_TD, clock.backward_starts)
+        elif phase == TRIAL:
             self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
         if build_graph and self.size > 1:
             step = self.forward_steps
@@ -121,14 +128,15 @@ class ShardedExperts(nn.Module):
         self.last_method, self.last_counts_WE = code, counts_WE
         return y_TD
 
-    def _spread(self, x_TD, pairs: "_TokenGroups", counts_WE, pairs_WG, code: int, use_triton: bool) -> torch.Tensor:
+    def _spread(self, x_TD, pairs: "_TokenGroups", counts_WE, pairs_WG, code: int, use_triton: bool,
+                gate_up_shard: torch.Tensor, down_shard: torch.Tensor) -> torch.Tensor:
         """Method r >= 1: each (token, group) pair to r ranks, each computes its slice F / r of
         the pair's experts and returns their weighted sum; the source adds up the partials."""
         device, dtype = x_TD.device, x_TD.dtype
         T, D = x_TD.shape
         K = pairs.local_PK.shape[1]
         splits = self.layout.dispatch(counts_WE, pairs_WG, self.rank, code)
-        gate_up, down = self._gathered(code)
+        gate_up, down = self._gathered(code, gate_up_shard, down_shard)
         send_index = index_from_ranges(splits.send_start, splits.send_len, device)
         token_S = pairs.token_P.index_select(0, send_index)
         payload = torch.cat([x_TD.index_select(0, token_S), pairs.weight_PK.index_select(0, send_index).to(dtype)], 1)
@@ -152,14 +160,16 @@ class ShardedExperts(nn.Module):
 
     # ---- parameters: shards <-> gathered <-> logical -------------------------------------------
 
-    def _gathered(self, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered(self, code: int, gate_up_shard: torch.Tensor, down_shard: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights this rank computes with under ``code``: all experts whole (dp) or its slice
-        of its group's experts (r >= 1), gathered from the shards (differentiable)."""
+        of its group's experts (r >= 1), gathered from the shards (this rank's parameters, or
+        views of them; differentiable)."""
         members = self.layout.gather_members(self.rank, code)
         if len(members) == 1:
-            return self.gate_up_proj, self.down_proj
+            return gate_up_shard, down_shard
         Eg = self.layout.experts_per_group
-        rows = torch.cat([self.gate_up_proj.reshape(Eg, -1), self.down_proj.reshape(Eg, -1)], dim=1)
+        rows = torch.cat([gate_up_shard.reshape(Eg, -1), down_shard.reshape(Eg, -1)], dim=1)
         send_W = np.zeros(self.size, dtype=np.int64)
         send_W[members] = Eg
         received = self._exchange(rows.repeat(len(members), 1), send_W, send_W)
@@ -324,6 +334,42 @@ class _BeforeBackward(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.check()
         return grad, None
+
+
+class _TrialClock:
+    """A trial's time on a training forward: its forward plus its backward, from the backward's
+    first step (the output's gradient arrives) to its last (the gradients of the input and of
+    the shards are out), recorded in the tuner when the backward ends. What runs between the
+    two (the rest of the model) is not counted."""
+
+    def __init__(self, tuner: MethodTuner, level: int, code: int, device: torch.device):
+        self.tuner, self.level, self.code, self.device = tuner, level, code, device
+        self.forward_s = 0.0
+        self._backward_start = None
+
+    def backward_starts(self) -> None:
+        self._backward_start = _synchronized_time(self.device)
+
+    def backward_done(self) -> None:
+        if self._backward_start is None:  # nothing reached the output's backward: no timing
+            return
+        backward_s = _synchronized_time(self.device) - self._backward_start
+        self.tuner.record(self.level, self.code, self.forward_s + backward_s)
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity on the stage's input and shards whose backward, once every one of their
+    gradients is computed, runs ``done``."""
+
+    @staticmethod
+    def forward(ctx, done, *tensors):
+        ctx.done = done
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.done()
+        return (None, *grads)
 
 
 def _synchronized_time(device: torch.device) -> float:
