@@ -100,16 +100,19 @@ def make_layer(D: int, F: int, E: int, k: int, device, kernels: str, base: flexm
     return layer
 
 
-def host_syncs(step, device: torch.device) -> int | None:
-    """Synchronising CUDA calls in one call of ``step`` (torch's sync debug mode; None off CUDA)."""
+def host_syncs(step, device: torch.device) -> int | str:
+    """Synchronising CUDA calls in one call of ``step`` (torch's sync debug mode); "-" off CUDA,
+    the error's name when counting fails (the timing row is printed either way)."""
     if device.type != "cuda":
-        return None
+        return "-"
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
     try:
+        torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             step()
+    except Exception as exc:  # noqa: BLE001
+        return f"count failed: {type(exc).__name__}"
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -144,7 +147,7 @@ def kernel_diff_row(label: str, ms: float, ref_ms: float, syncs, us: dict, base_
     step = ms - ref_ms
     biggest = sorted(diff.items(), key=lambda item: -abs(item[1]))[:top]
     shown = "; ".join(f"{n[:48]} {d:+.0f} us" for n, d in biggest if abs(d) >= 1.0) or "none"
-    return (f"| {label} | {step:+.3f} | {kernels:+.3f} | {step - kernels:+.3f} | {'-' if syncs is None else syncs} "
+    return (f"| {label} | {step:+.3f} | {kernels:+.3f} | {step - kernels:+.3f} | {syncs} "
             f"| {shown} |")
 
 
@@ -185,7 +188,7 @@ def run_shape(name: str, D: int, F: int, E: int, k: int, args, device) -> None:
             ratio = ms / ref
             target = ("ok" if ratio <= 1.02 else "SLOWER") if free else "-"
             print(f"| {label} | {fields} | {'yes' if free else 'no'} | {ms:.3f} | {ref:.3f} | {ratio:.3f} "
-                  f"| {kept:.3f} | {'-' if syncs is None else syncs} | {target} |", flush=True)
+                  f"| {kept:.3f} | {syncs} | {target} |", flush=True)
             if args.profile:
                 us = kernel_us(step, device, args.profile_calls)
                 base_us = kernel_us(base_step, device, args.profile_calls)  # profiled next to each option
