@@ -93,10 +93,8 @@ def global_balance_loss(
     probs_TE = routing.probs_TE
     T, E = probs_TE.shape
     device = probs_TE.device
-    counts_E1 = torch.cat([
-        expert_counts(routing.counted_expert_TK, None, E),
-        torch.tensor([routing.expert_TK.numel()], dtype=torch.int64, device=device),
-    ])
+    counts_E = expert_counts(routing.counted_expert_TK, None, E)
+    counts_E1 = torch.cat([counts_E, counts_E.new_full((1,), routing.expert_TK.numel())])  # no host-to-device copy
     if group is not None or (dist.is_available() and dist.is_initialized()):
         (agreement or ExpertCountAgreement()).check(E, group, device)
         dist.all_reduce(counts_E1, group=group)
