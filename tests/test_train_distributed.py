@@ -127,8 +127,10 @@ def test_two_rank_checkpoint_resumes_on_one_process(ep_runs, tmp_path):
 SMALL = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "16", "--num-experts", "4",
          "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup-steps", "1", "--quiet",
          "--threads", "1", "--steps", "6", "--eval-every", "4", "--checkpoint-every", "4"]
-# where rank 0's write fails: a train record, a val record, the final summary, opening metrics.jsonl
-WRITE_FAILURES = {"train": ("train", 2), "val": ("val", 4), "summary": ("summary", 6), "open": ("open", 0)}
+# where rank 0's write fails: a train record, a val record, the final summary, opening metrics.jsonl,
+# the routing trace's record of step 2
+WRITE_FAILURES = {"train": ("train", 2), "val": ("val", 4), "summary": ("summary", 6), "open": ("open", 0),
+                  "trace": ("trace", 2)}
 
 
 def _failing_write_worker(rank: int, world: int, port: int, runs: list) -> None:
@@ -138,12 +140,13 @@ def _failing_write_worker(rank: int, world: int, port: int, runs: list) -> None:
     import json
 
     import flexmoe.train.session as session
+    from flexmoe.sim.trace import TraceRecorder
     from flexmoe.train.metrics import MetricsLog
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    write, init, execute = MetricsLog.write, MetricsLog.__init__, session.execute
+    write, init, execute, trace = MetricsLog.write, MetricsLog.__init__, session.execute, TraceRecorder.record
     fail = {}
 
     def full_disk(path):
@@ -159,6 +162,11 @@ def _failing_write_worker(rank: int, world: int, port: int, runs: list) -> None:
             full_disk(Path(run_dir) / "metrics.jsonl")
         init(self, run_dir, enabled)
 
+    def failing_trace(self, step, layer, counts_WE):
+        if fail.get("at") == ("trace", step + 1):  # the trace counts steps from 0
+            full_disk(self.path)
+        trace(self, step, layer, counts_WE)
+
     def recording_execute(prep):
         try:
             return execute(prep)
@@ -167,6 +175,7 @@ def _failing_write_worker(rank: int, world: int, port: int, runs: list) -> None:
             raise
 
     MetricsLog.write, MetricsLog.__init__, session.execute = failing_write, failing_init, recording_execute
+    TraceRecorder.record = failing_trace
     try:
         for argv, at, out in runs:
             fail.clear()
@@ -202,11 +211,11 @@ def test_a_write_failing_on_rank_0_stops_every_rank_with_its_error(failed_write_
     assert [r["code"] for r in results] == [2, 2], results
     error = results[0]["error"]
     assert error == results[1]["error"], results
-    assert error.startswith(f"CheckpointWriteError: cannot write {root / case / 'metrics.jsonl'}: No space left")
+    written = root / case / ("routing_trace.jsonl" if case == "trace" else "metrics.jsonl")
+    assert error.startswith(f"CheckpointWriteError: cannot write {written}: No space left"), error
     assert "\n" not in error
     checkpoints = sorted(p.name for p in (root / case / "checkpoints").glob("step_*"))
     # a failed record stops the run before the next update or checkpoint; the summary comes last
-    assert checkpoints == {"train": [], "val": [], "summary": ["step_0000004", "step_0000006"], "open": []}[case]
-    expect_kept = {"train": "no earlier checkpoint exists", "val": "no earlier checkpoint exists",
-                   "summary": "the newest checkpoint is still step_0000006", "open": "no earlier checkpoint"}[case]
+    assert checkpoints == {"summary": ["step_0000004", "step_0000006"]}.get(case, [])
+    expect_kept = "the newest checkpoint is still step_0000006" if case == "summary" else "no earlier checkpoint exists"
     assert expect_kept in error, error
