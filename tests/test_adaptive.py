@@ -150,6 +150,29 @@ def test_method_tuner_times_candidates_in_rounds_per_level_then_keeps_the_fastes
     assert MethodTuner((2,)).choose(level) == (2, CACHED), "one candidate: nothing to time"
 
 
+def test_training_trial_clock_counts_forward_and_the_stage_backward_only():
+    """Mocked clock: the forward's time plus the stage's backward (from the output's gradient to
+    the last input gradient), not the work after the stage (forward or backward); gradients pass
+    unchanged; no backward, no record."""
+    from flexmoe.parallel.tuning import TrainingTrialClock
+
+    times, recorded = iter([10.0, 13.0]), []
+    clock = TrainingTrialClock(lambda: next(times), recorded.append)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    x_in, w_in = clock.wrap_inputs(x, w)
+    y = clock.wrap_output(x_in @ w_in, 2.5)
+    assert recorded == []
+    (y.sin().sum() * 3).backward()  # the backward of the work after the stage runs before the first read
+    assert recorded == [2.5 + 3.0]
+    x_ref, w_ref = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ((x_ref @ w_ref).sin().sum() * 3).backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
+    unused = TrainingTrialClock(lambda: 0.0, recorded.append)
+    unused.wrap_output(unused.wrap_inputs(x)[0] * 2, 1.0)
+    assert recorded == [5.5], "a forward whose backward never runs records nothing"
+
+
 def test_one_process_methods_equal_the_one_device_layer():
     cfg = _config(num_experts=4)
     torch.manual_seed(0)

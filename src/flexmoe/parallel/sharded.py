@@ -30,6 +30,7 @@ from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope
 from .comm import all_to_all_v, index_from_ranges
 from .groups import EPGroup
 from .shard_layout import DP, ShardLayout
+from .tuning import BeforeBackward, TrainingTrialClock
 
 _PER_RANK_FIELDS = ("timeout_s",)
 
@@ -105,9 +106,11 @@ class ShardedExperts(nn.Module):
                 code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
         start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
         weights = (self.gate_up_proj, self.down_proj)
-        clock = _TrialClock(self.tuner, level, code, x_TD.device) if phase == TRIAL and build_graph else None
-        if clock is not None:  # a training forward: its backward belongs to the trial's time too
-            x_TD, *weights = _AfterBackward.apply(clock.backward_done, x_TD, *weights)
+        clock = None
+        if phase == TRIAL and build_graph:  # a training forward: its backward belongs to the trial's time too
+            clock = TrainingTrialClock(lambda: _synchronized_time(x_TD.device),
+                                       lambda seconds: self.tuner.record(level, code, seconds))
+            x_TD, *weights = clock.wrap_inputs(x_TD, *weights)
         if code == DP:
             gate_up, down = self._gathered(DP, *weights)
             x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
@@ -117,13 +120,12 @@ class ShardedExperts(nn.Module):
         else:
             y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton, *weights)
         if clock is not None:
-            clock.forward_s = _synchronized_time(x_TD.device) - start
-            y_TD = _BeforeBackward.apply(y_TD, clock.backward_starts)
+            y_TD = clock.wrap_output(y_TD, _synchronized_time(x_TD.device) - start)
         elif phase == TRIAL:
             self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
         if build_graph and self.size > 1:
             step = self.forward_steps
-            y_TD = _BeforeBackward.apply(
+            y_TD = BeforeBackward.apply(
                 y_TD, lambda: check_envelope(self.ep_group, BACKWARD, step, fields, timeout, x_TD.device))
         self.last_method, self.last_counts_WE = code, counts_WE
         return y_TD
@@ -319,57 +321,6 @@ def _join_down(rows: torch.Tensor, groups: int, width: int, shard_shape) -> torc
     """Received shards (member-major) -> ``[groups * Eg, D, width * Fm]``."""
     Eg, D, Fm = shard_shape
     return rows.reshape(groups, width, Eg, D, Fm).permute(0, 2, 3, 1, 4).reshape(groups * Eg, D, width * Fm)
-
-
-class _BeforeBackward(torch.autograd.Function):
-    """Identity whose backward first runs ``check`` (the ranks' agreement before the backward
-    exchanges)."""
-
-    @staticmethod
-    def forward(ctx, y, check):
-        ctx.check = check
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.check()
-        return grad, None
-
-
-class _TrialClock:
-    """A trial's time on a training forward: its forward plus its backward, from the backward's
-    first step (the output's gradient arrives) to its last (the gradients of the input and of
-    the shards are out), recorded in the tuner when the backward ends. What runs between the
-    two (the rest of the model) is not counted."""
-
-    def __init__(self, tuner: MethodTuner, level: int, code: int, device: torch.device):
-        self.tuner, self.level, self.code, self.device = tuner, level, code, device
-        self.forward_s = 0.0
-        self._backward_start = None
-
-    def backward_starts(self) -> None:
-        self._backward_start = _synchronized_time(self.device)
-
-    def backward_done(self) -> None:
-        if self._backward_start is None:  # nothing reached the output's backward: no timing
-            return
-        backward_s = _synchronized_time(self.device) - self._backward_start
-        self.tuner.record(self.level, self.code, self.forward_s + backward_s)
-
-
-class _AfterBackward(torch.autograd.Function):
-    """Identity on the stage's input and shards whose backward, once every one of their
-    gradients is computed, runs ``done``."""
-
-    @staticmethod
-    def forward(ctx, done, *tensors):
-        ctx.done = done
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.done()
-        return (None, *grads)
 
 
 def _synchronized_time(device: torch.device) -> float:
