@@ -219,7 +219,7 @@ class Trainer:
                 counts_LE = micro if counts_LE is None else counts_LE + micro
         self.moe_runtime.after_backward()
         verdict = reduce_losses(lm_total, aux_total, self.model, self.info, self.write_error is not None)
-        if verdict.write_failed:  # before the update: the state stays that of the last written step
+        if verdict.write_failed:  # before this step updates anything
             raise ckpt.CheckpointWriteError(main_rank_error(self.write_error, self.info))
         lm, aux = verdict.lm, verdict.aux
         if verdict.nonfinite is not None:
