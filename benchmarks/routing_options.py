@@ -170,48 +170,50 @@ def run_shape(name: str, D: int, F: int, E: int, k: int, args, device) -> None:
           "| host syncs / step (default: {}) | target |".format(host_syncs(base_step, device)))
     print("|---|---|---|---|---|---|---|---|---|")
     before = default_ms()
-    for label, overrides, free in CASES:
-        unknown = set(overrides) - CASE_FIELDS
-        fields = ", ".join(f"{k_}={v!r}" for k_, v in overrides.items())
-        if unknown:
-            print(f"| {label} | {fields} | | skipped: this checkout has no {sorted(unknown)} | | | | | |")
-            continue
-        try:
-            layer = make_layer(D, F, E, k, device, args.kernels, base_layer, **overrides)
-            step = step_fn(layer, x)
-            ms = timed(step, args.reps, device, trials=args.trials)
-            kept = float(layer.last_counts.sum()) / (args.tokens * k)
-            syncs = host_syncs(step, device)
-            after = default_ms()
-            ref = (before + after) / 2
-            before = after
-            ratio = ms / ref
-            target = ("ok" if ratio <= 1.02 else "SLOWER") if free else "-"
-            print(f"| {label} | {fields} | {'yes' if free else 'no'} | {ms:.3f} | {ref:.3f} | {ratio:.3f} "
-                  f"| {kept:.3f} | {syncs} | {target} |", flush=True)
-            if args.profile:
-                us = kernel_us(step, device, args.profile_calls)
-                base_us = kernel_us(base_step, device, args.profile_calls)  # profiled next to each option
-                profile_rows.append(kernel_diff_row(label, ms, ref, syncs, us, base_us, args.top))
-            del layer, step
-        except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-            msg = str(exc).splitlines()[0][:160] if str(exc) else ""
-            print(f"| {label} | {fields} | | FAILED: {type(exc).__name__}: {msg} | | | | | |", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    spread = (max(defaults) - min(defaults)) / statistics.median(defaults)
-    print(f"default timed {len(defaults)} times: median {statistics.median(defaults):.3f} ms, "
-          f"spread (max - min) / median {spread:.1%}")
-    if args.profile:
-        what = "CUDA kernel" if device.type == "cuda" else "aten op (CPU self time)"
-        print(f"\n### {name}: where each option's step differs from the default's ({what} times from the torch "
-              f"profiler, {args.profile_calls} calls each; 'outside kernels' = step difference - kernel "
-              "difference: host work and host syncs the device waits for)")
-        print(f"| option | step ms vs default | kernels ms vs default | outside kernels ms | host syncs / step "
-              f"| top {args.top} {what}s by time difference per step |")
-        print("|---|---|---|---|---|---|")
-        for row in profile_rows:
-            print(row)
+    try:  # the tables so far are printed even when a time limit interrupts the run (SIGINT)
+        for label, overrides, free in CASES:
+            unknown = set(overrides) - CASE_FIELDS
+            fields = ", ".join(f"{k_}={v!r}" for k_, v in overrides.items())
+            if unknown:
+                print(f"| {label} | {fields} | | skipped: this checkout has no {sorted(unknown)} | | | | | |")
+                continue
+            try:
+                layer = make_layer(D, F, E, k, device, args.kernels, base_layer, **overrides)
+                step = step_fn(layer, x)
+                ms = timed(step, args.reps, device, trials=args.trials)
+                kept = float(layer.last_counts.sum()) / (args.tokens * k)
+                syncs = host_syncs(step, device)
+                after = default_ms()
+                ref = (before + after) / 2
+                before = after
+                ratio = ms / ref
+                target = ("ok" if ratio <= 1.02 else "SLOWER") if free else "-"
+                print(f"| {label} | {fields} | {'yes' if free else 'no'} | {ms:.3f} | {ref:.3f} | {ratio:.3f} "
+                      f"| {kept:.3f} | {syncs} | {target} |", flush=True)
+                if args.profile:
+                    us = kernel_us(step, device, args.profile_calls)
+                    base_us = kernel_us(base_step, device, args.profile_calls)  # profiled next to each option
+                    profile_rows.append(kernel_diff_row(label, ms, ref, syncs, us, base_us, args.top))
+                del layer, step
+            except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
+                msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+                print(f"| {label} | {fields} | | FAILED: {type(exc).__name__}: {msg} | | | | | |", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        spread = (max(defaults) - min(defaults)) / statistics.median(defaults)
+        print(f"default timed {len(defaults)} times: median {statistics.median(defaults):.3f} ms, "
+              f"spread (max - min) / median {spread:.1%}")
+        if args.profile:
+            what = "CUDA kernel" if device.type == "cuda" else "aten op (CPU self time)"
+            print(f"\n### {name}: where each option's step differs from the default's ({what} times from the torch "
+                  f"profiler, {args.profile_calls} calls each; 'outside kernels' = step difference - kernel "
+                  "difference: host work and host syncs the device waits for)")
+            print(f"| option | step ms vs default | kernels ms vs default | outside kernels ms | host syncs / step "
+                  f"| top {args.top} {what}s by time difference per step |")
+            print("|---|---|---|---|---|---|")
+            for row in profile_rows:
+                print(row)
 
 
 def one_process_group(device: torch.device) -> None:
