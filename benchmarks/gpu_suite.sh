@@ -49,7 +49,7 @@ B)
     # expert parallelism at world size 1: each mode and pipeline degree vs the one-device layer
     step parallel_ws1 120 python benchmarks/parallel.py
     # each routing option of this round against today's default (Qwen3-like and OLMoE-like)
-    step routing_options 120 python benchmarks/routing_options.py
+    step routing_options 180 python benchmarks/routing_options.py --short --profile  # host syncs per option + kernel diffs
     # placement plans timed on real kernels: synthetic drifting trace + the CPU-recorded trace
     step placement_gpu 150 python benchmarks/placement_gpu.py --layers 0,3
     # the Mixtral-like layer rows (HF eager is ~90 ms per call there; kept)

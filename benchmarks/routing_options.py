@@ -9,8 +9,15 @@ spread of the defaults is printed as the noise floor. "free" marks the options t
 nothing measurable (target: ratio <= 1.02); capacity drops change the work (kept rows printed).
 Device- and node-limited routing only act under expert parallelism (multi-GPU benchmark).
 
+The "host syncs / step" column counts the synchronising CUDA calls of one step (torch's sync
+debug mode): a host read of a device value stops the host from queueing kernels ahead, and with
+back-to-back steps the device then idles while the host catches up. ``--profile`` adds one table
+per shape that splits each option's extra time into kernel time (the kernels whose time changed
+most, by name) and time outside kernels (host syncs, launch gaps).
+
 GPU:  python benchmarks/routing_options.py        --quick: Qwen3-like only
-CPU smoke check:  python benchmarks/routing_options.py --tiny
+      python benchmarks/routing_options.py --short --profile   every shape and option, ~2-3 min
+CPU smoke check:  python benchmarks/routing_options.py --tiny [--profile]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import socket
 import statistics
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -77,12 +85,70 @@ def step_fn(layer: flexmoe.MoELayer, x_BSD: torch.Tensor):
     return step
 
 
-def make_layer(D: int, F: int, E: int, k: int, device, kernels: str, **overrides) -> flexmoe.MoELayer:
+def make_layer(D: int, F: int, E: int, k: int, device, kernels: str, base: flexmoe.MoELayer | None = None,
+               **overrides) -> flexmoe.MoELayer:
+    """The layer of ``overrides``, built on ``device`` (a Qwen3-like layer has 600M parameters:
+    drawing them on the host took most of a run), with ``base``'s weights where it has them."""
     cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False, kernels=kernels,
                             **overrides)
     torch.manual_seed(0)
-    layer = flexmoe.MoELayer(cfg)
-    return layer.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device(device):
+        layer = flexmoe.MoELayer(cfg)
+    layer = layer.to(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if base is not None:
+        layer.load_state_dict(base.state_dict(), strict=False)  # extra parameters (biases) keep their init
+    return layer
+
+
+def host_syncs(step, device: torch.device) -> int | str:
+    """Synchronising CUDA calls in one call of ``step`` (torch's sync debug mode); "-" off CUDA,
+    the error's name when counting fails (the timing row is printed either way)."""
+    if device.type != "cuda":
+        return "-"
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    except Exception as exc:  # noqa: BLE001
+        return f"count failed: {type(exc).__name__}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def kernel_us(step, device: torch.device, calls: int) -> dict[str, float]:
+    """Self time per kernel name in microseconds per call of ``step``, from the torch profiler
+    (CUDA kernels on a GPU; aten ops' self CPU time on the CPU smoke check)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    return {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls
+            for e in prof.key_averages() if e.device_type == kind}
+
+
+def kernel_diff_row(label: str, ms: float, ref_ms: float, syncs, us: dict, base_us: dict, top: int) -> str:
+    """One row of the profile table: where ``label``'s step time differs from the default's."""
+    names = set(us) | set(base_us)
+    diff = {n: us.get(n, 0.0) - base_us.get(n, 0.0) for n in names}
+    kernels = sum(diff.values()) / 1e3
+    step = ms - ref_ms
+    biggest = sorted(diff.items(), key=lambda item: -abs(item[1]))[:top]
+    shown = "; ".join(f"{n[:48]} {d:+.0f} us" for n, d in biggest if abs(d) >= 1.0) or "none"
+    return (f"| {label} | {step:+.3f} | {kernels:+.3f} | {step - kernels:+.3f} | {syncs} "
+            f"| {shown} |")
 
 
 def run_shape(name: str, D: int, F: int, E: int, k: int, args, device) -> None:
@@ -94,39 +160,60 @@ def run_shape(name: str, D: int, F: int, E: int, k: int, args, device) -> None:
     defaults: list[float] = []
 
     def default_ms() -> float:
-        defaults.append(timed(base_step, args.reps, device))
+        defaults.append(timed(base_step, args.reps, device, trials=args.trials))
         return defaults[-1]
 
-    print(f"\n## {name} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {str(dtype)[6:]}, kernels={args.kernels!r}")
-    print("| option | fields | free | ms | default ms (mean of the two around it) | ratio | kept rows | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    profile_rows: list[str] = []
+    print(f"\n## {name} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {str(dtype)[6:]}, kernels={args.kernels!r}, "
+          f"{args.reps} calls x {args.trials} trials")
+    print("| option | fields | free | ms | default ms (mean of the two around it) | ratio | kept rows "
+          "| host syncs / step (default: {}) | target |".format(host_syncs(base_step, device)))
+    print("|---|---|---|---|---|---|---|---|---|")
     before = default_ms()
-    for label, overrides, free in CASES:
-        unknown = set(overrides) - CASE_FIELDS
-        fields = ", ".join(f"{k_}={v!r}" for k_, v in overrides.items())
-        if unknown:
-            print(f"| {label} | {fields} | | skipped: this checkout has no {sorted(unknown)} | | | | |")
-            continue
-        try:
-            layer = make_layer(D, F, E, k, device, args.kernels, **overrides)
-            ms = timed(step_fn(layer, x), args.reps, device)
-            kept = float(layer.last_counts.sum()) / (args.tokens * k)
-            after = default_ms()
-            ref = (before + after) / 2
-            before = after
-            ratio = ms / ref
-            target = ("ok" if ratio <= 1.02 else "SLOWER") if free else "-"
-            print(f"| {label} | {fields} | {'yes' if free else 'no'} | {ms:.3f} | {ref:.3f} | {ratio:.3f} "
-                  f"| {kept:.3f} | {target} |", flush=True)
-            del layer
-        except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-            msg = str(exc).splitlines()[0][:160] if str(exc) else ""
-            print(f"| {label} | {fields} | | FAILED: {type(exc).__name__}: {msg} | | | | |", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    spread = (max(defaults) - min(defaults)) / statistics.median(defaults)
-    print(f"default timed {len(defaults)} times: median {statistics.median(defaults):.3f} ms, "
-          f"spread (max - min) / median {spread:.1%}")
+    try:  # the tables so far are printed even when a time limit interrupts the run (SIGINT)
+        for label, overrides, free in CASES:
+            unknown = set(overrides) - CASE_FIELDS
+            fields = ", ".join(f"{k_}={v!r}" for k_, v in overrides.items())
+            if unknown:
+                print(f"| {label} | {fields} | | skipped: this checkout has no {sorted(unknown)} | | | | | |")
+                continue
+            try:
+                layer = make_layer(D, F, E, k, device, args.kernels, base_layer, **overrides)
+                step = step_fn(layer, x)
+                ms = timed(step, args.reps, device, trials=args.trials)
+                kept = float(layer.last_counts.sum()) / (args.tokens * k)
+                syncs = host_syncs(step, device)
+                after = default_ms()
+                ref = (before + after) / 2
+                before = after
+                ratio = ms / ref
+                target = ("ok" if ratio <= 1.02 else "SLOWER") if free else "-"
+                print(f"| {label} | {fields} | {'yes' if free else 'no'} | {ms:.3f} | {ref:.3f} | {ratio:.3f} "
+                      f"| {kept:.3f} | {syncs} | {target} |", flush=True)
+                if args.profile:
+                    us = kernel_us(step, device, args.profile_calls)
+                    base_us = kernel_us(base_step, device, args.profile_calls)  # profiled next to each option
+                    profile_rows.append(kernel_diff_row(label, ms, ref, syncs, us, base_us, args.top))
+                del layer, step
+            except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
+                msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+                print(f"| {label} | {fields} | | FAILED: {type(exc).__name__}: {msg} | | | | | |", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        spread = (max(defaults) - min(defaults)) / statistics.median(defaults)
+        print(f"default timed {len(defaults)} times: median {statistics.median(defaults):.3f} ms, "
+              f"spread (max - min) / median {spread:.1%}")
+        if args.profile:
+            what = "CUDA kernel" if device.type == "cuda" else "aten op (CPU self time)"
+            print(f"\n### {name}: where each option's step differs from the default's ({what} times from the torch "
+                  f"profiler, {args.profile_calls} calls each; 'outside kernels' = step difference - kernel "
+                  "difference: host work and host syncs the device waits for)")
+            print(f"| option | step ms vs default | kernels ms vs default | outside kernels ms | host syncs / step "
+                  f"| top {args.top} {what}s by time difference per step |")
+            print("|---|---|---|---|---|---|")
+            for row in profile_rows:
+                print(row)
 
 
 def one_process_group(device: torch.device) -> None:
@@ -146,15 +233,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--reps", type=int, default=10, help="calls per timed trial (5 trials)")
     parser.add_argument("--kernels", default="auto", help="MoEConfig.kernels of every case")
+    parser.add_argument("--trials", type=int, default=5, help="timed trials (the median is kept)")
     parser.add_argument("--quick", action="store_true", help="Qwen3-like only, 5 calls per trial")
+    parser.add_argument("--short", action="store_true",
+                        help="every shape and option, 4 calls x 3 trials (about 2 minutes on an H200)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also one table per shape: each option's kernel times against the default's")
+    parser.add_argument("--profile-calls", type=int, default=3, help="profiled calls per option")
+    parser.add_argument("--top", type=int, default=3, help="kernels named per option in the profile table")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check, tiny shape")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
     if args.quick:
         shapes, args.reps = {"qwen3-30b-a3b": SHAPES["qwen3-30b-a3b"]}, 5
+    if args.short:
+        args.reps, args.trials = 4, 3
     if args.tiny:
-        shapes, args.tokens, args.reps = TINY, 256, 1
+        shapes, args.tokens, args.reps, args.trials = TINY, 256, 1, 3
     print(header(device))
     one_process_group(device)
     for name, (D, F, E, k) in shapes.items():

@@ -150,6 +150,29 @@ def test_method_tuner_times_candidates_in_rounds_per_level_then_keeps_the_fastes
     assert MethodTuner((2,)).choose(level) == (2, CACHED), "one candidate: nothing to time"
 
 
+def test_training_trial_clock_counts_forward_and_the_stage_backward_only():
+    """Mocked clock: the forward's time plus the stage's backward (from the output's gradient to
+    the last input gradient), not the work after the stage (forward or backward); gradients pass
+    unchanged; no backward, no record."""
+    from flexmoe.parallel.tuning import TrainingTrialClock
+
+    times, recorded = iter([10.0, 13.0]), []
+    clock = TrainingTrialClock(lambda: next(times), recorded.append)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    x_in, w_in = clock.wrap_inputs(x, w)
+    y = clock.wrap_output(x_in @ w_in, 2.5)
+    assert recorded == []
+    (y.sin().sum() * 3).backward()  # the backward of the work after the stage runs before the first read
+    assert recorded == [2.5 + 3.0]
+    x_ref, w_ref = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ((x_ref @ w_ref).sin().sum() * 3).backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
+    unused = TrainingTrialClock(lambda: 0.0, recorded.append)
+    unused.wrap_output(unused.wrap_inputs(x)[0] * 2, 1.0)
+    assert recorded == [5.5], "a forward whose backward never runs records nothing"
+
+
 def test_one_process_methods_equal_the_one_device_layer():
     cfg = _config(num_experts=4)
     torch.manual_seed(0)
@@ -262,6 +285,59 @@ def case_auto_agrees_across_ranks(rank, world):
     assert set(c for times in tuner.trial_s.values() for c in times) <= set(tuner.candidates)
 
 
+class _Logged(torch.autograd.Function):
+    """Identity that logs ``name`` in ``events`` when its gradient passes."""
+
+    @staticmethod
+    def forward(ctx, x, events, name):
+        ctx.events, ctx.name = events, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.events.append(ctx.name)
+        return grad, None, None
+
+
+def case_trials_time_forward_and_backward(rank, world):
+    """A trial of a training forward ends when the stage's backward ends: the clock is read
+    before and after the forward, then when the output's gradient arrives and after the expert
+    backward, and the tuner gets forward + backward without the gap between them (mocked clock
+    1, 2, 4, 8: 1 + 4). A forward without a graph is timed alone, as before."""
+    import flexmoe.parallel.sharded as sharded
+
+    events, clock = [], iter([1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    ffn = sharded.expert_ffn
+
+    def logged_ffn(x_ND, *args, **kwargs):
+        y_ND = ffn(_Logged.apply(x_ND, events, "expert input grad"), *args, **kwargs)
+        events.append("expert forward")
+        return _Logged.apply(y_ND, events, "expert output grad")
+
+    def fake_time(device):
+        events.append("clock")
+        return next(clock)
+
+    cfg = _config()
+    layer = _adaptive(method="auto", trials=1)(cfg).double()
+    record = layer.experts.tuner.record
+    layer.experts.tuner.record = lambda level, code, s: (events.append(f"record {s:g}"), record(level, code, s))
+    saved = sharded.expert_ffn, sharded._synchronized_time
+    sharded.expert_ffn, sharded._synchronized_time = logged_ffn, fake_time
+    try:
+        x = torch.randn(6, cfg.d_model, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        events.append("loss backward")
+        y.square().sum().backward()
+        with torch.no_grad():
+            layer(x)  # the next candidate's trial, forward only
+    finally:
+        sharded.expert_ffn, sharded._synchronized_time = saved
+    assert events == ["clock", "expert forward", "clock", "loss backward", "clock", "expert output grad",
+                      "expert input grad", "clock", "record 5",
+                      "clock", "expert forward", "clock", "record 16"], events
+
+
 def case_rank_without_tokens_and_one_hot_expert(rank, world):
     cfg = _config(num_experts=4, top_k=1, bias_update_rate=1e-3)
     bias = [6.0, 0.0, 0.0, 0.0]  # every token to expert 0: the other groups receive nothing
@@ -359,6 +435,7 @@ CASES = {
         "methods_E1_lt_W": _case_methods(dict(num_experts=1, top_k=1)),
         "methods_E4_m2_one_group": _case_methods(dict(num_experts=4), shard_degree=2),
         "auto_agrees": case_auto_agrees_across_ranks,
+        "trials_time_forward_and_backward": case_trials_time_forward_and_backward,
         "rank_without_tokens_one_hot_expert": case_rank_without_tokens_and_one_hot_expert,
         "one_token": case_one_token,
         "disagreement": case_disagreement_is_reported_on_every_rank,

@@ -121,3 +121,101 @@ def test_two_rank_checkpoint_resumes_on_one_process(ep_runs, tmp_path):
     assert sorted(one) == [5, 6, 7, 8]
     for step in one:
         assert abs(one[step] - ep[step]) < 2e-5 * abs(ep[step]), (step, one[step], ep[step])
+
+
+# ---- a file write that fails on the main rank only (issue 17) ------------------------------------
+SMALL = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "16", "--num-experts", "4",
+         "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup-steps", "1", "--quiet",
+         "--threads", "1", "--steps", "6", "--eval-every", "4", "--checkpoint-every", "4"]
+# where rank 0's write fails: a train record, a val record, the final summary, opening metrics.jsonl,
+# the routing trace's record of step 2
+WRITE_FAILURES = {"train": ("train", 2), "val": ("val", 4), "summary": ("summary", 6), "open": ("open", 0),
+                  "trace": ("trace", 2)}
+
+
+def _failing_write_worker(rank: int, world: int, port: int, runs: list) -> None:
+    """Each run: rank 0's metrics write fails once where the run says (ENOSPC); every rank
+    records main()'s return code and the error execute() raised, as JSON next to the run."""
+    import errno
+    import json
+
+    import flexmoe.train.session as session
+    from flexmoe.sim.trace import TraceRecorder
+    from flexmoe.train.metrics import MetricsLog
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    write, init, execute, trace = MetricsLog.write, MetricsLog.__init__, session.execute, TraceRecorder.record
+    fail = {}
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def failing_write(self, record):
+        if (record.get("kind"), record.get("step")) == fail.get("at"):
+            full_disk(self.path)
+        write(self, record)
+
+    def failing_init(self, run_dir, enabled=True):
+        if enabled and fail.get("at") == ("open", 0):
+            full_disk(Path(run_dir) / "metrics.jsonl")
+        init(self, run_dir, enabled)
+
+    def failing_trace(self, step, layer, counts_WE):
+        if fail.get("at") == ("trace", step + 1):  # the trace counts steps from 0
+            full_disk(self.path)
+        trace(self, step, layer, counts_WE)
+
+    def recording_execute(prep):
+        try:
+            return execute(prep)
+        except Exception as err:
+            fail["error"] = f"{type(err).__name__}: {err}"
+            raise
+
+    MetricsLog.write, MetricsLog.__init__, session.execute = failing_write, failing_init, recording_execute
+    TraceRecorder.record = failing_trace
+    try:
+        for argv, at, out in runs:
+            fail.clear()
+            if rank == 0:
+                fail["at"] = tuple(at)
+            code = main(argv)
+            Path(f"{out}.rank{rank}.json").write_text(json.dumps({"code": code, "error": fail.get("error")}))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def failed_write_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("failed_writes")
+    data = root / "data"
+    data.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("bisect.py", "colorsys.py", "fnmatch.py"):
+        (data / name).write_bytes((stdlib / name).read_bytes())
+    runs = [(["train", "--data", str(data), *SMALL, "--run-dir", str(root / case)], at, str(root / case))
+            for case, at in WRITE_FAILURES.items()]
+    spawn(2, runs, timeout_s=300, worker=_failing_write_worker)  # a rank left waiting fails it here
+    return root
+
+
+@pytest.mark.parametrize("case", list(WRITE_FAILURES))
+def test_a_write_failing_on_rank_0_stops_every_rank_with_its_error(failed_write_runs, case):
+    import json
+
+    root = failed_write_runs
+    results = [json.loads(Path(f"{root / case}.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["code"] for r in results] == [2, 2], results
+    error = results[0]["error"]
+    assert error == results[1]["error"], results
+    written = root / case / ("routing_trace.jsonl" if case == "trace" else "metrics.jsonl")
+    assert error.startswith(f"CheckpointWriteError: cannot write {written}: No space left"), error
+    assert "\n" not in error
+    checkpoints = sorted(p.name for p in (root / case / "checkpoints").glob("step_*"))
+    # a failed record stops the run before the next update or checkpoint; the summary comes last
+    assert checkpoints == {"summary": ["step_0000004", "step_0000006"]}.get(case, [])
+    expect_kept = "the newest checkpoint is still step_0000006" if case == "summary" else "no earlier checkpoint exists"
+    assert expect_kept in error, error

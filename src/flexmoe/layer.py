@@ -17,7 +17,7 @@ from .parallel import AdaptiveConfig, EPGroup, ParallelConfig, ParallelExperts, 
 from .placement.table import PlacementTable
 from .plan import make_dispatch_plan
 from .routing import expert_counts, make_router, router_loss
-from .routing.balance import BalanceStats, pooled_balance_loss
+from .routing.balance import BalanceStats, ExpertCountAgreement, pooled_balance_loss
 from .routing.limits import device_limits
 
 
@@ -76,6 +76,7 @@ class MoELayer(nn.Module):
             self.experts = ParallelExperts(config, ep_group, placement, slots_per_rank, parallel)
         self.shared_experts = DenseFFN(config) if config.num_shared_experts else None
         self.data_parallel_group = data_parallel_group
+        self._expert_count_agreement = ExpertCountAgreement()
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_counts: torch.Tensor | None = None
         self.balance_stats: BalanceStats | None = None
@@ -109,7 +110,8 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]
-        self.aux_loss = router_loss(routing, self.config, seq_len, self.data_parallel_group)
+        self.aux_loss = router_loss(routing, self.config, seq_len, self.data_parallel_group,
+                                    self._expert_count_agreement)
         if self.config.aux_loss_coef and self.config.aux_loss_scope == "pooled":
             self.balance_stats = BalanceStats.of(routing)
         self.last_counts = plan.counts_E if counts_E is None else counts_E

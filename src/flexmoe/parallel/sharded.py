@@ -30,6 +30,7 @@ from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope
 from .comm import all_to_all_v, index_from_ranges
 from .groups import EPGroup
 from .shard_layout import DP, ShardLayout
+from .tuning import BeforeBackward, TrainingTrialClock
 
 _PER_RANK_FIELDS = ("timeout_s",)
 
@@ -104,31 +105,40 @@ class ShardedExperts(nn.Module):
             if phase == RESOLVE:
                 code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
         start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
+        weights = (self.gate_up_proj, self.down_proj)
+        clock = None
+        if phase == TRIAL and build_graph:  # a training forward: its backward belongs to the trial's time too
+            clock = TrainingTrialClock(lambda: _synchronized_time(x_TD.device),
+                                       lambda seconds: self.tuner.record(level, code, seconds))
+            x_TD, *weights = clock.wrap_inputs(x_TD, *weights)
         if code == DP:
-            gate_up, down = self._gathered(DP)
+            gate_up, down = self._gathered(DP, *weights)
             x_ND = permute(x_TD, plan.row_token_N, plan.pair_row_TK, use_triton)
             y_ND = expert_ffn(x_ND, gate_up, down, plan.offsets_E, plan.row_weight_N, self.config.activation,
                               use_triton, swiglu_alpha=self.config.swiglu_alpha, swiglu_limit=self.config.swiglu_limit)
             y_TD = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, use_triton)
         else:
-            y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton)
-        if phase == TRIAL:
+            y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton, *weights)
+        if clock is not None:
+            y_TD = clock.wrap_output(y_TD, _synchronized_time(x_TD.device) - start)
+        elif phase == TRIAL:
             self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
         if build_graph and self.size > 1:
             step = self.forward_steps
-            y_TD = _BeforeBackward.apply(
+            y_TD = BeforeBackward.apply(
                 y_TD, lambda: check_envelope(self.ep_group, BACKWARD, step, fields, timeout, x_TD.device))
         self.last_method, self.last_counts_WE = code, counts_WE
         return y_TD
 
-    def _spread(self, x_TD, pairs: "_TokenGroups", counts_WE, pairs_WG, code: int, use_triton: bool) -> torch.Tensor:
+    def _spread(self, x_TD, pairs: "_TokenGroups", counts_WE, pairs_WG, code: int, use_triton: bool,
+                gate_up_shard: torch.Tensor, down_shard: torch.Tensor) -> torch.Tensor:
         """Method r >= 1: each (token, group) pair to r ranks, each computes its slice F / r of
         the pair's experts and returns their weighted sum; the source adds up the partials."""
         device, dtype = x_TD.device, x_TD.dtype
         T, D = x_TD.shape
         K = pairs.local_PK.shape[1]
         splits = self.layout.dispatch(counts_WE, pairs_WG, self.rank, code)
-        gate_up, down = self._gathered(code)
+        gate_up, down = self._gathered(code, gate_up_shard, down_shard)
         send_index = index_from_ranges(splits.send_start, splits.send_len, device)
         token_S = pairs.token_P.index_select(0, send_index)
         payload = torch.cat([x_TD.index_select(0, token_S), pairs.weight_PK.index_select(0, send_index).to(dtype)], 1)
@@ -152,14 +162,16 @@ class ShardedExperts(nn.Module):
 
     # ---- parameters: shards <-> gathered <-> logical -------------------------------------------
 
-    def _gathered(self, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered(self, code: int, gate_up_shard: torch.Tensor, down_shard: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights this rank computes with under ``code``: all experts whole (dp) or its slice
-        of its group's experts (r >= 1), gathered from the shards (differentiable)."""
+        of its group's experts (r >= 1), gathered from the shards (this rank's parameters, or
+        views of them; differentiable)."""
         members = self.layout.gather_members(self.rank, code)
         if len(members) == 1:
-            return self.gate_up_proj, self.down_proj
+            return gate_up_shard, down_shard
         Eg = self.layout.experts_per_group
-        rows = torch.cat([self.gate_up_proj.reshape(Eg, -1), self.down_proj.reshape(Eg, -1)], dim=1)
+        rows = torch.cat([gate_up_shard.reshape(Eg, -1), down_shard.reshape(Eg, -1)], dim=1)
         send_W = np.zeros(self.size, dtype=np.int64)
         send_W[members] = Eg
         received = self._exchange(rows.repeat(len(members), 1), send_W, send_W)
@@ -309,21 +321,6 @@ def _join_down(rows: torch.Tensor, groups: int, width: int, shard_shape) -> torc
     """Received shards (member-major) -> ``[groups * Eg, D, width * Fm]``."""
     Eg, D, Fm = shard_shape
     return rows.reshape(groups, width, Eg, D, Fm).permute(0, 2, 3, 1, 4).reshape(groups * Eg, D, width * Fm)
-
-
-class _BeforeBackward(torch.autograd.Function):
-    """Identity whose backward first runs ``check`` (the ranks' agreement before the backward
-    exchanges)."""
-
-    @staticmethod
-    def forward(ctx, y, check):
-        ctx.check = check
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.check()
-        return grad, None
 
 
 def _synchronized_time(device: torch.device) -> float:

@@ -3,13 +3,15 @@
 
 Legend: W ranks, R rows a rank's experts process, T local tokens.
 Both choices are made from numbers every rank has after the per-forward all-gather, so all
-ranks agree without another message.
+ranks agree without another message. ``TrainingTrialClock`` times a trial of a training forward
+over the stage's forward and backward (the adaptive layer's method tuner uses it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,6 +65,67 @@ class PipelineTuner:
         times[degree] = int(rows_W3[:, 2].max())
         if all(c in times for c in self.candidates):
             self.best[level] = min(self.candidates, key=lambda c: (times[c], c))
+
+
+class TrainingTrialClock:
+    """Times a tuner trial on a training forward over what the step spends in the stage: its
+    forward, plus its backward from the output's gradient arriving to the last gradient of the
+    stage's inputs (rows and weights). The rest of the model, between the two, is not counted.
+
+    ``now()``: a synchronised clock (seconds); ``record(seconds)`` is called when the backward
+    ends (never, if no backward reaches the stage). Route the stage's inputs through
+    ``wrap_inputs`` and its output through ``wrap_output``; forwards without an autograd graph
+    are timed by the caller alone.
+    """
+
+    def __init__(self, now: Callable[[], float], record: Callable[[float], None]):
+        self._now, self._record = now, record
+        self._forward_s = 0.0
+        self._backward_start: float | None = None
+
+    def wrap_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Identities whose backward, once every one of their gradients is out, stops the clock."""
+        return _AfterBackward.apply(self._backward_done, *tensors)
+
+    def wrap_output(self, y: torch.Tensor, forward_s: float) -> torch.Tensor:
+        """Identity whose backward starts the backward's clock; ``forward_s``: the forward's time."""
+        self._forward_s = forward_s
+        return BeforeBackward.apply(y, self._backward_starts)
+
+    def _backward_starts(self) -> None:
+        self._backward_start = self._now()
+
+    def _backward_done(self) -> None:
+        if self._backward_start is not None:
+            self._record(self._forward_s + self._now() - self._backward_start)
+
+
+class BeforeBackward(torch.autograd.Function):
+    """Identity whose backward first runs ``before()`` (a check, a clock)."""
+
+    @staticmethod
+    def forward(ctx, y, before):
+        ctx.before = before
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.before()
+        return grad, None
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identities whose backward, run once all their gradients are computed, calls ``done()``."""
+
+    @staticmethod
+    def forward(ctx, done, *tensors):
+        ctx.done = done
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.done()
+        return (None, *grads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,31 +46,59 @@ def sequence_balance_loss(routing: Routing, seq_len: int) -> torch.Tensor:
     return E * (counts_BE / (seq_len * K) * p_BE).sum(-1).mean()
 
 
-def global_balance_loss(routing: Routing, group: dist.ProcessGroup | None) -> torch.Tensor:
+class ExpertCountAgreement:
+    """The process groups whose ranks agreed on a layer's ``num_experts`` (one per layer).
+
+    ``global_balance_loss`` sums counts of size ``num_experts`` over a group, so the ranks must
+    agree on it before the sum. A layer's expert count never changes (its config is frozen), so
+    each group is checked once, on its first forward: later forwards pay one all-reduce and no
+    host synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self._groups: list[dist.ProcessGroup] = []
+
+    def __reduce__(self):
+        """Copies and pickles start unchecked (process groups do not copy)."""
+        return (ExpertCountAgreement, ())
+
+    def check(self, num_experts: int, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        """Raise ValueError on every rank of ``group`` when they disagree on ``num_experts``
+        (a collective on the first call per group; nothing afterwards)."""
+        resolved = dist.group.WORLD if group is None else group
+        if any(g is resolved for g in self._groups):
+            return
+        E = num_experts
+        check_2 = torch.tensor([E, -E], dtype=torch.int64, device=device)
+        dist.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
+        high, low = check_2.tolist()
+        if high != E or -low != E:
+            raise ValueError(
+                f"aux_loss_scope='global': ranks disagree on num_experts (this rank {E}, range {-low}..{high})"
+            )
+        self._groups.append(resolved)
+
+
+def global_balance_loss(
+    routing: Routing, group: dist.ProcessGroup | None, agreement: ExpertCountAgreement | None = None
+) -> torch.Tensor:
     """Switch loss with the load fractions counted over every rank of ``group``.
 
     Collective: every rank of ``group`` calls it in the same forward (ranks without tokens too).
-    The expert count is checked across ranks first, so a mismatch raises instead of hanging.
+    The expert count is checked across ranks first, so a mismatch raises instead of hanging
+    (once per group with the layer's ``agreement``; every call without one).
     ``group=None`` is the default group, or this process alone when torch.distributed is not
     initialised (the loss is then the batch loss).
     """
     probs_TE = routing.probs_TE
     T, E = probs_TE.shape
     device = probs_TE.device
-    counts_E1 = torch.cat([
-        expert_counts(routing.counted_expert_TK, None, E),
-        torch.tensor([routing.expert_TK.numel()], dtype=torch.int64, device=device),
-    ])
+    counts_E = expert_counts(routing.counted_expert_TK, None, E)
+    counts_E1 = torch.cat([counts_E, counts_E.new_full((1,), routing.expert_TK.numel())])  # no host-to-device copy
     if group is not None or (dist.is_available() and dist.is_initialized()):
-        check_2 = torch.tensor([E, -E], dtype=torch.int64, device=device)
-        dist.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
-        if check_2[0] != E or -check_2[1] != E:
-            raise ValueError(
-                f"aux_loss_scope='global': ranks disagree on num_experts (this rank {E}, "
-                f"range {-int(check_2[1])}..{int(check_2[0])})"
-            )
+        (agreement or ExpertCountAgreement()).check(E, group, device)
         dist.all_reduce(counts_E1, group=group)
-    if T == 0 or counts_E1[-1] == 0:
+    if T == 0:  # otherwise the summed pair count includes this rank's T * K > 0
         return probs_TE.sum() * 0.0
     f_E = counts_E1[:E].to(probs_TE.dtype) / counts_E1[-1].to(probs_TE.dtype)
     return E * torch.sum(f_E * normalised_probs(probs_TE).mean(0))
@@ -110,13 +138,15 @@ def pooled_balance_loss(stats: list[BalanceStats]) -> torch.Tensor:
 
 
 def router_loss(
-    routing: Routing, config: MoEConfig, seq_len: int, group: dist.ProcessGroup | None = None
+    routing: Routing, config: MoEConfig, seq_len: int, group: dist.ProcessGroup | None = None,
+    agreement: ExpertCountAgreement | None = None,
 ) -> torch.Tensor:
     """A layer's aux loss: ``aux_loss_coef`` x the balance loss of ``config.aux_loss_scope`` +
     ``z_loss_coef`` x z-loss (zero when neither is configured).
 
     ``seq_len``: tokens per sequence ("sequence" scope); ``group``: the data-parallel group
-    whose counts the "global" scope sums (a collective then). The "pooled" scope adds nothing
+    whose counts the "global" scope sums (a collective then; ``agreement``: the layer's record
+    of the groups that agreed on its expert count). The "pooled" scope adds nothing
     here: ``flexmoe.aux_loss(model)`` computes it from every layer's ``BalanceStats``. A router
     with its own balance loss (the DTS gate) keeps it in every scope.
     """
@@ -126,7 +156,7 @@ def router_loss(
         if scope == "sequence" and routing.balance_loss is None:
             balance = sequence_balance_loss(routing, seq_len)
         elif scope == "global" and routing.balance_loss is None:
-            balance = global_balance_loss(routing, group)
+            balance = global_balance_loss(routing, group, agreement)
         else:
             balance = load_balancing_loss(routing)
         loss = loss + config.aux_loss_coef * balance

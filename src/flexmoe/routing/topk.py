@@ -152,8 +152,9 @@ class TopKRouter(nn.Module):
         """
         rate = self.config.bias_update_rate
         load_E = self.pending_load_E if load_E is None else load_E.to(self.pending_load_E)
-        if rate and load_E.sum() > 0:
-            self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
+        if rate:  # no loads recorded: no move; decided on the device (no host synchronisation)
+            step_E = rate * torch.sign(load_E.mean() - load_E)
+            self.expert_bias += torch.where(load_E.sum() > 0, step_E, torch.zeros_like(step_E))
         self.pending_load_E.zero_()
 
 

@@ -28,6 +28,17 @@ class DistInfo:
         return self.rank == 0
 
 
+def main_rank_error(error: str | None, info: DistInfo) -> str | None:
+    """The main rank's error message (None: it had none) on every rank. Collective with several
+    ranks: the main rank writes the run's files alone, so a failed write reaches the others here,
+    before they would wait for it in a collective it never joins."""
+    if info.world_size > 1:
+        box = [error if info.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=info.group)
+        error = box[0]
+    return error
+
+
 def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping.
 

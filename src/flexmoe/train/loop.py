@@ -27,7 +27,7 @@ from ..runtime import MoERuntime, PlacementScheduler
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
-from .distributed import DistInfo, clip_gradients, rank_seed
+from .distributed import DistInfo, clip_gradients, main_rank_error, rank_seed
 from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
 from .similarity import expert_similarity
@@ -77,6 +77,7 @@ class Trainer:
         self.info = info
         self.metrics = metrics
         self.trace = trace
+        self.write_error: str | None = None  # the main rank's first failed file write (one line)
         self.progress = progress and info.is_main
         self.checkpoint_meta = checkpoint_meta or {}
         self.optimizer = make_optimizer(model, cfg)
@@ -157,24 +158,34 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Collective: every rank gathers its share; the main rank writes; a failed write (full
-        disk, non-finite values) raises on every rank, so none waits for the others."""
+        disk, non-finite values, or an earlier metrics write: then no checkpoint is written)
+        raises on every rank, so none waits for the others."""
         state = self.state_dict()
         weights = ckpt.unique_state_dict(self.model)
-        path, error = None, None
-        if self.info.is_main:
+        path, error = None, self.write_error
+        if self.info.is_main and error is None:
             meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
             try:
                 path = ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta,
                                             keep=self.cfg.keep_checkpoints)
             except ckpt.CheckpointError as err:
                 error = str(err)
-        if self.info.world_size > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0, group=self.info.group)
-            error = box[0]
+        error = main_rank_error(error, self.info)
         if error is not None:
             raise ckpt.CheckpointWriteError(error)
         return path
+
+    def main_write(self, write, what: Path, *args) -> None:
+        """``write(*args)`` on the main rank; an OSError (full disk, read-only file) is kept as
+        ``write_error`` instead of raised, later writes are dropped, and every rank raises it at
+        the next agreement point: the step's loss all-reduce, a checkpoint, the end of the run
+        (the other ranks would otherwise wait forever in the next collective)."""
+        if not self.info.is_main or self.write_error is not None:
+            return
+        try:
+            write(*args)
+        except OSError as err:
+            self.write_error = ckpt.write_failure(self.run_dir, err.filename or str(what), err)
 
     # ---- steps -------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +218,12 @@ class Trainer:
                 micro = torch.stack([layer.last_counts.detach().to(torch.int64) for layer in self.moe])
                 counts_LE = micro if counts_LE is None else counts_LE + micro
         self.moe_runtime.after_backward()
-        lm, aux, nonfinite = reduce_losses(lm_total, aux_total, self.model, self.info)
-        if nonfinite is not None:
-            return self._nonfinite_step(nonfinite, lm, aux)
+        verdict = reduce_losses(lm_total, aux_total, self.model, self.info, self.write_error is not None)
+        if verdict.write_failed:  # before this step updates anything
+            raise ckpt.CheckpointWriteError(main_rank_error(self.write_error, self.info))
+        lm, aux = verdict.lm, verdict.aux
+        if verdict.nonfinite is not None:
+            return self._nonfinite_step(verdict.nonfinite, lm, aux)
         grad_norm = clip_gradients(self.model, cfg.grad_clip, self.info) if cfg.grad_clip > 0 else torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
         if self.omoe is not None:
@@ -233,7 +247,7 @@ class Trainer:
             record["experts_per_token_per_layer"] = [round(float(k), 4) for k in per_layer]
             if self.trace is not None:
                 for layer in range(counts_WLE.shape[1]):
-                    self.trace.record(self.step - 1, layer, counts_WLE[:, layer])
+                    self.main_write(self.trace.record, self.trace.path, self.step - 1, layer, counts_WLE[:, layer])
         if planned:
             record["placement"] = {"bytes_moved": planned.get("bytes_moved"),
                                    "balance_predicted": [m.get("balance_predicted_new") for m in planned["layers"]]}
@@ -294,7 +308,7 @@ class Trainer:
         record.update(expert_similarity(self.model, self.val_windows[:2, :-1].to(self.device)))
         self.val_history.append(record)
         if self.info.is_main:
-            self.metrics.write(record)
+            self.main_write(self.metrics.write, self.metrics.path, record)
             if self.progress:
                 bar.write(f"step {self.step:>6}: val loss {val:.4f}  ppl {record['val_ppl']:.2f}")
 
@@ -320,7 +334,7 @@ class Trainer:
                     window_tokens, window_start = 0, now
                 self.history.append(record)
                 if self.info.is_main:
-                    self.metrics.write(record)
+                    self.main_write(self.metrics.write, self.metrics.path, record)
                     postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                     if "balance" in record:
                         postfix["expert_bal"] = f"{record['balance']:.2f}"

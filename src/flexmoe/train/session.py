@@ -27,7 +27,7 @@ from . import resume
 from .config import PRESETS, TrainConfig
 from .data import Corpus, DataError, WindowStream, load_corpus, validation_windows
 from .diversify import DiversifyConfig, diversify_from_dense
-from .distributed import DistInfo, rank_seed
+from .distributed import DistInfo, main_rank_error, rank_seed
 from .guard import DivergenceError
 from .loop import Trainer
 from .metrics import METRICS, MetricsLog, last_per_step, read_metrics, truncate_metrics
@@ -302,48 +302,66 @@ def execute(prep: Prepared) -> dict:
 def _execute(prep: Prepared) -> dict:
     trainer, info, run_dir = prep.trainer, prep.info, prep.run_dir
     trace = None
+    error = None
+    trainer.metrics = MetricsLog(run_dir, enabled=False)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_temporaries(run_dir)
-        history = prep.history or {"preset": prep.options.preset}
-        _write_json(run_dir / "config.json", {
-            **history, "model": prep.model_cfg.to_dict(), "train": prep.train_cfg.to_dict(),
-            "world_size": info.world_size, "corpus": {"root": prep.corpus.root, "fingerprint": prep.corpus.fingerprint(),
-                                                      "train_files": len(prep.corpus.train_docs),
-                                                      "val_files": len(prep.corpus.val_docs)},
-        })
-        prep.tokenizer.save(run_dir / TOKENIZER)
-        if prep.tokenizer.kind == "bpe" and not prep.token_cache_hit:
-            _save_token_cache(run_dir, prep)
-        if prep.resumed_from is not None:
-            truncate_metrics(run_dir, trainer.step)
-            records = read_metrics(run_dir)
-            trainer.history = last_per_step(records, "train")
-            trainer.val_history = last_per_step(records, "val")
-        else:  # a run killed before its first checkpoint starts again from scratch
-            for stale in (run_dir / METRICS, *run_dir.glob("routing_trace*.jsonl")):
-                stale.unlink(missing_ok=True)
-        trainer.metrics = MetricsLog(run_dir)
-        if prep.model_cfg.is_moe:
-            trace = _open_trace(run_dir, prep)
-    else:
-        trainer.metrics = MetricsLog(run_dir, enabled=False)
+        try:
+            trace = _write_run_folder(prep)
+        except OSError as err:
+            error = ckpt.write_failure(run_dir, err.filename or str(run_dir), err)
+    error = main_rank_error(error, info)  # the others would wait for the main rank in the first collective
+    if error is not None:
+        raise ckpt.CheckpointWriteError(error)
     trainer.trace = trace
     try:
         summary = trainer.run(prep.options.stop_at)
     except (DivergenceError, ckpt.CheckpointWriteError) as err:
         if info.is_main:
-            trainer.metrics.write({**trainer.summary(), "stopped": str(err), "run_dir": str(run_dir)})
-            trainer.metrics.close()
+            try:  # best effort: the run stops with ``err`` on every rank either way
+                trainer.metrics.write({**trainer.summary(), "stopped": str(err), "run_dir": str(run_dir)})
+                trainer.metrics.close()
+            except OSError:
+                pass
         raise
     finally:
         if trace is not None:
             trace.close()
     summary["run_dir"] = str(run_dir)
     if info.is_main:
-        trainer.metrics.write(summary)
-        trainer.metrics.close()
+        trainer.main_write(trainer.metrics.write, trainer.metrics.path, summary)
+        trainer.main_write(trainer.metrics.close, trainer.metrics.path)
+    error = main_rank_error(trainer.write_error, info)
+    if error is not None:
+        raise ckpt.CheckpointWriteError(error)
     return summary
+
+
+def _write_run_folder(prep: Prepared):
+    """The main rank's files of a starting run (config, tokenizer, metrics, trace); returns the
+    trace recorder (None for a dense model). Raises OSError on a failed write."""
+    trainer, info, run_dir = prep.trainer, prep.info, prep.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_temporaries(run_dir)
+    history = prep.history or {"preset": prep.options.preset}
+    _write_json(run_dir / "config.json", {
+        **history, "model": prep.model_cfg.to_dict(), "train": prep.train_cfg.to_dict(),
+        "world_size": info.world_size, "corpus": {"root": prep.corpus.root, "fingerprint": prep.corpus.fingerprint(),
+                                                  "train_files": len(prep.corpus.train_docs),
+                                                  "val_files": len(prep.corpus.val_docs)},
+    })
+    prep.tokenizer.save(run_dir / TOKENIZER)
+    if prep.tokenizer.kind == "bpe" and not prep.token_cache_hit:
+        _save_token_cache(run_dir, prep)
+    if prep.resumed_from is not None:
+        truncate_metrics(run_dir, trainer.step)
+        records = read_metrics(run_dir)
+        trainer.history = last_per_step(records, "train")
+        trainer.val_history = last_per_step(records, "val")
+    else:  # a run killed before its first checkpoint starts again from scratch
+        for stale in (run_dir / METRICS, *run_dir.glob("routing_trace*.jsonl")):
+            stale.unlink(missing_ok=True)
+    trainer.metrics = MetricsLog(run_dir)
+    return _open_trace(run_dir, prep) if prep.model_cfg.is_moe else None
 
 
 def _open_trace(run_dir: Path, prep: Prepared):
