@@ -117,12 +117,13 @@ def bench_all_to_all(args, device, nodes: EPGroup | None) -> None:
 
 def make_inputs(args, device, dtype, skew: float, seed: int):
     """Token rows; with ``skew`` > 0 feature 0 is constant 1 so the router column 0 (set by
-    ``skew_router_``) makes expert popularity Zipf(skew)."""
+    ``skew_router_``) makes expert popularity Zipf(skew). They require grad, as a layer's input
+    does inside a model (every layer then computes its input gradient)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(args.tokens, args.d_model, generator=gen)
     if skew:
         x[:, 0] = 1.0
-    return x.to(device=device, dtype=dtype)
+    return x.to(device=device, dtype=dtype).requires_grad_()
 
 
 def skew_router_(layer: flexmoe.MoELayer, skew: float) -> None:

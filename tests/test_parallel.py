@@ -284,6 +284,64 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
 
 
+def _local_grads_match(ref, ep, table, x):
+    """Output, input, router and (replicas summed) expert gradients of ``ep`` against ``ref``."""
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum(), [x, *ref.parameters()])
+    y = ep(x)
+    grads = torch.autograd.grad((y * y.detach().sin()).sum(), [x, *ep.parameters()])
+    _check("output", y, y_ref, F64_TOL)
+    for i, name in ((0, "input grad"), (1, "router grad")):
+        _check(name, grads[i], grads_ref[i], F64_TOL)
+    for i, name in ((2, "gate_up_proj"), (3, "down_proj")):
+        logical = torch.zeros_like(grads_ref[i])
+        for s, e in enumerate(table.slot_expert_WS[0]):
+            if e >= 0:
+                logical[e] += grads[i][s]
+        _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
+
+
+@pytest.mark.parametrize("strategy", ["keep", "recompute", "recommunicate", "both"])
+def test_local_rows_follow_the_memory_strategy_chosen_after_them(strategy, monkeypatch):
+    """memory="auto": the local rows run before the strategy is chosen (it needs every rank's
+    counts), keeping their graph without its input; then they keep what the chosen strategy
+    keeps. Experts 1 and 2 are local rows, 0 and 3 (replicated) exchanged."""
+    import flexmoe.parallel.expert_parallel as expert_parallel
+
+    monkeypatch.setattr(expert_parallel, "choose_memory_strategy", lambda *args: strategy)
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = MoELayer(cfg).double()
+    for degree in (1, 3):
+        torch.manual_seed(0)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory="auto")).double()
+        ep.experts._rates = (1e-9, 1e9)  # skip the profiling forward (degree 1, strategy "keep")
+        x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+        _local_grads_match(ref, ep, table, x)
+        assert ep.experts.memory_report.strategy == strategy
+        stats = ep.experts.last_exchange
+        counts = ep.experts.last_counts_WE[0]
+        assert stats.local_first_rows == counts[1] + counts[2] and stats.expert_rows == counts.sum()
+
+
+def test_world_size_one_permuted_table_computes_every_row_locally():
+    """World size 1, slots permuted: every row is a local row, nothing is packed or exchanged."""
+    cfg = _config(capacity_factor=1.0)
+    table = PlacementTable(8, np.arange(8)[::-1].reshape(1, -1).copy(), np.ones((1, 8)))
+    torch.manual_seed(4)
+    ref = MoELayer(cfg).double()
+    torch.manual_seed(4)
+    ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=4, memory="both")).double()
+    x = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    _local_grads_match(ref, ep, table, x)
+    stats = ep.experts.last_exchange
+    assert stats.local_fraction == 1.0 and stats.local_first_rows == int(ep.last_counts.sum())
+    assert (stats.remote_sent, stats.remote_received) == (0, 0)
+    assert stats.local_rows == int((ref.router(x).keep_TK if ref.router(x).keep_TK is not None
+                                   else torch.ones(13, 2, dtype=torch.bool)).any(dim=1).sum())
+
+
 class _WgradCalls(TorchDispatchMode):
     """Records the (rows, out width, in width) of every expert weight-gradient GEMM."""
 
@@ -605,6 +663,89 @@ def case_top_4_replicas_degree_3(env):
                        bias=[2.0, 0, 0, 0, 0, 2.0, 0, 0])
 
 
+# -- local rows first: rows of experts whose only replica is on this rank are computed before the
+# counts all-gather is read, and only the other rows go through the exchange.
+
+
+def _expected_local_rows(layer) -> int:
+    """This rank's rows of the experts whose only replica it holds, from the last counts."""
+    table, rank = layer.experts.placement, layer.experts.rank
+    replicas_E = table.num_replicas_E()
+    held_here = [int(e) for e in table.slot_expert_WS[rank] if e >= 0 and replicas_E[e] == 1]
+    return int(layer.experts.last_counts_WE[rank, held_here].sum())
+
+
+def _permuted_table_2() -> PlacementTable:
+    """Every expert on one rank, spread out of order (the local rows are not one run of the plan)."""
+    return PlacementTable(8, np.array([[6, 1, 3, 0], [7, 4, 2, 5]]), np.ones((2, 4)))
+
+
+def _case_local_first(table, degree, memory, tokens=(8, 6), budget=None, chosen=None, **cfg_overrides):
+    def case(env):
+        cfg = _config(**cfg_overrides)
+        parallel = ParallelConfig(pipeline_degree=degree, memory=memory, memory_budget_bytes=budget)
+        ep = _train_and_compare(env, cfg, _ep(placement=table(), parallel=parallel), list(tokens))
+        stats = ep.experts.last_exchange
+        assert stats.local_first_rows == _expected_local_rows(ep), stats
+        assert stats.local_fraction == (stats.local_first_rows / stats.routed_rows if stats.routed_rows else 1.0)
+        if tokens[env.rank]:
+            assert 0 < stats.local_first_rows < stats.routed_rows, stats
+        if chosen is not None:
+            assert ep.experts.memory_report.strategy == chosen
+    return case
+
+
+def case_local_first_all_tokens_on_one_expert(env):
+    """Top-1, every token on expert 0 (rank 0): rank 0's rows are all local, rank 1's all exchanged."""
+    cfg = _config(top_k=1, bias_update_rate=1e-3)
+    ep = _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=2, memory="both")), [7, 5],
+                            bias=[9.0] + [0.0] * 7)
+    stats = ep.experts.last_exchange
+    assert stats.routed_rows == [7, 5][env.rank]
+    assert stats.local_fraction == [1.0, 0.0][env.rank], stats
+    assert stats.expert_rows == [12, 0][env.rank], stats
+
+
+def case_local_rows_computed_before_the_counts_are_read(env):
+    """The order of events of a forward: the local rows' expert GEMMs run, then the host reads
+    the counts all-gather, then the exchanged rows run (it used to read the counts first and
+    compute every row after the exchange). Every token picks experts 0 (rank 0) and 4 (rank 1):
+    half of each rank's rows are local."""
+    cfg = _config(bias_update_rate=1e-3)
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.tensor([5.0, 0, 0, 0, 5.0, 0, 0, 0]))
+    x = torch.randn(6, 8, dtype=torch.float64)
+    _step(layer, x)  # a layer's first forward compares its envelope on its own first
+    events = []
+    real = dist.all_gather
+
+    class Recorded:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self, *args, **kwargs):
+            events.append("counts read")
+            return self.work.wait(*args, **kwargs)
+
+    def recording(*args, **kwargs):
+        work = real(*args, **kwargs)
+        return Recorded(work) if kwargs.get("async_op") else work
+
+    hook = layer.experts.register_forward_hook(lambda module, args, out: events.append(f"experts, {args[0].shape[0]} rows"))
+    dist.all_gather = recording
+    try:
+        layer(x)
+    finally:
+        dist.all_gather = real
+        hook.remove()
+    assert events == ["experts, 6 rows", "counts read", "experts, 6 rows"], events
+    stats = layer.experts.last_exchange
+    assert (stats.local_first_rows, stats.expert_rows, stats.routed_rows) == (6, 12, 12), stats
+    assert stats.local_fraction == 0.5
+    assert (stats.dispatch_rows, stats.local_rows) == (12, 6), "each token: one pair to itself, one to the other rank"
+
+
 _MISMATCHES = [("num_experts", 6), ("top_k", 3), ("d_ff", 4), ("activation", "gelu"), ("router", "sigmoid"),
                ("capacity_factor", 2.0), ("norm_topk_prob", False)]
 
@@ -808,6 +949,13 @@ CASES_2 = {
     "bounded_without_overflow": case_bounded_without_overflow,
     "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
     "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,
+    "local_first_permuted_degree_1_keep": _case_local_first(_permuted_table_2, 1, "keep"),
+    "local_first_permuted_degree_2_recompute": _case_local_first(_permuted_table_2, 2, "recompute"),
+    "local_first_replicas_degree_1_recommunicate": _case_local_first(_replica_table_2, 1, "recommunicate"),
+    "local_first_replicas_auto_keep": _case_local_first(_replica_table_2, 2, "auto", budget=10**12, chosen="keep"),
+    "local_first_replicas_auto_both": _case_local_first(_replica_table_2, 1, "auto", budget=0, chosen="both"),
+    "local_first_all_tokens_on_one_expert": case_local_first_all_tokens_on_one_expert,
+    "local_rows_computed_before_the_counts_are_read": case_local_rows_computed_before_the_counts_are_read,
 }
 
 
@@ -886,6 +1034,19 @@ def case_checkpoint_4_2_1_4(env):
         four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
 
 
+def case_local_first_hierarchical(env):
+    """Local rows first with the hierarchical exchange, a permuted table with a replica, pipeline
+    degree 2, rank 1 without tokens."""
+    table = PlacementTable(8, np.array([[5, 0, 3], [6, 1, -1], [2, 7, -1], [4, 3, -1]]),
+                           np.array([[1, 1, 0.4], [1, 1, 0], [1, 1, 0], [1, 0.6, 0]]))
+    parallel = ParallelConfig(pipeline_degree=2, memory="both", all_to_all="hierarchical")
+    ep = _train_and_compare(env, _config(), _ep(env.nodes, placement=table, parallel=parallel), TOKENS_4)
+    stats = ep.experts.last_exchange
+    assert stats.local_first_rows == _expected_local_rows(ep)
+    if TOKENS_4[env.rank]:
+        assert stats.local_first_rows > 0
+
+
 def case_bounded_4(env):
     """Bounded buffers on 4 ranks, one without tokens, experts not divisible by ranks."""
     _train_and_compare(env, _config(num_experts=6), _ep(parallel=_bounded(7)), TOKENS_4)
@@ -931,6 +1092,7 @@ CASES_4 = {
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
     "rows_sent_once_per_rank": case_rows_sent_once_per_rank,
     "bounded_4": case_bounded_4,
+    "local_first_hierarchical_permuted_degree_2_both": case_local_first_hierarchical,
 }
 CASES = {2: CASES_2, 4: CASES_4}
 

@@ -214,7 +214,8 @@ class ParallelExperts(GroupedExperts):
         # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
         # the counts, in one all-gather; otherwise they need the split, and a second one.
         # (A slot-keyed plan's "experts" are slots, each on one rank.)
-        one_exchange = par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
+        # (World size 1 has no all-gather to ride on: the pair counts are read when needed.)
+        one_exchange = self.size > 1 and par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
         pairs_W = own_pairs = None
         if one_exchange:
             rank_E = self.expert_rank_E
@@ -227,6 +228,8 @@ class ParallelExperts(GroupedExperts):
         # This rank's own counts: a wait for the device, no communication (the other ranks'
         # counts are in flight meanwhile).
         counts_E = plan.counts_E.cpu().numpy()
+        if self.size == 1:
+            pending.counts_E = counts_E
         local = local_rows(local_slot_E, counts_E, plan.row_token_N, placement.slots_per_rank)
         step = self.forward_steps
         forward = {}
@@ -419,6 +422,9 @@ class ParallelExperts(GroupedExperts):
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
+        if self.size == 1:  # nothing to gather or check: the host values, once the counts are read
+            return _SplitCounts(None, len(_HEADER), counts_E.shape[0], self._count_width, 1, False,
+                                np.array([header], dtype=np.int64))
         device = counts_E.device
         with_pairs = pairs_W is not None
         if not with_pairs:
@@ -463,10 +469,13 @@ class ParallelExperts(GroupedExperts):
 class _SplitCounts:
     """The forward's counts all-gather in flight; ``wait()`` splits what every rank sent."""
 
-    def __init__(self, pending, H: int, E: int, C: int, W: int, with_pairs: bool):
+    def __init__(self, pending, H: int, E: int, C: int, W: int, with_pairs: bool, header_1H: np.ndarray | None = None):
         self.pending, self.H, self.E, self.C, self.W, self.with_pairs = pending, H, E, C, W, with_pairs
+        self.header_1H, self.counts_E = header_1H, None  # world size 1: the header, and the counts read later
 
     def wait(self):
+        if self.pending is None:
+            return self.header_1H, self.counts_E[None], None, None
         everyone = self.pending.wait()
         H, E, C, W = self.H, self.E, self.C, self.W
         if not self.with_pairs:
