@@ -99,6 +99,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
         (dict(bounded_transport="nvlink"), "bounded_transport"),
+        (dict(local_first=1), "local_first"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(timeout_s=float("inf")), "timeout_s"),
     ],
@@ -695,6 +696,16 @@ def _case_local_first(table, degree, memory, tokens=(8, 6), budget=None, chosen=
     return case
 
 
+def case_exchange_every_row(env):
+    """local_first=False: every row goes through the exchange, a token's own rank included (the
+    static table at degree 1, pair counts in the counts all-gather; replicas at degree 2)."""
+    for table, degree in ((None, 1), (_replica_table_2(), 2)):
+        parallel = ParallelConfig(pipeline_degree=degree, local_first=False)
+        ep = _train_and_compare(env, _config(), _ep(placement=table, parallel=parallel), [7, 5])
+        stats = ep.experts.last_exchange
+        assert stats.local_first_rows == 0 and stats.local_fraction == 0.0 and stats.local_rows > 0, stats
+
+
 def case_local_first_all_tokens_on_one_expert(env):
     """Top-1, every token on expert 0 (rank 0): rank 0's rows are all local, rank 1's all exchanged."""
     cfg = _config(top_k=1, bias_update_rate=1e-3)
@@ -955,6 +966,7 @@ CASES_2 = {
     "local_first_replicas_auto_keep": _case_local_first(_replica_table_2, 2, "auto", budget=10**12, chosen="keep"),
     "local_first_replicas_auto_both": _case_local_first(_replica_table_2, 1, "auto", budget=0, chosen="both"),
     "local_first_all_tokens_on_one_expert": case_local_first_all_tokens_on_one_expert,
+    "exchange_every_row": case_exchange_every_row,
     "local_rows_computed_before_the_counts_are_read": case_local_rows_computed_before_the_counts_are_read,
 }
 

@@ -65,6 +65,12 @@ class LocalRows:
     def count(self) -> int:
         return int(self.rows_S.sum())
 
+    @classmethod
+    def none(cls, num_slots: int, device: torch.device) -> "LocalRows":
+        """No local rows (``ParallelConfig.local_first=False``)."""
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(empty, empty, np.zeros(num_slots, dtype=np.int64), torch.zeros(num_slots, dtype=torch.int32, device=device))
+
     def mask_N(self, num_rows: int) -> torch.Tensor:
         """``bool [N]``: which grouped rows are local."""
         return torch.zeros(num_rows, dtype=torch.bool, device=self.row_R.device).index_fill_(0, self.row_R, True)

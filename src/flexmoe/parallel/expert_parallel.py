@@ -30,7 +30,7 @@ from .symmetric import SymmetricTransport, symmetric_all_to_all_available
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
-from .dispatch import ExchangeStats, known_counts, local_rows, local_slots, pairs_per_rank, route_pairs, row_replicas
+from .dispatch import ExchangeStats, LocalRows, known_counts, local_rows, local_slots, pairs_per_rank, route_pairs, row_replicas
 from .groups import EPGroup
 from .stage import StageRun, StageTimer, dispatch_packer, run_stage
 from .tuning import (
@@ -202,6 +202,8 @@ class ParallelExperts(GroupedExperts):
         if slot_keyed:  # rows grouped by slot: each slot is its own expert for the dispatcher
             placement = slot_table(placement)
             local_slot_E = local_slots(placement, self.rank)
+        if not par.local_first:
+            local_slot_E = np.full_like(local_slot_E, -1)
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_TD.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
@@ -218,24 +220,28 @@ class ParallelExperts(GroupedExperts):
         one_exchange = self.size > 1 and par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
         pairs_W = own_pairs = None
         if one_exchange:
-            rank_E = self.expert_rank_E
+            rank_E, exchanged_rank_E = self.expert_rank_E, self.exchanged_rank_E
             if slot_keyed:
                 rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
-            exchanged_rank_E = torch.where(torch.from_numpy(local_slot_E >= 0).to(rank_E.device), -1, rank_E)
+                exchanged_rank_E = torch.where(rank_E == self.rank, -1, rank_E)
+            if not par.local_first:
+                exchanged_rank_E = rank_E
             pairs_W = pairs_per_rank(exchanged_rank_E, plan.offsets_E, plan.pair_row_TK, self.size)
             own_pairs = pairs_per_rank(rank_E, plan.offsets_E, plan.pair_row_TK, self.size)[self.rank]
         pending = self._start_counts(fields, plan.counts_E, x_TD, plan.pair_row_TK.shape[0], pairs_W, own_pairs)
         # This rank's own counts: a wait for the device, no communication (the other ranks'
         # counts are in flight meanwhile).
-        counts_E = plan.counts_E.cpu().numpy()
-        if self.size == 1:
-            pending.counts_E = counts_E
-        local = local_rows(local_slot_E, counts_E, plan.row_token_N, placement.slots_per_rank)
+        if par.local_first:
+            counts_E = plan.counts_E.cpu().numpy()
+            pending.host_counts_E = counts_E  # world size 1: nothing more to read
+            local = local_rows(local_slot_E, counts_E, plan.row_token_N, placement.slots_per_rank)
+        else:
+            local = LocalRows.none(placement.slots_per_rank, x_TD.device)
         step = self.forward_steps
         forward = {}
 
         def resolve():
-            route, strategy = self._resolve(pending, forward, placement, plan, local, counts_E, slot_keyed, profile,
+            route, strategy = self._resolve(pending, forward, placement, plan, local, slot_keyed, profile,
                                             row_bytes, build_graph, one_exchange, x_TD.device)
             if forward["trial"]:
                 forward["start"] = _synchronized_time(x_TD.device)
@@ -270,7 +276,7 @@ class ParallelExperts(GroupedExperts):
                                               own)
         return y_TD
 
-    def _resolve(self, pending, forward: dict, placement: PlacementTable, plan: DispatchPlan, local, counts_E,
+    def _resolve(self, pending, forward: dict, placement: PlacementTable, plan: DispatchPlan, local,
                  slot_keyed: bool, profile: bool, row_bytes: RowBytes, build_graph: bool, one_exchange: bool,
                  device: torch.device):
         """Wait for every rank's counts and lay out the exchanged rows: the route (None when
@@ -278,6 +284,7 @@ class ParallelExperts(GroupedExperts):
         ``forward`` with the pipeline degree and whether this forward is a tuner trial."""
         par = self.parallel
         header_WH, counts_WE, pairs_WW, own_W = pending.wait()
+        counts_E = counts_WE[self.rank]
         self.tuner.absorb(header_WH[:, [_COLUMN["trial level"], _COLUMN["trial degree"], _COLUMN["trial ns"]]])
         self._absorb_rates(header_WH)
         level = PipelineTuner.level(counts_WE)
@@ -299,7 +306,8 @@ class ParallelExperts(GroupedExperts):
         route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank,
                             local.mask_N(plan.num_rows) if local.count else None)
         if pairs_WW is not None:
-            route.finish(known_counts(pairs_WW, exchanged_split(placement, send_WWS, counts_WE)), own_W[self.rank])
+            exchanged_WWS = exchanged_split(placement, send_WWS, counts_WE) if par.local_first else send_WWS
+            route.finish(known_counts(pairs_WW, exchanged_WWS), own_W[self.rank])
         else:
             shape = (self.size,) + tuple(route.counts_nWC.shape)
             everyone = self._all_gather(torch.cat([route.counts_nWC.reshape(-1), route.own_pairs_dev.view(1)]),
@@ -318,7 +326,9 @@ class ParallelExperts(GroupedExperts):
 
     def _set_replica_tables(self) -> None:
         """The table's replicas as device buffers (not in state_dict): for the bounded dispatch,
-        and the rank of every expert whose replicas all sit on one rank (-1 otherwise)."""
+        the rank of every expert whose replicas all sit on one rank (-1 otherwise), the same
+        without the local experts (-1: their rows are this rank's local rows), and the local
+        slot of every expert (host)."""
         ids_EQ, fraction_EQ = replica_tables(self.placement)
         device = self.gate_up_proj.device
         rank_E = np.full(self.placement.num_experts, -1, dtype=np.int64)
@@ -327,7 +337,9 @@ class ParallelExperts(GroupedExperts):
             rank_E[e] = ranks.pop() if len(ranks) == 1 else -1
         self._experts_on_one_rank = bool((rank_E >= 0).all())
         self._local_slot_E = local_slots(self.placement, self.rank)
+        exchanged_rank_E = np.where(self._local_slot_E >= 0, -1, rank_E)  # the local rows enter no pair
         self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
+        self.register_buffer("exchanged_rank_E", torch.from_numpy(exchanged_rank_E).to(device), persistent=False)
         self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
         self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
 
@@ -424,7 +436,7 @@ class ParallelExperts(GroupedExperts):
         ]
         if self.size == 1:  # nothing to gather or check: the host values, once the counts are read
             return _SplitCounts(None, len(_HEADER), counts_E.shape[0], self._count_width, 1, False,
-                                np.array([header], dtype=np.int64))
+                                np.array([header], dtype=np.int64), counts_E)
         device = counts_E.device
         with_pairs = pairs_W is not None
         if not with_pairs:
@@ -469,13 +481,16 @@ class ParallelExperts(GroupedExperts):
 class _SplitCounts:
     """The forward's counts all-gather in flight; ``wait()`` splits what every rank sent."""
 
-    def __init__(self, pending, H: int, E: int, C: int, W: int, with_pairs: bool, header_1H: np.ndarray | None = None):
+    def __init__(self, pending, H: int, E: int, C: int, W: int, with_pairs: bool, header_1H: np.ndarray | None = None,
+                 counts_E: torch.Tensor | None = None):
         self.pending, self.H, self.E, self.C, self.W, self.with_pairs = pending, H, E, C, W, with_pairs
-        self.header_1H, self.counts_E = header_1H, None  # world size 1: the header, and the counts read later
+        self.header_1H, self.counts_E = header_1H, counts_E  # world size 1: the header and the device counts
+        self.host_counts_E: np.ndarray | None = None  # world size 1: the counts when already read
 
     def wait(self):
         if self.pending is None:
-            return self.header_1H, self.counts_E[None], None, None
+            counts_E = self.host_counts_E if self.host_counts_E is not None else self.counts_E.cpu().numpy()
+            return self.header_1H, counts_E[None], None, None
         everyone = self.pending.wait()
         H, E, C, W = self.H, self.E, self.C, self.W
         if not self.with_pairs:
