@@ -197,9 +197,9 @@ def _imbalance(layer) -> float:
 def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> None:
     """Every pipeline degree and memory strategy on the whole world, and the bounded dispatch.
     At world size 1 the static table runs the one-device FFN (every degree alike); the rows
-    "exchange path" use a table with the slots permuted: every row is a local row (computed
-    before the counts are read, no exchange), or with local_first=False runs pairs, expansion
-    and chunking (or the bounded buffers) with no communication."""
+    "exchange path" use a table with the slots permuted: every expert is held once, so the plan
+    is regrouped by slot and the one-device FFN runs over the slots; with local_first=False they
+    run pairs, expansion and chunking (or the bounded buffers) with no communication."""
     world = dist.get_world_size()
     dtype = getattr(torch, args.dtype)
     skew = args.zipf
@@ -246,9 +246,10 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
 
 
 def bench_local_first(args, cfg, device, state) -> None:
-    """World size 1: the one-device layer against EP layers whose tables send rows down the EP
-    path, the local rows (slots permuted: every row is local) and the exchange (two replicas of
-    the hottest experts: their rows go through a self-exchange). Times are the minimum over
+    """World size 1: the one-device layer against EP layers with other tables: slots permuted
+    (every expert held once: the plan regrouped by slot, the one-device FFN over the slots; with
+    local_first=False every row through the self-exchange) and the two hottest experts
+    replicated (their rows go through the self-exchange, the others are local rows). Times are the minimum over
     interleaved trials (robust to a shared machine); ops = aten ops dispatched per forward +
     backward (torch.profiler), copies = those that move rows (index_select / index_add_ /
     index_copy_ / gather / scatter_add_ / cat / copy_ / to)."""
@@ -266,7 +267,7 @@ def bench_local_first(args, cfg, device, state) -> None:
     permuted = PlacementTable(E, np.arange(E)[::-1].reshape(1, -1).copy(), np.ones((1, E)))
     slots = np.concatenate([np.arange(E), hot]).reshape(1, -1)
     replicated = PlacementTable(E, slots, np.where(np.isin(slots, hot), 0.5, 1.0))
-    for name, table in (("EP, slots permuted (every row local)", permuted),
+    for name, table in (("EP, slots permuted", permuted),
                         ("EP, 2 hottest experts replicated (their rows exchanged)", replicated)):
         for degree, local_first in ((1, True), (4, True), (1, False)):
             label = f"{name}, degree {degree}" + ("" if local_first else ", local_first=False")

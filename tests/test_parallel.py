@@ -326,21 +326,39 @@ def test_local_rows_follow_the_memory_strategy_chosen_after_them(strategy, monke
         assert stats.local_first_rows == counts[1] + counts[2] and stats.expert_rows == counts.sum()
 
 
-def test_world_size_one_permuted_table_computes_every_row_locally():
-    """World size 1, slots permuted: every row is a local row, nothing is packed or exchanged."""
-    cfg = _config(capacity_factor=1.0)
-    table = PlacementTable(8, np.arange(8)[::-1].reshape(1, -1).copy(), np.ones((1, 8)))
+@pytest.mark.parametrize("kernels", ["auto", "per_expert"])
+def test_world_size_one_permuted_table_is_the_one_device_ffn_over_its_slots(kernels):
+    """World size 1, every expert in one slot but out of order, a spare slot: the plan is
+    regrouped by slot on the device (expert blocks moved, rows in order) and the one-device FFN
+    runs over the slots, bitwise the one-device layer in forward and backward, with capacity
+    drops; local_first=False sends every row through the (self-)exchange instead, to 1e-10."""
+    cfg = _config(capacity_factor=1.0, kernels=kernels)
+    slots = np.array([[5, 2, -1, 7, 0, 1, 6, 3, 4]])
+    table = PlacementTable(8, slots, (slots >= 0).astype(float))
     torch.manual_seed(4)
     ref = MoELayer(cfg).double()
-    torch.manual_seed(4)
-    ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=4, memory="both")).double()
-    x = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
-    _local_grads_match(ref, ep, table, x)
-    stats = ep.experts.last_exchange
-    assert stats.local_fraction == 1.0 and stats.local_first_rows == int(ep.last_counts.sum())
-    assert (stats.remote_sent, stats.remote_received) == (0, 0)
-    assert stats.local_rows == int((ref.router(x).keep_TK if ref.router(x).keep_TK is not None
-                                   else torch.ones(13, 2, dtype=torch.bool)).any(dim=1).sum())
+    x = torch.randn(13, 8, dtype=torch.float64)
+    y_ref = ref(x)
+    y_ref.pow(2).sum().backward()
+    for local_first in (True, False):
+        torch.manual_seed(4)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=2, local_first=local_first)).double()
+        y = ep(x)
+        y.pow(2).sum().backward()
+        grads = [(ref.router.weight.grad, ep.router.weight.grad)]
+        for name in ("gate_up_proj", "down_proj"):
+            want = getattr(ref.experts, name).grad
+            got = getattr(ep.experts, name).grad
+            grads.append((want, torch.stack([got[s] for s in np.argsort(np.where(slots[0] >= 0, slots[0], 99))[:8]])))
+            assert got[2].abs().max() == 0, "the spare slot gets no gradient"
+        if local_first:
+            assert torch.equal(y, y_ref) and all(torch.equal(g, w) for w, g in grads)
+            assert ep.experts.last_exchange is None, "the one-device FFN ran"
+        else:
+            _check("output", y, y_ref, F64_TOL)
+            for want, got in grads:
+                _check("grad", got, want, F64_TOL)
+            assert ep.experts.last_exchange.local_first_rows == 0
 
 
 class _WgradCalls(TorchDispatchMode):

@@ -65,7 +65,8 @@ class ParallelConfig:
         only the other rows are exchanged. The price, when a rank has both local and exchanged
         rows: two grouped GEMMs per direction instead of one, and at pipeline degree 1 the
         weight-gradient rows copied once into slot-major buffers (degree > 1 copies them
-        anyway). False: every row goes through the exchange, a token's own rank included.
+        anyway). At world size 1 with every expert held once, the one-device FFN over the slots
+        runs instead. False: every row goes through the exchange, a token's own rank included.
     timeout_s: the longest a collective of this layer waits for the other ranks before raising
         ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
         bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..placement.table import PlacementTable
+from ..plan import DispatchPlan
 from .comm import ranges_and_offsets
 
 
@@ -97,6 +98,27 @@ def local_rows(local_slot_E: np.ndarray, counts_E: np.ndarray, row_token_N: torc
     else:
         row_R, offsets_S = ranges_and_offsets(start_S, rows_S, device)
     return LocalRows(row_R, row_token_N.index_select(0, row_R), rows_S, offsets_S)
+
+
+def regroup_by_slot(plan: DispatchPlan, slot_E: torch.Tensor, num_slots: int) -> DispatchPlan:
+    """The plan with its rows grouped by slot instead of by expert, when every expert has
+    exactly one slot (``slot_E``, int64 on the device; spare slots get no rows): the expert
+    blocks move, each keeping its row order, so the one-device FFN over the slots computes what
+    it computes over the experts. Device only, no host synchronisation."""
+    N, E = plan.num_rows, plan.counts_E.shape[0]
+    device = plan.counts_E.device
+    counts_S = torch.zeros(num_slots, dtype=torch.int64, device=device).index_copy_(0, slot_E, plan.counts_E)
+    end_S = torch.cumsum(counts_S, 0)
+    end_E = plan.offsets_E.to(torch.int64)
+    row_N = torch.arange(N, device=device)
+    expert_N = torch.searchsorted(end_E, row_N, right=True).clamp_max(E - 1)
+    slot_N = slot_E[expert_N]
+    moved_N = (end_S - counts_S)[slot_N] + row_N - (end_E - plan.counts_E)[expert_N]
+    new_N = torch.where(row_N < end_E[-1:], moved_N, row_N)  # dropped rows stay at the end
+    old_N = torch.empty_like(new_N).index_copy_(0, new_N, row_N)
+    pair_row_TK = torch.where(plan.pair_row_TK >= 0, new_N[plan.pair_row_TK.clamp_min(0)], -1)
+    return DispatchPlan(counts_S, end_S.to(torch.int32), plan.row_token_N[old_N], pair_row_TK,
+                        plan.row_weight_N[old_N], plan.row_pair_N[old_N])
 
 
 def row_replicas(table: PlacementTable, send_WWS: np.ndarray, counts_E: np.ndarray, rank: int, num_rows: int,

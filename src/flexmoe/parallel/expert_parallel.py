@@ -30,7 +30,17 @@ from .symmetric import SymmetricTransport, symmetric_all_to_all_available
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
-from .dispatch import ExchangeStats, LocalRows, known_counts, local_rows, local_slots, pairs_per_rank, route_pairs, row_replicas
+from .dispatch import (
+    ExchangeStats,
+    LocalRows,
+    known_counts,
+    local_rows,
+    local_slots,
+    pairs_per_rank,
+    regroup_by_slot,
+    route_pairs,
+    row_replicas,
+)
 from .groups import EPGroup
 from .stage import StageRun, StageTimer, dispatch_packer, run_stage
 from .tuning import (
@@ -146,6 +156,13 @@ class ParallelExperts(GroupedExperts):
         counts on the host); the bounded dispatch and the one-device path are captured."""
         if self._is_one_device:
             self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
+            return GroupedExperts.run(self, x_TD, plan, use_triton)
+        if self._slots_are_experts and self.parallel.local_first and self.parallel.dispatch == "exact":
+            # World size 1, every expert held once: every row is a local row, and the one-device
+            # FFN over the slots computes them (the plan regrouped by slot on the device).
+            self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
+            if not _is_slot_keyed(plan, self.config):
+                plan = regroup_by_slot(plan, self.expert_slot_E, self.placement.slots_per_rank)
             return GroupedExperts.run(self, x_TD, plan, use_triton)
         if self.parallel.dispatch == "bounded":
             return self._run_bounded(x_TD, plan, use_triton)
@@ -336,6 +353,10 @@ class ParallelExperts(GroupedExperts):
             ranks = {r for r, _, _ in self.placement.replicas(e)}
             rank_E[e] = ranks.pop() if len(ranks) == 1 else -1
         self._experts_on_one_rank = bool((rank_E >= 0).all())
+        # World size 1 with every expert in exactly one slot: the one-device FFN over the slots.
+        self._slots_are_experts = self.size == 1 and bool((self.placement.num_replicas_E() == 1).all())
+        self.register_buffer("expert_slot_E", torch.from_numpy(np.maximum(local_slots(self.placement, 0), 0)).to(device),
+                             persistent=False)
         self._local_slot_E = local_slots(self.placement, self.rank)
         exchanged_rank_E = np.where(self._local_slot_E >= 0, -1, rank_E)  # the local rows enter no pair
         self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
