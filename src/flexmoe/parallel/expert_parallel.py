@@ -237,7 +237,7 @@ class ParallelExperts(GroupedExperts):
         one_exchange = self.size > 1 and par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
         pairs_W = own_pairs = None
         if one_exchange:
-            rank_E, exchanged_rank_E = self.expert_rank_E, self.exchanged_rank_E
+            rank_E, exchanged_rank_E = self.expert_rank_E, self._exchanged_rank_on(x_TD.device)
             if slot_keyed:
                 rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
                 exchanged_rank_E = torch.where(rank_E == self.rank, -1, rank_E)
@@ -343,9 +343,9 @@ class ParallelExperts(GroupedExperts):
 
     def _set_replica_tables(self) -> None:
         """The table's replicas as device buffers (not in state_dict): for the bounded dispatch,
-        the rank of every expert whose replicas all sit on one rank (-1 otherwise), the same
-        without the local experts (-1: their rows are this rank's local rows), and the local
-        slot of every expert (host)."""
+        the rank of every expert whose replicas all sit on one rank (-1 otherwise), and its slot
+        when every expert has one (world size 1); and, for this rank only (not buffers), the
+        local slot of every expert and the expert ranks without the local experts."""
         ids_EQ, fraction_EQ = replica_tables(self.placement)
         device = self.gate_up_proj.device
         rank_E = np.full(self.placement.num_experts, -1, dtype=np.int64)
@@ -358,11 +358,18 @@ class ParallelExperts(GroupedExperts):
         self.register_buffer("expert_slot_E", torch.from_numpy(np.maximum(local_slots(self.placement, 0), 0)).to(device),
                              persistent=False)
         self._local_slot_E = local_slots(self.placement, self.rank)
-        exchanged_rank_E = np.where(self._local_slot_E >= 0, -1, rank_E)  # the local rows enter no pair
         self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
-        self.register_buffer("exchanged_rank_E", torch.from_numpy(exchanged_rank_E).to(device), persistent=False)
+        # Rank-specific, so not a buffer (DDP broadcasts buffers from rank 0): one copy per device.
+        self._exchanged_rank_E = {"host": torch.from_numpy(np.where(self._local_slot_E >= 0, -1, rank_E))}
         self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
         self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
+
+    def _exchanged_rank_on(self, device: torch.device) -> torch.Tensor:
+        """``expert_rank_E`` with this rank's local experts at -1 (their rows enter no pair)."""
+        key = str(device)
+        if key not in self._exchanged_rank_E:
+            self._exchanged_rank_E[key] = self._exchanged_rank_E["host"].to(device)
+        return self._exchanged_rank_E[key]
 
     @property
     def _is_one_device(self) -> bool:
