@@ -2,12 +2,14 @@
 
 Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
 ``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
-the local tokens and their dispatch plan (``run``). Per forward: one all-gather of the agreement
-envelope (agreement.py) with the per-expert counts behind it, the host layout (which replica takes
-which row), one all-gather of the (token, rank) pair counts (dispatch.py; it rides with the
-counts when every expert's replicas sit on one rank and the pipeline degree is 1), then the
-pipelined stage (stage.py). At world size 1 with every expert in its own slot the stage is the
-one-device expert FFN: no packing, regrouping or exchange.
+the local tokens and their dispatch plan (``run``). Per exact forward: the all-gather of the
+agreement envelope (agreement.py) with the per-expert counts behind it is started; the local rows
+(experts whose only replica is here; dispatch.py) are computed while it travels; then it is read,
+the host lays out the split (which replica takes which row), one all-gather of the (token, rank)
+pair counts follows (it rides with the counts when every expert's replicas sit on one rank and
+the pipeline degree is 1), then the pipelined stage of the other rows (stage.py). At world size
+1 with every expert in exactly one slot the stage is the one-device expert FFN over the slots:
+no packing, exchange or host synchronisation.
 """
 
 from __future__ import annotations

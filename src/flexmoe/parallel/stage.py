@@ -106,7 +106,7 @@ def dispatch_packer(x_dtype: torch.dtype, width: int, weight_dtype: torch.dtype,
 class _ExpertParallelStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weight_N, gate_up, down, run: StageRun):
-        (T, D), K = x_TD.shape, run.pair_row_TK.shape[1]
+        T, D = x_TD.shape
         params = _param_leaves(gate_up, down)
         timer, local = run.timer, run.local
         if timer is not None:
