@@ -399,6 +399,28 @@ def test_chunked_backward_computes_each_weight_gradient_once(memory):
         _check("weight grad, 4 chunks against 1", got, want, F64_TOL)
 
 
+def test_local_and_exchanged_weight_gradients_are_summed_when_rows_outnumber_weights():
+    """Degree 1 with local rows (experts 1, 2) and exchanged rows (replicated 0, 3): with many
+    rows, one wgrad GEMM per part and per weight, summed, instead of copying every row into
+    slot-major buffers; with few rows (test above) the copy and one GEMM. Same gradients."""
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = MoELayer(cfg).double()
+    torch.manual_seed(0)
+    ep = MoELayer(cfg, placement=table).double()
+    x = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    recorder = _WgradCalls()
+    with recorder:
+        _local_grads_match(ref, ep, table, x)
+    stats = ep.experts.last_exchange
+    local, exchanged = stats.local_first_rows, stats.expert_rows - stats.local_first_rows
+    assert local > 0 and exchanged > 0
+    one_device = [(128, 12, 8), (128, 8, 6)]  # the reference layer's, in the same recording
+    assert sorted(recorder.calls) == sorted(one_device + [(local, 12, 8), (local, 8, 6), (exchanged, 12, 8),
+                                                          (exchanged, 8, 6)])
+
+
 def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
     cfg = _config()
     torch.manual_seed(3)

@@ -63,9 +63,10 @@ class ParallelConfig:
     local_first: the exact dispatch computes the rows of experts whose only replica is on this
         rank (the local rows) before it reads the counts all-gather, so they overlap that wait;
         only the other rows are exchanged. The price, when a rank has both local and exchanged
-        rows: two grouped GEMMs per direction instead of one, and at pipeline degree 1 the
-        weight-gradient rows copied once into slot-major buffers (degree > 1 copies them
-        anyway). At world size 1 with every expert held once, the one-device FFN over the slots
+        rows: two grouped GEMMs per direction instead of one, and at pipeline degree 1 either
+        the weight-gradient rows copied once into slot-major buffers (few rows; degree > 1
+        copies them anyway) or two weight-gradient GEMMs summed (many rows: one extra
+        full-size gradient). At world size 1 with every expert held once, the one-device FFN over the slots
         runs instead. False: every row goes through the exchange, a token's own rank included.
     timeout_s: the longest a collective of this layer waits for the other ranks before raising
         ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the

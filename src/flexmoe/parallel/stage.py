@@ -147,7 +147,7 @@ class _ExpertParallelStage(torch.autograd.Function):
         params = ctx.params
         rows_nS = [local.rows_S] + ([] if route is None else list(route.rows_nWS.sum(axis=1)))
         offsets_n = [local.offsets_S] + ([] if route is None else list(route.offsets_nS(grad_TD.device)))
-        weight_grads = _WeightGrads(np.stack(rows_nS), offsets_n, grad_TD.device)
+        weight_grads = _WeightGrads(np.stack(rows_nS), offsets_n, [gate_up, down], grad_TD.device)
         grad_x_TD = grad_TD.new_zeros((T, D))
         grad_w_TK = grad_TD.new_zeros((T, K), dtype=ctx.weight_dtype)
         exchanged = None
@@ -321,17 +321,26 @@ class _WeightGrads:
     ordered slot-major (slot, then chunk, then row), so ``dw[s] = sum over chunks of grad_s^T @
     x_s`` is one wgrad GEMM per weight over all rows. When one chunk holds every row its own
     tensors are used (no copy), so degree 1 computes exactly what the unchunked layer does.
+    When exactly two chunks hold rows (the local rows and the exchanged rows at degree 1) and
+    copying the rows would touch more elements than adding two full-size gradients, each chunk
+    gets its own wgrad GEMM and the two are summed (``summed``).
     rows_nS: rows per (chunk, local slot); offsets_n: each chunk's device offsets.
     """
 
-    def __init__(self, rows_nS: np.ndarray, offsets_n: list[torch.Tensor], device: torch.device):
+    def __init__(self, rows_nS: np.ndarray, offsets_n: list[torch.Tensor], weights: list[torch.Tensor],
+                 device: torch.device):
         self.rows_nS = rows_nS
         total_S = rows_nS.sum(axis=0)
         self.total = int(total_S.sum())
         self.device = device
         busy = np.nonzero(rows_nS.sum(axis=1))[0]
         self.direct = busy.size <= 1
-        if self.direct:
+        # Elements touched: the copy reads and writes every row of both operands of both GEMMs
+        # (weight [S, O, I]: a row is I + O wide); the sum reads two gradients and writes one.
+        copied = 2 * self.total * sum(w.shape[1] + w.shape[2] for w in weights)
+        self.summed = busy.size == 2 and 3 * sum(w.numel() for w in weights) < copied
+        self.offsets_n, self.parts = offsets_n, []
+        if self.direct or self.summed:
             self.offsets_S = offsets_n[int(busy[0]) if busy.size else 0]
         else:
             self.offsets_S = torch.from_numpy(np.cumsum(total_S).astype(np.int32)).to(device)
@@ -339,6 +348,9 @@ class _WeightGrads:
         self.pairs: list = [None, None]
 
     def add(self, chunk: int, wgrad_rows: WgradRows) -> None:
+        if self.summed:
+            self.parts.append((self.offsets_n[chunk], list(wgrad_rows.rows)))
+            return
         if self.direct:
             self.pairs = list(wgrad_rows.rows)
             return
@@ -352,6 +364,11 @@ class _WeightGrads:
 
     def compute(self, weights: list[torch.Tensor], per_expert: bool) -> list[torch.Tensor]:
         """The gradient of each weight (zeros when no chunk had rows)."""
+        if self.summed:
+            grads = [_summed_wgrad(weight, [(offsets, rows[i]) for offsets, rows in self.parts], per_expert)
+                     for i, weight in enumerate(weights)]
+            self.parts = []
+            return grads
         grads = []
         for weight, pair in zip(weights, self.pairs):
             if pair is None:
@@ -360,6 +377,15 @@ class _WeightGrads:
                 grads.append(grouped_mm_wgrad(pair[1], pair[0], self.offsets_S, per_expert).to(weight.dtype))
         self.pairs = [None, None]
         return grads
+
+
+def _summed_wgrad(weight: torch.Tensor, parts: list, per_expert: bool) -> torch.Tensor:
+    """``sum over parts of grouped_mm_wgrad(grad, x, offsets)`` (zeros without parts)."""
+    total = None
+    for offsets_S, (x_RI, grad_RO) in parts:
+        grad = grouped_mm_wgrad(grad_RO, x_RI, offsets_S, per_expert)
+        total = grad if total is None else total.add_(grad)
+    return torch.zeros_like(weight) if total is None else total.to(weight.dtype)
 
 
 @dataclasses.dataclass
