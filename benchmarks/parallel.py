@@ -117,12 +117,13 @@ def bench_all_to_all(args, device, nodes: EPGroup | None) -> None:
 
 def make_inputs(args, device, dtype, skew: float, seed: int):
     """Token rows; with ``skew`` > 0 feature 0 is constant 1 so the router column 0 (set by
-    ``skew_router_``) makes expert popularity Zipf(skew)."""
+    ``skew_router_``) makes expert popularity Zipf(skew). They require grad, as a layer's input
+    does inside a model (every layer then computes its input gradient)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(args.tokens, args.d_model, generator=gen)
     if skew:
         x[:, 0] = 1.0
-    return x.to(device=device, dtype=dtype)
+    return x.to(device=device, dtype=dtype).requires_grad_()
 
 
 def skew_router_(layer: flexmoe.MoELayer, skew: float) -> None:
@@ -196,8 +197,9 @@ def _imbalance(layer) -> float:
 def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> None:
     """Every pipeline degree and memory strategy on the whole world, and the bounded dispatch.
     At world size 1 the static table runs the one-device FFN (every degree alike); the rows
-    "exchange path" use a table with the slots permuted, which runs pairs, expansion and
-    chunking (or the bounded buffers) with no communication."""
+    "exchange path" use a table with the slots permuted: every expert is held once, so the plan
+    is regrouped by slot and the one-device FFN runs over the slots; with local_first=False they
+    run pairs, expansion and chunking (or the bounded buffers) with no communication."""
     world = dist.get_world_size()
     dtype = getattr(torch, args.dtype)
     skew = args.zipf
@@ -209,9 +211,11 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
     configs = [(a, d, "keep") for a in a2a_kinds for d in (1, 2, 4, 8)]
     configs += [("flat", d, m) for d in (1, 4) for m in ("recompute", "recommunicate", "both")]
     configs += [("flat", "auto", "auto")]
+    configs += [("flat, local_first=False", d, "keep") for d in (1, 4)]  # every row through the exchange
     configs += [("bounded", 1, "keep")]  # rows_per_rank_pair = tokens: nothing overflows
     if world == 1:
         configs += [("exchange path", d, m) for d in (1, 2, 4, 8) for m in ("keep", "both")]
+        configs += [("exchange path, local_first=False", d, "keep") for d in (1, 4)]
         configs += [("bounded exchange path", 1, "keep")]
     permuted = PlacementTable(cfg.num_experts, np.arange(cfg.num_experts)[::-1].reshape(1, -1).copy(),
                               np.ones((1, cfg.num_experts)))
@@ -221,9 +225,10 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
         parallel = ParallelConfig(pipeline_degree=degree, memory=memory,
                                   all_to_all="hierarchical" if a2a == "hierarchical" else "flat",
                                   dispatch="bounded" if bounded else "exact",
-                                  rows_per_rank_pair=args.tokens if bounded else None)
+                                  rows_per_rank_pair=args.tokens if bounded else None,
+                                  local_first="local_first=False" not in a2a)
         layer = build_layer(args, cfg, dtype, device, group, parallel, state, skew,
-                            permuted if a2a.endswith("exchange path") else None)
+                            permuted if "exchange path" in a2a else None)
         step = step_fn(layer, x)
         for _ in range(12 if "auto" in (degree, memory) else 1):  # let "auto" finish its trials
             step()
@@ -238,6 +243,67 @@ def bench_pipeline_memory(args, cfg, device, state, nodes: EPGroup | None) -> No
                 f"D={cfg.d_model} F={cfg.d_ff} E={cfg.num_experts} k={cfg.top_k}, {args.dtype}); "
                 "kept = activations the expert stage keeps (report), measured = whole layer after forward (CUDA)",
                 ["layer", "degree", "memory", "ms/step", "x one-device", "kept MiB", "measured MiB", "rel err"], rows)
+
+
+def bench_local_first(args, cfg, device, state) -> None:
+    """World size 1: the one-device layer against EP layers with other tables: slots permuted
+    (every expert held once: the plan regrouped by slot, the one-device FFN over the slots; with
+    local_first=False every row through the self-exchange) and the two hottest experts
+    replicated (their rows go through the self-exchange, the others are local rows). Times are the minimum over
+    interleaved trials (robust to a shared machine); ops = aten ops dispatched per forward +
+    backward (torch.profiler), copies = those that move rows (index_select / index_add_ /
+    index_copy_ / gather / scatter_add_ / cat / copy_ / to)."""
+    if dist.get_world_size() != 1:
+        return
+    from torch.profiler import profile
+
+    dtype = getattr(torch, args.dtype)
+    E = cfg.num_experts
+    x = make_inputs(args, device, dtype, args.zipf, seed=0)
+    layers = {"one-device layer": build_layer(args, cfg, dtype, device, None, None, state, args.zipf)}
+    with torch.no_grad():
+        layers["one-device layer"](x)
+    hot = torch.topk(layers["one-device layer"].last_counts, 2).indices.cpu().numpy()
+    permuted = PlacementTable(E, np.arange(E)[::-1].reshape(1, -1).copy(), np.ones((1, E)))
+    slots = np.concatenate([np.arange(E), hot]).reshape(1, -1)
+    replicated = PlacementTable(E, slots, np.where(np.isin(slots, hot), 0.5, 1.0))
+    for name, table in (("EP, slots permuted", permuted),
+                        ("EP, 2 hottest experts replicated (their rows exchanged)", replicated)):
+        for degree, local_first in ((1, True), (4, True), (1, False)):
+            label = f"{name}, degree {degree}" + ("" if local_first else ", local_first=False")
+            parallel = ParallelConfig(pipeline_degree=degree, local_first=local_first)
+            layers[label] = build_layer(args, cfg, dtype, device, EPGroup.create(), parallel, state, args.zipf, table)
+    steps = {name: step_fn(layer, x) for name, layer in layers.items()}
+    best = {name: float("inf") for name in layers}
+    for name, step in steps.items():
+        step()
+    for _ in range(args.trials):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.reps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3 / args.reps)
+    copies = ("aten::index_select", "aten::index_add_", "aten::index_copy_", "aten::gather", "aten::scatter_add_",
+              "aten::cat", "aten::copy_", "aten::_to_copy")
+    rows = []
+    base = best["one-device layer"]
+    for name, step in steps.items():
+        with profile() as prof:
+            step()
+        events = prof.key_averages()
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        moved = sum(e.count for e in events if e.key in copies)
+        stats = getattr(layers[name].experts, "last_exchange", None)
+        local = f"{stats.local_fraction:.3f}" if hasattr(stats, "local_fraction") else "-"
+        rows.append([name, best[name], best[name] / base, ops, moved, local, rel_error(layers[name], layers["one-device layer"], x)])
+    print_table(f"World size 1, EP paths against the one-device layer ({args.tokens} tokens, zipf({args.zipf}), "
+                f"D={cfg.d_model} F={cfg.d_ff} E={cfg.num_experts} k={cfg.top_k}, {args.dtype}; forward+backward, "
+                f"min of {args.trials} interleaved trials of {args.reps} steps)",
+                ["layer", "ms/step", "x one-device", "aten ops", "copies", "local rows", "rel err"], rows)
 
 
 def _activation_mib(layer, x, device) -> str:
@@ -263,7 +329,8 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.2, help="skew of the skewed routing")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--ranks-per-node", type=int, default=None, help="also measure hierarchical all-to-all")
-    parser.add_argument("--sections", default="a2a,scaling,pipeline")
+    parser.add_argument("--trials", type=int, default=15, help="interleaved trials of the local-first section")
+    parser.add_argument("--sections", default="a2a,scaling,pipeline,local")
     args = parser.parse_args()
     device = init_distributed()
     on_gpu = device.type == "cuda"
@@ -290,6 +357,8 @@ def main() -> None:
         bench_scaling(args, cfg, device, state)
     if "pipeline" in sections:
         bench_pipeline_memory(args, cfg, device, state, nodes)
+    if "local" in sections:
+        bench_local_first(args, cfg, device, state)
     dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         (dict(dispatch="bounded", rows_per_rank_pair=4, pipeline_degree=2), "pipeline_degree"),
         (dict(dispatch="bounded", rows_per_rank_pair=4, memory="both"), "memory"),
         (dict(bounded_transport="nvlink"), "bounded_transport"),
+        (dict(local_first=1), "local_first"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(timeout_s=float("inf")), "timeout_s"),
     ],
@@ -284,6 +285,82 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
 
 
+def _local_grads_match(ref, ep, table, x):
+    """Output, input, router and (replicas summed) expert gradients of ``ep`` against ``ref``."""
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum(), [x, *ref.parameters()])
+    y = ep(x)
+    grads = torch.autograd.grad((y * y.detach().sin()).sum(), [x, *ep.parameters()])
+    _check("output", y, y_ref, F64_TOL)
+    for i, name in ((0, "input grad"), (1, "router grad")):
+        _check(name, grads[i], grads_ref[i], F64_TOL)
+    for i, name in ((2, "gate_up_proj"), (3, "down_proj")):
+        logical = torch.zeros_like(grads_ref[i])
+        for s, e in enumerate(table.slot_expert_WS[0]):
+            if e >= 0:
+                logical[e] += grads[i][s]
+        _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
+
+
+@pytest.mark.parametrize("strategy", ["keep", "recompute", "recommunicate", "both"])
+def test_local_rows_follow_the_memory_strategy_chosen_after_them(strategy, monkeypatch):
+    """memory="auto": the local rows run before the strategy is chosen (it needs every rank's
+    counts), keeping their graph without its input; then they keep what the chosen strategy
+    keeps. Experts 1 and 2 are local rows, 0 and 3 (replicated) exchanged."""
+    import flexmoe.parallel.expert_parallel as expert_parallel
+
+    monkeypatch.setattr(expert_parallel, "choose_memory_strategy", lambda *args: strategy)
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = MoELayer(cfg).double()
+    for degree in (1, 3):
+        torch.manual_seed(0)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=degree, memory="auto")).double()
+        ep.experts._rates = (1e-9, 1e9)  # skip the profiling forward (degree 1, strategy "keep")
+        x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+        _local_grads_match(ref, ep, table, x)
+        assert ep.experts.memory_report.strategy == strategy
+        stats = ep.experts.last_exchange
+        counts = ep.experts.last_counts_WE[0]
+        assert stats.local_first_rows == counts[1] + counts[2] and stats.expert_rows == counts.sum()
+
+
+@pytest.mark.parametrize("kernels", ["auto", "per_expert"])
+def test_world_size_one_permuted_table_is_the_one_device_ffn_over_its_slots(kernels):
+    """World size 1, every expert in one slot but out of order, a spare slot: the plan is
+    regrouped by slot on the device (expert blocks moved, rows in order) and the one-device FFN
+    runs over the slots, bitwise the one-device layer in forward and backward, with capacity
+    drops; local_first=False sends every row through the (self-)exchange instead, to 1e-10."""
+    cfg = _config(capacity_factor=1.0, kernels=kernels)
+    slots = np.array([[5, 2, -1, 7, 0, 1, 6, 3, 4]])
+    table = PlacementTable(8, slots, (slots >= 0).astype(float))
+    torch.manual_seed(4)
+    ref = MoELayer(cfg).double()
+    x = torch.randn(13, 8, dtype=torch.float64)
+    y_ref = ref(x)
+    y_ref.pow(2).sum().backward()
+    for local_first in (True, False):
+        torch.manual_seed(4)
+        ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree=2, local_first=local_first)).double()
+        y = ep(x)
+        y.pow(2).sum().backward()
+        grads = [(ref.router.weight.grad, ep.router.weight.grad)]
+        for name in ("gate_up_proj", "down_proj"):
+            want = getattr(ref.experts, name).grad
+            got = getattr(ep.experts, name).grad
+            grads.append((want, torch.stack([got[s] for s in np.argsort(np.where(slots[0] >= 0, slots[0], 99))[:8]])))
+            assert got[2].abs().max() == 0, "the spare slot gets no gradient"
+        if local_first:
+            assert torch.equal(y, y_ref) and all(torch.equal(g, w) for w, g in grads)
+            assert ep.experts.last_exchange is None, "the one-device FFN ran"
+        else:
+            _check("output", y, y_ref, F64_TOL)
+            for want, got in grads:
+                _check("grad", got, want, F64_TOL)
+            assert ep.experts.last_exchange.local_first_rows == 0
+
+
 class _WgradCalls(TorchDispatchMode):
     """Records the (rows, out width, in width) of every expert weight-gradient GEMM."""
 
@@ -320,6 +397,28 @@ def test_chunked_backward_computes_each_weight_gradient_once(memory):
         grads[degree] = [p.grad.clone() for p in ep.experts.parameters()]
     for got, want in zip(grads[4], grads[1]):
         _check("weight grad, 4 chunks against 1", got, want, F64_TOL)
+
+
+def test_local_and_exchanged_weight_gradients_are_summed_when_rows_outnumber_weights():
+    """Degree 1 with local rows (experts 1, 2) and exchanged rows (replicated 0, 3): with many
+    rows, one wgrad GEMM per part and per weight, summed, instead of copying every row into
+    slot-major buffers; with few rows (test above) the copy and one GEMM. Same gradients."""
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ref = MoELayer(cfg).double()
+    torch.manual_seed(0)
+    ep = MoELayer(cfg, placement=table).double()
+    x = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    recorder = _WgradCalls()
+    with recorder:
+        _local_grads_match(ref, ep, table, x)
+    stats = ep.experts.last_exchange
+    local, exchanged = stats.local_first_rows, stats.expert_rows - stats.local_first_rows
+    assert local > 0 and exchanged > 0
+    one_device = [(128, 12, 8), (128, 8, 6)]  # the reference layer's, in the same recording
+    assert sorted(recorder.calls) == sorted(one_device + [(local, 12, 8), (local, 8, 6), (exchanged, 12, 8),
+                                                          (exchanged, 8, 6)])
 
 
 def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
@@ -605,6 +704,99 @@ def case_top_4_replicas_degree_3(env):
                        bias=[2.0, 0, 0, 0, 0, 2.0, 0, 0])
 
 
+# -- local rows first: rows of experts whose only replica is on this rank are computed before the
+# counts all-gather is read, and only the other rows go through the exchange.
+
+
+def _expected_local_rows(layer) -> int:
+    """This rank's rows of the experts whose only replica it holds, from the last counts."""
+    table, rank = layer.experts.placement, layer.experts.rank
+    replicas_E = table.num_replicas_E()
+    held_here = [int(e) for e in table.slot_expert_WS[rank] if e >= 0 and replicas_E[e] == 1]
+    return int(layer.experts.last_counts_WE[rank, held_here].sum())
+
+
+def _permuted_table_2() -> PlacementTable:
+    """Every expert on one rank, spread out of order (the local rows are not one run of the plan)."""
+    return PlacementTable(8, np.array([[6, 1, 3, 0], [7, 4, 2, 5]]), np.ones((2, 4)))
+
+
+def _case_local_first(table, degree, memory, tokens=(8, 6), budget=None, chosen=None, **cfg_overrides):
+    def case(env):
+        cfg = _config(**cfg_overrides)
+        parallel = ParallelConfig(pipeline_degree=degree, memory=memory, memory_budget_bytes=budget)
+        ep = _train_and_compare(env, cfg, _ep(placement=table(), parallel=parallel), list(tokens))
+        stats = ep.experts.last_exchange
+        assert stats.local_first_rows == _expected_local_rows(ep), stats
+        assert stats.local_fraction == (stats.local_first_rows / stats.routed_rows if stats.routed_rows else 1.0)
+        if tokens[env.rank]:
+            assert 0 < stats.local_first_rows < stats.routed_rows, stats
+        if chosen is not None:
+            assert ep.experts.memory_report.strategy == chosen
+    return case
+
+
+def case_exchange_every_row(env):
+    """local_first=False: every row goes through the exchange, a token's own rank included (the
+    static table at degree 1, pair counts in the counts all-gather; replicas at degree 2)."""
+    for table, degree in ((None, 1), (_replica_table_2(), 2)):
+        parallel = ParallelConfig(pipeline_degree=degree, local_first=False)
+        ep = _train_and_compare(env, _config(), _ep(placement=table, parallel=parallel), [7, 5])
+        stats = ep.experts.last_exchange
+        assert stats.local_first_rows == 0 and stats.local_fraction == 0.0 and stats.local_rows > 0, stats
+
+
+def case_local_first_all_tokens_on_one_expert(env):
+    """Top-1, every token on expert 0 (rank 0): rank 0's rows are all local, rank 1's all exchanged."""
+    cfg = _config(top_k=1, bias_update_rate=1e-3)
+    ep = _train_and_compare(env, cfg, _ep(parallel=ParallelConfig(pipeline_degree=2, memory="both")), [7, 5],
+                            bias=[9.0] + [0.0] * 7)
+    stats = ep.experts.last_exchange
+    assert stats.routed_rows == [7, 5][env.rank]
+    assert stats.local_fraction == [1.0, 0.0][env.rank], stats
+    assert stats.expert_rows == [12, 0][env.rank], stats
+
+
+def case_local_rows_computed_before_the_counts_are_read(env):
+    """The order of events of a forward: the local rows' expert GEMMs run, then the host reads
+    the counts all-gather, then the exchanged rows run (it used to read the counts first and
+    compute every row after the exchange). Every token picks experts 0 (rank 0) and 4 (rank 1):
+    half of each rank's rows are local."""
+    cfg = _config(bias_update_rate=1e-3)
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD).double()
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.tensor([5.0, 0, 0, 0, 5.0, 0, 0, 0]))
+    x = torch.randn(6, 8, dtype=torch.float64)
+    _step(layer, x)  # a layer's first forward compares its envelope on its own first
+    events = []
+    real = dist.all_gather
+
+    class Recorded:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self, *args, **kwargs):
+            events.append("counts read")
+            return self.work.wait(*args, **kwargs)
+
+    def recording(*args, **kwargs):
+        work = real(*args, **kwargs)
+        return Recorded(work) if kwargs.get("async_op") else work
+
+    hook = layer.experts.register_forward_hook(lambda module, args, out: events.append(f"experts, {args[0].shape[0]} rows"))
+    dist.all_gather = recording
+    try:
+        layer(x)
+    finally:
+        dist.all_gather = real
+        hook.remove()
+    assert events == ["experts, 6 rows", "counts read", "experts, 6 rows"], events
+    stats = layer.experts.last_exchange
+    assert (stats.local_first_rows, stats.expert_rows, stats.routed_rows) == (6, 12, 12), stats
+    assert stats.local_fraction == 0.5
+    assert (stats.dispatch_rows, stats.local_rows) == (12, 6), "each token: one pair to itself, one to the other rank"
+
+
 _MISMATCHES = [("num_experts", 6), ("top_k", 3), ("d_ff", 4), ("activation", "gelu"), ("router", "sigmoid"),
                ("capacity_factor", 2.0), ("norm_topk_prob", False)]
 
@@ -808,6 +1000,14 @@ CASES_2 = {
     "bounded_without_overflow": case_bounded_without_overflow,
     "bounded_overflow_follows_the_rule": case_bounded_overflow_follows_the_rule,
     "bounded_compiles_fullgraph": case_bounded_compiles_fullgraph,
+    "local_first_permuted_degree_1_keep": _case_local_first(_permuted_table_2, 1, "keep"),
+    "local_first_permuted_degree_2_recompute": _case_local_first(_permuted_table_2, 2, "recompute"),
+    "local_first_replicas_degree_1_recommunicate": _case_local_first(_replica_table_2, 1, "recommunicate"),
+    "local_first_replicas_auto_keep": _case_local_first(_replica_table_2, 2, "auto", budget=10**12, chosen="keep"),
+    "local_first_replicas_auto_both": _case_local_first(_replica_table_2, 1, "auto", budget=0, chosen="both"),
+    "local_first_all_tokens_on_one_expert": case_local_first_all_tokens_on_one_expert,
+    "exchange_every_row": case_exchange_every_row,
+    "local_rows_computed_before_the_counts_are_read": case_local_rows_computed_before_the_counts_are_read,
 }
 
 
@@ -886,6 +1086,19 @@ def case_checkpoint_4_2_1_4(env):
         four.load_state_dict({**donor.state_dict(), "experts.down_proj": torch.zeros(2, 8, 6)})
 
 
+def case_local_first_hierarchical(env):
+    """Local rows first with the hierarchical exchange, a permuted table with a replica, pipeline
+    degree 2, rank 1 without tokens."""
+    table = PlacementTable(8, np.array([[5, 0, 3], [6, 1, -1], [2, 7, -1], [4, 3, -1]]),
+                           np.array([[1, 1, 0.4], [1, 1, 0], [1, 1, 0], [1, 0.6, 0]]))
+    parallel = ParallelConfig(pipeline_degree=2, memory="both", all_to_all="hierarchical")
+    ep = _train_and_compare(env, _config(), _ep(env.nodes, placement=table, parallel=parallel), TOKENS_4)
+    stats = ep.experts.last_exchange
+    assert stats.local_first_rows == _expected_local_rows(ep)
+    if TOKENS_4[env.rank]:
+        assert stats.local_first_rows > 0
+
+
 def case_bounded_4(env):
     """Bounded buffers on 4 ranks, one without tokens, experts not divisible by ranks."""
     _train_and_compare(env, _config(num_experts=6), _ep(parallel=_bounded(7)), TOKENS_4)
@@ -931,6 +1144,7 @@ CASES_4 = {
     "checkpoint_4_2_1_4": case_checkpoint_4_2_1_4,
     "rows_sent_once_per_rank": case_rows_sent_once_per_rank,
     "bounded_4": case_bounded_4,
+    "local_first_hierarchical_permuted_degree_2_both": case_local_first_hierarchical,
 }
 CASES = {2: CASES_2, 4: CASES_4}
 

@@ -24,10 +24,12 @@ bounds each wait itself; with NCCL the bound is the process group's own ``timeou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -111,22 +113,69 @@ class LayerAgreement:
               payload: torch.Tensor | None = None):
         """Raise ``AgreementError`` on every rank unless all agree; return every rank's payload
         (``int64 [W, payload_width]`` on the host) when one is given, else None."""
+        return self.start(kind, step, fields, timeout_s, device, payload).wait()
+
+    def start(self, kind: int, step: int, fields: dict[str, str], timeout_s: float, device: torch.device,
+              payload: torch.Tensor | None = None) -> "PendingCheck":
+        """``check`` with its all-gather started and not yet read: ``wait()`` compares the
+        envelopes (raising like ``check``) and returns the payloads. Work that does not depend on
+        the other ranks runs in between (the exact dispatch's local rows). A layer's very first
+        check still compares its envelope before returning."""
         ep, width = self.ep, self.payload_width
         if payload is not None and payload.shape != (width,):
             raise ValueError(f"agreement payload of shape {tuple(payload.shape)}, the layer's is ({width},)")
         if ep.size == 1:
-            return payload.to(torch.int64).cpu().numpy()[None] if payload is not None else None
+            return PendingCheck(payload.to(torch.int64).cpu().numpy()[None] if payload is not None else None)
         if not self.agreed:
             check_envelope(ep, kind, step, fields, timeout_s, device)
             self.agreed = True
             if payload is None:
-                return None
-            return all_gather_ints(ep, payload.to(torch.int64), timeout_s, _KINDS[kind]).cpu().numpy()
+                return PendingCheck(None)
+            return PendingCheck(start_all_gather_ints(ep, payload.to(torch.int64), timeout_s, _KINDS[kind]))
         envelope = torch.tensor([kind, step, digest(fields)], dtype=torch.int64).to(device)
         body = payload.to(torch.int64) if payload is not None else torch.zeros(width, dtype=torch.int64, device=device)
-        everyone = all_gather_ints(ep, torch.cat([envelope, body]), timeout_s, _KINDS[kind]).cpu().numpy()
+        gathered = start_all_gather_ints(ep, torch.cat([envelope, body]), timeout_s, _KINDS[kind])
+        return PendingCheck(gathered, (ep, kind, step, fields), payload is not None)
+
+
+class PendingCheck:
+    """An agreement check in flight (``LayerAgreement.start``); ``wait()`` finishes it."""
+
+    def __init__(self, gathered, envelope_of=None, has_payload: bool = True):
+        self._gathered, self._envelope_of, self._has_payload = gathered, envelope_of, has_payload
+
+    def wait(self):
+        gathered = self._gathered
+        if gathered is None or isinstance(gathered, np.ndarray):
+            return gathered
+        everyone = gathered.wait()
+        if self._envelope_of is None:
+            return everyone
+        ep, kind, step, fields = self._envelope_of
         _raise_unless_equal(ep, everyone[:, :3], kind, step, fields)
-        return everyone[:, 3:] if payload is not None else None
+        return everyone[:, 3:] if self._has_payload else None
+
+
+class PendingInts:
+    """An int64 all-gather in flight; ``wait()`` gives ``[W, n]`` on the host. On CUDA the wait
+    and the host copy run on a side stream, so the host waits for the collective only, not for
+    kernels queued after it was started."""
+
+    def __init__(self, work, parts: list[torch.Tensor], timeout_s: float, what: str):
+        self._work, self._parts, self._timeout_s, self._what = work, parts, timeout_s, what
+
+    def wait(self) -> np.ndarray:
+        device = self._parts[0].device
+        side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+        with side:
+            wait(self._work, self._timeout_s, self._what)
+            return torch.stack(self._parts).cpu().numpy()
+
+
+def start_all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> PendingInts:
+    """``all_gather_ints`` started asynchronously."""
+    parts = [torch.empty_like(mine) for _ in range(ep.size)]
+    return PendingInts(dist.all_gather(parts, mine, group=ep.group, async_op=True), parts, timeout_s, what)
 
 
 def all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:

@@ -142,11 +142,22 @@ class Exchanger:
 
 def index_from_ranges(start_P: np.ndarray, len_P: np.ndarray, device: torch.device) -> torch.Tensor:
     """Concatenated ``arange(start, start + len)`` over pieces, built on ``device`` (one copy)."""
+    return _ranges(start_P, len_P, device, with_offsets=False)[0]
+
+
+def ranges_and_offsets(start_P: np.ndarray, len_P: np.ndarray, device: torch.device):
+    """``index_from_ranges`` and the int32 cumulative lengths (grouped-GEMM offsets), one copy."""
+    return _ranges(start_P, len_P, device, with_offsets=True)
+
+
+def _ranges(start_P, len_P, device, with_offsets: bool):
     start_P, len_P = np.asarray(start_P, dtype=np.int64), np.asarray(len_P, dtype=np.int64)
     total = int(len_P.sum())
-    shift_P = start_P - (np.cumsum(len_P) - len_P)
-    host = torch.from_numpy(np.stack([shift_P, len_P])).to(device)
-    return torch.repeat_interleave(host[0], host[1], output_size=total) + torch.arange(total, device=device)
+    end_P = np.cumsum(len_P)
+    parts = [start_P - (end_P - len_P), len_P] + ([end_P] if with_offsets else [])
+    host = torch.from_numpy(np.stack(parts)).to(device)
+    index = torch.repeat_interleave(host[0], host[1], output_size=total) + torch.arange(total, device=device)
+    return index, (host[2].to(torch.int32) if with_offsets else None)
 
 
 def _transpose_blocks(rows: torch.Tensor, len_AB: np.ndarray) -> torch.Tensor:

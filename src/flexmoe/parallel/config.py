@@ -60,6 +60,14 @@ class ParallelConfig:
         symmetric-memory ``all_to_all_vdev`` with splits on the device (only used rows move;
         CUDA with NVSHMEM only, else the forward raises). "auto" (default): symmetric memory
         where available and not under ``torch.compile``, else "all_to_all".
+    local_first: the exact dispatch computes the rows of experts whose only replica is on this
+        rank (the local rows) before it reads the counts all-gather, so they overlap that wait;
+        only the other rows are exchanged. The price, when a rank has both local and exchanged
+        rows: two grouped GEMMs per direction instead of one, and at pipeline degree 1 either
+        the weight-gradient rows copied once into slot-major buffers (few rows; degree > 1
+        copies them anyway) or two weight-gradient GEMMs summed (many rows: one extra
+        full-size gradient). At world size 1 with every expert held once, the one-device FFN over the slots
+        runs instead. False: every row goes through the exchange, a token's own rank included.
     timeout_s: the longest a collective of this layer waits for the other ranks before raising
         ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
         bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).
@@ -75,6 +83,7 @@ class ParallelConfig:
     dispatch: Dispatch = "exact"
     rows_per_rank_pair: int | None = None
     bounded_transport: BoundedTransport = "auto"
+    local_first: bool = True
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -113,6 +122,8 @@ class ParallelConfig:
                 if getattr(self, name) != allowed:
                     raise ValueError(f"ParallelConfig.{name}={getattr(self, name)!r} is not supported with "
                                      f"dispatch='bounded' (use {allowed!r})")
+        if not isinstance(self.local_first, bool):
+            raise ValueError(f"ParallelConfig.local_first must be a bool, got {self.local_first!r}")
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f"ParallelConfig.timeout_s must be a finite number > 0, got {timeout!r}")

@@ -2,12 +2,14 @@
 
 Legend: W ranks, E logical experts, S slots per rank, D width, T local tokens.
 ``MoELayer(config, ep_group=...)`` builds one as its ``experts``; the layer's forward hands it
-the local tokens and their dispatch plan (``run``). Per forward: one all-gather of the agreement
-envelope (agreement.py) with the per-expert counts behind it, the host layout (which replica takes
-which row), one all-gather of the (token, rank) pair counts (dispatch.py; it rides with the
-counts when every expert's replicas sit on one rank and the pipeline degree is 1), then the
-pipelined stage (stage.py). At world size 1 with every expert in its own slot the stage is the
-one-device expert FFN: no packing, regrouping or exchange.
+the local tokens and their dispatch plan (``run``). Per exact forward: the all-gather of the
+agreement envelope (agreement.py) with the per-expert counts behind it is started; the local rows
+(experts whose only replica is here; dispatch.py) are computed while it travels; then it is read,
+the host lays out the split (which replica takes which row), one all-gather of the (token, rank)
+pair counts follows (it rides with the counts when every expert's replicas sit on one rank and
+the pipeline degree is 1), then the pipelined stage of the other rows (stage.py). At world size
+1 with every expert in exactly one slot the stage is the one-device expert FFN over the slots:
+no packing, exchange or host synchronisation.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from .symmetric import SymmetricTransport, symmetric_all_to_all_available
 from .checkpoint import logical_rows, slot_rows
 from .comm import Exchanger
 from .config import MEMORY_STRATEGIES, ParallelConfig
-from .dispatch import ExchangeStats, known_counts, pairs_per_rank, route_pairs, row_replicas
+from .dispatch import (
+    ExchangeStats,
+    LocalRows,
+    known_counts,
+    local_rows,
+    local_slots,
+    pairs_per_rank,
+    regroup_by_slot,
+    route_pairs,
+    row_replicas,
+)
 from .groups import EPGroup
 from .stage import StageRun, StageTimer, dispatch_packer, run_stage
 from .tuning import (
@@ -116,9 +128,10 @@ class ParallelExperts(GroupedExperts):
         self._symmetric: SymmetricTransport | None = None
         self.forward_steps = 0
         # The forward's all-gather: envelope, header, counts per expert (or per global slot, for
-        # slot-keyed plans of device-limited routing: the wider of the two, zero-padded), pairs per rank.
+        # slot-keyed plans of device-limited routing: the wider of the two, zero-padded), pairs per
+        # rank, pairs to the sender itself.
         self._count_width = max(config.num_experts, self.placement.world_size * self.placement.slots_per_rank)
-        self.agreement = LayerAgreement(ep, len(_HEADER) + self._count_width + ep.size)
+        self.agreement = LayerAgreement(ep, len(_HEADER) + self._count_width + ep.size + 1)
         self._set_replica_tables()
         self._row_bytes: dict[tuple, RowBytes] = {}
         self._rates: tuple[float, float] | None = None
@@ -145,6 +158,13 @@ class ParallelExperts(GroupedExperts):
         counts on the host); the bounded dispatch and the one-device path are captured."""
         if self._is_one_device:
             self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
+            return GroupedExperts.run(self, x_TD, plan, use_triton)
+        if self._slots_are_experts and self.parallel.local_first and self.parallel.dispatch == "exact":
+            # World size 1, every expert held once: every row is a local row, and the one-device
+            # FFN over the slots computes them (the plan regrouped by slot on the device).
+            self.last_counts_WE = self.last_pipeline_degree = self.memory_report = self.last_exchange = None
+            if not _is_slot_keyed(plan, self.config):
+                plan = regroup_by_slot(plan, self.expert_slot_E, self.placement.slots_per_rank)
             return GroupedExperts.run(self, x_TD, plan, use_triton)
         if self.parallel.dispatch == "bounded":
             return self._run_bounded(x_TD, plan, use_triton)
@@ -192,10 +212,17 @@ class ParallelExperts(GroupedExperts):
 
     @torch.compiler.disable
     def _run_exact(self, x_TD: torch.Tensor, plan: DispatchPlan, use_triton: bool) -> torch.Tensor:
+        """The exact dispatch, local rows first: the counts all-gather is started, the local rows
+        (``dispatch.local_rows``) are computed, and only then is it read (``_resolve``) and the
+        other rows exchanged."""
         experts, placement, par = self, self.placement, self.parallel
         slot_keyed = _is_slot_keyed(plan, self.config)
+        local_slot_E = self._local_slot_E
         if slot_keyed:  # rows grouped by slot: each slot is its own expert for the dispatcher
             placement = slot_table(placement)
+            local_slot_E = local_slots(placement, self.rank)
+        if not par.local_first:
+            local_slot_E = np.full_like(local_slot_E, -1)
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_TD.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
@@ -208,14 +235,75 @@ class ParallelExperts(GroupedExperts):
         # Static-like tables (each expert on one rank) at degree 1: the pair counts travel with
         # the counts, in one all-gather; otherwise they need the split, and a second one.
         # (A slot-keyed plan's "experts" are slots, each on one rank.)
-        one_exchange = par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
-        rank_E = self.expert_rank_E
-        if slot_keyed:
-            rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
-        pairs_W = pairs_per_rank(rank_E, plan.offsets_E, plan.pair_row_TK, self.size) if one_exchange else None
-        header_WH, counts_WE, pairs_WW = self._agree_and_gather_counts(fields, plan.counts_E, x_TD,
-                                                                       plan.pair_row_TK.shape[0], pairs_W)
+        # (World size 1 has no all-gather to ride on: the pair counts are read when needed.)
+        one_exchange = self.size > 1 and par.pipeline_degree == 1 and (slot_keyed or self._experts_on_one_rank)
+        pairs_W = own_pairs = None
+        if one_exchange:
+            rank_E, exchanged_rank_E = self.expert_rank_E, self._exchanged_rank_on(x_TD.device)
+            if slot_keyed:
+                rank_E = torch.arange(plan.counts_E.shape[0], device=x_TD.device) // placement.slots_per_rank
+                exchanged_rank_E = torch.where(rank_E == self.rank, -1, rank_E)
+            if not par.local_first:
+                exchanged_rank_E = rank_E
+            pairs_W = pairs_per_rank(exchanged_rank_E, plan.offsets_E, plan.pair_row_TK, self.size)
+            own_pairs = pairs_per_rank(rank_E, plan.offsets_E, plan.pair_row_TK, self.size)[self.rank]
+        pending = self._start_counts(fields, plan.counts_E, x_TD, plan.pair_row_TK.shape[0], pairs_W, own_pairs)
+        # This rank's own counts: a wait for the device, no communication (the other ranks'
+        # counts are in flight meanwhile).
+        if par.local_first:
+            counts_E = plan.counts_E.cpu().numpy()
+            pending.host_counts_E = counts_E  # world size 1: nothing more to read
+            local = local_rows(local_slot_E, counts_E, plan.row_token_N, placement.slots_per_rank)
+        else:
+            local = LocalRows.none(placement.slots_per_rank, x_TD.device)
+        step = self.forward_steps
+        forward = {}
 
+        def resolve():
+            route, strategy = self._resolve(pending, forward, placement, plan, local, slot_keyed, profile,
+                                            row_bytes, build_graph, one_exchange, x_TD.device)
+            if forward["trial"]:
+                forward["start"] = _synchronized_time(x_TD.device)
+            return route, strategy
+
+        run = StageRun(
+            local=local,
+            resolve=resolve,
+            exchanger=self.exchanger,
+            experts=experts,
+            use_triton=use_triton,
+            strategy=None if par.memory == "auto" else par.memory,
+            build_graph=build_graph,
+            pair_row_TK=plan.pair_row_TK,
+            row_pair_N=plan.row_pair_N,
+            before_backward=lambda: self.agreement.check(BACKWARD, step, fields, par.timeout_s, x_TD.device),
+            timer=StageTimer() if profile else None,
+        )
+        y_TD = run_stage(x_TD, weight_N, experts, run)
+        if forward["trial"]:
+            self.tuner.record(forward["level"], forward["degree"], _synchronized_time(x_TD.device) - forward["start"])
+        if profile:
+            timer = run.timer
+            per_row = timer.expert_s / timer.expert_rows if timer.expert_rows else -1.0
+            bandwidth = timer.dispatch_bytes / timer.dispatch_s if timer.dispatch_bytes and timer.dispatch_s > 0 else -1.0
+            self._rates = (per_row, bandwidth)
+        packer = dispatch_packer(x_TD.dtype, x_TD.shape[1], weight_N.dtype, plan.pair_row_TK.shape[1])
+        own = None
+        if run.route is None:  # world size 1, every row local: the tokens with a kept row
+            own = (plan.pair_row_TK >= 0).any(dim=1).sum()
+        self.last_exchange = ExchangeStats.of(run.route, local, packer.row_bytes, x_TD.shape[1] * x_TD.dtype.itemsize,
+                                              own)
+        return y_TD
+
+    def _resolve(self, pending, forward: dict, placement: PlacementTable, plan: DispatchPlan, local,
+                 slot_keyed: bool, profile: bool, row_bytes: RowBytes, build_graph: bool, one_exchange: bool,
+                 device: torch.device):
+        """Wait for every rank's counts and lay out the exchanged rows: the route (None when
+        none are exchanged anywhere, world size 1 only) and the memory strategy. Fills
+        ``forward`` with the pipeline degree and whether this forward is a tuner trial."""
+        par = self.parallel
+        header_WH, counts_WE, pairs_WW, own_W = pending.wait()
+        counts_E = counts_WE[self.rank]
         self.tuner.absorb(header_WH[:, [_COLUMN["trial level"], _COLUMN["trial degree"], _COLUMN["trial ns"]]])
         self._absorb_rates(header_WH)
         level = PipelineTuner.level(counts_WE)
@@ -225,43 +313,26 @@ class ParallelExperts(GroupedExperts):
             degree, trial = self.tuner.choose(level)
         else:
             degree, trial = par.pipeline_degree, False
+        forward.update(level=level, degree=degree, trial=trial)
         send_WWS = split_tokens(placement, counts_WE)
-        row_replica_N = row_replicas(placement, send_WWS, counts_WE[self.rank], self.rank, plan.num_rows, x_TD.device)
-        route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank)
-        if pairs_WW is not None:
-            route.finish(known_counts(pairs_WW, send_WWS))
-        else:
-            route.finish(self._all_gather(route.counts_nWC.reshape(-1), "the pair counts of an EP layer's forward")
-                         .reshape((self.size,) + tuple(route.counts_nWC.shape)))
         strategy, report = self._memory_strategy(send_WWS.sum(axis=(0, 2)), header_WH, row_bytes, build_graph)
-        step = self.forward_steps
-        run = StageRun(
-            route=route,
-            exchanger=self.exchanger,
-            experts=experts,
-            use_triton=use_triton,
-            strategy=strategy,
-            build_graph=build_graph,
-            pair_row_TK=plan.pair_row_TK,
-            row_pair_N=plan.row_pair_N,
-            before_backward=lambda: self.agreement.check(BACKWARD, step, fields, par.timeout_s, x_TD.device),
-            timer=StageTimer() if profile else None,
-        )
-        start = _synchronized_time(x_TD.device) if trial else 0.0
-        y_TD = run_stage(x_TD, weight_N, experts, run)
-        if trial:
-            self.tuner.record(level, degree, _synchronized_time(x_TD.device) - start)
-        if profile:
-            timer = run.timer
-            per_row = timer.expert_s / timer.expert_rows if timer.expert_rows else -1.0
-            bandwidth = timer.dispatch_bytes / timer.dispatch_s if timer.dispatch_bytes and timer.dispatch_s > 0 else -1.0
-            self._rates = (per_row, bandwidth)
-        packer = dispatch_packer(x_TD.dtype, x_TD.shape[1], weight_N.dtype, plan.pair_row_TK.shape[1])
-        self.last_exchange = ExchangeStats.of(route, packer.row_bytes, x_TD.shape[1] * x_TD.dtype.itemsize)
         self.last_counts_WE = logical_counts(self.placement, counts_WE) if slot_keyed else counts_WE
         self.last_pipeline_degree = degree
         self.memory_report = report
-        return y_TD
+        if self.size == 1 and local.count == int(counts_E.sum()):
+            return None, strategy
+        row_replica_N = row_replicas(placement, send_WWS, counts_E, self.rank, plan.num_rows, device)
+        route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank,
+                            local.mask_N(plan.num_rows) if local.count else None)
+        if pairs_WW is not None:
+            exchanged_WWS = exchanged_split(placement, send_WWS, counts_WE) if par.local_first else send_WWS
+            route.finish(known_counts(pairs_WW, exchanged_WWS), own_W[self.rank])
+        else:
+            shape = (self.size,) + tuple(route.counts_nWC.shape)
+            everyone = self._all_gather(torch.cat([route.counts_nWC.reshape(-1), route.own_pairs_dev.view(1)]),
+                                        "the pair counts of an EP layer's forward")
+            route.finish(everyone[:, :-1].reshape(shape), everyone[self.rank, -1])
+        return route, strategy
 
     # ------------------------------------------------------------------------------------------
 
@@ -274,7 +345,9 @@ class ParallelExperts(GroupedExperts):
 
     def _set_replica_tables(self) -> None:
         """The table's replicas as device buffers (not in state_dict): for the bounded dispatch,
-        and the rank of every expert whose replicas all sit on one rank (-1 otherwise)."""
+        the rank of every expert whose replicas all sit on one rank (-1 otherwise), and its slot
+        when every expert has one (world size 1); and, for this rank only (not buffers), the
+        local slot of every expert and the expert ranks without the local experts."""
         ids_EQ, fraction_EQ = replica_tables(self.placement)
         device = self.gate_up_proj.device
         rank_E = np.full(self.placement.num_experts, -1, dtype=np.int64)
@@ -282,9 +355,23 @@ class ParallelExperts(GroupedExperts):
             ranks = {r for r, _, _ in self.placement.replicas(e)}
             rank_E[e] = ranks.pop() if len(ranks) == 1 else -1
         self._experts_on_one_rank = bool((rank_E >= 0).all())
+        # World size 1 with every expert in exactly one slot: the one-device FFN over the slots.
+        self._slots_are_experts = self.size == 1 and bool((self.placement.num_replicas_E() == 1).all())
+        self.register_buffer("expert_slot_E", torch.from_numpy(np.maximum(local_slots(self.placement, 0), 0)).to(device),
+                             persistent=False)
+        self._local_slot_E = local_slots(self.placement, self.rank)
         self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
+        # Rank-specific, so not a buffer (DDP broadcasts buffers from rank 0): one copy per device.
+        self._exchanged_rank_E = {"host": torch.from_numpy(np.where(self._local_slot_E >= 0, -1, rank_E))}
         self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
         self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
+
+    def _exchanged_rank_on(self, device: torch.device) -> torch.Tensor:
+        """``expert_rank_E`` with this rank's local experts at -1 (their rows enter no pair)."""
+        key = str(device)
+        if key not in self._exchanged_rank_E:
+            self._exchanged_rank_E[key] = self._exchanged_rank_E["host"].to(device)
+        return self._exchanged_rank_E[key]
 
     @property
     def _is_one_device(self) -> bool:
@@ -358,10 +445,11 @@ class ParallelExperts(GroupedExperts):
             return mine.cpu().numpy()[None]
         return all_gather_ints(self.ep_group, mine, self.parallel.timeout_s, what).cpu().numpy()
 
-    def _agree_and_gather_counts(self, fields, counts_E, x_TD, tokens, pairs_W=None):
-        """The forward's agreement check, and with it (one all-gather) every rank's header
-        (numbers for the online choices), counts per logical expert, and pair counts per
-        destination rank when given (else None)."""
+    def _start_counts(self, fields, counts_E, x_TD, tokens, pairs_W=None, own_pairs=None):
+        """Start the forward's agreement check, and with it (one all-gather) every rank's header
+        (numbers for the online choices), counts per logical expert, and, when given, pair
+        counts per destination rank and the pairs to this rank. ``wait()`` on the result gives
+        ``(header_WH, counts_WE, pairs_WW, own_W)`` (the last two None when not given)."""
         par = self.parallel
         budget = -1
         if par.memory == "auto":
@@ -376,18 +464,21 @@ class ParallelExperts(GroupedExperts):
             int(bandwidth) if bandwidth >= 0 else -1,
             *self.tuner.shared_row(),
         ]
+        if self.size == 1:  # nothing to gather or check: the host values, once the counts are read
+            return _SplitCounts(None, len(_HEADER), counts_E.shape[0], self._count_width, 1, False,
+                                np.array([header], dtype=np.int64), counts_E)
+        device = counts_E.device
         with_pairs = pairs_W is not None
         if not with_pairs:
-            pairs_W = torch.zeros(self.size, dtype=torch.int64, device=counts_E.device)
+            pairs_W = torch.zeros(self.size, dtype=torch.int64, device=device)
+            own_pairs = torch.zeros((), dtype=torch.int64, device=device)
         E, C = counts_E.shape[0], self._count_width
-        padded_C = torch.zeros(C, dtype=torch.int64, device=counts_E.device)
+        padded_C = torch.zeros(C, dtype=torch.int64, device=device)
         padded_C[:E] = counts_E.to(torch.int64)
-        payload = torch.cat([torch.tensor(header, dtype=torch.int64).to(counts_E.device), padded_C,
-                             pairs_W.to(torch.int64)])
-        everyone = self.agreement.check(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device, payload)
-        H = len(_HEADER)
-        pairs_WW = everyone[:, H + C:] if with_pairs else None
-        return everyone[:, :H], everyone[:, H:H + E], pairs_WW
+        payload = torch.cat([torch.tensor(header, dtype=torch.int64).to(device), padded_C,
+                             pairs_W.to(torch.int64), own_pairs.to(torch.int64).view(1)])
+        pending = self.agreement.start(FORWARD, self.forward_steps, fields, par.timeout_s, x_TD.device, payload)
+        return _SplitCounts(pending, len(_HEADER), E, C, self.size, with_pairs)
 
     def _absorb_rates(self, header_WH: np.ndarray) -> None:
         """Slowest recompute and slowest link over the ranks that measured them (a rank without
@@ -415,6 +506,37 @@ class ParallelExperts(GroupedExperts):
         kept = mine[strategy] if build_graph else 0
         report = MemoryReport(strategy, kept, (mine["keep"] if build_graph else 0) - kept, mine)
         return strategy, report
+
+
+class _SplitCounts:
+    """The forward's counts all-gather in flight; ``wait()`` splits what every rank sent."""
+
+    def __init__(self, pending, H: int, E: int, C: int, W: int, with_pairs: bool, header_1H: np.ndarray | None = None,
+                 counts_E: torch.Tensor | None = None):
+        self.pending, self.H, self.E, self.C, self.W, self.with_pairs = pending, H, E, C, W, with_pairs
+        self.header_1H, self.counts_E = header_1H, counts_E  # world size 1: the header and the device counts
+        self.host_counts_E: np.ndarray | None = None  # world size 1: the counts when already read
+
+    def wait(self):
+        if self.pending is None:
+            counts_E = self.host_counts_E if self.host_counts_E is not None else self.counts_E.cpu().numpy()
+            return self.header_1H, counts_E[None], None, None
+        everyone = self.pending.wait()
+        H, E, C, W = self.H, self.E, self.C, self.W
+        if not self.with_pairs:
+            return everyone[:, :H], everyone[:, H:H + E], None, None
+        return everyone[:, :H], everyone[:, H:H + E], everyone[:, H + C:H + C + W], everyone[:, H + C + W]
+
+
+def exchanged_split(table: PlacementTable, send_WWS: np.ndarray, counts_WE: np.ndarray) -> np.ndarray:
+    """``send_WWS`` without the local rows: what each source sends each replica through the
+    exchange (a source's rows for an expert whose only replica it holds stay out)."""
+    out = send_WWS.copy()
+    for q in range(table.world_size):
+        slot_E = local_slots(table, q)
+        held_E = np.nonzero(slot_E >= 0)[0]
+        out[q, q, slot_E[held_E]] -= counts_WE[q, held_E]
+    return out
 
 
 def _is_slot_keyed(plan: DispatchPlan, config: MoEConfig) -> bool:
