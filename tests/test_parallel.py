@@ -421,6 +421,31 @@ def test_local_and_exchanged_weight_gradients_are_summed_when_rows_outnumber_wei
                                                           (exchanged, 8, 6)])
 
 
+def test_pipeline_tuner_trial_of_a_training_forward_counts_its_backward(monkeypatch):
+    """pipeline_degree="auto": a trial's time (what picks the degree) is the stage's forward plus
+    its backward, recorded when the backward ends (it used to be the forward alone). A fake
+    clock ticking 1 s per reading: forward 1 s + backward 1 s."""
+    import flexmoe.parallel.expert_parallel as ep_module
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(ep_module, "_synchronized_time", lambda device: float(next(ticks)))
+    cfg = _config(num_experts=4)
+    table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
+    torch.manual_seed(0)
+    ep = MoELayer(cfg, placement=table, parallel=ParallelConfig(pipeline_degree="auto")).double()
+    ep.experts._rates = (1e-9, 1e9)  # skip the profiling forward
+    x = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    y = ep(x)
+    tuner = ep.experts.tuner
+    assert tuner._pending is None, "nothing recorded before the backward"
+    y.pow(2).sum().backward()
+    level, degree, ns = tuner._pending
+    assert degree == ep.experts.last_pipeline_degree and ns == 2_000_000_000
+    with torch.no_grad():  # a forward without a graph: timed alone, at once
+        ep(x)
+    assert tuner._pending is not None and tuner._pending[2] == 1_000_000_000
+
+
 def test_local_layer_with_one_chunk_is_bitwise_the_one_device_layer():
     cfg = _config()
     torch.manual_seed(3)

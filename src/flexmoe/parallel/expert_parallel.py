@@ -49,6 +49,7 @@ from .tuning import (
     MemoryReport,
     PipelineTuner,
     RowBytes,
+    TrainingTrialClock,
     choose_memory_strategy,
     free_memory_bytes,
     kept_bytes,
@@ -279,9 +280,22 @@ class ParallelExperts(GroupedExperts):
             before_backward=lambda: self.agreement.check(BACKWARD, step, fields, par.timeout_s, x_TD.device),
             timer=StageTimer() if profile else None,
         )
-        y_TD = run_stage(x_TD, weight_N, experts, run)
+        # A tuner trial of a training forward is timed over the stage's forward and its backward
+        # (which the degree changes too); whether this forward is a trial is known only once the
+        # counts are read, so the inputs are routed through the clock whenever one may be.
+        clock = weights = None
+        x_in, weight_in = x_TD, weight_N
+        if par.pipeline_degree == "auto" and build_graph:
+            clock = TrainingTrialClock(lambda: _synchronized_time(x_TD.device),
+                                       lambda seconds: self.tuner.record(forward["level"], forward["degree"], seconds))
+            x_in, weight_in, *weights = clock.wrap_inputs(x_TD, weight_N, experts.gate_up_proj, experts.down_proj)
+        y_TD = run_stage(x_in, weight_in, experts, run, weights)
         if forward["trial"]:
-            self.tuner.record(forward["level"], forward["degree"], _synchronized_time(x_TD.device) - forward["start"])
+            elapsed = _synchronized_time(x_TD.device) - forward["start"]
+            if clock is not None:
+                y_TD = clock.wrap_output(y_TD, elapsed)
+            else:
+                self.tuner.record(forward["level"], forward["degree"], elapsed)
         if profile:
             timer = run.timer
             per_row = timer.expert_s / timer.expert_rows if timer.expert_rows else -1.0

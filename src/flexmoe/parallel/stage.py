@@ -92,10 +92,12 @@ class StageRun:
     route: PairRoute | None = None
 
 
-def run_stage(x_TD, weight_N, experts: GroupedExperts, run: StageRun) -> torch.Tensor:
+def run_stage(x_TD, weight_N, experts: GroupedExperts, run: StageRun, weights=None) -> torch.Tensor:
     """``y[t] = sum_k weight[t, k] * FFN_{e(t, k)}(x[t])`` for the local tokens ``x_TD``, computed by
-    the replicas that hold the experts anywhere in the group (``weight_N`` per grouped row)."""
-    return _ExpertParallelStage.apply(x_TD, weight_N, experts.gate_up_proj, experts.down_proj, run)
+    the replicas that hold the experts anywhere in the group (``weight_N`` per grouped row).
+    ``weights``: (gate_up, down) in place of the experts' own (identities of them: a trial clock)."""
+    gate_up, down = weights if weights is not None else (experts.gate_up_proj, experts.down_proj)
+    return _ExpertParallelStage.apply(x_TD, weight_N, gate_up, down, run)
 
 
 def dispatch_packer(x_dtype: torch.dtype, width: int, weight_dtype: torch.dtype, top_k: int) -> RowPacker:
