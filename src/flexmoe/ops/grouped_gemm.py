@@ -126,7 +126,9 @@ class _RecordWgradRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_NO):
         (x_NI,) = ctx.saved_tensors
-        ctx.holder.rows[ctx.index] = (x_NI, grad_NO)
+        # Detached: x_NI's own graph leads back to this node, whose context holds the holder, a
+        # cycle through autograd's C++ nodes that Python's collector cannot free (a leak per step).
+        ctx.holder.rows[ctx.index] = (x_NI.detach(), grad_NO)
         return grad_NO, None, None, None
 
 

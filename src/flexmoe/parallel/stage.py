@@ -350,14 +350,15 @@ class _WeightGrads:
         self.pairs: list = [None, None]
 
     def add(self, chunk: int, wgrad_rows: WgradRows) -> None:
+        rows, wgrad_rows.rows = wgrad_rows.rows, [None] * len(wgrad_rows.rows)  # taken: the holder keeps none
         if self.summed:
-            self.parts.append((self.offsets_n[chunk], list(wgrad_rows.rows)))
+            self.parts.append((self.offsets_n[chunk], rows))
             return
         if self.direct:
-            self.pairs = list(wgrad_rows.rows)
+            self.pairs = rows
             return
         index = index_from_ranges(self.start_nS[chunk], self.rows_nS[chunk], self.device)
-        for i, (x_RI, grad_RO) in enumerate(wgrad_rows.rows):
+        for i, (x_RI, grad_RO) in enumerate(rows):
             if self.pairs[i] is None:
                 self.pairs[i] = (x_RI.new_empty((self.total, x_RI.shape[1])),
                                  grad_RO.new_empty((self.total, grad_RO.shape[1])))
