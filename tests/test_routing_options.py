@@ -263,6 +263,30 @@ def test_hf_pooled_aux_loss_matches_transformers():
     assert all(layer.aux_loss.item() == 0.0 for layer in flexmoe.moe_layers(model))
 
 
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_add_expert_bias_matches_indexing_and_its_gradients(with_scale):
+    """The expert-bias op against plain indexing in float64 (forward, and gradcheck of every
+    input), with an empty expert, an expert holding one row and the rest on one expert; and its
+    bf16 bias gradient summed in float32 (within bf16 rounding of the float64 sum)."""
+    from flexmoe.ops.expert_bias import add_expert_bias
+
+    rng = torch.Generator().manual_seed(5)
+    row_expert = torch.tensor([0, 2, 2, 2, 2, 2, 3])  # expert 1 empty, expert 0 one row
+    h = torch.randn(7, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    scale = torch.rand(7, dtype=torch.float64, generator=rng, requires_grad=True) if with_scale else None
+    want = h + bias[row_expert] * (scale.unsqueeze(-1) if with_scale else 1)
+    torch.testing.assert_close(add_expert_bias(h, bias, row_expert, scale), want, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda a, b, s: add_expert_bias(a, b, row_expert, s),
+                                    (h, bias, scale) if with_scale else (h, bias, None))
+    big = torch.zeros(4096, dtype=torch.long)
+    g = torch.rand(4096, 3, dtype=torch.float64, generator=rng)
+    b16 = torch.zeros(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    add_expert_bias(torch.zeros(4096, 3, dtype=torch.bfloat16), b16, big).backward(g.to(torch.bfloat16))
+    torch.testing.assert_close(b16.grad[0].double(), g.to(torch.bfloat16).double().sum(0), rtol=1e-2, atol=0)
+    assert b16.grad[1].abs().max() == 0
+
+
 def test_expert_biases_and_clamped_swiglu():
     torch.manual_seed(13)
     cfg = flexmoe.MoEConfig(d_model=8, d_ff=5, num_experts=5, top_k=2, activation="swiglu_clamped", swiglu_limit=0.4,

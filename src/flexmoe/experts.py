@@ -16,6 +16,7 @@ from .config import MoEConfig
 from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.activation import clamped_swiglu
 from .ops._backend import fused_path
+from .ops.expert_bias import add_expert_bias
 from .ops.fused_experts import fused_expert_ffn
 from .ops.grouped_gemm import WgradRows, record_wgrad_rows
 
@@ -80,7 +81,7 @@ class GroupedExperts(nn.Module):
             # Expert biases: row r belongs to the group whose offset first exceeds r.
             row_N = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offsets_E.dtype)
             row_expert_N = torch.searchsorted(offsets_E, row_N, right=True).clamp(max=self.num_experts - 1)
-            h_NH = h_NH + self.gate_up_proj_bias.to(h_NH.dtype)[row_expert_N]
+            h_NH = add_expert_bias(h_NH, self.gate_up_proj_bias, row_expert_N)
         a_NF = scaled_activation(h_NH, scale_N, offsets_E[-1:], cfg.activation, use_triton,
                                  cfg.swiglu_alpha, cfg.swiglu_limit)
         y_ND = grouped_mm(a_NF, self.down_proj.to(x_ND.dtype), offsets_E, per_expert)
@@ -88,9 +89,9 @@ class GroupedExperts(nn.Module):
             y_ND = record_wgrad_rows(y_ND, a_NF, wgrad_rows, 1)
         if self.gate_up_proj_bias is None:
             return y_ND
-        bias_ND = self.down_proj_bias.to(y_ND.dtype)[row_expert_N] * scale_N.to(y_ND.dtype).unsqueeze(-1)
+        y_ND = add_expert_bias(y_ND, self.down_proj_bias, row_expert_N, scale_N)
         valid_N1 = (row_N < offsets_E[-1:]).unsqueeze(-1)
-        return torch.where(valid_N1, y_ND + bias_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
+        return torch.where(valid_N1, y_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan, grouped_backward: bool = False) -> torch.Tensor:
         """The whole expert stage in fused Triton kernels (``kernels="fused"``), token order in and out:
