@@ -532,3 +532,23 @@ def test_bias_update_without_loads_keeps_the_bias(router):
     router_.update_bias()
     assert router_.expert_bias.tolist() == [0.25, 0.0, 0.0, 1.0]
     assert router_.pending_load_E.tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("score_experts", [1, 2, 3])
+def test_contiguous_groups_fast_path_is_the_general_map(score_experts):
+    """Config groups (consecutive blocks) take views and max reductions instead of the general
+    member map's gather, top-k and scatter: bitwise the same masks, with ties, -inf entries and
+    a group left with one finite score."""
+    from flexmoe.routing.limits import GroupMap, limit_to_groups
+
+    rng = torch.Generator().manual_seed(score_experts)
+    select = torch.randn(64, 32, generator=rng).round(decimals=1)  # ties
+    select[torch.rand(64, 32, generator=rng) < 0.3] = float("-inf")
+    select[0, 4:8] = float("-inf")
+    select[1, 8:12] = torch.tensor([float("-inf")] * 3 + [0.5])
+    fast = GroupMap.contiguous(32, 8)
+    general = GroupMap(fast.member_GM, 32, blocks=False)
+    assert fast.blocks
+    for top in (1, 3, 7):
+        assert torch.equal(limit_to_groups(select, fast, top, score_experts),
+                           limit_to_groups(select, general, top, score_experts))
