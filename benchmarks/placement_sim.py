@@ -11,6 +11,11 @@ SwiGLU), fp32 parameters and gradients, Adam state moved with each replica.
     python benchmarks/placement_sim.py --trace run/routing_trace.jsonl --world-size 8 --scale 16
     python benchmarks/placement_sim.py --sweep-predictors       # greedy under each predictor
     python benchmarks/placement_sim.py --tiny                   # seconds: a smoke check
+    python benchmarks/placement_sim.py --trace benchmarks/traces/gpu_small_e64_top4.jsonl.gz --steps 300
+
+With greedy among the planners, a row "greedy (perfect prediction)" replays it with each plan
+made on the true counts of the interval it is kept (guard off): its gap to the oracle is search
+and cadence, greedy's gap to it is prediction.
 
 A trace recorded by one process has one source rank: ``--world-size`` deals its tokens out to W
 ranks at random (``flexmoe.sim.simulator.split_ranks``: no source skew), and ``--scale K``
@@ -22,6 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import os
+import shutil
+import tempfile
 import time
 
 from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
@@ -49,6 +58,16 @@ def per_layer(results) -> str:
         xs = base / r.layer_time_TL.sum(0)
         lines.append(f"| {r.name} | " + " | ".join(f"{x:.3f}x" for x in xs) + f" | {xs.min():.3f}x |")
     return "\n".join(lines)
+
+
+def _plain(path: str) -> str:
+    """``path``, or for a ``.gz`` file a decompressed copy in the temporary directory."""
+    if not path.endswith(".gz"):
+        return path
+    out = os.path.join(tempfile.gettempdir(), os.path.basename(path)[:-3])
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return out
 
 
 def main() -> None:
@@ -82,7 +101,7 @@ def main() -> None:
           f"grad {cost.grad_bytes / 1e6:.1f} MB and move {cost.move_bytes / 1e6:.1f} MB per expert")
     t0 = time.perf_counter()
     if args.trace:
-        trace = read_trace(args.trace)
+        trace = read_trace(_plain(args.trace))
         trace = RoutingTrace(trace.counts_TLWE[: args.steps] * args.scale, trace.steps_T[: args.steps], trace.meta)
         what = (f"trace {args.trace} ({trace.world_size} recorded rank(s) -> {args.world_size}, counts x{args.scale})")
     else:
@@ -113,11 +132,19 @@ def main() -> None:
         return
     planners = [make_planner(n.strip()) for n in args.planners.split(",") if n.strip()]
     results = simulate(trace, planners, cost, world_size=W, slots_per_rank=S, policy=policy)
+    if any(p.name == "greedy" for p in planners):
+        results += simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S,
+                            policy=dataclasses.replace(policy, guard=False), perfect_prediction=True)
     print(head + f" ({time.perf_counter() - t0:.0f} s)")
     print(format_table(results))
     by = {r.name: r.time_T.mean() for r in results}
     if "greedy" in by and "oracle" in by and "static" in by:
         print(f"greedy: {by['static'] / by['greedy']:.3f}x static, {by['greedy'] / by['oracle'] - 1:+.1%} vs oracle")
+    perfect = by.get("greedy (perfect prediction)")
+    if perfect and "greedy" in by:
+        print(f"greedy vs greedy with perfect prediction (prediction error): {by['greedy'] / perfect - 1:+.1%}"
+              + (f"; perfect prediction vs oracle (search and cadence): {perfect / by['oracle'] - 1:+.1%}"
+                 if "oracle" in by else ""))
     if "static" in by:
         print("\nper layer, static time / planner time:")
         print(per_layer(results))
