@@ -247,3 +247,13 @@ def test_perfect_prediction_plans_on_the_steps_it_keeps_the_table():
     odd_phases = np.concatenate([np.arange(p * 10, p * 10 + 10) for p in range(1, 12, 2)])
     np.testing.assert_allclose(prophet.balance_TL[odd_phases], static.balance_TL[odd_phases])
     assert (prophet.balance_TL[10:] < 1.5).all()
+
+
+def test_default_policy_on_layers_without_tokens():
+    """A layer with no tokens at all (and one with a single token) under the default policy:
+    the holdout and track record have nothing to divide by; the planner keeps static EP's time."""
+    counts = np.zeros((25, 2, 2, 4), dtype=np.int64)
+    counts[:, 1, 0, 3] = 1
+    static = simulate_planner(make_planner("static"), counts, COST, 3)
+    greedy = simulate_planner(make_planner("greedy"), counts, COST, 3, ReplanPolicy(interval=4))
+    assert greedy.time_T.sum() <= static.time_T.sum() * (1 + 1e-12)

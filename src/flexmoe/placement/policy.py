@@ -250,7 +250,7 @@ class Replanner:
         keep = sum(cost.step_time(table, c_WE).total for c_WE in steps[half:])
         after = sum(cost.step_time(new, c_WE).total for c_WE in steps[half:])
         move = cost.move_time(table, new) * (len(steps) - half) / context.horizon
-        return (keep - after - move) / keep
+        return (keep - after - move) / keep if keep > 0 else None
 
     def _backtest(self, layer, table, new, used, cost, horizon) -> bool:
         """Would ``new`` have paid for its move over the steps since the last plan (per step true
@@ -277,7 +277,9 @@ class Replanner:
         if proposal is not None and self._recent:
             before = sum(cost.step_time(proposal.old, c_LWE[layer]).total for c_LWE in self._recent)
             after = sum(cost.step_time(proposal.new, c_LWE[layer]).total for c_LWE in self._recent)
-            self.track_L[layer] = (self.track_L[layer] + [(before - after - proposal.move_time) / before])[-self.policy.trust:]
+            if before > 0:
+                gain = (before - after - proposal.move_time) / before
+                self.track_L[layer] = (self.track_L[layer] + [gain])[-self.policy.trust:]
             self._proposals[layer] = None
         behind = self.spent_L[layer] > self.static_L[layer] * (1.0 + 1e-12) and not _same_slots(table, static)
         if behind:
