@@ -403,6 +403,11 @@ class GreedyPlanner(Planner):
     ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),
     and it moves at most ``context.max_move_bytes``. So the chosen table's score is never above
     the current table's step time. ``return_weight``: see ``_amortised``.
+
+    With ``context.window_NWE`` (recent observed steps), the candidates planned for the window's
+    mean counts join (``window_candidates``), and the choice is the largest mean gain over keeping
+    the table across the window whose gain less ``context.noise_z`` standard errors clears the
+    margin (``_pick_on_window``). Static EP never needs the hysteresis margin.
     """
 
     name = "greedy"

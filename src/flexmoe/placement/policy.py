@@ -24,6 +24,14 @@ true counts, through the cost model):
 - backtest: a change (the planner's, or the return to static) is made only if it would have paid
   for its move (amortised over the interval) on those same steps, had it been made a plan ago.
 
+Window (``score_window``): the last observed steps go to the planner (``PlanContext.window_NWE``),
+which scores its candidates by their mean over them and needs ``noise_z`` standard errors of gain.
+
+Trust (``trust``, with the guard), out of sample: every proposal of the planner, made or not, is
+replayed on the steps after it, and each plan also runs a holdout (plan from the first half of
+the window, replay on the second); a change other than the return to static EP is made only while
+the mean relative gain of the last ``trust`` of these results is > 0.
+
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
 what is left (a share-only update always fits).
