@@ -10,11 +10,12 @@ SwiGLU), fp32 parameters and gradients, Adam state moved with each replica.
     python benchmarks/placement_sim.py                          # synthetic drifting Zipf trace
     python benchmarks/placement_sim.py --trace run/routing_trace.jsonl --world-size 8 --scale 16
     python benchmarks/placement_sim.py --sweep-predictors       # greedy under each predictor
+    python benchmarks/placement_sim.py --sweep-policy           # greedy under window / noise / trust variants
     python benchmarks/placement_sim.py --tiny                   # seconds: a smoke check
     python benchmarks/placement_sim.py --trace benchmarks/traces/gpu_small_e64_top4.jsonl.gz --steps 300
 
 With greedy among the planners, a row "greedy (perfect prediction)" replays it with each plan
-made on the true counts of the interval it is kept (guard off): its gap to the oracle is search
+made on the true counts of the interval it is kept (guard off, noise z 0): its gap to the oracle is search
 and cadence, greedy's gap to it is prediction.
 
 A trace recorded by one process has one source rank: ``--world-size`` deals its tokens out to W
@@ -46,6 +47,16 @@ PREDICTORS = {
     "mean 10": PredictorConfig("mean_std", window=10, z=0.0),
     "mean+1std 10": PredictorConfig("mean_std", window=10, z=1.0),
     "trend 20": PredictorConfig("trend", window=20, lead=5.0),
+}
+
+POLICY_VARIANTS = {
+    "no window, no trust (before issue 14's second round)": dict(score_window=0, trust=0),
+    "window, noise z 1, no trust": dict(trust=0, noise_z=1.0),
+    "window, noise z 2, no trust": dict(trust=0),
+    "default (window, noise z 2, trust 3)": {},
+    "default, noise z 1": dict(noise_z=1.0),
+    "default, score window 20": dict(score_window=20),
+    "default, trust 1": dict(trust=1),
 }
 
 
@@ -89,6 +100,8 @@ def main() -> None:
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--sweep-predictors", action="store_true", help="greedy under each predictor instead")
     parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
+    parser.add_argument("--sweep-policy", action="store_true",
+                        help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust) instead")
     parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
     parser.add_argument("--tiny", action="store_true", help="4 ranks, 16 experts, 60 steps")
     args = parser.parse_args()
@@ -116,25 +129,29 @@ def main() -> None:
     policy = ReplanPolicy(interval=args.interval, warmup=args.warmup)
     head = (f"{trace.num_steps} steps x {trace.num_layers} layers, {W} ranks, {trace.num_experts} experts, {S} slots "
             f"per rank, {what}; policy interval {policy.interval}, warmup {policy.first_plan}")
-    if args.sweep_predictors or args.sweep_intervals:
+    if args.sweep_predictors or args.sweep_intervals or args.sweep_policy:
         base = simulate(trace, [make_planner("static")], cost, world_size=W, slots_per_rank=S)[0]
         print(head)
-        print("| greedy with | interval | vs static | balance mean | GB moved | re-plans | share updates |")
-        print("|---|---|---|---|---|---|---|")
-        runs = ([(name, dataclasses.replace(policy, predictor=pc)) for name, pc in PREDICTORS.items()]
-                if args.sweep_predictors else
-                [("default", dataclasses.replace(policy, interval=iv)) for iv in args.sweep_intervals])
+        print("| greedy with | interval | vs static | worst layer | balance mean | GB moved | re-plans | share updates |")
+        print("|---|---|---|---|---|---|---|---|")
+        if args.sweep_predictors:
+            runs = [(name, dataclasses.replace(policy, predictor=pc)) for name, pc in PREDICTORS.items()]
+        elif args.sweep_policy:
+            runs = [(name, dataclasses.replace(policy, **change)) for name, change in POLICY_VARIANTS.items()]
+        else:
+            runs = [("default", dataclasses.replace(policy, interval=iv)) for iv in args.sweep_intervals]
         for name, pol in runs:
             r = simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S, policy=pol)[0]
-            print(f"| {name} | {pol.interval} | {base.time_T.mean() / r.time_T.mean():.3f}x | {r.balance_TL.mean():.3f} "
-                  f"| {r.bytes_moved / 1e9:.1f} | {r.replans} | {r.share_updates} |", flush=True)
+            worst = (base.layer_time_TL.sum(0) / r.layer_time_TL.sum(0)).min()
+            print(f"| {name} | {pol.interval} | {base.time_T.mean() / r.time_T.mean():.3f}x | {worst:.3f}x "
+                  f"| {r.balance_TL.mean():.3f} | {r.bytes_moved / 1e9:.1f} | {r.replans} | {r.share_updates} |", flush=True)
         print(f"({time.perf_counter() - t0:.0f} s)")
         return
     planners = [make_planner(n.strip()) for n in args.planners.split(",") if n.strip()]
     results = simulate(trace, planners, cost, world_size=W, slots_per_rank=S, policy=policy)
     if any(p.name == "greedy" for p in planners):
         results += simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S,
-                            policy=dataclasses.replace(policy, guard=False), perfect_prediction=True)
+                            policy=dataclasses.replace(policy, guard=False, noise_z=0.0), perfect_prediction=True)
     print(head + f" ({time.perf_counter() - t0:.0f} s)")
     print(format_table(results))
     by = {r.name: r.time_T.mean() for r in results}

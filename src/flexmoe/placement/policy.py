@@ -72,7 +72,7 @@ class ReplanPolicy:
     guard_gain: float = 0.02
     bytes_budget: float | None = None
     score_window: int | None = None
-    noise_z: float = 1.0
+    noise_z: float = 2.0
     trust: int = 3
 
     def __post_init__(self) -> None:
