@@ -10,7 +10,13 @@ SwiGLU), fp32 parameters and gradients, Adam state moved with each replica.
     python benchmarks/placement_sim.py                          # synthetic drifting Zipf trace
     python benchmarks/placement_sim.py --trace run/routing_trace.jsonl --world-size 8 --scale 16
     python benchmarks/placement_sim.py --sweep-predictors       # greedy under each predictor
+    python benchmarks/placement_sim.py --sweep-policy           # greedy under window / noise / trust variants
     python benchmarks/placement_sim.py --tiny                   # seconds: a smoke check
+    python benchmarks/placement_sim.py --trace benchmarks/traces/gpu_small_e64_top4.jsonl.gz --steps 300
+
+With greedy among the planners, a row "greedy (perfect prediction)" replays it with each plan
+made on the true counts of the interval it is kept (guard off, noise z 0): its gap to the oracle is search
+and cadence, greedy's gap to it is prediction.
 
 A trace recorded by one process has one source rank: ``--world-size`` deals its tokens out to W
 ranks at random (``flexmoe.sim.simulator.split_ranks``: no source skew), and ``--scale K``
@@ -22,6 +28,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import os
+import shutil
+import tempfile
 import time
 
 from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
@@ -39,6 +49,16 @@ PREDICTORS = {
     "trend 20": PredictorConfig("trend", window=20, lead=5.0),
 }
 
+POLICY_VARIANTS = {
+    "no window, no trust (before issue 14's second round)": dict(score_window=0, trust=0),
+    "window, noise z 1, no trust": dict(trust=0, noise_z=1.0),
+    "window, noise z 2, no trust": dict(trust=0),
+    "default (window, noise z 2, trust 3)": {},
+    "default, noise z 1": dict(noise_z=1.0),
+    "default, score window 20": dict(score_window=20),
+    "default, trust 1": dict(trust=1),
+}
+
 
 def per_layer(results) -> str:
     """Markdown: per layer, static's modelled time / each planner's (moves included)."""
@@ -49,6 +69,16 @@ def per_layer(results) -> str:
         xs = base / r.layer_time_TL.sum(0)
         lines.append(f"| {r.name} | " + " | ".join(f"{x:.3f}x" for x in xs) + f" | {xs.min():.3f}x |")
     return "\n".join(lines)
+
+
+def _plain(path: str) -> str:
+    """``path``, or for a ``.gz`` file a decompressed copy in the temporary directory."""
+    if not path.endswith(".gz"):
+        return path
+    out = os.path.join(tempfile.gettempdir(), os.path.basename(path)[:-3])
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return out
 
 
 def main() -> None:
@@ -70,6 +100,8 @@ def main() -> None:
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--sweep-predictors", action="store_true", help="greedy under each predictor instead")
     parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
+    parser.add_argument("--sweep-policy", action="store_true",
+                        help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust) instead")
     parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
     parser.add_argument("--tiny", action="store_true", help="4 ranks, 16 experts, 60 steps")
     args = parser.parse_args()
@@ -82,7 +114,7 @@ def main() -> None:
           f"grad {cost.grad_bytes / 1e6:.1f} MB and move {cost.move_bytes / 1e6:.1f} MB per expert")
     t0 = time.perf_counter()
     if args.trace:
-        trace = read_trace(args.trace)
+        trace = read_trace(_plain(args.trace))
         trace = RoutingTrace(trace.counts_TLWE[: args.steps] * args.scale, trace.steps_T[: args.steps], trace.meta)
         what = (f"trace {args.trace} ({trace.world_size} recorded rank(s) -> {args.world_size}, counts x{args.scale})")
     else:
@@ -97,27 +129,39 @@ def main() -> None:
     policy = ReplanPolicy(interval=args.interval, warmup=args.warmup)
     head = (f"{trace.num_steps} steps x {trace.num_layers} layers, {W} ranks, {trace.num_experts} experts, {S} slots "
             f"per rank, {what}; policy interval {policy.interval}, warmup {policy.first_plan}")
-    if args.sweep_predictors or args.sweep_intervals:
+    if args.sweep_predictors or args.sweep_intervals or args.sweep_policy:
         base = simulate(trace, [make_planner("static")], cost, world_size=W, slots_per_rank=S)[0]
         print(head)
-        print("| greedy with | interval | vs static | balance mean | GB moved | re-plans | share updates |")
-        print("|---|---|---|---|---|---|---|")
-        runs = ([(name, dataclasses.replace(policy, predictor=pc)) for name, pc in PREDICTORS.items()]
-                if args.sweep_predictors else
-                [("default", dataclasses.replace(policy, interval=iv)) for iv in args.sweep_intervals])
+        print("| greedy with | interval | vs static | worst layer | balance mean | GB moved | re-plans | share updates |")
+        print("|---|---|---|---|---|---|---|---|")
+        if args.sweep_predictors:
+            runs = [(name, dataclasses.replace(policy, predictor=pc)) for name, pc in PREDICTORS.items()]
+        elif args.sweep_policy:
+            runs = [(name, dataclasses.replace(policy, **change)) for name, change in POLICY_VARIANTS.items()]
+        else:
+            runs = [("default", dataclasses.replace(policy, interval=iv)) for iv in args.sweep_intervals]
         for name, pol in runs:
             r = simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S, policy=pol)[0]
-            print(f"| {name} | {pol.interval} | {base.time_T.mean() / r.time_T.mean():.3f}x | {r.balance_TL.mean():.3f} "
-                  f"| {r.bytes_moved / 1e9:.1f} | {r.replans} | {r.share_updates} |", flush=True)
+            worst = (base.layer_time_TL.sum(0) / r.layer_time_TL.sum(0)).min()
+            print(f"| {name} | {pol.interval} | {base.time_T.mean() / r.time_T.mean():.3f}x | {worst:.3f}x "
+                  f"| {r.balance_TL.mean():.3f} | {r.bytes_moved / 1e9:.1f} | {r.replans} | {r.share_updates} |", flush=True)
         print(f"({time.perf_counter() - t0:.0f} s)")
         return
     planners = [make_planner(n.strip()) for n in args.planners.split(",") if n.strip()]
     results = simulate(trace, planners, cost, world_size=W, slots_per_rank=S, policy=policy)
+    if any(p.name == "greedy" for p in planners):
+        results += simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S,
+                            policy=dataclasses.replace(policy, guard=False, noise_z=0.0), perfect_prediction=True)
     print(head + f" ({time.perf_counter() - t0:.0f} s)")
     print(format_table(results))
     by = {r.name: r.time_T.mean() for r in results}
     if "greedy" in by and "oracle" in by and "static" in by:
         print(f"greedy: {by['static'] / by['greedy']:.3f}x static, {by['greedy'] / by['oracle'] - 1:+.1%} vs oracle")
+    perfect = by.get("greedy (perfect prediction)")
+    if perfect and "greedy" in by:
+        print(f"greedy vs greedy with perfect prediction (prediction error): {by['greedy'] / perfect - 1:+.1%}"
+              + (f"; perfect prediction vs oracle (search and cadence): {perfect / by['oracle'] - 1:+.1%}"
+                 if "oracle" in by else ""))
     if "static" in by:
         print("\nper layer, static time / planner time:")
         print(per_layer(results))

@@ -432,6 +432,34 @@ def test_plan_never_scores_above_keeping_the_table():
         assert got <= keep * (1 + 1e-12) + 1e-18, case
 
 
+def test_window_plan_never_scores_above_keeping_the_table_on_the_window():
+    """With a window of observed steps, the chosen table's mean modelled time over the window +
+    move time / horizon is never above keeping the table (sample-average choice), and a change
+    clears ``noise_z`` standard errors of its per-step gain."""
+    rng = np.random.default_rng(24)
+    for case in range(80):
+        table, counts = random_case(rng)
+        W, E = counts.shape
+        window = np.stack([rng.poisson(np.maximum(counts, 0.5)).astype(np.int64) for _ in range(int(rng.integers(1, 6)))])
+        cost = [COST, _cost_with_expensive_moves(rng)][case % 2]
+        horizon, z = float(rng.choice([1.0, 10.0])), float(rng.choice([0.0, 1.0, 3.0]))
+        context = PlanContext(horizon=horizon, margin=float(rng.choice([0, 0.05])), window_NWE=window, noise_z=z)
+        plan = GreedyPlanner(threshold=1.0).plan(table, counts, cost, 0, context)
+        if plan is table:
+            continue
+        keep_N = np.array([cost.step_time(table, c).total for c in window])
+        gain_N = keep_N - np.array([cost.step_time(plan, c).total for c in window]) - cost.move_time(table, plan) / horizon
+        spread = gain_N.std(ddof=1) / np.sqrt(len(window)) if len(window) > 1 else 0.0
+        assert gain_N.mean() - z * spread > 0, case
+    with pytest.raises(ValueError, match="window_NWE"):
+        PlanContext(window_NWE=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="noise_z"):
+        PlanContext(noise_z=-1.0)
+    table, counts = random_case(np.random.default_rng(25))
+    with pytest.raises(ValueError, match="window_NWE"):
+        GreedyPlanner().plan(table, counts, COST, 0, PlanContext(window_NWE=np.zeros((1, counts.shape[0] + 1, counts.shape[1]))))
+
+
 def _swap_then_stay_trace() -> np.ndarray:
     """2 ranks, 4 experts, no spare slot. Step 0: experts 0 and 1 (both on rank 0) are hot, so
     swapping experts 1 and 2 pays in that step; then experts 0 and 2 are mildly hot for 20 steps:

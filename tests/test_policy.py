@@ -82,7 +82,9 @@ def test_predictor_and_policy_validation_names_the_field():
         with pytest.raises(ValueError, match=field):
             PredictorConfig(**kwargs)
     for kwargs, field in ((dict(interval=0), "interval"), (dict(warmup=-1), "warmup"), (dict(guard_gain=1.0), "guard_gain"),
-                          (dict(bytes_budget=-1.0), "bytes_budget"), (dict(predictor="ema"), "predictor")):
+                          (dict(bytes_budget=-1.0), "bytes_budget"), (dict(predictor="ema"), "predictor"),
+                          (dict(score_window=-1), "score_window"), (dict(noise_z=-0.5), "noise_z"),
+                          (dict(noise_z=float("nan")), "noise_z"), (dict(trust=-1), "trust"), (dict(trust=1.5), "trust")):
         with pytest.raises(ValueError, match=field):
             ReplanPolicy(**kwargs)
 
@@ -203,3 +205,55 @@ def test_split_ranks_keeps_every_count():
     np.testing.assert_array_equal(split_ranks(two, 4).reshape(3, 1, 2, 2, 5).sum(3), two)
     with pytest.raises(ValueError, match="divide"):
         split_ranks(two, 3)
+
+
+def _flip_trace(phases: int = 12, length: int = 10) -> np.ndarray:
+    """2 ranks, 4 experts, no spare slot; phases of ``length`` steps alternate between experts 0
+    and 1 hot (both on rank 0 under static EP: swapping 1 and 2 pays) and experts 0 and 2 hot
+    (static is balanced, the swap is not). A plan made in one phase is kept in the next: the
+    last step and the steps since the last plan (in sample) always favour the wrong table."""
+    counts = np.full((phases * length, 1, 2, 4), 20, dtype=np.int64)
+    for p in range(phases):
+        counts[p * length:(p + 1) * length, 0][:, :, [0, 1] if p % 2 == 0 else [0, 2]] = 500
+    return counts
+
+
+def test_trust_stops_a_planner_whose_changes_do_not_pay_out_of_sample():
+    """Changes are made only while the layer's proposals, replayed on the steps after them, pay:
+    on the flip trace the planner goes out once and back, then stays on static EP; without the
+    track record (trust 0) it keeps swapping into the wrong table and loses to static."""
+    cost = CostModel(c_tok=1e-6, bytes_per_token=0, a2a_bw=1e10, grad_bytes=0, move_bytes=4e6)
+    counts = _flip_trace()
+    static = simulate_planner(make_planner("static"), counts, cost, 2).time_T.sum()
+    blind = simulate_planner(make_planner("greedy"), counts, cost, 2, ReplanPolicy(trust=0))
+    trusting = simulate_planner(make_planner("greedy"), counts, cost, 2, ReplanPolicy())
+    assert blind.replans > 2 and blind.time_T.sum() > 1.1 * static
+    assert trusting.replans <= 2
+    phase_loss = 10 * (cost.c_tok * 2000 - cost.c_tok * 1040)  # one phase on the wrong table
+    assert trusting.time_T.sum() <= static + phase_loss + 2 * trusting.move_T.max() + 1e-12
+
+
+def test_perfect_prediction_plans_on_the_steps_it_keeps_the_table():
+    """With the true counts of the coming interval (the simulator's perfect prediction, guard
+    off) the planner swaps exactly when the next phase calls for it and beats static EP."""
+    cost = CostModel(c_tok=1e-6, bytes_per_token=0, a2a_bw=1e10, grad_bytes=0, move_bytes=4e6)
+    counts = _flip_trace()
+    static = simulate_planner(make_planner("static"), counts, cost, 2)
+    prophet = simulate_planner(make_planner("greedy"), counts, cost, 2, ReplanPolicy(guard=False),
+                               perfect_prediction=True)
+    assert prophet.name == "greedy (perfect prediction)"
+    assert prophet.time_T.sum() < static.time_T.sum()
+    # the table in force during each phase is the one that phase wants (static in odd phases)
+    odd_phases = np.concatenate([np.arange(p * 10, p * 10 + 10) for p in range(1, 12, 2)])
+    np.testing.assert_allclose(prophet.balance_TL[odd_phases], static.balance_TL[odd_phases])
+    assert (prophet.balance_TL[10:] < 1.5).all()
+
+
+def test_default_policy_on_layers_without_tokens():
+    """A layer with no tokens at all (and one with a single token) under the default policy:
+    the holdout and track record have nothing to divide by; the planner keeps static EP's time."""
+    counts = np.zeros((25, 2, 2, 4), dtype=np.int64)
+    counts[:, 1, 0, 3] = 1
+    static = simulate_planner(make_planner("static"), counts, COST, 3)
+    greedy = simulate_planner(make_planner("greedy"), counts, COST, 3, ReplanPolicy(interval=4))
+    assert greedy.time_T.sum() <= static.time_T.sum() * (1 + 1e-12)

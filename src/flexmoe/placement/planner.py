@@ -210,11 +210,18 @@ class PlanContext:
     horizon: steps the new table will be kept (the re-plan interval): a move is amortised over it.
     margin: extra relative gain a change must show over keeping the table (the hysteresis guard).
     max_move_bytes: network bytes the plan may move (None: no limit; the policy's budget share).
+    window_NWE: counts of recent observed steps (None: none). A planner that uses it scores its
+        candidates by their mean modelled time over these steps (a sample-average plan) rather
+        than on the one prediction, so one noisy step does not decide the plan.
+    noise_z: with ``window_NWE``, a change must beat keeping the table by ``noise_z`` standard
+        errors of its per-step gain over the window (its own spread), on top of ``margin``.
     """
 
     horizon: float = 1.0
     margin: float = 0.0
     max_move_bytes: float | None = None
+    window_NWE: np.ndarray | None = None
+    noise_z: float = 0.0
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.horizon) and self.horizon > 0):
@@ -223,6 +230,13 @@ class PlanContext:
             raise ValueError(f"PlanContext.margin must be in [0, 1), got {self.margin}")
         if self.max_move_bytes is not None and not self.max_move_bytes >= 0:
             raise ValueError(f"PlanContext.max_move_bytes must be None or >= 0, got {self.max_move_bytes}")
+        if self.window_NWE is not None:
+            w = np.asarray(self.window_NWE, dtype=np.float64)
+            if w.ndim != 3 or w.shape[0] < 1 or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError("PlanContext.window_NWE must be None or finite counts >= 0 of shape (N >= 1, W, E)")
+            object.__setattr__(self, "window_NWE", np.rint(w))
+        if not (np.isfinite(self.noise_z) and self.noise_z >= 0):
+            raise ValueError(f"PlanContext.noise_z must be finite and >= 0, got {self.noise_z}")
 
 
 class Planner(abc.ABC):
@@ -343,6 +357,10 @@ class ProportionalPlanner(Planner):
         return _finish(table, slot_WS, equal_shares(slot_WS, E))
 
 
+def _static_of(table: PlacementTable) -> PlacementTable:
+    return PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
+
+
 def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, horizon: float, return_weight: float):
     """Score of a candidate table: modelled step time + its move time amortised over ``horizon``.
 
@@ -385,6 +403,11 @@ class GreedyPlanner(Planner):
     ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),
     and it moves at most ``context.max_move_bytes``. So the chosen table's score is never above
     the current table's step time. ``return_weight``: see ``_amortised``.
+
+    With ``context.window_NWE`` (recent observed steps), the candidates planned for the window's
+    mean counts join (``window_candidates``), and the choice is the largest mean gain over keeping
+    the table across the window whose gain less ``context.noise_z`` standard errors clears the
+    margin (``_pick_on_window``). Static EP never needs the hysteresis margin.
     """
 
     name = "greedy"
@@ -395,6 +418,7 @@ class GreedyPlanner(Planner):
     patience: int | None = None
     predictor_decay: float = 0.0
     return_weight: float = 0.0
+    window_candidates: bool = True
 
     def __post_init__(self):
         if not self.threshold >= 1.0:
@@ -417,7 +441,10 @@ class GreedyPlanner(Planner):
     def plan(self, table, counts_WE, cost, step=0, context=None):
         context = context or PlanContext()
         counts_WE = _as_counts(table, counts_WE)
-        load_E = counts_WE.sum(0)
+        window_NWE = context.window_NWE
+        if window_NWE is not None and window_NWE.shape[1:] != counts_WE.shape:
+            raise ValueError(f"PlanContext.window_NWE must have shape (N, {counts_WE.shape[0]}, {counts_WE.shape[1]}), "
+                             f"got {window_NWE.shape}")
         horizon = self.horizon or context.horizon
         static, amortised = _amortised(cost, table, counts_WE, horizon, self.return_weight)
         limit = context.max_move_bytes
@@ -427,21 +454,67 @@ class GreedyPlanner(Planner):
                 return np.inf
             return amortised(cand)
 
-        candidates = [(static, score(static))]
-        if balance_ratio(table, load_E) > self.rebalance_threshold:
-            shares = balanced_shares(table.slot_expert_WS, load_E)
-            rebalanced = PlacementTable(table.num_experts, table.slot_expert_WS, shares)
-            candidates.append((rebalanced, score(rebalanced)))
-            if balance_ratio(rebalanced, load_E) > self.threshold:
-                candidates += self._search(table, counts_WE, load_E, score, cost.ranks_per_node)
+        candidates = [(static, score(static))] + self._candidates(table, counts_WE, score, cost)
+        if window_NWE is not None:
+            return self._pick_on_window(table, candidates, window_NWE, cost, horizon, context)
         keep_time = cost.step_time(table, counts_WE).total
         best, best_score = table, keep_time
         for cand, s in candidates:
             moved = cost.move_bytes_total(table, cand)
-            need = context.margin + (self.min_gain if moved > 0 else 0.0)
+            need = (context.margin if cand is not static else 0.0) + (self.min_gain if moved > 0 else 0.0)
             if s < best_score and s < keep_time * (1.0 - need):
                 best, best_score = cand, s
         return _finish(table, best.slot_expert_WS, best.share_WS)
+
+    def _candidates(self, table, counts_WE, score, cost) -> list:
+        """Share update and replica search for ``counts_WE`` (when its balance calls for them)."""
+        load_E = counts_WE.sum(0)
+        if balance_ratio(table, load_E) <= self.rebalance_threshold:
+            return []
+        shares = balanced_shares(table.slot_expert_WS, load_E)
+        rebalanced = PlacementTable(table.num_experts, table.slot_expert_WS, shares)
+        out = [(rebalanced, score(rebalanced))]
+        if balance_ratio(rebalanced, load_E) > self.threshold:
+            out += self._search(table, counts_WE, load_E, score, cost.ranks_per_node)
+        return out
+
+    def _pick_on_window(self, table, candidates, window_NWE, cost, horizon, context) -> PlacementTable:
+        """Sample-average choice: the candidate with the largest mean gain over keeping the table on
+        the window's steps (move amortised over ``horizon``) among those whose gain, less
+        ``noise_z`` standard errors of it, beats ``margin`` (+ ``min_gain`` for a move)."""
+        def times(cand) -> np.ndarray:
+            return np.array([cost.step_time(cand, c_WE).total for c_WE in window_NWE])
+
+        keep_N = times(table)
+        N = keep_N.size
+        limit = context.max_move_bytes
+        best, best_gain, seen = table, 0.0, set()
+        for cand, _ in candidates + [(c, 0.0) for c in self._window_candidates(table, window_NWE, cost, horizon)]:
+            key = (cand.slot_expert_WS.tobytes(), np.round(cand.share_WS, 12).tobytes())
+            if key in seen:
+                continue
+            seen.add(key)
+            moved = cost.move_bytes_total(table, cand)
+            if limit is not None and moved > limit:
+                continue
+            move = cost.move_time(table, cand)
+            if self.return_weight:
+                move += self.return_weight * (cost.move_time(cand, _static_of(table)) - cost.move_time(table, _static_of(table)))
+            gain_N = keep_N - times(cand) - move / horizon
+            spread = gain_N.std(ddof=1) / np.sqrt(N) if N > 1 else 0.0
+            margin = 0.0 if cand is candidates[0][0] else context.margin  # static EP needs no hysteresis
+            need = (margin + (self.min_gain if moved > 0 else 0.0)) * keep_N.mean()
+            if gain_N.mean() - context.noise_z * spread > need and gain_N.mean() > best_gain:
+                best, best_gain = cand, float(gain_N.mean())
+        return _finish(table, best.slot_expert_WS, best.share_WS)
+
+    def _window_candidates(self, table, window_NWE, cost, horizon) -> list[PlacementTable]:
+        """Candidates planned for the window's mean counts (the sample average)."""
+        if not self.window_candidates:
+            return []
+        mean_WE = np.rint(window_NWE.mean(0))
+        _, amortised = _amortised(cost, table, mean_WE, horizon, 0.0)
+        return [c for c, _ in self._candidates(table, mean_WE, amortised, cost)]
 
     def _search(self, table, counts_WE, load_E, score, ranks_per_node):
         W, S, E = table.world_size, table.slots_per_rank, table.num_experts

@@ -24,6 +24,14 @@ true counts, through the cost model):
 - backtest: a change (the planner's, or the return to static) is made only if it would have paid
   for its move (amortised over the interval) on those same steps, had it been made a plan ago.
 
+Window (``score_window``): the last observed steps go to the planner (``PlanContext.window_NWE``),
+which scores its candidates by their mean over them and needs ``noise_z`` standard errors of gain.
+
+Trust (``trust``, with the guard), out of sample: every proposal of the planner, made or not, is
+replayed on the steps after it, and each plan also runs a holdout (plan from the first half of
+the window, replay on the second); a change other than the return to static EP is made only while
+the mean relative gain of the last ``trust`` of these results is > 0.
+
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
 what is left (a share-only update always fits).
@@ -31,6 +39,7 @@ what is left (a share-only update always fits).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 
@@ -51,6 +60,9 @@ class ReplanPolicy:
     own, ``planner.make_predictor()``). guard: judge past plans on the observed steps (misses,
     account against static, backtest; needs a ``CostModel``). guard_gain: hysteresis step.
     bytes_budget: network bytes one plan may move over all layers (None: no limit).
+    score_window: the last steps a plan is scored on (``PlanContext.window_NWE``; None: ``interval``,
+    0: the prediction alone). noise_z: standard errors of its gain over that window a change must
+    clear (``PlanContext.noise_z``).
     """
 
     interval: int = 10
@@ -59,10 +71,14 @@ class ReplanPolicy:
     guard: bool = True
     guard_gain: float = 0.02
     bytes_budget: float | None = None
+    score_window: int | None = None
+    noise_z: float = 2.0
+    trust: int = 3
 
     def __post_init__(self) -> None:
-        for name, value, low in (("interval", self.interval, 1), ("warmup", self.warmup, 0)):
-            if value is None and name == "warmup":
+        for name, value, low in (("interval", self.interval, 1), ("warmup", self.warmup, 0),
+                                 ("score_window", self.score_window, 0), ("trust", self.trust, 0)):
+            if value is None and name != "interval":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ReplanPolicy.{name} must be an int >= {low}, got {value!r}")
@@ -74,6 +90,13 @@ class ReplanPolicy:
             raise ValueError(f"ReplanPolicy.guard_gain must be in [0, 1), got {self.guard_gain}")
         if self.bytes_budget is not None and not self.bytes_budget >= 0:
             raise ValueError(f"ReplanPolicy.bytes_budget must be None or >= 0, got {self.bytes_budget}")
+        if isinstance(self.noise_z, bool) or not (np.isfinite(self.noise_z) and self.noise_z >= 0):
+            raise ValueError(f"ReplanPolicy.noise_z must be finite and >= 0, got {self.noise_z!r}")
+
+    @property
+    def window(self) -> int:
+        """Steps a plan is scored on (``score_window``, None: ``interval``)."""
+        return self.interval if self.score_window is None else self.score_window
 
     @property
     def first_plan(self) -> int:
@@ -117,14 +140,17 @@ class Replanner:
         params = inspect.signature(planner.plan).parameters
         self._takes = ("step" in params, "context" in params)
         make = policy.predictor.make if policy.predictor is not None else getattr(planner, "make_predictor", None)
-        make = make or (lambda: LoadPredictor(0.0))
-        self.predictors = [make() for _ in range(num_layers)]
+        self._make = make or (lambda: LoadPredictor(0.0))
+        self.predictors = [self._make() for _ in range(num_layers)]
         self.steps_done = 0
         self.misses_L = [0] * num_layers
         self.spent_L = [0.0] * num_layers
         self.static_L = [0.0] * num_layers
         self._recent: list[np.ndarray] = []
+        self._window: collections.deque = collections.deque(maxlen=max(policy.window, 1))
         self._changes: list[_Change | None] = [None] * num_layers
+        self._proposals: list[_Change | None] = [None] * num_layers
+        self.track_L: list[list[float]] = [[] for _ in range(num_layers)]
 
     def observe(self, counts_LWE: np.ndarray) -> None:
         """One step's all-gathered counts of every layer."""
@@ -135,6 +161,8 @@ class Replanner:
             predictor.update(counts_WE)
         if self.policy.guard and not self._truth:
             self._recent.append(counts_LWE.copy())
+        if self.policy.window and not self._truth:
+            self._window.append(counts_LWE.copy())
         self.steps_done += 1
 
     def due(self) -> bool:
@@ -153,8 +181,13 @@ class Replanner:
             return self.planner.plan(table, counts_WE, cost, step=self.steps_done)
         return self.planner.plan(table, counts_WE, cost)
 
-    def plan(self, tables: list[PlacementTable], cost: CostModel, true_LWE: np.ndarray | None = None) -> list[LayerPlan]:
-        """Plan every layer; ``true_LWE`` replaces the prediction (for planners that use true counts)."""
+    def plan(self, tables: list[PlacementTable], cost: CostModel, true_LWE: np.ndarray | None = None,
+             future_NLWE: np.ndarray | None = None) -> list[LayerPlan]:
+        """Plan every layer; ``true_LWE`` replaces the prediction (for planners that use true counts).
+
+        ``future_NLWE`` (a simulator's perfect prediction): the true counts of the steps the plan
+        will be kept; they replace both the prediction (their mean) and the scoring window.
+        """
         if len(tables) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} tables, got {len(tables)}")
         truth = self._truth
@@ -164,7 +197,14 @@ class Replanner:
         if needs_cost and not isinstance(cost, CostModel):
             raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
         horizon = 1.0 if truth else float(self.policy.interval)
-        seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
+        if future_NLWE is not None and not truth:
+            future_NLWE = np.asarray(future_NLWE, dtype=np.float64)
+            seen = list(np.rint(future_NLWE.mean(0)))
+            windows = list(future_NLWE.transpose(1, 0, 2, 3))
+        else:
+            seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
+            recent = np.stack(self._window) if self._window and not truth else None
+            windows = [None if recent is None else recent[:, i] for i in range(self.num_layers)]
         plans, reverts = [], set()
         for i, table in enumerate(tables):
             margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
@@ -174,13 +214,17 @@ class Replanner:
             elif seen[i] is None:
                 new = table
             else:
-                context = PlanContext(horizon=horizon, margin=margin)
+                context = PlanContext(horizon=horizon, margin=margin, window_NWE=windows[i], noise_z=self.policy.noise_z)
                 new = self._plan_one(table, seen[i], cost, context)
+                if new is not table and self.policy.guard and self.policy.trust and not truth:
+                    self._proposals[i] = _Change(table, new, cost.move_time(table, new))
+                    if not _same_slots(new, _static_like(table)) and not self._trusted(i, self._holdout(i, table, cost, context)):
+                        new = table
             if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
                 new = table
             plans.append(LayerPlan(new, _bytes(cost, table, new), margin))
         if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
-            plans = self._fit_budget(tables, seen, plans, cost, horizon)
+            plans = self._fit_budget(tables, seen, windows, plans, cost, horizon)
         self._recent = []
         for i, (table, p) in enumerate(zip(tables, plans)):
             if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
@@ -188,6 +232,33 @@ class Replanner:
                 self._changes[i] = _Change(table, p.table, move, i in reverts)
                 self.spent_L[i] += move
         return plans
+
+    def _trusted(self, layer: int, holdout: float | None) -> bool:
+        """Out-of-sample evidence that the planner's changes pay on this layer: the mean relative
+        gain of its last ``trust`` proposals (each replayed on the steps after it) and of the
+        holdout check is > 0."""
+        evidence = (self.track_L[layer] + ([] if holdout is None else [holdout]))[-self.policy.trust:]
+        return bool(evidence) and float(np.mean(evidence)) > 0
+
+    def _holdout(self, layer: int, table: PlacementTable, cost: CostModel, context: PlanContext) -> float | None:
+        """The planner checked out of sample on the window: planned from the first half (a fresh
+        predictor), replayed on the second half; its relative gain over keeping ``table``, the
+        move charged pro rata of ``context.horizon`` (None: window too short, or no change)."""
+        steps = [c_LWE[layer] for c_LWE in self._window]
+        half = len(steps) // 2
+        if half < 1:
+            return None
+        predictor = self._make()
+        for c_WE in steps[:half]:
+            predictor.update(c_WE)
+        ctx = dataclasses.replace(context, window_NWE=np.stack(steps[:half]))
+        new = self._plan_one(table, predictor.predict(), cost, ctx)
+        if new is table:
+            return None
+        keep = sum(cost.step_time(table, c_WE).total for c_WE in steps[half:])
+        after = sum(cost.step_time(new, c_WE).total for c_WE in steps[half:])
+        move = cost.move_time(table, new) * (len(steps) - half) / context.horizon
+        return (keep - after - move) / keep if keep > 0 else None
 
     def _backtest(self, layer, table, new, used, cost, horizon) -> bool:
         """Would ``new`` have paid for its move over the steps since the last plan (per step true
@@ -210,6 +281,14 @@ class Replanner:
             if not change.revert:  # a return to static that paid says the planner's table did not
                 self.misses_L[layer] = 0 if paid else min(self.misses_L[layer] + 1, MAX_MISSES)
             self._changes[layer] = None
+        proposal = self._proposals[layer]
+        if proposal is not None and self._recent:
+            before = sum(cost.step_time(proposal.old, c_LWE[layer]).total for c_LWE in self._recent)
+            after = sum(cost.step_time(proposal.new, c_LWE[layer]).total for c_LWE in self._recent)
+            if before > 0:
+                gain = (before - after - proposal.move_time) / before
+                self.track_L[layer] = (self.track_L[layer] + [gain])[-self.policy.trust:]
+            self._proposals[layer] = None
         behind = self.spent_L[layer] > self.static_L[layer] * (1.0 + 1e-12) and not _same_slots(table, static)
         if behind:
             self.misses_L[layer] = min(self.misses_L[layer] + 1, MAX_MISSES)
@@ -224,9 +303,10 @@ class Replanner:
             "spent": list(self.spent_L),
             "static": list(self.static_L),
             "recent": [c.tolist() for c in self._recent],
-            "changes": [None if c is None else {"old": c.old.state_dict(), "new": c.new.state_dict(),
-                                                "move_time": c.move_time, "revert": c.revert}
-                        for c in self._changes],
+            "window": [c.tolist() for c in self._window],
+            "changes": [_change_state(c) for c in self._changes],
+            "proposals": [_change_state(c) for c in self._proposals],
+            "track": [list(t) for t in self.track_L],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,12 +319,13 @@ class Replanner:
         self.spent_L = [float(x) for x in state["spent"]]
         self.static_L = [float(x) for x in state["static"]]
         self._recent = [np.array(c, dtype=np.float64) for c in state["recent"]]
-        self._changes = [None if c is None else _Change(PlacementTable.from_state_dict(c["old"]),
-                                                        PlacementTable.from_state_dict(c["new"]), float(c["move_time"]),
-                                                        bool(c.get("revert", False)))
-                         for c in state["changes"]]
+        self._window.clear()
+        self._window.extend(np.array(c, dtype=np.float64) for c in state.get("window", state["recent"]))
+        self._changes = [_change_from(c) for c in state["changes"]]
+        self._proposals = [_change_from(c) for c in state.get("proposals", [None] * self.num_layers)]
+        self.track_L = [[float(x) for x in t] for t in state.get("track", [[] for _ in range(self.num_layers)])]
 
-    def _fit_budget(self, tables, seen, plans, cost, horizon) -> list[LayerPlan]:
+    def _fit_budget(self, tables, seen, windows, plans, cost, horizon) -> list[LayerPlan]:
         gain = []
         for table, counts_WE, p in zip(tables, seen, plans):
             if p.bytes_moved <= 0:
@@ -258,7 +339,8 @@ class Replanner:
             if plans[i].bytes_moved <= left:
                 left -= plans[i].bytes_moved
                 continue
-            context = PlanContext(horizon=horizon, margin=plans[i].margin, max_move_bytes=left)
+            context = PlanContext(horizon=horizon, margin=plans[i].margin, max_move_bytes=left, window_NWE=windows[i],
+                                  noise_z=self.policy.noise_z)
             new = self._plan_one(tables[i], seen[i], cost, context)
             moved = cost.move_bytes_total(tables[i], new)
             if moved > left:  # a planner that ignores the limit: keep the table
@@ -268,9 +350,26 @@ class Replanner:
         return out
 
 
+def _change_state(c: _Change | None) -> dict | None:
+    if c is None:
+        return None
+    return {"old": c.old.state_dict(), "new": c.new.state_dict(), "move_time": c.move_time, "revert": c.revert}
+
+
+def _change_from(c: dict | None) -> _Change | None:
+    if c is None:
+        return None
+    return _Change(PlacementTable.from_state_dict(c["old"]), PlacementTable.from_state_dict(c["new"]),
+                   float(c["move_time"]), bool(c.get("revert", False)))
+
+
 def _bytes(cost, old: PlacementTable, new: PlacementTable) -> float:
     """Network bytes of a change (0 when the caller's cost object is not a ``CostModel``)."""
     return cost.move_bytes_total(old, new) if isinstance(cost, CostModel) and new is not old else 0.0
+
+
+def _static_like(table: PlacementTable) -> PlacementTable:
+    return PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
 
 
 def _same_slots(a: PlacementTable, b: PlacementTable) -> bool:

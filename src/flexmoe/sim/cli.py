@@ -104,11 +104,19 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                      help="hysteresis step: extra relative gain a change needs after each miss (default: %(default)s)")
     pol.add_argument("--bytes-budget", type=float, default=None,
                      help="network bytes one plan may move over all layers (default: no limit)")
+    pol.add_argument("--score-window", type=int, default=None,
+                     help="last steps a plan is scored on, 0: the prediction alone (default: the interval)")
+    pol.add_argument("--noise-z", type=float, default=base.noise_z,
+                     help="standard errors of its gain over the window a change must clear (default: %(default)s)")
+    pol.add_argument("--trust", type=int, default=base.trust,
+                     help="out-of-sample results (holdout, past proposals) whose mean gain must be > 0 before a "
+                          "change, 0: off (default: %(default)s)")
 
 
 def _policy(args) -> ReplanPolicy:
     """The ``ReplanPolicy`` of the flags (the same object ``PlacementScheduler`` takes)."""
-    for flag, value, low in (("--interval", args.interval, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, low in (("--interval", args.interval, 1), ("--warmup", args.warmup, 0),
+                             ("--score-window", args.score_window, 0), ("--trust", args.trust, 0), ("--noise-z", args.noise_z, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     predictor = None
@@ -116,7 +124,8 @@ def _policy(args) -> ReplanPolicy:
         predictor = PredictorConfig(args.predictor, decay=args.predictor_decay, window=args.predictor_window,
                                     z=args.predictor_z, lead=args.predictor_lead)
     return ReplanPolicy(interval=args.interval, warmup=args.warmup, predictor=predictor, guard=args.guard,
-                        guard_gain=args.guard_gain, bytes_budget=args.bytes_budget)
+                        guard_gain=args.guard_gain, bytes_budget=args.bytes_budget, score_window=args.score_window,
+                        noise_z=args.noise_z, trust=args.trust)
 
 
 def _describe(policy: ReplanPolicy) -> str:
@@ -126,7 +135,8 @@ def _describe(policy: ReplanPolicy) -> str:
         "mean_std": f"mean + {p.z} std over {p.window}", "trend": f"trend over {p.window}, {p.lead} ahead"}[p.kind]
     budget = "" if policy.bytes_budget is None else f", at most {policy.bytes_budget:.3g} bytes a plan"
     return (f"re-plan every {policy.interval} steps from step {policy.first_plan}, predictor {predictor}, "
-            f"guard {'on (gain ' + str(policy.guard_gain) + ')' if policy.guard else 'off'}{budget}")
+            f"guard {'on (gain ' + str(policy.guard_gain) + ', trust ' + str(policy.trust) + ')' if policy.guard else 'off'}"
+            f"{budget}, scored on the last {policy.window} steps (noise z {policy.noise_z})")
 
 
 def _cost(args) -> CostModel:

@@ -93,15 +93,20 @@ def simulate_planner(
     slots_per_rank: int | None = None,
     policy: ReplanPolicy | None = None,
     on_step: Callable[[int, list[PlacementTable], np.ndarray], None] | None = None,
+    perfect_prediction: bool = False,
 ) -> SimResult:
     """Replay ``counts_TLWE`` under ``planner`` run by ``policy`` (default ``ReplanPolicy()``).
 
     ``on_step(t, tables_L, counts_LWE)``, if given, sees each step's tables (after that step's
     re-plan) and true counts before the step is charged: e.g. to time the plan on real kernels.
+    ``perfect_prediction``: each plan is made on the true counts of the ``interval`` steps it will
+    be kept (``Replanner.plan(future_NLWE=...)``): what is left of the gap to the oracle is search
+    and cadence, not prediction.
     """
     T, L, W, E = counts_TLWE.shape
     tables = [PlacementTable.static(E, W, slots_per_rank) for _ in range(L)]
-    replanner = Replanner(policy or ReplanPolicy(), planner, L)
+    policy = policy or ReplanPolicy()
+    replanner = Replanner(policy, planner, L)
     balance_TL = np.ones((T, L))
     terms_T4 = np.zeros((T, 4))
     layer_TL = np.zeros((T, L))
@@ -109,7 +114,8 @@ def simulate_planner(
     for t in range(T):
         true_LWE = counts_TLWE[t]
         if replanner.due():
-            for layer, p in enumerate(replanner.plan(tables, cost, true_LWE)):
+            future = counts_TLWE[t: t + policy.interval] if perfect_prediction else None
+            for layer, p in enumerate(replanner.plan(tables, cost, true_LWE, future)):
                 old, new = tables[layer], p.table
                 if new is old:
                     continue
@@ -131,7 +137,8 @@ def simulate_planner(
             load_W = rank_loads(tables[layer], true_LWE[layer].sum(0))
             balance_TL[t, layer] = load_W.max() / load_W.mean() if load_W.sum() > 0 else 1.0
         replanner.observe(true_LWE)
-    return SimResult(planner.name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates,
+    name = planner.name + (" (perfect prediction)" if perfect_prediction else "")
+    return SimResult(name, balance_TL, terms_T4.sum(1), *terms_T4.T, bytes_moved, replans, share_updates,
                      layer_TL)
 
 
@@ -143,10 +150,12 @@ def simulate(
     slots_per_rank: int | None = None,
     policy: ReplanPolicy | None = None,
     on_step: Callable[[str, int, list[PlacementTable], np.ndarray], None] | None = None,
+    perfect_prediction: bool = False,
 ) -> list[SimResult]:
     """One ``SimResult`` per planner, in order. ``world_size`` below the trace's merges neighbouring
     ranks; above it (a multiple), ``split_ranks`` deals each rank's tokens out to several.
-    ``on_step(planner_name, t, tables_L, counts_LWE)``: as in ``simulate_planner``."""
+    ``on_step(planner_name, t, tables_L, counts_LWE)`` and ``perfect_prediction``: as in
+    ``simulate_planner``."""
     counts = trace.counts_TLWE
     if world_size is not None and world_size < trace.world_size:
         counts = merge_ranks(counts, world_size)
@@ -155,7 +164,7 @@ def simulate(
     def hook(p: Planner):
         return None if on_step is None else (lambda t, tables, c: on_step(p.name, t, tables, c))
 
-    return [simulate_planner(p, counts, cost, slots_per_rank, policy, hook(p)) for p in planners]
+    return [simulate_planner(p, counts, cost, slots_per_rank, policy, hook(p), perfect_prediction) for p in planners]
 
 
 def format_table(results: list[SimResult], baseline: str = "static") -> str:
