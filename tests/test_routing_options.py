@@ -267,7 +267,7 @@ def test_hf_pooled_aux_loss_matches_transformers():
 def test_add_expert_bias_matches_indexing_and_its_gradients(with_scale):
     """The expert-bias op against plain indexing in float64 (forward, and gradcheck of every
     input), with an empty expert, an expert holding one row and the rest on one expert; and its
-    bf16 bias gradient summed in float32 (within bf16 rounding of the float64 sum)."""
+    bf16 bias gradient accumulated in float32 (within bf16 rounding of the float64 sum)."""
     from flexmoe.ops.expert_bias import add_expert_bias
 
     rng = torch.Generator().manual_seed(5)
