@@ -88,6 +88,71 @@ def clamped_swiglu(h_N2F: torch.Tensor, alpha: float, limit: float) -> torch.Ten
     return (up_NF.clamp(-limit, limit) + 1) * (gate_NF * torch.sigmoid(gate_NF * alpha))
 
 
+def _torch_clamped_swiglu_scaled(h_N2F, scale_N, valid_1, alpha, limit):
+    out = clamped_swiglu(h_N2F, alpha, limit) * scale_N.to(h_N2F.dtype).unsqueeze(-1)
+    return torch.where(_row_mask(h_N2F.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alpha, limit):
+    """By hand, as autograd differentiates ``clamped_swiglu`` (a clamp passes the gradient where
+    its input is inside the closed range)."""
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    grad_NF = torch.where(_row_mask(h_N2F.shape[0], valid_1), grad_NF, torch.zeros((), dtype=grad_NF.dtype, device=grad_NF.device))
+    g_NF, u_NF = gate_NF.clamp(max=limit), up_NF.clamp(-limit, limit)
+    sig_NF = torch.sigmoid(g_NF * alpha)
+    glu_NF = g_NF * sig_NF
+    d_NF = grad_NF * scale_N.to(h_N2F.dtype).unsqueeze(-1)
+    dgate_NF = torch.where(gate_NF <= limit, d_NF * (u_NF + 1) * (sig_NF + alpha * glu_NF * (1 - sig_NF)), 0.0)
+    dup_NF = torch.where((up_NF >= -limit) & (up_NF <= limit), d_NF * glu_NF, 0.0)
+    acc = torch.float32 if h_N2F.dtype in (torch.bfloat16, torch.float16) else h_N2F.dtype
+    dscale_N = ((u_NF.to(acc) + 1) * glu_NF.to(acc) * grad_NF.to(acc)).sum(-1).to(scale_N.dtype)
+    return torch.cat([dgate_NF, dup_NF], dim=-1), dscale_N
+
+
+@torch.library.custom_op("flexmoe::clamped_swiglu_scaled", mutates_args=())
+def clamped_swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, alpha: float,
+                          limit: float, use_triton: bool) -> torch.Tensor:
+    """``clamped_swiglu(h) * scale`` in one pass (a Triton kernel on GPUs, not a chain of torch ops)."""
+    if use_triton:
+        return triton_kernels().clamped_swiglu_scaled_fwd(h_N2F, scale_N, valid_1, alpha, limit)
+    return _torch_clamped_swiglu_scaled(h_N2F, scale_N, valid_1, alpha, limit)
+
+
+@torch.library.custom_op("flexmoe::clamped_swiglu_scaled_backward", mutates_args=())
+def clamped_swiglu_scaled_backward(
+    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, alpha: float,
+    limit: float, use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton:
+        return triton_kernels().clamped_swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
+    return _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
+
+
+@clamped_swiglu_scaled.register_fake
+def _(h_N2F, scale_N, valid_1, alpha, limit, use_triton):
+    return h_N2F.new_empty((h_N2F.shape[0], h_N2F.shape[1] // 2))
+
+
+@clamped_swiglu_scaled_backward.register_fake
+def _(h_N2F, scale_N, valid_1, grad_NF, alpha, limit, use_triton):
+    return torch.empty_like(h_N2F), torch.empty_like(scale_N)
+
+
+def _clamped_setup(ctx, inputs, output):
+    h_N2F, scale_N, valid_1, alpha, limit, use_triton = inputs
+    ctx.save_for_backward(h_N2F, scale_N, valid_1)
+    ctx.alpha, ctx.limit, ctx.use_triton = alpha, limit, use_triton
+
+
+def _clamped_backward(ctx, grad_NF):
+    h_N2F, scale_N, valid_1 = ctx.saved_tensors
+    dh, ds = clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, ctx.alpha, ctx.limit, ctx.use_triton)
+    return dh, ds, None, None, None, None
+
+
+clamped_swiglu_scaled.register_autograd(_clamped_backward, setup_context=_clamped_setup)
+
+
 def scaled_activation(
     h_NF: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, activation: str, use_triton: bool,
     swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
@@ -97,9 +162,8 @@ def scaled_activation(
     if activation == "swiglu":
         return swiglu_scaled(h_NF, scale_N, valid_1, use_triton)
     if activation == "swiglu_clamped":
-        act = clamped_swiglu(h_NF, swiglu_alpha, swiglu_limit)
-    else:
-        act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
+        return clamped_swiglu_scaled(h_NF, scale_N, valid_1, swiglu_alpha, swiglu_limit, use_triton)
+    act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
     out = act * scale_N.to(h_NF.dtype).unsqueeze(-1)
     return torch.where(_row_mask(h_NF.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
@@ -114,6 +178,9 @@ def scaled_activation_backward(
         if use_triton:
             return triton_kernels().swiglu_scaled_bwd(h_NH, scale_N, valid_1, grad_NF)
         return _torch_swiglu_scaled_backward(h_NH, scale_N, valid_1, grad_NF)
+    if activation == "swiglu_clamped":
+        raise ValueError("scaled_activation_backward: 'swiglu_clamped' needs its alpha and limit "
+                         "(clamped_swiglu_scaled_backward)")
     grad_NF = torch.where(_row_mask(h_NH.shape[0], valid_1), grad_NF, torch.zeros((), dtype=grad_NF.dtype, device=grad_NF.device))
     if activation == "gelu":
         cdf_NF = 0.5 * (1 + torch.erf(h_NH * 0.7071067811865476))
