@@ -194,6 +194,51 @@ def balanced_shares(slot_WS: np.ndarray, load_E: np.ndarray, sweeps: int = 8) ->
     return _normalise(slot_WS, share_WS, E)
 
 
+def _rank_loads(slot_WS: np.ndarray, share_WS: np.ndarray, load_E: np.ndarray) -> np.ndarray:
+    return (np.where(slot_WS >= 0, load_E[np.maximum(slot_WS, 0)], 0.0) * share_WS).sum(1)
+
+
+def _neighbours(slot_WS: np.ndarray, load_W: np.ndarray, partners: int):
+    """Slot tables one step from ``slot_WS``: a replica of the busiest rank moved to a free slot
+    of, or swapped with a replica of, one of the ``partners`` least loaded ranks (never putting
+    two replicas of one expert on one rank)."""
+    order = np.argsort(load_W, kind="stable")
+    hot = int(order[-1])
+    for cold in (int(r) for r in order[:partners] if r != hot):
+        for s in range(slot_WS.shape[1]):
+            e = int(slot_WS[hot, s])
+            if e < 0:
+                continue
+            for t in range(slot_WS.shape[1]):
+                f = int(slot_WS[cold, t])
+                if f == e or e in slot_WS[cold] or (f >= 0 and f in slot_WS[hot]):
+                    continue
+                out = slot_WS.copy()
+                out[hot, s], out[cold, t] = f, e
+                yield out
+                if f < 0:
+                    break  # one free slot of a rank is as good as another
+
+
+def refine(table: PlacementTable, load_E: np.ndarray, score, rounds: int, partners: int = 2):
+    """Local search after a greedy packing: while ``score`` (lower is better) improves, for up to
+    ``rounds`` rounds, take the best single-slot move or swap between the busiest rank and the
+    ``partners`` least loaded ones, shares re-balanced. Returns (table, its score)."""
+    best, best_score = table, score(table)
+    for _ in range(rounds):
+        load_W = _rank_loads(best.slot_expert_WS, best.share_WS, load_E)
+        step, step_score = None, best_score
+        for slot_WS in _neighbours(best.slot_expert_WS, load_W, partners):
+            cand = PlacementTable(table.num_experts, slot_WS, balanced_shares(slot_WS, load_E))
+            s = score(cand)
+            if s < step_score:
+                step, step_score = cand, s
+        if step is None:
+            break
+        best, best_score = step, step_score
+    return best, best_score
+
+
 def _normalise(slot_WS: np.ndarray, share_WS: np.ndarray, num_experts: int) -> np.ndarray:
     valid = slot_WS >= 0
     total_E = np.bincount(slot_WS[valid], weights=share_WS[valid], minlength=num_experts)
@@ -397,7 +442,10 @@ class GreedyPlanner(Planner):
       from one replica per expert one more replica at a time to argmax load / replicas (at most
       one per rank), each packed four ways (keeping current locations or fresh; least loaded rank
       or where the expert's tokens come from), shares balanced. The search stops after ``patience`` replicas without improvement (None:
-      ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones.
+      ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones. With
+      ``refine_rounds`` > 0 the search's best is refined (``refine``: up to that many moves or
+      swaps of single slots off the busiest rank); off by default: on the CPU aux 0.01 trace it
+      did not gain (1.025x vs 1.026x static) at about 7x the planning time.
 
     The best candidate replaces the table if its score beats keeping it by a relative
     ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),
@@ -419,8 +467,11 @@ class GreedyPlanner(Planner):
     predictor_decay: float = 0.0
     return_weight: float = 0.0
     window_candidates: bool = True
+    refine_rounds: int = 0
 
     def __post_init__(self):
+        if isinstance(self.refine_rounds, bool) or not isinstance(self.refine_rounds, int) or self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be an int >= 0, got {self.refine_rounds!r}")
         if not self.threshold >= 1.0:
             raise ValueError(f"threshold must be >= 1, got {self.threshold}")
         if self.rebalance_threshold is None:
@@ -549,6 +600,10 @@ class GreedyPlanner(Planner):
             since_best = 0 if packings(reps_E) else since_best + 1
             if since_best >= patience:
                 break
+        if kept and self.refine_rounds:
+            cand, s = refine(kept[-1][0], load_E, score, self.refine_rounds)
+            if s < kept[-1][1]:
+                kept.append((cand, s))
         return kept
 
 
