@@ -67,9 +67,7 @@ class ParallelConfig:
         the weight-gradient rows copied once into slot-major buffers (few rows; degree > 1
         copies them anyway) or two weight-gradient GEMMs summed (many rows: one extra
         full-size gradient). At world size 1 with every expert held once, the one-device FFN over the slots
-        runs instead. False (default): every row goes through the exchange, a token's own rank
-        included. Opt-in for now: with it, gloo runs under torchrun sometimes abort at interpreter
-        exit (about 1 in 8 on a loaded CPU; docs/parallel.md).
+        runs instead. False: every row goes through the exchange, a token's own rank included.
     timeout_s: the longest a collective of this layer waits for the other ranks before raising
         ``TimeoutError``: agreement checks, counts, and the exact dispatch's all-to-alls (the
         bounded dispatch's exchanges are bounded by the process group's own ``timeout=``).
@@ -85,7 +83,7 @@ class ParallelConfig:
     dispatch: Dispatch = "exact"
     rows_per_rank_pair: int | None = None
     bounded_transport: BoundedTransport = "auto"
-    local_first: bool = False
+    local_first: bool = True
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
