@@ -114,7 +114,7 @@ def clamped_swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: t
                           limit: float, use_triton: bool) -> torch.Tensor:
     """``clamped_swiglu(h) * scale`` in one pass (a Triton kernel on GPUs, not a chain of torch ops)."""
     if use_triton:
-        return triton_kernels().clamped_swiglu_scaled_fwd(h_N2F, scale_N, valid_1, alpha, limit)
+        return triton_kernels().swiglu_scaled_fwd(h_N2F, scale_N, valid_1, (alpha, limit))
     return _torch_clamped_swiglu_scaled(h_N2F, scale_N, valid_1, alpha, limit)
 
 
@@ -124,7 +124,7 @@ def clamped_swiglu_scaled_backward(
     limit: float, use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton:
-        return triton_kernels().clamped_swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
+        return triton_kernels().swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF, (alpha, limit))
     return _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
 
 

@@ -110,7 +110,10 @@ def _silu(g):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, scale_ptr, valid_ptr, out_ptr, F, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _swiglu_fwd_kernel(h_ptr, scale_ptr, valid_ptr, out_ptr, F, alpha, limit, CLAMPED: tl.constexpr,
+                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """``silu(g) * u * scale``; CLAMPED (GPT-OSS): ``(clamp(u, -l, l) + 1) * g' * sigmoid(alpha g') * scale``
+    with ``g' = min(g, l)``."""
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(valid_ptr).to(tl.int64)
     scale = tl.load(scale_ptr + row).to(ACC)
@@ -120,12 +123,18 @@ def _swiglu_fwd_kernel(h_ptr, scale_ptr, valid_ptr, out_ptr, F, BLOCK: tl.conste
         load_mask = in_row & (cols * 0 + row < n_valid)
         g = tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC)
         u = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
-        a = _silu(g) * u * scale
+        if CLAMPED:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            a = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g))) * scale
+        else:
+            a = _silu(g) * u * scale
         tl.store(out_ptr + row * F + cols, a.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(h_ptr, scale_ptr, valid_ptr, grad_ptr, dh_ptr, dscale_ptr, F, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _swiglu_bwd_kernel(h_ptr, scale_ptr, valid_ptr, grad_ptr, dh_ptr, dscale_ptr, F, alpha, limit,
+                       CLAMPED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(valid_ptr).to(tl.int64)
     scale = tl.load(scale_ptr + row).to(ACC)
@@ -137,108 +146,51 @@ def _swiglu_bwd_kernel(h_ptr, scale_ptr, valid_ptr, grad_ptr, dh_ptr, dscale_ptr
         g = tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC)
         u = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
         da = tl.load(grad_ptr + row * F + cols, mask=load_mask, other=0.0).to(ACC)
-        sig = 1.0 / (1.0 + tl.exp(-g))
-        silu = g * sig
-        dscale += silu * u * da
-        dg = da * scale * u * sig * (1.0 + g * (1.0 - sig))
-        du = da * scale * silu
+        if CLAMPED:  # a clamp passes the gradient inside its closed range
+            gc = tl.minimum(g, limit)
+            uc = tl.minimum(tl.maximum(u, -limit), limit)
+            sig = 1.0 / (1.0 + tl.exp(-alpha * gc))
+            glu = gc * sig
+            dscale += (uc + 1.0) * glu * da
+            dg = tl.where(g <= limit, da * scale * (uc + 1.0) * (sig + alpha * glu * (1.0 - sig)), 0.0)
+            du = tl.where((u >= -limit) & (u <= limit), da * scale * glu, 0.0)
+        else:
+            sig = 1.0 / (1.0 + tl.exp(-g))
+            silu = g * sig
+            dscale += silu * u * da
+            dg = da * scale * u * sig * (1.0 + g * (1.0 - sig))
+            du = da * scale * silu
         tl.store(dh_ptr + row * 2 * F + cols, dg.to(dh_ptr.dtype.element_ty), mask=in_row)
         tl.store(dh_ptr + row * 2 * F + F + cols, du.to(dh_ptr.dtype.element_ty), mask=in_row)
     tl.store(dscale_ptr + row, tl.sum(dscale, axis=0).to(dscale_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _clamped_swiglu_fwd_kernel(h_ptr, scale_ptr, valid_ptr, out_ptr, F, alpha, limit, BLOCK: tl.constexpr,
-                               ACC: tl.constexpr):
-    """GPT-OSS: ``(clamp(u, -l, l) + 1) * g' * sigmoid(alpha g') * scale``, ``g' = min(g, l)``."""
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(valid_ptr).to(tl.int64)
-    scale = tl.load(scale_ptr + row).to(ACC)
-    for start in range(0, F, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < F
-        load_mask = in_row & (cols * 0 + row < n_valid)
-        g = tl.minimum(tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC), limit)
-        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-        a = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g))) * scale
-        tl.store(out_ptr + row * F + cols, a.to(out_ptr.dtype.element_ty), mask=in_row)
-
-
-@triton.jit
-def _clamped_swiglu_bwd_kernel(h_ptr, scale_ptr, valid_ptr, grad_ptr, dh_ptr, dscale_ptr, F, alpha, limit,
-                               BLOCK: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(valid_ptr).to(tl.int64)
-    scale = tl.load(scale_ptr + row).to(ACC)
-    dscale = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, F, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < F
-        load_mask = in_row & (cols * 0 + row < n_valid)
-        g_in = tl.load(h_ptr + row * 2 * F + cols, mask=load_mask, other=0.0).to(ACC)
-        u_in = tl.load(h_ptr + row * 2 * F + F + cols, mask=load_mask, other=0.0).to(ACC)
-        da = tl.load(grad_ptr + row * F + cols, mask=load_mask, other=0.0).to(ACC)
-        g = tl.minimum(g_in, limit)
-        u = tl.minimum(tl.maximum(u_in, -limit), limit)
-        sig = 1.0 / (1.0 + tl.exp(-alpha * g))
-        glu = g * sig
-        dscale += (u + 1.0) * glu * da
-        dg = da * scale * (u + 1.0) * (sig + alpha * glu * (1.0 - sig))
-        du = da * scale * glu
-        dg = tl.where(g_in <= limit, dg, 0.0)
-        du = tl.where((u_in >= -limit) & (u_in <= limit), du, 0.0)
-        tl.store(dh_ptr + row * 2 * F + cols, dg.to(dh_ptr.dtype.element_ty), mask=in_row)
-        tl.store(dh_ptr + row * 2 * F + F + cols, du.to(dh_ptr.dtype.element_ty), mask=in_row)
-    tl.store(dscale_ptr + row, tl.sum(dscale, axis=0).to(dscale_ptr.dtype.element_ty))
-
-
-def clamped_swiglu_scaled_fwd(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, alpha: float,
-                              limit: float) -> torch.Tensor:
+def swiglu_scaled_fwd(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor,
+                      clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """``clamp``: (alpha, limit) of the GPT-OSS clamped SwiGLU, None for the plain one."""
     h_N2F = h_N2F.contiguous()
     N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
     out_NF = torch.empty((N, F), dtype=h_N2F.dtype, device=h_N2F.device)
+    alpha, limit = clamp if clamp is not None else (1.0, 0.0)
     if N and F:
-        _clamped_swiglu_fwd_kernel[(N,)](h_N2F, scale_N.contiguous(), valid_1, out_NF, F, alpha, limit,
-                                         BLOCK=_block(F), ACC=_acc(h_N2F.dtype))
-    return out_NF
-
-
-def clamped_swiglu_scaled_bwd(
-    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, alpha: float,
-    limit: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    h_N2F = h_N2F.contiguous()
-    N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
-    dh_N2F = torch.empty_like(h_N2F)
-    dscale_N = torch.empty_like(scale_N)
-    if N and F:
-        _clamped_swiglu_bwd_kernel[(N,)](h_N2F, scale_N.contiguous(), valid_1, grad_NF.contiguous(), dh_N2F, dscale_N,
-                                         F, alpha, limit, BLOCK=_block(F), ACC=_acc(h_N2F.dtype))
-    elif N:
-        dscale_N.zero_()
-    return dh_N2F, dscale_N
-
-
-def swiglu_scaled_fwd(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor) -> torch.Tensor:
-    h_N2F = h_N2F.contiguous()
-    N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
-    out_NF = torch.empty((N, F), dtype=h_N2F.dtype, device=h_N2F.device)
-    if N and F:
-        _swiglu_fwd_kernel[(N,)](h_N2F, scale_N.contiguous(), valid_1, out_NF, F, BLOCK=_block(F), ACC=_acc(h_N2F.dtype))
+        _swiglu_fwd_kernel[(N,)](h_N2F, scale_N.contiguous(), valid_1, out_NF, F, alpha, limit,
+                                 CLAMPED=clamp is not None, BLOCK=_block(F), ACC=_acc(h_N2F.dtype))
     return out_NF
 
 
 def swiglu_scaled_bwd(
-    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor
+    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor,
+    clamp: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     h_N2F = h_N2F.contiguous()
     N, F = h_N2F.shape[0], h_N2F.shape[1] // 2
     dh_N2F = torch.empty_like(h_N2F)
     dscale_N = torch.empty_like(scale_N)
+    alpha, limit = clamp if clamp is not None else (1.0, 0.0)
     if N and F:
         _swiglu_bwd_kernel[(N,)](
-            h_N2F, scale_N.contiguous(), valid_1, grad_NF.contiguous(), dh_N2F, dscale_N, F, BLOCK=_block(F), ACC=_acc(h_N2F.dtype)
+            h_N2F, scale_N.contiguous(), valid_1, grad_NF.contiguous(), dh_N2F, dscale_N, F, alpha, limit,
+            CLAMPED=clamp is not None, BLOCK=_block(F), ACC=_acc(h_N2F.dtype),
         )
     elif N:
         dscale_N.zero_()
