@@ -57,3 +57,46 @@ def _case_worker(module: str, rank: int, world: int, port: int, out_dir: str) ->
     results = importlib.import_module(module).run_cases(rank, world, port)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def starve_gloo_threads() -> None:
+    """Pin every thread of this process to one CPU and give gloo's threads the lowest priority, so
+    that after a collective the calling thread runs ahead of gloo's worker (what load on the
+    machine does by chance): a worker that still holds a finished collective's tensors is then
+    caught right away. Call it after ``init_process_group`` (gloo's threads exist by then)."""
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            os.sched_setaffinity(tid, {cpu})
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if "gloo" in f.read():
+                    os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+
+
+def run_case_table(cases: dict, rank: int, world: int, port: int, timeout_s: float = 90, after_init=None) -> dict:
+    """Initialise a gloo group of ``world`` processes, call ``after_init()`` if given, run every
+    ``case(rank, world)`` of ``cases`` and return case name -> "ok" or its traceback."""
+    import datetime
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    if after_init is not None:
+        after_init()
+    results = {}
+    for name, case in cases.items():
+        try:
+            case(rank, world)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()
+    dist.destroy_process_group()
+    return results

@@ -11,8 +11,6 @@ between steps, for "auto", with E < W, a rank without tokens and all tokens on o
 
 from __future__ import annotations
 
-import datetime
-import traceback
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from flexmoe.parallel.adaptive_cost import method_cost
 from flexmoe.parallel.shard_layout import DP, ShardLayout, default_shard_degree
 from flexmoe.runtime import expert_parameters, sync_gradients
 from flexmoe.train import checkpoint as ckpt
-from helpers import run_cases_in_processes
+from helpers import run_case_table, run_cases_in_processes
 
 F64_TOL = 1e-10
 SPAWN_TIMEOUT_S = 300
@@ -454,18 +452,7 @@ CASES = {
 
 def run_cases(rank: int, world: int, port: int) -> dict:
     """Entry point of every spawned process (helpers.run_cases_in_processes)."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
-    results = {}
-    for name, case in CASES[world].items():
-        try:
-            case(rank, world)
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent test
-            results[name] = traceback.format_exc()
-    dist.destroy_process_group()
-    return results
+    return run_case_table(CASES[world], rank, world, port, 90)
 
 
 @pytest.fixture(scope="module")

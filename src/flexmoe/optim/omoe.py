@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..config import _require_float, _require_int
 from ..layer import MoELayer, moe_layers
 from ..parallel import ParallelExperts
@@ -155,7 +156,7 @@ class OMoE:
                                  table_digest(experts.placement)], dtype=torch.int64,
                                 device=layer.experts.gate_up_proj.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(mine) for _ in range(size)]
-            dist.all_gather(parts, mine, group=group)
+            collectives.all_gather(parts, mine, group=group)
             names = ("OMoE step", "MoE layers", "layer index", "num_experts", "expert numel", "placement digest")
             for name, column in zip(names, torch.stack(parts).T):
                 if (column != column[0]).any():

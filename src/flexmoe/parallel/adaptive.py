@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agreement import wait
+from .. import collectives
+from .agreement import bounded_wait
 from .groups import EPGroup
 
 TRIAL, RESOLVE, CACHED = "trial", "resolve", "cached"
@@ -59,8 +60,8 @@ class MethodTuner:
         times_C = torch.tensor([min(self.trial_s[level][c]) for c in self.candidates], dtype=torch.float64,
                                device=device)
         if ep.size > 1:
-            wait(dist.all_reduce(times_C, op=dist.ReduceOp.MAX, group=ep.group, async_op=True), timeout_s,
-                 "the method choice of an adaptive MoE layer")
+            collectives.run(lambda: dist.all_reduce(times_C, op=dist.ReduceOp.MAX, group=ep.group, async_op=True),
+                            [times_C], bounded_wait(timeout_s, "the method choice of an adaptive MoE layer"))
         self.best[level] = self.candidates[int(torch.argmin(times_C.cpu()))]
         return self.best[level]
 

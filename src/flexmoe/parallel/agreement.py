@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..placement.table import table_digest
 from .groups import EPGroup
 
@@ -89,8 +89,7 @@ def check_envelope(ep: EPGroup, kind: int, step: int, fields: dict[str, str], ti
 def _raise_unless_equal(ep: EPGroup, envelopes_W3, kind: int, step: int, fields: dict[str, str]) -> None:
     if (envelopes_W3 == envelopes_W3[0]).all():
         return
-    details: list = [None] * ep.size
-    dist.all_gather_object(details, {"kind": kind, "step": step, "fields": fields}, group=ep.group)
+    details = collectives.all_gather_object({"kind": kind, "step": step, "fields": fields}, group=ep.group)
     raise AgreementError(_describe(details, ep.rank))
 
 
@@ -161,41 +160,47 @@ class PendingInts:
     and the host copy run on a side stream, so the host waits for the collective only, not for
     kernels queued after it was started."""
 
-    def __init__(self, work, parts: list[torch.Tensor], timeout_s: float, what: str):
-        self._work, self._parts, self._timeout_s, self._what = work, parts, timeout_s, what
+    def __init__(self, ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str):
+        self._parts = [torch.empty_like(mine) for _ in range(ep.size)]
+        self._tensors = [*self._parts, mine]
+        self._counts = collectives.use_counts(self._tensors)
+        self._work = dist.all_gather(self._parts, mine, group=ep.group, async_op=True)
+        self._timeout_s, self._what = timeout_s, what
 
     def wait(self) -> np.ndarray:
         device = self._parts[0].device
         side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
         with side:
             wait(self._work, self._timeout_s, self._what)
+            self._work = None
+            collectives.settle(self._tensors, self._counts)
             return torch.stack(self._parts).cpu().numpy()
 
 
 def start_all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> PendingInts:
     """``all_gather_ints`` started asynchronously."""
-    parts = [torch.empty_like(mine) for _ in range(ep.size)]
-    return PendingInts(dist.all_gather(parts, mine, group=ep.group, async_op=True), parts, timeout_s, what)
+    return PendingInts(ep, mine, timeout_s, what)
 
 
 def all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
     """``[W, len(mine)]``: ``mine`` from every rank, waiting at most ``timeout_s``."""
     parts = [torch.empty_like(mine) for _ in range(ep.size)]
-    wait(dist.all_gather(parts, mine, group=ep.group, async_op=True), timeout_s, what)
+    collectives.run(lambda: dist.all_gather(parts, mine, group=ep.group, async_op=True), [*parts, mine],
+                    bounded_wait(timeout_s, what))
     return torch.stack(parts)
 
 
+def bounded_wait(timeout_s: float, what: str):
+    """A wait for ``collectives.run`` that raises ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    return collectives.timed_wait(timeout_s, lambda: (
+        f"flexmoe expert parallelism: {what} waited {timeout_s:g} s for the other ranks of the EP group "
+        "(ParallelConfig.timeout_s); a rank failed, skipped this step or runs different code"))
+
+
 def wait(work, timeout_s: float, what: str) -> None:
-    """Finish an async collective, or raise ``TimeoutError`` after ``timeout_s`` seconds."""
-    try:
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
-            raise
-        raise TimeoutError(
-            f"flexmoe expert parallelism: {what} waited {timeout_s:g} s for the other ranks of the EP group "
-            "(ParallelConfig.timeout_s); a rank failed, skipped this step or runs different code"
-        ) from error
+    """Finish an async collective, or raise ``TimeoutError`` after ``timeout_s`` seconds (the
+    caller settles its tensors: ``collectives.settle``)."""
+    bounded_wait(timeout_s, what)(work)
 
 
 def _describe(details: list[dict], rank: int) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from .. import collectives
 from ..experts import GroupedExperts
 from ..placement.table import PlacementTable
 from .dispatch import route_pairs
@@ -158,7 +159,12 @@ def _exchange(t: torch.Tensor, group, world: int) -> torch.Tensor:
     """Equal-split all-to-all of the rows of ``t``: block r goes to rank r."""
     if world == 1:
         return t
-    return funcol.wait_tensor(funcol.all_to_all_single(t, None, None, group))
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_to_all_single(t, None, None, group))
+    counts = collectives.use_counts([t])
+    out = funcol.wait_tensor(funcol.all_to_all_single(t, None, None, group))
+    collectives.settle([t, out], None if counts is None else [*counts, 1])  # out: only ours
+    return out
 
 
 class _PairExchange(torch.autograd.Function):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from ..placement.table import PlacementTable
 from .groups import EPGroup
 
@@ -32,7 +32,7 @@ def logical_rows(ep: EPGroup, table: PlacementTable, slots_S: torch.Tensor) -> t
         gathered = slots_S.unsqueeze(0)
     else:
         parts = [torch.empty_like(slots_S) for _ in range(ep.size)]
-        dist.all_gather(parts, slots_S, group=ep.group)
+        collectives.all_gather(parts, slots_S, group=ep.group)
         gathered = torch.stack(parts)
     flat_F = table.slot_expert_WS.reshape(-1)
     first_E = np.array([np.flatnonzero(flat_F == e)[0] for e in range(table.num_experts)])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from .agreement import wait
 from .groups import EPGroup
 
@@ -60,9 +61,10 @@ class Pending:
     """An exchange in flight; ``wait()`` returns the received rows. ``followed_by(fn)`` makes
     ``wait()`` pass them to ``fn``, which starts the next exchange, and wait for that one."""
 
-    def __init__(self, result: torch.Tensor, work=None, keep_alive=None, timeout_s: float | None = None):
+    def __init__(self, result: torch.Tensor, work=None, keep_alive=None, timeout_s: float | None = None,
+                 counts: list[int] | None = None):
         self._result, self._work, self._keep, self._then = result, work, keep_alive, None
-        self._timeout_s = timeout_s
+        self._timeout_s, self._counts = timeout_s, counts
 
     def followed_by(self, then) -> "Pending":
         self._then = then
@@ -73,7 +75,10 @@ class Pending:
             wait(self._work, self._timeout_s, "an EP all-to-all")
         elif self._work is not None:
             self._work.wait()
-        self._work = self._keep = None
+        self._work = None
+        if self._counts is not None:  # gloo lets go of the rows before they are freed here
+            collectives.settle([self._result, self._keep], self._counts)
+        self._keep = None
         if self._then is not None:
             then, self._then = self._then, None
             self._result = then(self._result).wait()
@@ -84,8 +89,9 @@ def _start_all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], grou
                       timeout_s: float | None = None) -> Pending:
     rows = rows.contiguous()
     out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+    counts = collectives.use_counts([out, rows])
     work = dist.all_to_all_single(out, rows, recv, send, group=group, async_op=True)
-    return Pending(out, work, keep_alive=rows, timeout_s=timeout_s)
+    return Pending(out, work, keep_alive=rows, timeout_s=timeout_s, counts=counts)
 
 
 class Exchanger:

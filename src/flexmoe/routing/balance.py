@@ -21,6 +21,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..config import MoEConfig
 from .base import Routing, expert_counts, load_balancing_loss, router_z_loss
 
@@ -70,7 +71,7 @@ class ExpertCountAgreement:
             return
         E = num_experts
         check_2 = torch.tensor([E, -E], dtype=torch.int64, device=device)
-        dist.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
+        collectives.all_reduce(check_2, op=dist.ReduceOp.MAX, group=group)
         high, low = check_2.tolist()
         if high != E or -low != E:
             raise ValueError(
@@ -97,7 +98,7 @@ def global_balance_loss(
     counts_E1 = torch.cat([counts_E, counts_E.new_full((1,), routing.expert_TK.numel())])  # no host-to-device copy
     if group is not None or (dist.is_available() and dist.is_initialized()):
         (agreement or ExpertCountAgreement()).check(E, group, device)
-        dist.all_reduce(counts_E1, group=group)
+        collectives.all_reduce(counts_E1, group=group)
     if T == 0:  # otherwise the summed pair count includes this rank's T * K > 0
         return probs_TE.sum() * 0.0
     f_E = counts_E1[:E].to(probs_TE.dtype) / counts_E1[-1].to(probs_TE.dtype)

@@ -11,6 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..config import MoEConfig
 from ..experts import GroupedExperts
 from ..placement.cost_model import CostModel
@@ -65,7 +66,7 @@ def measure_cost_model(
     bws = _measure_bandwidths(dev, dtype, group, world, repeats, sync)
     measured = torch.tensor([c_tok, c_slot, *(1.0 / bw for bw in bws)], dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=group)
+        collectives.all_reduce(measured, op=dist.ReduceOp.MAX, group=group)
     c_tok, c_slot, *inv_bws = measured.tolist()
     params = 3 * d_model * d_ff if config.is_gated else 2 * d_model * d_ff
     values = dict(

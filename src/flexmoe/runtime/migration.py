@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..parallel.agreement import wait
+from .. import collectives
+from ..parallel.agreement import bounded_wait
 from ..parallel.expert_parallel import ParallelExperts, ep_stage
 from ..placement.moves import diff_placement
 from ..placement.table import PlacementTable, table_digest
@@ -220,7 +221,9 @@ def check_same_tables(tables: Sequence[PlacementTable], group, timeout_s: float)
 def gather_bounded(mine: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
     """``[W, *mine.shape]``: ``mine`` from every rank of ``group``; TimeoutError after ``timeout_s``."""
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    wait(dist.all_gather(parts, mine.contiguous(), group=group, async_op=True), timeout_s, what)
+    mine = mine.contiguous()
+    collectives.run(lambda: dist.all_gather(parts, mine, group=group, async_op=True), [*parts, mine],
+                    bounded_wait(timeout_s, what))
     return torch.stack(parts)
 
 
@@ -303,8 +306,7 @@ def _check_agreement(old_table, new_table, fields, scalars, stage: ParallelExper
                 f"{all_W6[:, cols.start].tolist()}; equal versions mean the same version holds different "
                 "contents); every rank must apply the same plan"
             )
-    everyone: list = [None] * stage.size
-    dist.all_gather_object(everyone, {"fields": mine["fields"], "scalars": scalars}, group=group)
+    everyone = collectives.all_gather_object({"fields": mine["fields"], "scalars": scalars}, group=group)
     if any(o["fields"] != everyone[0]["fields"] for o in everyone):
         raise RuntimeError(
             "ranks hold different expert parameters / optimizer states; cannot move slots between them: "

@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..layer import moe_layers
 from ..parallel import ParallelExperts, ep_stage
-from ..parallel.agreement import wait
+from ..parallel.agreement import bounded_wait
 from ..placement.planner import GreedyPlanner, Planner
 from ..placement.policy import ReplanPolicy, Replanner
 from ..placement.predict import LoadPredictor, PredictorConfig
@@ -248,8 +249,9 @@ class PlacementScheduler:
         self._pending = []
         if self.expert_dp_group is not None and dist.get_world_size(self.expert_dp_group) > 1:
             local_HLE = local_HLE.to(comm_device(self.expert_dp_group))
-            wait(dist.all_reduce(local_HLE, group=self.expert_dp_group, async_op=True), self.timeout_s,
-                 "the placement scheduler's counts all-reduce over expert_dp_group")
+            collectives.run(lambda: dist.all_reduce(local_HLE, group=self.expert_dp_group, async_op=True),
+                            [local_HLE], bounded_wait(self.timeout_s,
+                                                      "the placement scheduler's counts all-reduce over expert_dp_group"))
         if self.world_size > 1:
             local_HLE = local_HLE.to(comm_device(self.group))
             all_HWLE = gather_bounded(local_HLE, self.group, self.timeout_s,

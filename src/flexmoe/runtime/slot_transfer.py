@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..parallel.agreement import wait
 from ..placement.moves import Transfer
 
@@ -60,6 +61,7 @@ class SlotTransfer:
                 self.recvs.setdefault(t.src[0], []).append(t)
         self.dtypes = list(dict.fromkeys(f.tensor.dtype for f in fields))
         self.works: list = []
+        self._settle: tuple = ([], None)  # buffers in flight and their owner counts (collectives.settle)
         self._staged_local: list[torch.Tensor] = []
         self._send_bufs: dict = {}
         self._recv_bufs: dict = {}
@@ -87,6 +89,8 @@ class SlotTransfer:
                     ops.append(dist.P2POp(dist.isend, self._send_bufs[peer][dtype], global_peer, self.group, tag))
                 if peer in self.recvs:
                     ops.append(dist.P2POp(dist.irecv, self._recv_bufs[peer][dtype], global_peer, self.group, tag))
+        buffers = [b for bufs in (self._send_bufs, self._recv_bufs) for per in bufs.values() for b in per.values()]
+        self._settle = (buffers, collectives.use_counts(buffers)) if buffers else ([], None)
         self.works = list(dist.batch_isend_irecv(ops)) if ops else []
         return self
 
@@ -101,6 +105,9 @@ class SlotTransfer:
                 work.wait()
             else:
                 wait(work, timeout_s, "a placement move's slot transfer")
+        work = works = None  # the works hold the buffers: drop them before settling
+        collectives.settle(*self._settle)
+        self._settle = ([], None)
         self._send_bufs = {}
 
     def land(self, timeout_s: float) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..parallel import ParallelExperts, ShardedExperts
 from ..parallel.agreement import SYNC, check_envelope
 from ..placement.table import table_digest
@@ -96,7 +97,7 @@ def sync_dense_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None = 
     if not params or not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
         return
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(has_grad, group=dp_group)
+    collectives.all_reduce(has_grad, group=dp_group)
     params = [p for p, used in zip(params, has_grad.tolist()) if used]
     for p in params:
         if p.grad is None:
@@ -147,7 +148,7 @@ def _check_same_tables(stages: list[ParallelExperts], group: dist.ProcessGroup, 
         return
     digests = torch.tensor([table_digest(stage.placement) for stage in stages], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(digests) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, digests, group=group)
+    collectives.all_gather(gathered, digests, group=group)
     differing = sorted({i for g in gathered for i in torch.nonzero(g != digests).flatten().tolist()})
     if differing:
         raise RuntimeError(
@@ -170,7 +171,7 @@ def _all_reduce(tensors: list[torch.Tensor], group, average: bool) -> None:
         groups.setdefault((t.dtype, t.device), []).append(t)
     for bucket in groups.values():
         flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat, group=group)
+        collectives.all_reduce(flat, group=group)
         if average:
             flat /= dist.get_world_size(group)
         offset = 0

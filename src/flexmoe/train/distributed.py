@@ -9,9 +9,9 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..parallel import ParallelExperts
 
 
@@ -33,9 +33,7 @@ def main_rank_error(error: str | None, info: DistInfo) -> str | None:
     ranks: the main rank writes the run's files alone, so a failed write reaches the others here,
     before they would wait for it in a collective it never joins."""
     if info.world_size > 1:
-        box = [error if info.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=info.group)
-        error = box[0]
+        error = collectives.broadcast_object(error if info.is_main else None, src=0, group=info.group)
     return error
 
 
@@ -62,7 +60,7 @@ def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.T
             if p.grad is not None:
                 expert_sq = expert_sq + p.grad.float()[mine].square().sum()
     if info.world_size > 1:
-        dist.all_reduce(expert_sq, group=info.group)
+        collectives.all_reduce(expert_sq, group=info.group)
     total = (dense_sq + expert_sq).sqrt()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:

@@ -14,9 +14,9 @@ import dataclasses
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from .distributed import DistInfo
 
 
@@ -51,7 +51,7 @@ def reduce_losses(lm_loss: torch.Tensor, aux_loss, model: nn.Module, info: DistI
     values = torch.stack([lm_loss.float(), torch.as_tensor(aux_loss).float().to(lm_loss.device), bad_grads.float(),
                           failed])
     if info.world_size > 1:
-        dist.all_reduce(values, group=info.group)
+        collectives.all_reduce(values, group=info.group)
         values[:2] /= info.world_size
     lm, aux, bad, failed = (float(v) for v in values.tolist())
     return StepVerdict(lm, aux, _nonfinite(lm, aux, bad, model), bool(failed))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import collectives
 from ..layer import moe_layers
 from ..models.gpt import GPTMoE, ModelConfig
 from ..placement import CostModel, make_planner
@@ -152,9 +152,7 @@ class Trainer:
         """This rank's ``item`` from every rank (rank order)."""
         if self.info.world_size == 1:
             return [item]
-        out: list = [None] * self.info.world_size
-        dist.all_gather_object(out, item, group=self.info.group)
-        return out
+        return collectives.all_gather_object(item, group=self.info.group)
 
     def save_checkpoint(self) -> Path | None:
         """Collective: every rank gathers its share; the main rank writes; a failed write (full
@@ -283,7 +281,7 @@ class Trainer:
         if self.info.world_size == 1:
             return counts_LE.cpu().numpy()[None]
         parts = [torch.empty_like(counts_LE) for _ in range(self.info.world_size)]
-        dist.all_gather(parts, counts_LE, group=self.info.group)
+        collectives.all_gather(parts, counts_LE, group=self.info.group)
         return torch.stack(parts).cpu().numpy()
 
     @torch.no_grad()
@@ -298,7 +296,7 @@ class Trainer:
                 n = window_BS[:, 1:].numel()
                 total += torch.stack([loss.double() * n, torch.tensor(float(n), device=self.device, dtype=torch.float64)])
         if self.info.world_size > 1:
-            dist.all_reduce(total, group=self.info.group)
+            collectives.all_reduce(total, group=self.info.group)
         self.model.train()
         return float(total[0] / total[1])
 
