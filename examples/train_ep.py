@@ -125,7 +125,7 @@ def main() -> None:
         moe.after_optimizer_step()
         if step % 10 == 0 or step == args.steps:
             mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
+            flexmoe.collectives.all_reduce(mean_loss)  # dist.all_reduce that leaves gloo nothing at exit
             elapsed = time.perf_counter() - start
             moe = model.blocks[0].moe.experts
             report = moe.memory_report  # None at world size 1: the one-device expert FFN runs
