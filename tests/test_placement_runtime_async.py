@@ -12,7 +12,8 @@
    table and slots and checkpoints them with the pending table, and the other rank's next forward
    raises TimeoutError within the bound; a rank that skips a re-plan makes the other's
    ``scheduler.step()`` raise TimeoutError within the bound (it used to wait for the process
-   group's timeout).
+   group's timeout); a rank that skips a re-plan and trains on makes both ranks raise an
+   AgreementError naming where each is (it used to die in a gloo size mismatch).
 """
 
 from __future__ import annotations
@@ -150,11 +151,28 @@ def skip_a_replan(rank, group):
     return out
 
 
+def skip_a_replan_and_train_on(rank, group):
+    """Rank 1 skips its scheduler step (after an error) and goes on to its next training step."""
+    model = two_layer_model(group, ParallelConfig(timeout_s=30.0), layers=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    sched = PlacementScheduler(model, opt, CrossSwapPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
+    train_step(model, opt, tokens(0, rank))
+    out = {}
+    try:
+        if rank == 0:
+            sched.step()
+        else:
+            train_step(model, opt, tokens(1, rank))
+    except Exception as error:  # noqa: BLE001 - the test reads what it was
+        out.update(error=type(error).__name__, message=str(error))
+    return out
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
-    failure_groups = [dist.new_group([0, 1]) for _ in range(2)]
+    failure_groups = [dist.new_group([0, 1]) for _ in range(3)]
     training, _, _ = invariance_scenarios(rank, WORLD)
     results = {"training": training,
                "overlap": {"async": overlap_scenario(rank, True), "blocking": overlap_scenario(rank, False)}}
@@ -162,6 +180,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     results["raise_between"] = raise_between_issue_and_apply(rank, failure_groups[0])
     dist.barrier()
     results["skip_replan"] = skip_a_replan(rank, failure_groups[1])
+    dist.barrier()
+    results["skip_replan_train_on"] = skip_a_replan_and_train_on(rank, failure_groups[2])
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
@@ -215,3 +235,12 @@ def test_a_rank_skipping_a_replan_times_out_within_parallel_timeout(results):
     r = results[0]["skip_replan"]
     assert r.get("error") == "TimeoutError" and "timeout_s" in r["message"], r
     assert r["elapsed_s"] < 10 * TIMEOUT_S, r  # the process group waits 60 s
+
+
+def test_a_rank_skipping_a_replan_and_training_on_is_named_on_both_ranks(results):
+    """Not a gloo size mismatch: the re-plan's agreement check meets the other's forward check."""
+    for r in results:
+        out = r["skip_replan_train_on"]
+        assert out.get("error") == "AgreementError", out
+        assert "different points" in out["message"] and "re-plan of PlacementScheduler.step" in out["message"], out
+        assert "the forward of an EP layer" in out["message"], out

@@ -1,7 +1,8 @@
 """Agreement between the ranks of an EP group, and collectives that never wait forever.
 
-Every flexmoe control point on an EP group (each EP layer's forward and backward, and
-``flexmoe.runtime.sync_gradients``, an EP layer's ``state_dict``) starts with one all-gather of a fixed-size *envelope*:
+Every flexmoe control point on an EP group (each EP layer's forward and backward,
+``flexmoe.runtime.sync_gradients``, an EP layer's ``state_dict``, a re-plan of
+``PlacementScheduler.step``) starts with one all-gather of a fixed-size *envelope*:
 ``[kind, step, digest]``. Its size never depends on the layer, so it pairs safely with whatever
 flexmoe collective another rank is in. ``step`` counts the layer's forward calls (a call that
 raised counts too) and ``digest`` hashes everything that shapes the exchange (the whole layer
@@ -36,9 +37,10 @@ from .. import collectives
 from ..placement.table import table_digest
 from .groups import EPGroup
 
-FORWARD, BACKWARD, SYNC, STATE = 1, 2, 3, 4
+FORWARD, BACKWARD, SYNC, STATE, REPLAN = 1, 2, 3, 4, 5
 _KINDS = {FORWARD: "the forward of an EP layer", BACKWARD: "the backward of an EP layer",
-          SYNC: "flexmoe.runtime.sync_gradients", STATE: "the state_dict of an EP layer"}
+          SYNC: "flexmoe.runtime.sync_gradients", STATE: "the state_dict of an EP layer",
+          REPLAN: "a re-plan of PlacementScheduler.step"}
 # ParallelConfig fields a rank may set differently (each rank's value is exchanged and combined).
 _PER_RANK_FIELDS = ("memory_budget_bytes", "free_memory_fraction", "timeout_s")
 

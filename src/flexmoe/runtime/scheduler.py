@@ -35,7 +35,7 @@ from torch import nn
 from .. import collectives
 from ..layer import moe_layers
 from ..parallel import ParallelExperts, ep_stage
-from ..parallel.agreement import bounded_wait
+from ..parallel.agreement import REPLAN, bounded_wait
 from ..placement.planner import GreedyPlanner, Planner
 from ..placement.policy import ReplanPolicy, Replanner
 from ..placement.predict import LoadPredictor, PredictorConfig
@@ -207,7 +207,20 @@ class PlacementScheduler:
         self.num_steps += 1
         if not self.policy.due(self.num_steps):
             return None
+        self._check_replan_point()
         return self._plan_and_apply(self._gather_pending())
+
+    def _check_replan_point(self) -> None:
+        """Raise ``AgreementError`` on every rank of the EP group unless all are at this re-plan
+        with the same steps: a rank that skipped its ``step()`` (after an error) meets this check
+        with its next forward's, or its gradient sync's, before the counts all-gather it would
+        break."""
+        first = self._stages[0]
+        if first.size == 1:
+            return
+        fields = {"PlacementScheduler steps": str(self.num_steps),
+                  "forward steps of the EP layers": repr([s.forward_steps for s in self._stages])}
+        first.agreement.check(REPLAN, first.forward_steps, fields, self.timeout_s, first.gate_up_proj.device)
 
     @property
     def pending(self) -> tuple[int, ...]:
