@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 SETTLE_LIMIT_S = 1.0  # a worker that still holds a tensor after this long is not finishing a collective
+_NAP_S = 20e-6
 
 
 def use_counts(tensors: Sequence[torch.Tensor]) -> list[int] | None:
@@ -52,7 +53,7 @@ def settle(tensors: Sequence[torch.Tensor], counts: list[int] | None) -> None:
             warnings.warn("flexmoe: a finished collective's tensors are still held elsewhere after "
                           f"{SETTLE_LIMIT_S:g} s; not waiting for them", RuntimeWarning, stacklevel=3)
             return
-        time.sleep(0)
+        time.sleep(_NAP_S)  # a real sleep: the GIL is free while it lasts (sleep(0) would keep it ~5 ms)
 
 
 def run(start: Callable[[], dist.Work | None], tensors: Sequence[torch.Tensor],
