@@ -1,4 +1,4 @@
-"""Collectives that leave no tensor with torch's communication threads.
+"""Collectives that never leave a tensor's last reference to torch's communication threads.
 
 gloo runs each collective on a worker thread, which drops its reference to the finished work
 just after waking the caller. When that is the last reference to a tensor Python has seen, the
@@ -7,11 +7,17 @@ CPython ends the thread from inside C++ and the process aborts ("terminate calle
 active exception", exit status -6) although the script finished. Right after a gloo all-reduce
 returns, the worker still holds its tensor about 30% of the time (2 processes, 2 cores), so a
 script whose last collective comes just before its end dies now and then, more often under load.
+While Python still holds the tensor, the worker lets go of it without the GIL (measured: it
+does so while the caller holds the GIL in a 20 ms C call).
 
-Every flexmoe collective on CPU tensors therefore returns only once the worker has let go of its
-tensors (``settle``; microseconds in practice): flexmoe's references are then the last ones and
-the calling thread frees them. On CUDA nothing waits: NCCL frees its works once the device has
-finished them, and waiting for that would synchronise the host.
+So every flexmoe collective on CPU tensors hands its tensors to ``settle``: those the worker has
+already let go of (most) are done; the others are kept alive, in this module's one process-wide
+list, until a later flexmoe collective finds them released, or, at the latest, until an
+``atexit`` hook (which runs before the interpreter starts to exit) has waited for them (at most
+``EXIT_WAIT_S``). The
+worker is then never a tensor's last owner, and no collective waits for it. (This list is the
+only process-wide state in flexmoe: it belongs to gloo's threads, which are process-wide too.)
+On CUDA tensors nothing is kept: NCCL frees its works once the device has finished them.
 
 ``run`` is the building block (start, wait, release, settle); the rest are the collectives
 flexmoe uses, including object collectives over pickled bytes (torch's own free their tensors
@@ -20,17 +26,23 @@ wherever the worker happens to be).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import pickle
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-SETTLE_LIMIT_S = 1.0  # a worker that still holds a tensor after this long is not finishing a collective
+# At exit, how long to wait for the workers: a runnable worker gets a CPU well within it; a
+# tensor still held after it is held by something else (e.g. a graph that is still alive).
+EXIT_WAIT_S = 0.25
 _NAP_S = 20e-6
+_MAX_KEPT = 256  # past this many collectives, the oldest kept tensors have surely been let go
+# Tensors of finished collectives that gloo's worker still held, with their owner counts before
+# the collective: kept alive here so that the worker never drops their last reference.
+_unsettled: list[tuple[list[torch.Tensor], list[int]]] = []
 
 
 def use_counts(tensors: Sequence[torch.Tensor]) -> list[int] | None:
@@ -41,19 +53,40 @@ def use_counts(tensors: Sequence[torch.Tensor]) -> list[int] | None:
 
 
 def settle(tensors: Sequence[torch.Tensor], counts: list[int] | None) -> None:
-    """Wait until no tensor has more owners than ``counts`` (``use_counts`` before the collective
-    started), yielding the GIL to the worker that is about to drop them."""
+    """After a finished collective: keep ``tensors`` alive until none has more owners than
+    ``counts`` (``use_counts`` before the collective started), i.e. until gloo's worker has let go
+    of them. Returns at once: kept tensors are checked again by later calls and at exit."""
     if counts is None:
         return
-    deadline = None
-    while any(t._use_count() > c for t, c in zip(tensors, counts)):
-        now = time.monotonic()
-        deadline = deadline or now + SETTLE_LIMIT_S
-        if now > deadline:
-            warnings.warn("flexmoe: a finished collective's tensors are still held elsewhere after "
-                          f"{SETTLE_LIMIT_S:g} s; not waiting for them", RuntimeWarning, stacklevel=3)
-            return
-        time.sleep(_NAP_S)  # a real sleep: the GIL is free while it lasts (sleep(0) would keep it ~5 ms)
+    _sweep()
+    if _held(tensors, counts):
+        if not _unsettled:
+            atexit.unregister(_settle_at_exit)
+            atexit.register(_settle_at_exit)
+        _unsettled.append((list(tensors), list(counts)))
+        del _unsettled[:-_MAX_KEPT]
+
+
+def unsettled() -> int:
+    """How many finished collectives' tensors are still kept (after dropping the let-go ones)."""
+    _sweep()
+    return len(_unsettled)
+
+
+def _held(tensors: Sequence[torch.Tensor], counts: list[int]) -> bool:
+    return any(t._use_count() > c for t, c in zip(tensors, counts))
+
+
+def _sweep() -> None:
+    _unsettled[:] = [entry for entry in _unsettled if _held(*entry)]
+
+
+def _settle_at_exit() -> None:
+    """Give gloo's workers up to ``EXIT_WAIT_S`` to let go of every kept tensor (napping: the GIL is
+    free meanwhile); what still holds one after that is not a worker."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while unsettled() and time.monotonic() < deadline:
+        time.sleep(_NAP_S)
 
 
 def run(start: Callable[[], dist.Work | None], tensors: Sequence[torch.Tensor],
