@@ -86,7 +86,7 @@ def test_predictor_and_policy_validation_names_the_field():
                           (dict(score_window=-1), "score_window"), (dict(noise_z=-0.5), "noise_z"),
                           (dict(noise_z=float("nan")), "noise_z"), (dict(trust=-1), "trust"), (dict(trust=1.5), "trust"),
                           (dict(drift_gate=1.0), "drift_gate"), (dict(drift_gate=True), "drift_gate"),
-                          (dict(drift_gate=float("nan")), "drift_gate")):
+                          (dict(drift_gate=float("nan")), "drift_gate"), (dict(drift_gate=0.0, score_window=0), "drift_gate")):
         with pytest.raises(ValueError, match=field):
             ReplanPolicy(**kwargs)
 

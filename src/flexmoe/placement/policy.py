@@ -107,6 +107,8 @@ class ReplanPolicy:
         if self.drift_gate is not None and (isinstance(self.drift_gate, bool) or not isinstance(self.drift_gate, (int, float))
                                             or not (np.isfinite(self.drift_gate) and -1 < self.drift_gate < 1)):
             raise ValueError(f"ReplanPolicy.drift_gate must be None or in (-1, 1), got {self.drift_gate!r}")
+        if self.drift_gate is not None and self.score_window == 0:
+            raise ValueError("ReplanPolicy.drift_gate needs the scoring window (score_window=0 turns it off)")
 
     @property
     def window(self) -> int:
