@@ -10,7 +10,7 @@ SwiGLU), fp32 parameters and gradients, Adam state moved with each replica.
     python benchmarks/placement_sim.py                          # synthetic drifting Zipf trace
     python benchmarks/placement_sim.py --trace run/routing_trace.jsonl --world-size 8 --scale 16
     python benchmarks/placement_sim.py --sweep-predictors       # greedy under each predictor
-    python benchmarks/placement_sim.py --sweep-policy           # greedy under window / noise / trust variants
+    python benchmarks/placement_sim.py --sweep-policy           # greedy under window / noise / trust / drift gate variants
     python benchmarks/placement_sim.py --tiny                   # seconds: a smoke check
     python benchmarks/placement_sim.py --trace benchmarks/traces/gpu_small_e64_top4.jsonl.gz --steps 300
 
@@ -57,6 +57,9 @@ POLICY_VARIANTS = {
     "default, noise z 1": dict(noise_z=1.0),
     "default, score window 20": dict(score_window=20),
     "default, trust 1": dict(trust=1),
+    "default + drift gate 0": dict(drift_gate=0.0),
+    "default + drift gate 0.02": dict(drift_gate=0.02),
+    "default + drift gate 0.1": dict(drift_gate=0.1),
 }
 
 
@@ -101,7 +104,7 @@ def main() -> None:
     parser.add_argument("--sweep-predictors", action="store_true", help="greedy under each predictor instead")
     parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
     parser.add_argument("--sweep-policy", action="store_true",
-                        help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust) instead")
+                        help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust, drift gate) instead")
     parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
     parser.add_argument("--tiny", action="store_true", help="4 ranks, 16 experts, 60 steps")
     args = parser.parse_args()

@@ -152,7 +152,8 @@ def test_simulate_one_rank_trace_over_virtual_ranks(one_rank_trace, capsys, tmp_
      dict(interval=3, predictor=dict(kind="window_max", window=4), guard_gain=0.1)),
     (["--interval", "2", "--predictor", "ema", "--predictor-decay", "0.5", "--bytes-budget", "1e6"],
      dict(interval=2, predictor=dict(kind="ema", decay=0.5), bytes_budget=1e6)),
-], ids=["no-guard", "window-max", "ema-budget"])
+    (["--interval", "2", "--drift-gate", "0"], dict(interval=2, drift_gate=0.0)),
+], ids=["no-guard", "window-max", "ema-budget", "drift-gate"])
 def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_path, capsys, argv, policy):
     from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
     from flexmoe.sim import read_trace, simulate
@@ -180,6 +181,7 @@ def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_pat
     (["--predictor", "trend", "--predictor-window", "0"], "PredictorConfig.window"),
     (["--guard-gain", "1.5"], "guard_gain"),
     (["--bytes-budget", "-1"], "bytes_budget"),
+    (["--drift-gate", "1"], "drift_gate"),
 ])
 def test_simulate_bad_policy_flags(one_rank_trace, capsys, argv, match):
     assert_one_line_error(capsys, one_rank_trace.parent, ["simulate", str(one_rank_trace), "--json", "s.json",

@@ -84,7 +84,9 @@ def test_predictor_and_policy_validation_names_the_field():
     for kwargs, field in ((dict(interval=0), "interval"), (dict(warmup=-1), "warmup"), (dict(guard_gain=1.0), "guard_gain"),
                           (dict(bytes_budget=-1.0), "bytes_budget"), (dict(predictor="ema"), "predictor"),
                           (dict(score_window=-1), "score_window"), (dict(noise_z=-0.5), "noise_z"),
-                          (dict(noise_z=float("nan")), "noise_z"), (dict(trust=-1), "trust"), (dict(trust=1.5), "trust")):
+                          (dict(noise_z=float("nan")), "noise_z"), (dict(trust=-1), "trust"), (dict(trust=1.5), "trust"),
+                          (dict(drift_gate=1.0), "drift_gate"), (dict(drift_gate=True), "drift_gate"),
+                          (dict(drift_gate=float("nan")), "drift_gate"), (dict(drift_gate=0.0, score_window=0), "drift_gate")):
         with pytest.raises(ValueError, match=field):
             ReplanPolicy(**kwargs)
 
@@ -168,9 +170,10 @@ def test_guard_returns_a_layer_that_is_behind_static():
     assert again.margin == pytest.approx(ReplanPolicy().guard_gain)
 
 
-def test_replanner_resume_makes_the_same_plans():
+@pytest.mark.parametrize("drift_gate", [None, -0.5])
+def test_replanner_resume_makes_the_same_plans(drift_gate):
     counts = _trace(3, layers=2, steps=24)
-    policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0))
+    policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0), drift_gate=drift_gate)
 
     def run(split_at: int | None):
         replanner = Replanner(policy, make_planner("greedy"), 2)
@@ -231,6 +234,29 @@ def test_trust_stops_a_planner_whose_changes_do_not_pay_out_of_sample():
     assert trusting.replans <= 2
     phase_loss = 10 * (cost.c_tok * 2000 - cost.c_tok * 1040)  # one phase on the wrong table
     assert trusting.time_T.sum() <= static + phase_loss + 2 * trusting.move_T.max() + 1e-12
+
+
+def test_drift_gate_stops_changes_that_do_not_pay_on_the_interval_before():
+    """On the flip trace every window favours the table the next phase does not want; without the
+    track record (trust 0) the planner keeps swapping and loses to static. The drift gate scores
+    each change on the window one interval earlier as well (the other phase, where it loses) and
+    makes none; on a steady skew (the first phase forever) it lets the change through one
+    interval late and keeps nearly all of the ungated gain."""
+    cost = CostModel(c_tok=1e-6, bytes_per_token=0, a2a_bw=1e10, grad_bytes=0, move_bytes=4e6)
+    counts = _flip_trace()
+    static = simulate_planner(make_planner("static"), counts, cost, 2).time_T.sum()
+    blind = simulate_planner(make_planner("greedy"), counts, cost, 2, ReplanPolicy(trust=0))
+    gated = simulate_planner(make_planner("greedy"), counts, cost, 2, ReplanPolicy(trust=0, drift_gate=0.0))
+    assert blind.replans > 2 and blind.time_T.sum() > 1.1 * static
+    assert gated.replans == 0 and gated.time_T.sum() == pytest.approx(static, rel=1e-12)
+    steady = np.repeat(counts[:1], counts.shape[0], axis=0)
+    static = simulate_planner(make_planner("static"), steady, cost, 2).time_T.sum()
+    free = simulate_planner(make_planner("greedy"), steady, cost, 2, ReplanPolicy(trust=0))
+    gated = simulate_planner(make_planner("greedy"), steady, cost, 2, ReplanPolicy(trust=0, drift_gate=0.0))
+    assert gated.replans == 1 and free.replans == 1
+    one_interval = 10 * cost.c_tok * (2000 - 1040)  # the swap's gain per step, 10 steps later
+    assert gated.time_T.sum() == pytest.approx(free.time_T.sum() + one_interval, rel=1e-9)
+    assert gated.time_T.sum() < 0.65 * static
 
 
 def test_perfect_prediction_plans_on_the_steps_it_keeps_the_table():

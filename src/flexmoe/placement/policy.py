@@ -32,6 +32,15 @@ replayed on the steps after it, and each plan also runs a holdout (plan from the
 the window, replay on the second); a change other than the return to static EP is made only while
 the mean relative gain of the last ``trust`` of these results is > 0.
 
+Drift gate (``drift_gate``, with a window; off by default): routing that moves fast makes a table
+planned on the window stale before its move is repaid. The window of the previous plan lies one
+interval before the current one, as far back as the interval the new table will serve lies ahead:
+a change other than the return to static EP is made only if, on that earlier window, the new table
+beats static EP (relative gain, its move amortised over the interval) by more than ``drift_gate``.
+Static EP is the reference, not the current table, which was fitted to that window. Where the
+skew persists the new table wins there too; where routing drifts it does not. The first plan has
+no earlier window: no change is made.
+
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
 what is left (a share-only update always fits).
@@ -62,7 +71,9 @@ class ReplanPolicy:
     bytes_budget: network bytes one plan may move over all layers (None: no limit).
     score_window: the last steps a plan is scored on (``PlanContext.window_NWE``; None: ``interval``,
     0: the prediction alone). noise_z: standard errors of its gain over that window a change must
-    clear (``PlanContext.noise_z``).
+    clear (``PlanContext.noise_z``). trust: out-of-sample results whose mean gain must be > 0 for a
+    change (0: off). drift_gate: the net relative gain over static EP a change must also show on
+    the window one interval earlier (module doc; None: off).
     """
 
     interval: int = 10
@@ -74,6 +85,7 @@ class ReplanPolicy:
     score_window: int | None = None
     noise_z: float = 2.0
     trust: int = 3
+    drift_gate: float | None = None
 
     def __post_init__(self) -> None:
         for name, value, low in (("interval", self.interval, 1), ("warmup", self.warmup, 0),
@@ -92,6 +104,11 @@ class ReplanPolicy:
             raise ValueError(f"ReplanPolicy.bytes_budget must be None or >= 0, got {self.bytes_budget}")
         if isinstance(self.noise_z, bool) or not (np.isfinite(self.noise_z) and self.noise_z >= 0):
             raise ValueError(f"ReplanPolicy.noise_z must be finite and >= 0, got {self.noise_z!r}")
+        if self.drift_gate is not None and (isinstance(self.drift_gate, bool) or not isinstance(self.drift_gate, (int, float))
+                                            or not (np.isfinite(self.drift_gate) and -1 < self.drift_gate < 1)):
+            raise ValueError(f"ReplanPolicy.drift_gate must be None or in (-1, 1), got {self.drift_gate!r}")
+        if self.drift_gate is not None and self.score_window == 0:
+            raise ValueError("ReplanPolicy.drift_gate needs the scoring window (score_window=0 turns it off)")
 
     @property
     def window(self) -> int:
@@ -151,6 +168,7 @@ class Replanner:
         self._changes: list[_Change | None] = [None] * num_layers
         self._proposals: list[_Change | None] = [None] * num_layers
         self.track_L: list[list[float]] = [[] for _ in range(num_layers)]
+        self._earlier: np.ndarray | None = None  # the window at the previous plan, (N, L, W, E)
 
     def observe(self, counts_LWE: np.ndarray) -> None:
         """One step's all-gathered counts of every layer."""
@@ -193,9 +211,9 @@ class Replanner:
         truth = self._truth
         if truth and true_LWE is None:
             raise ValueError(f"{getattr(self.planner, 'name', 'this planner')} plans on true counts: pass true_LWE")
-        needs_cost = (self.policy.guard and not truth) or self.policy.bytes_budget is not None
+        needs_cost = (self.policy.guard or self.policy.drift_gate is not None) and not truth or self.policy.bytes_budget is not None
         if needs_cost and not isinstance(cost, CostModel):
-            raise ValueError(f"ReplanPolicy.guard and bytes_budget need a CostModel, got {cost!r}")
+            raise ValueError(f"ReplanPolicy.guard, drift_gate and bytes_budget need a CostModel, got {cost!r}")
         horizon = 1.0 if truth else float(self.policy.interval)
         if future_NLWE is not None and not truth:
             future_NLWE = np.asarray(future_NLWE, dtype=np.float64)
@@ -220,12 +238,16 @@ class Replanner:
                     self._proposals[i] = _Change(table, new, cost.move_time(table, new))
                     if not _same_slots(new, _static_like(table)) and not self._trusted(i, self._holdout(i, table, cost, context)):
                         new = table
+                if new is not table and self._drifting(i, table, new, cost, horizon):
+                    new = table
             if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
                 new = table
             plans.append(LayerPlan(new, _bytes(cost, table, new), margin))
         if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
             plans = self._fit_budget(tables, seen, windows, plans, cost, horizon)
         self._recent = []
+        if self.policy.drift_gate is not None and self._window and not truth:
+            self._earlier = np.stack(self._window)
         for i, (table, p) in enumerate(zip(tables, plans)):
             if p.table is not table and self.policy.guard and isinstance(cost, CostModel):
                 move = cost.move_time(table, p.table)
@@ -259,6 +281,20 @@ class Replanner:
         after = sum(cost.step_time(new, c_WE).total for c_WE in steps[half:])
         move = cost.move_time(table, new) * (len(steps) - half) / context.horizon
         return (keep - after - move) / keep if keep > 0 else None
+
+    def _drifting(self, layer: int, table: PlacementTable, new: PlacementTable, cost: CostModel, horizon: float) -> bool:
+        """The drift gate stops ``new`` (not a return to static EP): no earlier window yet, or on
+        it ``new`` gains no more than ``drift_gate`` over static EP, net of its move."""
+        static = _static_like(table)
+        if self.policy.drift_gate is None or self._truth or _same_slots(new, static):
+            return False
+        if self._earlier is None:
+            return True
+        steps = self._earlier[:, layer]
+        base = float(np.mean([cost.step_time(static, c_WE).total for c_WE in steps]))
+        after = float(np.mean([cost.step_time(new, c_WE).total for c_WE in steps]))
+        gain = (base - after - cost.move_time(table, new) / horizon) / base if base > 0 else 0.0
+        return not gain > self.policy.drift_gate
 
     def _backtest(self, layer, table, new, used, cost, horizon) -> bool:
         """Would ``new`` have paid for its move over the steps since the last plan (per step true
@@ -307,6 +343,7 @@ class Replanner:
             "changes": [_change_state(c) for c in self._changes],
             "proposals": [_change_state(c) for c in self._proposals],
             "track": [list(t) for t in self.track_L],
+            "earlier": None if self._earlier is None else self._earlier.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -324,6 +361,8 @@ class Replanner:
         self._changes = [_change_from(c) for c in state["changes"]]
         self._proposals = [_change_from(c) for c in state.get("proposals", [None] * self.num_layers)]
         self.track_L = [[float(x) for x in t] for t in state.get("track", [[] for _ in range(self.num_layers)])]
+        earlier = state.get("earlier")
+        self._earlier = None if earlier is None else np.array(earlier, dtype=np.float64)
 
     def _fit_budget(self, tables, seen, windows, plans, cost, horizon) -> list[LayerPlan]:
         gain = []

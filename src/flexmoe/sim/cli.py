@@ -111,6 +111,9 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     pol.add_argument("--trust", type=int, default=base.trust,
                      help="out-of-sample results (holdout, past proposals) whose mean gain must be > 0 before a "
                           "change, 0: off (default: %(default)s)")
+    pol.add_argument("--drift-gate", type=float, default=base.drift_gate,
+                     help="net relative gain over static EP a change must also show on the window one interval "
+                          "earlier (default: off)")
 
 
 def _policy(args) -> ReplanPolicy:
@@ -125,7 +128,7 @@ def _policy(args) -> ReplanPolicy:
                                     z=args.predictor_z, lead=args.predictor_lead)
     return ReplanPolicy(interval=args.interval, warmup=args.warmup, predictor=predictor, guard=args.guard,
                         guard_gain=args.guard_gain, bytes_budget=args.bytes_budget, score_window=args.score_window,
-                        noise_z=args.noise_z, trust=args.trust)
+                        noise_z=args.noise_z, trust=args.trust, drift_gate=args.drift_gate)
 
 
 def _describe(policy: ReplanPolicy) -> str:
@@ -136,7 +139,8 @@ def _describe(policy: ReplanPolicy) -> str:
     budget = "" if policy.bytes_budget is None else f", at most {policy.bytes_budget:.3g} bytes a plan"
     return (f"re-plan every {policy.interval} steps from step {policy.first_plan}, predictor {predictor}, "
             f"guard {'on (gain ' + str(policy.guard_gain) + ', trust ' + str(policy.trust) + ')' if policy.guard else 'off'}"
-            f"{budget}, scored on the last {policy.window} steps (noise z {policy.noise_z})")
+            f"{budget}, scored on the last {policy.window} steps (noise z {policy.noise_z})"
+            f"{'' if policy.drift_gate is None else f', drift gate {policy.drift_gate}'}")
 
 
 def _cost(args) -> CostModel:
