@@ -73,7 +73,7 @@ def starve_gloo_threads() -> None:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if "gloo" in f.read():
                     os.setpriority(os.PRIO_PROCESS, tid, 19)
-        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+        except OSError:  # a thread that ended meanwhile, or a machine that refuses (no stress then)
             pass
 
 
