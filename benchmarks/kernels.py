@@ -247,7 +247,8 @@ def print_errors(rows) -> None:
         print(f"| {name} | {err:.2e} | {rel:.2e} |")
 
 
-def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
+def case_layer(D: int, F: int, E: int, k: int, routing: str, args, device):
+    """The layer of a case (seed 0) and its input, the router skewed for ``zipf`` routing."""
     torch.manual_seed(0)
     dtype = torch.float32 if args.tiny else torch.bfloat16  # the Triton interpreter's bf16 tl.dot is wrong
     cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
@@ -256,6 +257,11 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     if routing == "zipf":
         with torch.no_grad():
             skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
+    return layer, x_TD
+
+
+def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
+    layer, x_TD = case_layer(D, F, E, k, routing, args, device)
     fused = same_layer(layer, "fused")
     hybrid = same_layer(layer, "hybrid")
     unfused = same_layer(layer, "triton")  # Triton permute / activation + grouped GEMMs: "auto" before issue 13
@@ -269,7 +275,7 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     if args.sweep:
         print("\n### tile sweep (ms per config, fastest first)")
         sweep_stages(st)
-    print(f"\n### correctness on this device (fused vs unfused, {dtype})")
+    print(f"\n### correctness on this device (fused vs unfused, {x_TD.dtype})")
     errors = (check_stages(st) + check_layer(unfused, fused, x_TD.unsqueeze(0))
               + check_layer(unfused, hybrid, x_TD.unsqueeze(0), "hybrid layer"))
     graphed = None
@@ -363,14 +369,7 @@ def expert_stage_step(st: Stages, impl: str):
 def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
     """``--hybrid``: the hybrid path against the unfused one, lighter than the full run: correctness,
     the gate_up stage, the expert stage alone, the layer (``--trials`` interleaved trials)."""
-    torch.manual_seed(0)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = flexmoe.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, validate_inputs=False)
-    layer = flexmoe.MoELayer(cfg).to(device=device, dtype=dtype)
-    x_TD = torch.randn(args.tokens, D, device=device, dtype=dtype)
-    if routing == "zipf":
-        with torch.no_grad():
-            skew_router_(layer.router.weight, x_TD, args.zipf_alpha)
+    layer, x_TD = case_layer(D, F, E, k, routing, args, device)
     hybrid, unfused = same_layer(layer, "hybrid"), same_layer(layer, "triton")
     st = Stages(layer, x_TD)
     counts = st.plan.counts_E.float()

@@ -267,26 +267,15 @@ def test_local_layer_with_replicas_matches_one_device_layer(memory):
         for k, v in ref.state_dict().items():
             assert torch.equal(ep.state_dict()[k], v), f"{k}: the EP layer starts from the same weights"
         x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
-        y_ref = ref(x)
-        grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum(), [x, *ref.parameters()])
-        y = ep(x)
-        grads = torch.autograd.grad((y * y.detach().sin()).sum(), [x, *ep.parameters()])
-        _check("output", y, y_ref, F64_TOL)
-        _check("input grad", grads[0], grads_ref[0], F64_TOL)
-        _check("router grad", grads[1], grads_ref[1], F64_TOL)
-        for i, name in ((2, "gate_up_proj"), (3, "down_proj")):
-            logical = torch.zeros_like(grads_ref[i])
-            for s, e in enumerate(table.slot_expert_WS[0]):
-                if e >= 0:
-                    logical[e] += grads[i][s]
-            _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
+        grads = _local_grads_match(ref, ep, table, x)
         assert grads[2][5].abs().max() == 0, "the empty slot gets a zero gradient"
         report = ep.experts.memory_report
         assert report.kept_bytes + report.saved_bytes == report.by_strategy["keep"]
 
 
-def _local_grads_match(ref, ep, table, x):
-    """Output, input, router and (replicas summed) expert gradients of ``ep`` against ``ref``."""
+def _local_grads_match(ref, ep, table, x) -> tuple[torch.Tensor, ...]:
+    """Output, input, router and (replicas summed) expert gradients of ``ep`` against ``ref``;
+    returns ``ep``'s gradients (input, then its parameters)."""
     y_ref = ref(x)
     grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum(), [x, *ref.parameters()])
     y = ep(x)
@@ -300,6 +289,7 @@ def _local_grads_match(ref, ep, table, x):
             if e >= 0:
                 logical[e] += grads[i][s]
         _check(f"{name} grad (replicas summed)", logical, grads_ref[i], F64_TOL)
+    return grads
 
 
 @pytest.mark.parametrize("strategy", ["keep", "recompute", "recommunicate", "both"])
