@@ -65,6 +65,7 @@ class SlotTransfer:
         self._staged_local: list[torch.Tensor] = []
         self._send_bufs: dict = {}
         self._recv_bufs: dict = {}
+        self._index: dict = {}  # (transfer group, "src" | "dst", device) -> slot indices
 
     @property
     def rows_sent(self) -> int:
@@ -77,9 +78,17 @@ class SlotTransfer:
     def issue(self) -> "SlotTransfer":
         """Stage every source row and post the remote ones; returns without waiting."""
         fields = self.fields
-        self._staged_local = [f.tensor.index_select(0, _rows(self.local, "src", f)) for f in fields] if self.local else []
-        self._send_bufs = {peer: _pack(fields, self.dtypes, lambda f, ts=ts: f.tensor.index_select(0, _rows(ts, "src", f)))
-                           for peer, ts in sorted(self.sends.items())}
+        # Slot indices, one host-to-device copy per group of transfers and device (not per field);
+        # the destination ones too, so that landing (in a forward pre-hook) copies nothing.
+        devices = list(dict.fromkeys(f.tensor.device for f in fields))
+        groups = [("local", self.local)] + [(("send", p), ts) for p, ts in self.sends.items()] \
+            + [(("recv", p), ts) for p, ts in self.recvs.items()]
+        self._index = {(key, which, d): torch.tensor([getattr(t, which)[1] for t in ts], dtype=torch.long, device=d)
+                       for key, ts in groups if ts for which in ("src", "dst") for d in devices}
+        rows = lambda key, which, f: self._index[(key, which, f.tensor.device)]  # noqa: E731
+        self._staged_local = [f.tensor.index_select(0, rows("local", "src", f)) for f in fields] if self.local else []
+        self._send_bufs = {peer: _pack(fields, self.dtypes, lambda f, peer=peer: f.tensor.index_select(0, rows(("send", peer), "src", f)))
+                           for peer in sorted(self.sends)}
         self._recv_bufs = {peer: _empty_like_pack(fields, self.dtypes, len(ts)) for peer, ts in sorted(self.recvs.items())}
         ops = []
         for peer in sorted(set(self.sends) | set(self.recvs)):
@@ -100,14 +109,16 @@ class SlotTransfer:
         watchdog bounds them)."""
         works, self.works = self.works, []
         on_stream = bool(works) and dist.get_backend(self.group) == "nccl"
-        for work in works:
-            if on_stream:
-                work.wait()
-            else:
-                wait(work, timeout_s, "a placement move's slot transfer")
-        work = works = None  # the works hold the buffers: drop them before settling
-        collectives.settle(*self._settle)
-        self._settle = ([], None)
+        try:
+            for work in works:
+                if on_stream:
+                    work.wait()
+                else:
+                    wait(work, timeout_s, "a placement move's slot transfer")
+        finally:  # a failed wait too: what gloo still holds is kept, not left to it
+            work = works = None  # the works hold the buffers: drop them before settling
+            collectives.settle(*self._settle)
+            self._settle = ([], None)
         self._send_bufs = {}
 
     def land(self, timeout_s: float) -> None:
@@ -115,15 +126,11 @@ class SlotTransfer:
         self.wait(timeout_s)
         with torch.no_grad():
             for f, staged in zip(self.fields, self._staged_local):
-                f.tensor.index_copy_(0, _rows(self.local, "dst", f), staged)
+                f.tensor.index_copy_(0, self._index[("local", "dst", f.tensor.device)], staged)
             for peer, ts in sorted(self.recvs.items()):
                 for f, block in zip(self.fields, _unpack(self.fields, self.dtypes, self._recv_bufs[peer], len(ts))):
-                    f.tensor.index_copy_(0, _rows(ts, "dst", f), block)
-        self._staged_local, self._recv_bufs = [], {}
-
-
-def _rows(ts: list[Transfer], which: str, f: Field) -> torch.Tensor:
-    return torch.tensor([getattr(t, which)[1] for t in ts], dtype=torch.long, device=f.tensor.device)
+                    f.tensor.index_copy_(0, self._index[(("recv", peer), "dst", f.tensor.device)], block)
+        self._staged_local, self._recv_bufs, self._index = [], {}, {}
 
 
 def _pack(fields: list[Field], dtypes: list[torch.dtype], take) -> dict[torch.dtype, torch.Tensor]:
