@@ -121,14 +121,22 @@ def timed_wait(timeout_s: float | None, message: Callable[[], str]) -> Callable[
     return wait
 
 
-def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
-    """``dist.all_reduce`` in place, settled."""
-    run(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), [tensor])
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, wait=None) -> None:
+    """``dist.all_reduce`` in place, settled (``wait`` as in ``run``)."""
+    run(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), [tensor], wait)
 
 
-def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group=None) -> None:
-    """``dist.all_gather`` into ``parts``, settled."""
-    run(lambda: dist.all_gather(parts, tensor, group=group, async_op=True), [*parts, tensor])
+def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group=None, wait=None) -> None:
+    """``dist.all_gather`` into ``parts``, settled (``wait`` as in ``run``)."""
+    run(lambda: dist.all_gather(parts, tensor, group=group, async_op=True), [*parts, tensor], wait)
+
+
+def gathered(tensor: torch.Tensor, group=None, wait=None) -> torch.Tensor:
+    """``[W, *tensor.shape]``: ``tensor`` from every rank of ``group``, in rank order."""
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    all_gather(parts, tensor, group, wait)
+    return torch.stack(parts)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
@@ -136,7 +144,7 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
     run(lambda: dist.broadcast(tensor, src=src, group=group, async_op=True), [tensor])
 
 
-def object_device(group) -> torch.device:
+def group_device(group) -> torch.device:
     """Where a group's collectives take their tensors: the current CUDA device under NCCL."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -145,7 +153,7 @@ def object_device(group) -> torch.device:
 
 def all_gather_object(obj, group=None) -> list:
     """Every rank's picklable ``obj`` in rank order (two settled all-gathers: sizes, then bytes)."""
-    device = object_device(group)
+    device = group_device(group)
     world = dist.get_world_size(group)
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
@@ -161,7 +169,7 @@ def all_gather_object(obj, group=None) -> list:
 
 def broadcast_object(obj, src: int, group=None):
     """Global rank ``src``'s picklable ``obj`` on every rank (two settled broadcasts)."""
-    device = object_device(group)
+    device = group_device(group)
     mine = dist.get_rank() == src
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device) if mine else None
     size = torch.tensor([data.numel() if mine else 0], dtype=torch.int64, device=device)

@@ -186,16 +186,14 @@ def start_all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, wha
 
 def all_gather_ints(ep: EPGroup, mine: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
     """``[W, len(mine)]``: ``mine`` from every rank, waiting at most ``timeout_s``."""
-    parts = [torch.empty_like(mine) for _ in range(ep.size)]
-    collectives.run(lambda: dist.all_gather(parts, mine, group=ep.group, async_op=True), [*parts, mine],
-                    bounded_wait(timeout_s, what))
-    return torch.stack(parts)
+    return collectives.gathered(mine, ep.group, bounded_wait(timeout_s, what))
 
 
-def bounded_wait(timeout_s: float, what: str):
-    """A wait for ``collectives.run`` that raises ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+def bounded_wait(timeout_s: float, what: str, among: str = "the EP group"):
+    """A wait for ``collectives.run`` that raises ``TimeoutError`` naming ``what`` (and the group,
+    ``among``) after ``timeout_s``."""
     return collectives.timed_wait(timeout_s, lambda: (
-        f"flexmoe expert parallelism: {what} waited {timeout_s:g} s for the other ranks of the EP group "
+        f"flexmoe expert parallelism: {what} waited {timeout_s:g} s for the other ranks of {among} "
         "(ParallelConfig.timeout_s); a rank failed, skipped this step or runs different code"))
 
 

@@ -206,9 +206,9 @@ def check_same_tables(tables: Sequence[PlacementTable], group, timeout_s: float)
         return
     mine = torch.tensor(
         [[table.version, table_digest(table)] for table in tables],
-        dtype=torch.int64, device=comm_device(group),
+        dtype=torch.int64, device=collectives.group_device(group),
     )
-    all_WL2 = gather_bounded(mine, group, timeout_s, "the placement tables check").cpu()
+    all_WL2 = collectives.gathered(mine, group, bounded_wait(timeout_s, "the placement tables check")).cpu()
     if not bool((all_WL2 == all_WL2[0]).all()):
         versions = all_WL2[..., 0].tolist()
         raise RuntimeError(
@@ -216,15 +216,6 @@ def check_same_tables(tables: Sequence[PlacementTable], group, timeout_s: float)
             f"{versions}; equal versions mean different contents); every rank must call the "
             "scheduler / apply_placement with the same plans"
         )
-
-
-def gather_bounded(mine: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
-    """``[W, *mine.shape]``: ``mine`` from every rank of ``group``; TimeoutError after ``timeout_s``."""
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    mine = mine.contiguous()
-    collectives.run(lambda: dist.all_gather(parts, mine, group=group, async_op=True), [*parts, mine],
-                    bounded_wait(timeout_s, what))
-    return torch.stack(parts)
 
 
 def require_stage(layer: nn.Module, caller: str) -> ParallelExperts:
@@ -295,8 +286,9 @@ def _check_agreement(old_table, new_table, fields, scalars, stage: ParallelExper
         "scalars": scalars,
     }
     digests = torch.tensor([*mine["old"], *mine["new"], _digest(mine["fields"]), _digest(mine["scalars"])],
-                           dtype=torch.int64, device=comm_device(group))
-    all_W6 = gather_bounded(digests, group, stage.parallel.timeout_s, "the placement move's agreement check").cpu()
+                           dtype=torch.int64, device=collectives.group_device(group))
+    all_W6 = collectives.gathered(digests, group, bounded_wait(stage.parallel.timeout_s,
+                                                                 "the placement move's agreement check")).cpu()
     if bool((all_W6 == all_W6[0]).all()):
         return
     for key, what, cols in (("old", "current", slice(0, 2)), ("new", "new", slice(2, 4))):
@@ -316,9 +308,3 @@ def _check_agreement(old_table, new_table, fields, scalars, stage: ParallelExper
         "scalar optimizer states (e.g. Adam 'step') differ across ranks, so a slot cannot move "
         f"between them: {[o['scalars'] for o in everyone]}"
     )
-
-
-def comm_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -48,8 +48,6 @@ from .migration import (
     apply_placement,
     as_optimizer_list,
     check_same_tables,
-    comm_device,
-    gather_bounded,
     issue_placement,
 )
 
@@ -261,14 +259,13 @@ class PlacementScheduler:
         local_HLE = torch.stack(self._pending)
         self._pending = []
         if self.expert_dp_group is not None and dist.get_world_size(self.expert_dp_group) > 1:
-            local_HLE = local_HLE.to(comm_device(self.expert_dp_group))
-            collectives.run(lambda: dist.all_reduce(local_HLE, group=self.expert_dp_group, async_op=True),
-                            [local_HLE], bounded_wait(self.timeout_s,
-                                                      "the placement scheduler's counts all-reduce over expert_dp_group"))
+            local_HLE = local_HLE.to(collectives.group_device(self.expert_dp_group))
+            collectives.all_reduce(local_HLE, group=self.expert_dp_group, wait=bounded_wait(
+                self.timeout_s, "the placement scheduler's counts all-reduce", among="expert_dp_group"))
         if self.world_size > 1:
-            local_HLE = local_HLE.to(comm_device(self.group))
-            all_HWLE = gather_bounded(local_HLE, self.group, self.timeout_s,
-                                      "the placement scheduler's counts all-gather").transpose(0, 1).cpu().numpy()
+            local_HLE = local_HLE.to(collectives.group_device(self.group))
+            all_HWLE = collectives.gathered(local_HLE, self.group, bounded_wait(
+                self.timeout_s, "the placement scheduler's counts all-gather")).transpose(0, 1).cpu().numpy()
         else:
             all_HWLE = local_HLE.cpu().numpy()[:, None]
         first_step = self.num_steps - all_HWLE.shape[0]
