@@ -223,7 +223,10 @@ class PlacementScheduler:
     @property
     def pending(self) -> tuple[int, ...]:
         """Indices (into ``layers``) of the layers whose move has not landed yet."""
-        return tuple(i for i in range(len(self.layers)) if self._moves[i] is not None or self._restored[i] is not None)
+        return tuple(i for i in range(len(self.layers)) if self._is_pending(i))
+
+    def _is_pending(self, i: int) -> bool:
+        return self._moves[i] is not None or self._restored[i] is not None
 
     def finish_moves(self) -> None:
         """Land every pending move now (a collective when any is pending), in layer order."""
@@ -403,7 +406,7 @@ class _LandBeforeForward:
 
     def __call__(self, module, args) -> None:
         scheduler = self.scheduler() if self.scheduler is not None else None
-        if scheduler is not None and self.i in scheduler.pending:
+        if scheduler is not None and scheduler._is_pending(self.i):
             scheduler._land(self.i)
 
     def __getstate__(self) -> dict:
