@@ -127,6 +127,40 @@ def test_bytes_budget_holds_across_layers():
     assert 0 < total < free.bytes_moved
 
 
+def test_re_plans_under_the_bytes_budget_pass_the_gates_too():
+    """A layer re-planned to fit the bytes budget gets a table that goes through the gates like
+    any other (it used to be installed unchecked)."""
+
+    class Recording(Replanner):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.checked, self.budget_plans = set(), 0
+
+        def _drifting(self, layer, table, new, cost, horizon):
+            self.checked.add(id(new))
+            return False
+
+        def _fit_budget(self, *args):
+            self.budget_plans += 1
+            return super()._fit_budget(*args)
+
+    counts = _trace(1)
+    tables = [PlacementTable.static(12, 4, 5) for _ in range(3)]
+    replanner = Recording(ReplanPolicy(interval=3, guard_gain=0.0, bytes_budget=COST.move_bytes * 2),
+                          make_planner("greedy"), 3)
+    changed = 0
+    for t in range(counts.shape[0]):
+        if replanner.due():
+            plans = replanner.plan(tables, COST)
+            for old, p in zip(tables, plans):
+                if p.table is not old:
+                    changed += 1
+                    assert id(p.table) in replanner.checked, "a table that no gate saw"
+            tables = [p.table for p in plans]
+        replanner.observe(counts[t])
+    assert changed > 0 and replanner.budget_plans > 0
+
+
 def test_backtest_stops_moves_that_would_not_have_paid():
     """Proportional replication moves at every plan; with ruinously expensive moves the backtest
     (would the change have paid over the last interval?) stops every one: exactly static's time."""

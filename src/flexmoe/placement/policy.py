@@ -223,11 +223,14 @@ class Replanner:
             seen = [true_LWE[i] if truth else p.predict() for i, p in enumerate(self.predictors)]
             recent = np.stack(self._window) if self._window and not truth else None
             windows = [None if recent is None else recent[:, i] for i in range(self.num_layers)]
-        plans, reverts = [], set()
+        plans, reverts, used_L = [], set(), []
         for i, table in enumerate(tables):
             margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
+            used_L.append(used)
             if behind:
-                new = _finish_as(table, PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank))
+                new = _finish_as(table, _static_like(table))
+                if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
+                    new = table
                 reverts.add(i)
             elif seen[i] is None:
                 new = table
@@ -236,15 +239,10 @@ class Replanner:
                 new = self._plan_one(table, seen[i], cost, context)
                 if new is not table and self.policy.guard and self.policy.trust and not truth:
                     self._proposals[i] = _Change(table, new, cost.move_time(table, new))
-                    if not _same_slots(new, _static_like(table)) and not self._trusted(i, self._holdout(i, table, cost, context)):
-                        new = table
-                if new is not table and self._drifting(i, table, new, cost, horizon):
-                    new = table
-            if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
-                new = table
+                new = self._gated(i, table, new, used, cost, context)
             plans.append(LayerPlan(new, _bytes(cost, table, new), margin))
         if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
-            plans = self._fit_budget(tables, seen, windows, plans, cost, horizon)
+            plans = self._fit_budget(tables, seen, windows, used_L, plans, cost, horizon)
         self._recent = []
         if self.policy.drift_gate is not None and self._window and not truth:
             self._earlier = np.stack(self._window)
@@ -254,6 +252,23 @@ class Replanner:
                 self._changes[i] = _Change(table, p.table, move, i in reverts)
                 self.spent_L[i] += move
         return plans
+
+    def _gated(self, i: int, table: PlacementTable, new: PlacementTable, used: list[float], cost,
+               context: PlanContext) -> PlacementTable:
+        """``new`` if it passes the drift gate, the backtest on the steps since the last plan
+        (``used``: their time under ``table``) and the trust gate (the costly one, last), else
+        ``table``. Every table the planner proposes goes through here, re-plans under the bytes
+        budget too."""
+        if new is table:
+            return table
+        if self._drifting(i, table, new, cost, context.horizon):
+            return table
+        if used and not self._backtest(i, table, new, used, cost, context.horizon):
+            return table
+        if (self.policy.guard and self.policy.trust and not self._truth and not _same_slots(new, _static_like(table))
+                and not self._trusted(i, self._holdout(i, table, cost, context))):
+            return table
+        return new
 
     def _trusted(self, layer: int, holdout: float | None) -> bool:
         """Out-of-sample evidence that the planner's changes pay on this layer: the mean relative
@@ -364,7 +379,7 @@ class Replanner:
         earlier = state.get("earlier")
         self._earlier = None if earlier is None else np.array(earlier, dtype=np.float64)
 
-    def _fit_budget(self, tables, seen, windows, plans, cost, horizon) -> list[LayerPlan]:
+    def _fit_budget(self, tables, seen, windows, used_L, plans, cost, horizon) -> list[LayerPlan]:
         gain = []
         for table, counts_WE, p in zip(tables, seen, plans):
             if p.bytes_moved <= 0:
@@ -380,7 +395,7 @@ class Replanner:
                 continue
             context = PlanContext(horizon=horizon, margin=plans[i].margin, max_move_bytes=left, window_NWE=windows[i],
                                   noise_z=self.policy.noise_z)
-            new = self._plan_one(tables[i], seen[i], cost, context)
+            new = self._gated(i, tables[i], self._plan_one(tables[i], seen[i], cost, context), used_L[i], cost, context)
             moved = cost.move_bytes_total(tables[i], new)
             if moved > left:  # a planner that ignores the limit: keep the table
                 new, moved = tables[i], 0.0
