@@ -402,10 +402,6 @@ class ProportionalPlanner(Planner):
         return _finish(table, slot_WS, equal_shares(slot_WS, E))
 
 
-def _static_of(table: PlacementTable) -> PlacementTable:
-    return PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
-
-
 def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, horizon: float, return_weight: float):
     """Score of a candidate table: modelled step time + its move time amortised over ``horizon``.
 
@@ -414,7 +410,7 @@ def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, hori
     telescope, so a planner that always has static as a candidate never loses to static over a
     whole trace (the oracle's guarantee).
     """
-    static = PlacementTable.static(old.num_experts, old.world_size, old.slots_per_rank)
+    static = old.static_like()
     back_old = cost.move_time(old, static) if return_weight else 0.0
 
     def score(cand: PlacementTable) -> float:
@@ -539,6 +535,8 @@ class GreedyPlanner(Planner):
         keep_N = times(table)
         N = keep_N.size
         limit = context.max_move_bytes
+        static = table.static_like()
+        back = cost.move_time(table, static) if self.return_weight else 0.0
         best, best_gain, seen = table, 0.0, set()
         for cand, _ in candidates + [(c, 0.0) for c in self._window_candidates(table, window_NWE, cost, horizon)]:
             key = (cand.slot_expert_WS.tobytes(), np.round(cand.share_WS, 12).tobytes())
@@ -550,7 +548,7 @@ class GreedyPlanner(Planner):
                 continue
             move = cost.move_time(table, cand)
             if self.return_weight:
-                move += self.return_weight * (cost.move_time(cand, _static_of(table)) - cost.move_time(table, _static_of(table)))
+                move += self.return_weight * (cost.move_time(cand, static) - back)
             gain_N = keep_N - times(cand) - move / horizon
             spread = gain_N.std(ddof=1) / np.sqrt(N) if N > 1 else 0.0
             margin = 0.0 if cand is candidates[0][0] else context.margin  # static EP needs no hysteresis

@@ -228,7 +228,7 @@ class Replanner:
             margin, behind, used = (0.0, False, []) if truth or not self.policy.guard else self._judge(i, table, cost)
             used_L.append(used)
             if behind:
-                new = _finish_as(table, _static_like(table))
+                new = _finish_as(table, table.static_like())
                 if new is not table and used and not self._backtest(i, table, new, used, cost, horizon):
                     new = table
                 reverts.add(i)
@@ -265,7 +265,7 @@ class Replanner:
             return table
         if used and not self._backtest(i, table, new, used, cost, context.horizon):
             return table
-        if (self.policy.guard and self.policy.trust and not self._truth and not _same_slots(new, _static_like(table))
+        if (self.policy.guard and self.policy.trust and not self._truth and not _same_slots(new, table.static_like())
                 and not self._trusted(i, self._holdout(i, table, cost, context))):
             return table
         return new
@@ -300,7 +300,7 @@ class Replanner:
     def _drifting(self, layer: int, table: PlacementTable, new: PlacementTable, cost: CostModel, horizon: float) -> bool:
         """The drift gate stops ``new`` (not a return to static EP): no earlier window yet, or on
         it ``new`` gains no more than ``drift_gate`` over static EP, net of its move."""
-        static = _static_like(table)
+        static = table.static_like()
         if self.policy.drift_gate is None or self._truth or _same_slots(new, static):
             return False
         if self._earlier is None:
@@ -321,7 +321,7 @@ class Replanner:
         """Replay the steps since the last plan: update the layer's misses and its account against
         static EP; return the margin that applies now, whether the layer is behind static, and the
         modelled time of each of those steps under ``table``."""
-        static = PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
+        static = table.static_like()
         used = [cost.step_time(table, c_LWE[layer]).total for c_LWE in self._recent]
         self.spent_L[layer] += sum(used)
         self.static_L[layer] += sum(cost.step_time(static, c_LWE[layer]).total for c_LWE in self._recent)
@@ -420,10 +420,6 @@ def _change_from(c: dict | None) -> _Change | None:
 def _bytes(cost, old: PlacementTable, new: PlacementTable) -> float:
     """Network bytes of a change (0 when the caller's cost object is not a ``CostModel``)."""
     return cost.move_bytes_total(old, new) if isinstance(cost, CostModel) and new is not old else 0.0
-
-
-def _static_like(table: PlacementTable) -> PlacementTable:
-    return PlacementTable.static(table.num_experts, table.world_size, table.slots_per_rank)
 
 
 def _same_slots(a: PlacementTable, b: PlacementTable) -> bool:

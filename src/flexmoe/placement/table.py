@@ -42,6 +42,10 @@ class PlacementTable:
     def slots_per_rank(self) -> int:
         return self.slot_expert_WS.shape[1]
 
+    def static_like(self) -> "PlacementTable":
+        """The static table of this table's shape (experts, ranks, slots per rank)."""
+        return PlacementTable.static(self.num_experts, self.world_size, self.slots_per_rank)
+
     @classmethod
     def static(cls, num_experts: int, world_size: int, slots_per_rank: int | None = None) -> "PlacementTable":
         """Plain expert parallelism: experts laid out contiguously, ``ceil(E / W)`` per rank.
