@@ -402,8 +402,10 @@ class ProportionalPlanner(Planner):
         return _finish(table, slot_WS, equal_shares(slot_WS, E))
 
 
-def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, horizon: float, return_weight: float):
-    """Score of a candidate table: modelled step time + its move time amortised over ``horizon``.
+def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, horizon: float, return_weight: float,
+               limit: float | None = None):
+    """Score of a candidate table: modelled step time + its move time amortised over ``horizon``
+    (infinite past ``limit`` bytes moved: such a candidate never wins).
 
     With ``return_weight`` w, a move is also charged w times the change in the cost of moving
     back to static EP (``move_time(table, static)``); with w = 1 and horizon 1 the charges
@@ -414,6 +416,8 @@ def _amortised(cost: CostModel, old: PlacementTable, counts_WE: np.ndarray, hori
     back_old = cost.move_time(old, static) if return_weight else 0.0
 
     def score(cand: PlacementTable) -> float:
+        if limit is not None and cost.move_bytes_total(old, cand) > limit:
+            return np.inf
         move = cost.move_time(old, cand)
         if return_weight:
             move += return_weight * (cost.move_time(cand, static) - back_old)
@@ -493,14 +497,7 @@ class GreedyPlanner(Planner):
             raise ValueError(f"PlanContext.window_NWE must have shape (N, {counts_WE.shape[0]}, {counts_WE.shape[1]}), "
                              f"got {window_NWE.shape}")
         horizon = self.horizon or context.horizon
-        static, amortised = _amortised(cost, table, counts_WE, horizon, self.return_weight)
-        limit = context.max_move_bytes
-
-        def score(cand: PlacementTable) -> float:  # a candidate over the bytes limit never wins
-            if limit is not None and cost.move_bytes_total(table, cand) > limit:
-                return np.inf
-            return amortised(cand)
-
+        static, score = _amortised(cost, table, counts_WE, horizon, self.return_weight, context.max_move_bytes)
         candidates = [(static, score(static))] + self._candidates(table, counts_WE, score, cost)
         if window_NWE is not None:
             return self._pick_on_window(table, candidates, window_NWE, cost, horizon, context)
@@ -538,7 +535,8 @@ class GreedyPlanner(Planner):
         static = table.static_like()
         back = cost.move_time(table, static) if self.return_weight else 0.0
         best, best_gain, seen = table, 0.0, set()
-        for cand, _ in candidates + [(c, 0.0) for c in self._window_candidates(table, window_NWE, cost, horizon)]:
+        from_window = self._window_candidates(table, window_NWE, cost, horizon, limit)
+        for cand, _ in candidates + [(c, 0.0) for c in from_window]:
             key = (cand.slot_expert_WS.tobytes(), np.round(cand.share_WS, 12).tobytes())
             if key in seen:
                 continue
@@ -557,12 +555,13 @@ class GreedyPlanner(Planner):
                 best, best_gain = cand, float(gain_N.mean())
         return _finish(table, best.slot_expert_WS, best.share_WS)
 
-    def _window_candidates(self, table, window_NWE, cost, horizon) -> list[PlacementTable]:
-        """Candidates planned for the window's mean counts (the sample average)."""
+    def _window_candidates(self, table, window_NWE, cost, horizon, limit) -> list[PlacementTable]:
+        """Candidates planned for the window's mean counts (the sample average), scored like the
+        prediction's (the same return weight and bytes limit)."""
         if not self.window_candidates:
             return []
         mean_WE = np.rint(window_NWE.mean(0))
-        _, amortised = _amortised(cost, table, mean_WE, horizon, 0.0)
+        _, amortised = _amortised(cost, table, mean_WE, horizon, self.return_weight, limit)
         return [c for c, _ in self._candidates(table, mean_WE, amortised, cost)]
 
     def _search(self, table, counts_WE, load_E, score, ranks_per_node):
