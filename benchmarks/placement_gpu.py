@@ -13,7 +13,7 @@ to static: compute only, and the full step with the measured compute in place of
 one (all-to-all, gradient sync and moves stay modelled: one GPU cannot measure them). A second
 error column uses ``c_tok`` / ``c_slot`` fitted (least squares) to this run's own measurements.
 
-GPU:  python benchmarks/placement_gpu.py         (synthetic drifting trace + benchmarks/traces/*.jsonl)
+GPU:  python benchmarks/placement_gpu.py         (synthetic drifting trace + benchmarks/traces/*.jsonl[.gz])
       python benchmarks/placement_gpu.py --trace run/routing_trace.jsonl --scale 8
       --quick: fewer steps and samples, first layer of each trace
 ``--layers`` picks the layers replayed and timed (the simulator's CPU time grows with them).
@@ -177,7 +177,7 @@ def load_traces(args) -> list[tuple[str, RoutingTrace, int]]:
         out.append((f"synthetic drifting Zipf(1.0), drift {cfg.drift}, {cfg.num_steps} steps, {W} ranks, "
                     f"{cfg.num_experts} experts top-{cfg.top_k}, {cfg.tokens_per_rank} tokens per rank",
                     generate_trace(cfg), 1))
-    paths = args.trace if args.trace is not None else sorted(glob.glob(os.path.join(TRACE_DIR, "*.jsonl")))
+    paths = args.trace if args.trace is not None else sorted(glob.glob(os.path.join(TRACE_DIR, "*.jsonl")) + glob.glob(os.path.join(TRACE_DIR, "*.jsonl.gz")))
     for path in paths:
         trace = read_trace(path)
         counts = trace.counts_TLWE[: args.steps]
@@ -194,7 +194,7 @@ def load_traces(args) -> list[tuple[str, RoutingTrace, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", nargs="*", default=None, help="recorded traces (default: benchmarks/traces/*.jsonl)")
+    parser.add_argument("--trace", nargs="*", default=None, help="recorded traces (default: benchmarks/traces/*.jsonl and *.jsonl.gz)")
     parser.add_argument("--no-synthetic", action="store_true")
     parser.add_argument("--scale", type=int, default=0,
                         help="multiply recorded counts (default: to --tokens-per-rank x --top-k rows per rank)")

@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
-import os
-import shutil
-import tempfile
 import time
 
 from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
@@ -74,16 +70,6 @@ def per_layer(results) -> str:
     return "\n".join(lines)
 
 
-def _plain(path: str) -> str:
-    """``path``, or for a ``.gz`` file a decompressed copy in the temporary directory."""
-    if not path.endswith(".gz"):
-        return path
-    out = os.path.join(tempfile.gettempdir(), os.path.basename(path)[:-3])
-    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", default=None, help="a routing trace (JSON Lines) instead of the synthetic one")
@@ -117,7 +103,7 @@ def main() -> None:
           f"grad {cost.grad_bytes / 1e6:.1f} MB and move {cost.move_bytes / 1e6:.1f} MB per expert")
     t0 = time.perf_counter()
     if args.trace:
-        trace = read_trace(_plain(args.trace))
+        trace = read_trace(args.trace)
         trace = RoutingTrace(trace.counts_TLWE[: args.steps] * args.scale, trace.steps_T[: args.steps], trace.meta)
         what = (f"trace {args.trace} ({trace.world_size} recorded rank(s) -> {args.world_size}, counts x{args.scale})")
     else:

@@ -6,6 +6,7 @@ Legend: T steps, L layers, W ranks, E experts.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 
@@ -16,6 +17,7 @@ from flexmoe.cli import main
 from flexmoe.placement import CostModel, PlacementTable, make_planner
 from flexmoe.sim import RoutingTrace, SyntheticTraceConfig, TraceRecorder, generate_trace, read_trace, simulate
 from flexmoe.sim.simulator import format_table, merge_ranks
+from flexmoe.sim.trace import TraceError
 from flexmoe.sim.synthetic import inclusion_probabilities
 
 COST = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10)
@@ -48,6 +50,23 @@ def test_trace_roundtrip_append_and_truncation(tmp_path):
     trace = read_trace(path)
     assert trace.num_steps == 6
     np.testing.assert_array_equal(trace.counts_TLWE[5], np.stack([counts[0, 0], counts[1, 1]]))
+
+
+def test_gzipped_traces_read_like_plain_ones(tmp_path):
+    """Committed traces are compressed: read_trace (and so `flexmoe simulate --trace`) takes them."""
+    counts = np.random.default_rng(1).integers(0, 50, size=(4, 2, 3, 4))
+    path = tmp_path / "t.jsonl"
+    with TraceRecorder(path, 3, 4, 2) as rec:
+        for t in range(4):
+            for layer in range(2):
+                rec.record(t, layer, counts[t, layer])
+    packed = tmp_path / "t.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    np.testing.assert_array_equal(read_trace(packed).counts_TLWE, counts)
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(path.read_bytes())  # not gzip data
+    with pytest.raises(TraceError, match="not a flexmoe trace"):
+        read_trace(broken)
 
 
 def test_trace_errors(tmp_path):

@@ -17,6 +17,7 @@ line (a run killed mid-write; appending cuts it first), and keeps only steps tha
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 
@@ -133,13 +134,18 @@ def _not_a_trace(path: str, why: str) -> TraceError:
     return TraceError(f"{path} is not a flexmoe trace (format {FORMAT_VERSION}): {why}")
 
 
+def _open_text(path: str):
+    """A trace file for reading; a ``.gz`` one (committed traces are compressed) decompressed."""
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
 def _read_header(path: str) -> dict:
     if not os.path.isfile(path):
         raise TraceError(f"trace file {path} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             header = json.loads(f.readline())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, gzip.BadGzipFile, EOFError):
         raise _not_a_trace(path, "its first line is not a JSON header") from None
     if not isinstance(header, dict) or header.get("flexmoe_trace") != FORMAT_VERSION:
         raise _not_a_trace(path, 'its header lacks "flexmoe_trace": 1')
@@ -167,9 +173,9 @@ def read_trace(path: str | os.PathLike) -> RoutingTrace:
     W, E, L = header["world_size"], header["num_experts"], header["num_layers"]
     records: dict[int, dict[int, list]] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             lines = f.read().split("\n")[1:]
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
         raise _not_a_trace(path, "it is not UTF-8 text") from None
     for i, line in enumerate(lines):
         if not line.strip():
