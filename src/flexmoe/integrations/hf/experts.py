@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...ops import grouped_mm, permute, scaled_activation, unpermute_sum
+from ...ops.expert_bias import add_expert_bias
 from ...ops._backend import use_triton as resolve_use_triton
 from ...plan import DispatchPlan, make_dispatch_plan
 from .layout import ExpertsLayout, experts_layout
@@ -72,7 +73,7 @@ def _expert_rows(
     if layout.gate_EFD is not None:
         h_NH = torch.cat([grouped_mm(x_ND, layout.gate_EFD, offsets_E), h_NH], dim=-1)
     if layout.up_bias_EH is not None:
-        h_NH = h_NH + layout.up_bias_EH[row_expert_N]
+        h_NH = add_expert_bias(h_NH, layout.up_bias_EH, row_expert_N)
 
     fold = layout.post_norm is None
     scale_N = plan.row_weight_N if fold else torch.ones_like(plan.row_weight_N)
@@ -87,7 +88,7 @@ def _expert_rows(
         return y_ND
 
     if layout.down_bias_ED is not None:
-        y_ND = y_ND + layout.down_bias_ED[row_expert_N]
+        y_ND = add_expert_bias(y_ND, layout.down_bias_ED, row_expert_N)
     y_ND = (layout.post_norm(y_ND) * plan.row_weight_N.unsqueeze(-1)).to(a_NF.dtype)
     return _zero_rows_past(y_ND, valid_1) if layout.sentinels else y_ND
 
