@@ -38,48 +38,6 @@ def _torch_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF):
     return torch.cat([dgate_NF, dup_NF], dim=-1), dscale_N
 
 
-@torch.library.custom_op("flexmoe::swiglu_scaled", mutates_args=())
-def swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    """``silu(gate) * up * scale`` with gate = first F columns, up = last F columns."""
-    if use_triton:
-        return triton_kernels().swiglu_scaled_fwd(h_N2F, scale_N, valid_1)
-    return _torch_swiglu_scaled(h_N2F, scale_N, valid_1)
-
-
-@torch.library.custom_op("flexmoe::swiglu_scaled_backward", mutates_args=())
-def swiglu_scaled_backward(
-    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton:
-        return triton_kernels().swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF)
-    return _torch_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF)
-
-
-@swiglu_scaled.register_fake
-def _(h_N2F, scale_N, valid_1, use_triton):
-    return h_N2F.new_empty((h_N2F.shape[0], h_N2F.shape[1] // 2))
-
-
-@swiglu_scaled_backward.register_fake
-def _(h_N2F, scale_N, valid_1, grad_NF, use_triton):
-    return torch.empty_like(h_N2F), torch.empty_like(scale_N)
-
-
-def _setup(ctx, inputs, output):
-    h_N2F, scale_N, valid_1, use_triton = inputs
-    ctx.save_for_backward(h_N2F, scale_N, valid_1)
-    ctx.use_triton = use_triton
-
-
-def _backward(ctx, grad_NF):
-    h_N2F, scale_N, valid_1 = ctx.saved_tensors
-    dh, ds = swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, ctx.use_triton)
-    return dh, ds, None, None
-
-
-swiglu_scaled.register_autograd(_backward, setup_context=_setup)
-
-
 def clamped_swiglu(h_N2F: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """GPT-OSS's SwiGLU on ``[gate | up]`` rows: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``
     with ``g = clamp(gate, max=l)`` (plain torch; autograd differentiates it)."""
@@ -109,48 +67,64 @@ def _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alph
     return torch.cat([dgate_NF, dup_NF], dim=-1), dscale_N
 
 
-@torch.library.custom_op("flexmoe::clamped_swiglu_scaled", mutates_args=())
-def clamped_swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, alpha: float,
-                          limit: float, use_triton: bool) -> torch.Tensor:
-    """``clamped_swiglu(h) * scale`` in one pass (a Triton kernel on GPUs, not a chain of torch ops)."""
+def _clamp(alpha: float | None, limit: float | None) -> tuple[float, float] | None:
+    return None if limit is None else (float(alpha), float(limit))
+
+
+@torch.library.custom_op("flexmoe::swiglu_scaled", mutates_args=())
+def swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, use_triton: bool,
+                  alpha: float | None = None, limit: float | None = None) -> torch.Tensor:
+    """``silu(gate) * up * scale`` with gate = first F columns, up = last F columns; with
+    ``alpha`` and ``limit``, GPT-OSS's ``clamped_swiglu(h) * scale`` instead, in the same one pass
+    (a Triton kernel on GPUs, not a chain of torch ops)."""
     if use_triton:
-        return triton_kernels().swiglu_scaled_fwd(h_N2F, scale_N, valid_1, (alpha, limit))
-    return _torch_clamped_swiglu_scaled(h_N2F, scale_N, valid_1, alpha, limit)
+        return triton_kernels().swiglu_scaled_fwd(h_N2F, scale_N, valid_1, _clamp(alpha, limit))
+    if limit is not None:
+        return _torch_clamped_swiglu_scaled(h_N2F, scale_N, valid_1, alpha, limit)
+    return _torch_swiglu_scaled(h_N2F, scale_N, valid_1)
 
 
-@torch.library.custom_op("flexmoe::clamped_swiglu_scaled_backward", mutates_args=())
-def clamped_swiglu_scaled_backward(
-    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, alpha: float,
-    limit: float, use_triton: bool,
+@torch.library.custom_op("flexmoe::swiglu_scaled_backward", mutates_args=())
+def swiglu_scaled_backward(
+    h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, use_triton: bool,
+    alpha: float | None = None, limit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton:
-        return triton_kernels().swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF, (alpha, limit))
-    return _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
+        return triton_kernels().swiglu_scaled_bwd(h_N2F, scale_N, valid_1, grad_NF, _clamp(alpha, limit))
+    if limit is not None:
+        return _torch_clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, alpha, limit)
+    return _torch_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF)
 
 
-@clamped_swiglu_scaled.register_fake
-def _(h_N2F, scale_N, valid_1, alpha, limit, use_triton):
+@swiglu_scaled.register_fake
+def _(h_N2F, scale_N, valid_1, use_triton, alpha=None, limit=None):
     return h_N2F.new_empty((h_N2F.shape[0], h_N2F.shape[1] // 2))
 
 
-@clamped_swiglu_scaled_backward.register_fake
-def _(h_N2F, scale_N, valid_1, grad_NF, alpha, limit, use_triton):
+@swiglu_scaled_backward.register_fake
+def _(h_N2F, scale_N, valid_1, grad_NF, use_triton, alpha=None, limit=None):
     return torch.empty_like(h_N2F), torch.empty_like(scale_N)
 
 
-def _clamped_setup(ctx, inputs, output):
-    h_N2F, scale_N, valid_1, alpha, limit, use_triton = inputs
+def _setup(ctx, inputs, output):
+    h_N2F, scale_N, valid_1, use_triton, alpha, limit = inputs
     ctx.save_for_backward(h_N2F, scale_N, valid_1)
-    ctx.alpha, ctx.limit, ctx.use_triton = alpha, limit, use_triton
+    ctx.use_triton, ctx.alpha, ctx.limit = use_triton, alpha, limit
 
 
-def _clamped_backward(ctx, grad_NF):
+def _backward(ctx, grad_NF):
     h_N2F, scale_N, valid_1 = ctx.saved_tensors
-    dh, ds = clamped_swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, ctx.alpha, ctx.limit, ctx.use_triton)
+    dh, ds = swiglu_scaled_backward(h_N2F, scale_N, valid_1, grad_NF, ctx.use_triton, ctx.alpha, ctx.limit)
     return dh, ds, None, None, None, None
 
 
-clamped_swiglu_scaled.register_autograd(_clamped_backward, setup_context=_clamped_setup)
+swiglu_scaled.register_autograd(_backward, setup_context=_setup)
+
+
+def clamped_swiglu_scaled(h_N2F: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, alpha: float,
+                          limit: float, use_triton: bool) -> torch.Tensor:
+    """``clamped_swiglu(h) * scale`` (``swiglu_scaled`` with the clamp)."""
+    return swiglu_scaled(h_N2F, scale_N, valid_1, use_triton, alpha, limit)
 
 
 def scaled_activation(
@@ -159,10 +133,10 @@ def scaled_activation(
 ) -> torch.Tensor:
     """Apply ``activation`` to the expert hidden rows and scale each row by its weight
     (``swiglu_alpha`` / ``swiglu_limit``: only for "swiglu_clamped")."""
-    if activation == "swiglu":
-        return swiglu_scaled(h_NF, scale_N, valid_1, use_triton)
-    if activation == "swiglu_clamped":
-        return clamped_swiglu_scaled(h_NF, scale_N, valid_1, swiglu_alpha, swiglu_limit, use_triton)
+    if activation in ("swiglu", "swiglu_clamped"):
+        clamped = activation == "swiglu_clamped"
+        return swiglu_scaled(h_NF, scale_N, valid_1, use_triton, swiglu_alpha if clamped else None,
+                             swiglu_limit if clamped else None)
     act = F.gelu(h_NF) if activation == "gelu" else F.relu(h_NF)
     out = act * scale_N.to(h_NF.dtype).unsqueeze(-1)
     return torch.where(_row_mask(h_NF.shape[0], valid_1), out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -170,17 +144,17 @@ def scaled_activation(
 
 def scaled_activation_backward(
     h_NH: torch.Tensor, scale_N: torch.Tensor, valid_1: torch.Tensor, grad_NF: torch.Tensor, activation: str,
-    use_triton: bool,
+    use_triton: bool, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dscale)`` of ``scaled_activation`` for the output gradient ``grad_NF`` (rows at or
     past ``valid_1[0]`` get zeros), without an autograd graph: for backward passes written by hand."""
-    if activation == "swiglu":
+    if activation in ("swiglu", "swiglu_clamped"):
+        clamp = (swiglu_alpha, swiglu_limit) if activation == "swiglu_clamped" else None
         if use_triton:
-            return triton_kernels().swiglu_scaled_bwd(h_NH, scale_N, valid_1, grad_NF)
+            return triton_kernels().swiglu_scaled_bwd(h_NH, scale_N, valid_1, grad_NF, clamp)
+        if clamp is not None:
+            return _torch_clamped_swiglu_scaled_backward(h_NH, scale_N, valid_1, grad_NF, *clamp)
         return _torch_swiglu_scaled_backward(h_NH, scale_N, valid_1, grad_NF)
-    if activation == "swiglu_clamped":
-        raise ValueError("scaled_activation_backward: 'swiglu_clamped' needs its alpha and limit "
-                         "(clamped_swiglu_scaled_backward)")
     grad_NF = torch.where(_row_mask(h_NH.shape[0], valid_1), grad_NF, torch.zeros((), dtype=grad_NF.dtype, device=grad_NF.device))
     if activation == "gelu":
         cdf_NF = 0.5 * (1 + torch.erf(h_NH * 0.7071067811865476))
