@@ -320,8 +320,8 @@ def case_trials_time_forward_and_backward(rank, world):
     layer = _adaptive(method="auto", trials=1)(cfg).double()
     record = layer.experts.tuner.record
     layer.experts.tuner.record = lambda level, code, s: (events.append(f"record {s:g}"), record(level, code, s))
-    saved = sharded.expert_ffn, sharded._synchronized_time
-    sharded.expert_ffn, sharded._synchronized_time = logged_ffn, fake_time
+    saved = sharded.expert_ffn, sharded.synchronized_time
+    sharded.expert_ffn, sharded.synchronized_time = logged_ffn, fake_time
     try:
         x = torch.randn(6, cfg.d_model, dtype=torch.float64, requires_grad=True)
         y = layer(x)
@@ -330,7 +330,7 @@ def case_trials_time_forward_and_backward(rank, world):
         with torch.no_grad():
             layer(x)  # the next candidate's trial, forward only
     finally:
-        sharded.expert_ffn, sharded._synchronized_time = saved
+        sharded.expert_ffn, sharded.synchronized_time = saved
     assert events == ["clock", "expert forward", "clock", "loss backward", "clock", "expert output grad",
                       "expert input grad", "clock", "record 5",
                       "clock", "expert forward", "clock", "record 16"], events

@@ -418,7 +418,7 @@ def test_pipeline_tuner_trial_of_a_training_forward_counts_its_backward(monkeypa
     import flexmoe.parallel.expert_parallel as ep_module
 
     ticks = iter(range(1000))
-    monkeypatch.setattr(ep_module, "_synchronized_time", lambda device: float(next(ticks)))
+    monkeypatch.setattr(ep_module, "synchronized_time", lambda device: float(next(ticks)))
     cfg = _config(num_experts=4)
     table = PlacementTable(4, np.array([[0, 1, 2, 3, 0, -1, 3]]), np.array([[0.4, 1, 1, 0.5, 0.6, 0, 0.5]]))
     torch.manual_seed(0)

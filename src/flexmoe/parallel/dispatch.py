@@ -40,12 +40,17 @@ from .comm import ranges_and_offsets
 
 def local_slots(table: PlacementTable, rank: int) -> np.ndarray:
     """Slot on ``rank`` of every expert whose only replica is there, else -1: ``int64 [E]``."""
-    replicas_E = table.num_replicas_E()
-    slot_E = np.full(table.num_experts, -1, dtype=np.int64)
-    for s, e in enumerate(table.slot_expert_WS[rank]):
-        if e >= 0 and replicas_E[e] == 1:
-            slot_E[e] = s
-    return slot_E
+    return local_slots_WE(table)[rank]
+
+
+def local_slots_WE(table: PlacementTable) -> np.ndarray:
+    """``local_slots`` of every rank: ``int64 [W, E]`` (constant per table: build it once)."""
+    slot_WS = table.slot_expert_WS
+    single_WS = (slot_WS >= 0) & (table.num_replicas_E()[np.maximum(slot_WS, 0)] == 1)
+    rank_P, slot_P = np.nonzero(single_WS)
+    out_WE = np.full((table.world_size, table.num_experts), -1, dtype=np.int64)
+    out_WE[rank_P, slot_WS[rank_P, slot_P]] = slot_P
+    return out_WE
 
 
 @dataclasses.dataclass

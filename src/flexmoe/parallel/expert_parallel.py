@@ -14,7 +14,6 @@ no packing, exchange or host synchronisation.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from .dispatch import (
     known_counts,
     local_rows,
     local_slots,
+    local_slots_WE,
     pairs_per_rank,
     regroup_by_slot,
     route_pairs,
@@ -53,6 +53,7 @@ from .tuning import (
     choose_memory_strategy,
     free_memory_bytes,
     kept_bytes,
+    synchronized_time,
     measure_row_bytes,
 )
 
@@ -218,12 +219,10 @@ class ParallelExperts(GroupedExperts):
         other rows exchanged."""
         experts, placement, par = self, self.placement, self.parallel
         slot_keyed = _is_slot_keyed(plan, self.config)
-        local_slot_E = self._local_slot_E
+        local_slot_WE = self._local_slot_WE
         if slot_keyed:  # rows grouped by slot: each slot is its own expert for the dispatcher
-            placement = slot_table(placement)
-            local_slot_E = local_slots(placement, self.rank)
-        if not par.local_first:
-            local_slot_E = np.full_like(local_slot_E, -1)
+            placement, local_slot_WE = self._slot_view()
+        local_slot_E = local_slot_WE[self.rank]
         weight_N = plan.row_weight_N
         build_graph = torch.is_grad_enabled() and (
             x_TD.requires_grad or weight_N.requires_grad or any(p.requires_grad for p in experts.parameters())
@@ -251,7 +250,7 @@ class ParallelExperts(GroupedExperts):
         pending = self._start_counts(fields, plan.counts_E, x_TD, plan.pair_row_TK.shape[0], pairs_W, own_pairs)
         # This rank's own counts: a wait for the device, no communication (the other ranks'
         # counts are in flight meanwhile).
-        if par.local_first:
+        if par.local_first and (local_slot_E >= 0).any():
             counts_E = plan.counts_E.cpu().numpy()
             pending.host_counts_E = counts_E  # world size 1: nothing more to read
             local = local_rows(local_slot_E, counts_E, plan.row_token_N, placement.slots_per_rank)
@@ -264,7 +263,7 @@ class ParallelExperts(GroupedExperts):
             route, strategy = self._resolve(pending, forward, placement, plan, local, slot_keyed, profile,
                                             row_bytes, build_graph, one_exchange, x_TD.device)
             if forward["trial"]:
-                forward["start"] = _synchronized_time(x_TD.device)
+                forward["start"] = synchronized_time(x_TD.device)
             return route, strategy
 
         run = StageRun(
@@ -286,12 +285,12 @@ class ParallelExperts(GroupedExperts):
         clock = weights = None
         x_in, weight_in = x_TD, weight_N
         if par.pipeline_degree == "auto" and build_graph:
-            clock = TrainingTrialClock(lambda: _synchronized_time(x_TD.device),
+            clock = TrainingTrialClock(lambda: synchronized_time(x_TD.device),
                                        lambda seconds: self.tuner.record(forward["level"], forward["degree"], seconds))
             x_in, weight_in, *weights = clock.wrap_inputs(x_TD, weight_N, experts.gate_up_proj, experts.down_proj)
         y_TD = run_stage(x_in, weight_in, experts, run, weights)
         if forward["trial"]:
-            elapsed = _synchronized_time(x_TD.device) - forward["start"]
+            elapsed = synchronized_time(x_TD.device) - forward["start"]
             if clock is not None:
                 y_TD = clock.wrap_output(y_TD, elapsed)
             else:
@@ -339,7 +338,8 @@ class ParallelExperts(GroupedExperts):
         route = route_pairs(row_replica_N, plan.pair_row_TK, self.size, placement.slots_per_rank, degree, self.rank,
                             local.mask_N(plan.num_rows) if local.count else None)
         if pairs_WW is not None:
-            exchanged_WWS = exchanged_split(placement, send_WWS, counts_WE) if par.local_first else send_WWS
+            local_slot_WE = self._slot_view()[1] if slot_keyed else self._local_slot_WE
+            exchanged_WWS = exchanged_split(local_slot_WE, send_WWS, counts_WE) if par.local_first else send_WWS
             route.finish(known_counts(pairs_WW, exchanged_WWS), own_W[self.rank])
         else:
             shape = (self.size,) + tuple(route.counts_nWC.shape)
@@ -373,12 +373,22 @@ class ParallelExperts(GroupedExperts):
         self._slots_are_experts = self.size == 1 and bool((self.placement.num_replicas_E() == 1).all())
         self.register_buffer("expert_slot_E", torch.from_numpy(np.maximum(local_slots(self.placement, 0), 0)).to(device),
                              persistent=False)
-        self._local_slot_E = local_slots(self.placement, self.rank)
+        self._local_slot_WE = local_slots_WE(self.placement)
+        self._local_slot_E = self._local_slot_WE[self.rank]
+        self._slot_view_cache = None
         self.register_buffer("expert_rank_E", torch.from_numpy(rank_E).to(device), persistent=False)
         # Rank-specific, so not a buffer (DDP broadcasts buffers from rank 0): one copy per device.
         self._exchanged_rank_E = {"host": torch.from_numpy(np.where(self._local_slot_E >= 0, -1, rank_E))}
         self.register_buffer("replica_ids_EQ", ids_EQ.to(device), persistent=False)
         self.register_buffer("replica_fraction_EQ", fraction_EQ.to(device), persistent=False)
+
+    def _slot_view(self) -> tuple[PlacementTable, np.ndarray]:
+        """The slot table (each slot its own expert, for slot-keyed plans) and its
+        ``local_slots_WE``, built once per placement table."""
+        if self._slot_view_cache is None:
+            table = slot_table(self.placement)
+            self._slot_view_cache = (table, local_slots_WE(table))
+        return self._slot_view_cache
 
     def _exchanged_rank_on(self, device: torch.device) -> torch.Tensor:
         """``expert_rank_E`` with this rank's local experts at -1 (their rows enter no pair)."""
@@ -542,14 +552,13 @@ class _SplitCounts:
         return everyone[:, :H], everyone[:, H:H + E], everyone[:, H + C:H + C + W], everyone[:, H + C + W]
 
 
-def exchanged_split(table: PlacementTable, send_WWS: np.ndarray, counts_WE: np.ndarray) -> np.ndarray:
+def exchanged_split(local_slot_WE: np.ndarray, send_WWS: np.ndarray, counts_WE: np.ndarray) -> np.ndarray:
     """``send_WWS`` without the local rows: what each source sends each replica through the
-    exchange (a source's rows for an expert whose only replica it holds stay out)."""
+    exchange (a source's rows for an expert whose only replica it holds stay out;
+    ``local_slot_WE``: ``dispatch.local_slots_WE`` of the table)."""
     out = send_WWS.copy()
-    for q in range(table.world_size):
-        slot_E = local_slots(table, q)
-        held_E = np.nonzero(slot_E >= 0)[0]
-        out[q, q, slot_E[held_E]] -= counts_WE[q, held_E]
+    rank_P, expert_P = np.nonzero(local_slot_WE >= 0)
+    out[rank_P, rank_P, local_slot_WE[rank_P, expert_P]] -= counts_WE[rank_P, expert_P]
     return out
 
 
@@ -572,12 +581,6 @@ def logical_counts(table: PlacementTable, slot_counts_WF: np.ndarray) -> np.ndar
     held_F = expert_F >= 0
     np.add.at(counts_WE, (slice(None), expert_F[held_F]), slot_counts_WF[:, held_F])
     return counts_WE
-
-
-def _synchronized_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def ep_stage(layer: nn.Module) -> ParallelExperts | None:

@@ -13,7 +13,6 @@ the shards through the reverse exchange, so every method gives the same gradient
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from .agreement import BACKWARD, FORWARD, STATE, all_gather_ints, check_envelope
 from .comm import all_to_all_v, index_from_ranges
 from .groups import EPGroup
 from .shard_layout import DP, ShardLayout
-from .tuning import BeforeBackward, TrainingTrialClock
+from .tuning import BeforeBackward, TrainingTrialClock, synchronized_time
 
 _PER_RANK_FIELDS = ("timeout_s",)
 
@@ -104,11 +103,11 @@ class ShardedExperts(nn.Module):
             code, phase = self.tuner.choose(level)
             if phase == RESOLVE:
                 code = self.tuner.resolve(level, self.ep_group, timeout, x_TD.device)
-        start = _synchronized_time(x_TD.device) if phase == TRIAL else 0.0
+        start = synchronized_time(x_TD.device) if phase == TRIAL else 0.0
         weights = (self.gate_up_proj, self.down_proj)
         clock = None
         if phase == TRIAL and build_graph:  # a training forward: its backward belongs to the trial's time too
-            clock = TrainingTrialClock(lambda: _synchronized_time(x_TD.device),
+            clock = TrainingTrialClock(lambda: synchronized_time(x_TD.device),
                                        lambda seconds: self.tuner.record(level, code, seconds))
             x_TD, *weights = clock.wrap_inputs(x_TD, *weights)
         if code == DP:
@@ -120,9 +119,9 @@ class ShardedExperts(nn.Module):
         else:
             y_TD = self._spread(x_TD, pairs, counts_WE, pairs_WG, code, use_triton, *weights)
         if clock is not None:
-            y_TD = clock.wrap_output(y_TD, _synchronized_time(x_TD.device) - start)
+            y_TD = clock.wrap_output(y_TD, synchronized_time(x_TD.device) - start)
         elif phase == TRIAL:
-            self.tuner.record(level, code, _synchronized_time(x_TD.device) - start)
+            self.tuner.record(level, code, synchronized_time(x_TD.device) - start)
         if build_graph and self.size > 1:
             step = self.forward_steps
             y_TD = BeforeBackward.apply(
@@ -323,7 +322,3 @@ def _join_down(rows: torch.Tensor, groups: int, width: int, shard_shape) -> torc
     return rows.reshape(groups, width, Eg, D, Fm).permute(0, 2, 3, 1, 4).reshape(groups * Eg, D, width * Fm)
 
 
-def _synchronized_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
