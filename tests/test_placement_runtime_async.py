@@ -100,13 +100,21 @@ def overlap_scenario(rank, async_moves):
     return {"events": events, "state": state, "versions": [t.version for t in sched.tables]}
 
 
-def raise_between_issue_and_apply(rank, group):
-    """Rank 1's data loader fails after the plan's moves were issued."""
-    model = two_layer_model(group, ParallelConfig(timeout_s=TIMEOUT_S), layers=1)
+def one_step_with_a_scheduler(rank, group, timeout_s):
+    """One MoE layer on ``group`` with ``ParallelConfig.timeout_s``, its Adam and a scheduler that
+    re-plans every step (CrossSwapPlanner), after one training step that all ranks start together
+    (so that only the failure a scenario stages may exceed the short timeout)."""
+    model = two_layer_model(group, ParallelConfig(timeout_s=timeout_s), layers=1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     sched = PlacementScheduler(model, opt, CrossSwapPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
-    dist.barrier(group)  # start together: only the failure below may exceed the short timeout
+    dist.barrier(group)
     train_step(model, opt, tokens(0, rank))
+    return model, opt, sched
+
+
+def raise_between_issue_and_apply(rank, group):
+    """Rank 1's data loader fails after the plan's moves were issued."""
+    model, opt, sched = one_step_with_a_scheduler(rank, group, TIMEOUT_S)
     sched.step()
     experts = model[0].experts
     before = [t.clone() for t in (experts.gate_up_proj, experts.down_proj, opt.state[experts.gate_up_proj]["exp_avg"])]
@@ -133,11 +141,7 @@ def raise_between_issue_and_apply(rank, group):
 
 def skip_a_replan(rank, group):
     """Rank 1 does not join a re-plan (it skipped its scheduler step after an error)."""
-    model = two_layer_model(group, ParallelConfig(timeout_s=TIMEOUT_S), layers=1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    sched = PlacementScheduler(model, opt, CrossSwapPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
-    dist.barrier(group)  # start together: only the failure below may exceed the short timeout
-    train_step(model, opt, tokens(0, rank))
+    model, opt, sched = one_step_with_a_scheduler(rank, group, TIMEOUT_S)
     out = {}
     if rank == 1:
         time.sleep(2 * TIMEOUT_S)
@@ -153,10 +157,7 @@ def skip_a_replan(rank, group):
 
 def skip_a_replan_and_train_on(rank, group):
     """Rank 1 skips its scheduler step (after an error) and goes on to its next training step."""
-    model = two_layer_model(group, ParallelConfig(timeout_s=30.0), layers=1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    sched = PlacementScheduler(model, opt, CrossSwapPlanner(), "cm", policy=ReplanPolicy(interval=1, guard=False))
-    train_step(model, opt, tokens(0, rank))
+    model, opt, sched = one_step_with_a_scheduler(rank, group, 30.0)
     out = {}
     try:
         if rank == 0:
