@@ -341,6 +341,13 @@ def run_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, dev
     print(f"ideal at the measured matmul rate: {flops / (tflops * 1e12) * 1e3:.2f} ms")
 
 
+def interleaved_trials(steps: dict, args, device):
+    """``args.trials`` rounds, each timing every step once in turn (ms per call), so drift in the
+    device's clocks reaches all of them alike."""
+    for _ in range(args.trials):
+        yield {name: timed(step, args.reps, device) for name, step in steps.items()}
+
+
 def expert_stage_step(st: Stages, impl: str):
     """One forward+backward of the expert stage alone (token rows in and out, every gradient):
     "unfused" (permute, grouped GEMMs, combine) or "hybrid" (fused gate_up, grouped backward)."""
@@ -399,12 +406,146 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     steps = {"unfused": training_step(unfused, x_BTD), "hybrid": training_step(hybrid, x_BTD)}
     print("\n| trial | unfused ms | hybrid ms | hybrid speedup | hybrid % of matmul |\n|---|---|---|---|---|")
     ratios = []
-    for trial in range(args.trials):
-        t = {name: timed(step, args.reps, device) for name, step in steps.items()}
+    for trial, t in enumerate(interleaved_trials(steps, args, device)):
         ratios.append(t["unfused"] / t["hybrid"])
         tf = flops / (t["hybrid"] * 1e-3) / 1e12
         print(f"| {trial} | {t['unfused']:.2f} | {t['hybrid']:.2f} | {ratios[-1]:.3f}x | {100 * tf / tflops:.0f}% |")
     print(f"hybrid speedup over unfused: min {min(ratios):.3f}x, max {max(ratios):.3f}x over {args.trials} trials")
+
+
+ROWS_SWEEP = {  # --rows --sweep: the epilogue kernels on grouped rows (TMA row and weight tiles), one grid program per tile
+    "gate_up": [_c(8, 3, BN=128, BK=64), _c(8, 4, BN=128, BK=64), _c(4, 4, BN=64, BK=64), _c(8, 3, BN=64, BK=64)],
+    "dgrad": [_c(8, 4, BN=128, BK=64), _c(4, 4, BN=64, BK=64), _c(8, 3, BN=64, BK=64), _c(4, 3, BN=64, BK=128),
+              _c(8, 4, BN=64, BK=64), _c(4, 4, BN=128, BK=64), _c(8, 3, BN=128, BK=64, GROUP=16), _c(4, 5, BN=64, BK=64)],
+}
+
+
+def with_ws(fn, ws: bool):
+    """``fn`` (a fused_gemm launcher) with its depth loop warp-specialised or not."""
+    return lambda *a, **kw: fn(*a, **kw, ws=ws)
+
+
+def run_rows_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args, device, tflops: float) -> None:
+    """``--rows``: the "epilogue" kernels (gate_up and down dgrad on grouped rows, the activation in
+    the epilogue, TMA row and weight tiles on sm90) against the grouped GEMM + activation kernel
+    they replace; warp specialisation on and off; then the expert stage and the layer, interleaved."""
+    from flexmoe.experts import expert_ffn
+    from flexmoe.ops.epilogue_experts import epilogue_ffn
+
+    layer, x_TD = case_layer(D, F, E, k, routing, args, device)
+    epi, unfused = same_layer(layer, "epilogue"), same_layer(layer, "triton")
+    st = Stages(layer, x_TD)
+    p, sch = st.plan, st.schedule
+    counts = p.counts_E.float()
+    N, H = int(p.offsets_E[-1]), st.w_gu.shape[1]
+    tma = True if st.uses_tma else False
+    print(f"\n## rows: {shape} (D={D}, F={F}, E={E}, k={k}), T={args.tokens}, {routing} routing, "
+          f"max/mean expert load {(counts.max() / counts.mean()).item():.2f}, TMA {tma}")
+    valid = p.offsets_E[-1:]
+
+    def u_gate_up():
+        h = grouped_mm(st.x_ND, st.w_gu, p.offsets_E)
+        return h, scaled_activation(h, st.scale_N, valid, st.act, True)
+
+    def u_dgrad():
+        da = grouped_mm(st.dy_ND, st.w_dn.transpose(1, 2), p.offsets_E)
+        return swiglu_scaled_backward(st.h_NH, st.scale_N, valid, da, True)
+
+    # variants: (programs per SM, 0: one per tile; warp specialisation; dgrad: h through TMA)
+    variants = {"gate_up + act": [(0, False, False), (0, True, False), (1, False, False)],
+                "dgrad + act bwd": [(0, False, False), (0, False, True), (1, False, False), (1, False, True)],
+                "down": [(0, False, False)], "dx": [(0, False, False)]}
+    if args.sweep:
+        variants = {name: v[:1] + ([(0, False, True)] if name.startswith("dgrad") else []) for name, v in variants.items()}
+    stages = {
+        "gate_up + act": (u_gate_up, lambda v: fg.gate_up(st.x_ND, None, st.w_gu, st.scale_N, sch, st.act, tma, v[1], v[0]),
+                          "gate_up"),
+        "dgrad + act bwd": (u_dgrad, lambda v: fg.down_dgrad(st.dy_ND, None, st.w_dn, st.h_NH, st.scale_N, sch, st.act,
+                                                              tma, v[1], v[0], v[2]), "dgrad"),
+        "down": (lambda: grouped_mm(st.a_NF, st.w_dn, p.offsets_E),
+                 lambda v: fg.expert_mm(st.a_NF, st.w_dn, True, sch, tma, True, v[1]), "mm"),
+        "dx": (lambda: grouped_mm(st.dh_NH, st.w_gu.transpose(1, 2), p.offsets_E),
+               lambda v: fg.expert_mm(st.dh_NH, st.w_gu, False, sch, tma, True, v[1]), "mm"),
+    }
+    library = dict(fg._tuned)
+    if device.type == "cuda" and not args.sweep:  # explicit grid choices: the library's tiles without their PER_SM
+        for name in ("gate_up", "dgrad"):
+            plain = [fg._config(c.num_warps, c.num_stages, **{k: v for k, v in c.kwargs.items() if k != "PER_SM"})
+                     for c in fg.CONFIGS[name]]
+            unique = list({str(c): c for c in plain}.values())
+            fg._tuned[name] = fg.autotuned(name, unique, warmup=5, rep=25)
+    errors = []
+    for name, (unf, fus, _) in stages.items():
+        for v in variants[name]:
+            try:
+                got, want = fus(v), unf()
+                got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+                for i, (g, w) in enumerate(zip(got, want)):
+                    errors.append((f"{name} {v} [{i}]", *max_rel_err(g[:N], w[:N])))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                errors.append((f"{name} {v} FAILED {type(exc).__name__}: {str(exc)[:200]}", float("nan"), float("nan")))
+    print_errors(errors)
+    print("\n| stage | grouped GEMM (+ act kernel) ms | Triton variant (per SM, warp spec., h TMA): ms | best speedup "
+          "| best TFLOP/s (% matmul) |")
+    print("|---|---|---|---|---|")
+    for name, (unf, fus, tuner) in stages.items():
+        t_u = timed(unf, args.reps, device)
+        t_v = {}
+        for v in variants[name]:
+            try:
+                fus(v)
+                if args.sweep and device.type == "cuda":
+                    torch.cuda.synchronize()
+                    timings = getattr(fg._tuned[tuner], "configs_timings", None) or {}
+                    ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()),
+                                    key=lambda i: i[0])
+                    print(f"sweep {name} {v}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
+                t_v[v] = timed(lambda: fus(v), args.reps, device)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name} {v} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        best = min((t for t in t_v.values() if t == t), default=float("nan"))
+        fl = stage_flops({"gate_up + act": "gate_up", "dgrad + act bwd": "dgrad", "down": "down", "dx": "dx"}[name], N, D, F, H)
+        tf = fl / (best * 1e-3) / 1e12
+        cells = "; ".join(f"{v}: {t:.3f}" for v, t in t_v.items())
+        print(f"| {name} | {t_u:.3f} | {cells} | {t_u / best:.3f}x | {tf:.0f} ({100 * tf / tflops:.0f}%) |")
+    if not args.sweep:
+        fg._tuned.update(library)
+
+    leaves = [st.x_ND.detach().clone().requires_grad_(True), st.w_gu.clone().requires_grad_(True),
+              st.w_dn.clone().requires_grad_(True), st.scale_N.clone().requires_grad_(True)]
+    dy = torch.randn(st.x_ND.shape[0], D, device=device, dtype=x_TD.dtype)
+
+    def ffn_step(impl):
+        def step():
+            for t in leaves:
+                t.grad = None
+            x, wg, wd, sc = leaves
+            if impl == "unfused":
+                y = expert_ffn(x, wg, wd, p.offsets_E, sc, st.act, True)
+            else:
+                y = epilogue_ffn(x, wg, wd, p.offsets_E, sc, st.act)
+            y.backward(dy)
+            return [t.grad for t in leaves]
+        return step
+
+    errs = [(f"expert FFN epilogue grad[{i}]", *max_rel_err(g[:N] if g.dim() and g.shape[0] == dy.shape[0] else g,
+                                                             w[:N] if w.dim() and w.shape[0] == dy.shape[0] else w))
+            for i, (g, w) in enumerate(zip([t.clone() for t in ffn_step("epilogue")()], ffn_step("unfused")()))]
+    errs += check_layer(unfused, epi, x_TD.unsqueeze(0), "epilogue layer")
+    print_errors(errs)
+    flops = 18 * args.tokens * k * D * F
+    x_BTD = x_TD.unsqueeze(0)
+    steps = {"ffn unfused": ffn_step("unfused"), "ffn epilogue": ffn_step("epilogue"),
+             "layer unfused": training_step(unfused, x_BTD), "layer epilogue": training_step(epi, x_BTD)}
+    print("\n| trial | FFN unfused ms | FFN epilogue ms | FFN speedup | layer unfused ms | layer epilogue ms | layer speedup | epilogue % of matmul |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for trial, t in enumerate(interleaved_trials(steps, args, device)):
+        ratios.append(t["layer unfused"] / t["layer epilogue"])
+        tf = flops / (t["layer epilogue"] * 1e-3) / 1e12
+        print(f"| {trial} | {t['ffn unfused']:.3f} | {t['ffn epilogue']:.3f} | {t['ffn unfused'] / t['ffn epilogue']:.3f}x "
+              f"| {t['layer unfused']:.2f} | {t['layer epilogue']:.2f} | {ratios[-1]:.3f}x | {100 * tf / tflops:.0f}% |")
+    print(f"epilogue layer speedup over unfused: min {min(ratios):.3f}x, max {max(ratios):.3f}x over {args.trials} trials")
 
 
 def main() -> None:
@@ -415,7 +556,8 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph check and timing")
     parser.add_argument("--sweep", action="store_true", help="autotune over the wide SWEEP tile sets, print all timings")
     parser.add_argument("--hybrid", action="store_true", help="only the hybrid path against unfused (layer trials interleaved)")
-    parser.add_argument("--trials", type=int, default=3, help="--hybrid: interleaved layer trials")
+    parser.add_argument("--rows", action="store_true", help="only the epilogue kernels on grouped rows, the expert FFN and the layer")
+    parser.add_argument("--trials", type=int, default=3, help="--hybrid / --rows: interleaved layer trials")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--routing", default="uniform,zipf", help="uniform and/or zipf")
     parser.add_argument("--zipf-alpha", type=float, default=1.2)
@@ -428,8 +570,8 @@ def main() -> None:
     if args.tiny:
         shapes, args.tokens, args.reps = TINY, 64, 1
     if args.sweep:
-        use_sweep_configs(HYBRID_SWEEP if args.hybrid else SWEEP)
-    case = run_hybrid_case if args.hybrid else run_case
+        use_sweep_configs(ROWS_SWEEP if args.rows else HYBRID_SWEEP if args.hybrid else SWEEP)
+    case = run_rows_case if args.rows else run_hybrid_case if args.hybrid else run_case
     tflops = matmul_tflops(device)
     print(header(device) + f"  dense bf16 matmul: {tflops:.0f} TFLOP/s")
     for shape, (D, F, E, k) in shapes.items():

@@ -16,10 +16,11 @@ from flexmoe.ops import fused_gemm as fg
 
 
 def ttgir(kernel, types: dict, constexprs: dict, config: triton.Config) -> str:
-    """TTGIR with the pointer and integer arguments 16-divisible, as Triton specialises them at launch."""
+    """TTGIR with the pointer and integer arguments 16-divisible, as Triton specialises them at launch
+    (an argument with a default is a constexpr unless ``types`` names it)."""
     params = inspect.signature(kernel.fn).parameters
     names = list(params)
-    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty and n not in types}
     constexprs = {**defaults, **constexprs, **config.kwargs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
@@ -67,6 +68,21 @@ def main() -> int:
                 print(f"FAILED {name} {config}: no wgmma or no pipelined loads")
                 failed = True
         print(f"ok {name}")
+    rows_cases = [  # grouped-row operands through TMA ("epilogue"), one program per tile and persistent
+        (fg._gate_up_kernel, {**cases[0][1], "w_desc": "tensordesc<bf16[128,64]>", "x_desc": "tensordesc<bf16[128,64]>",
+                              "used_ptr": "*i32"}, dict(GATED=True, ACT=0, BM=128, TMA=1, GATHER=False)),
+        (fg._down_dgrad_kernel, {**cases[1][1], "w_desc": "tensordesc<bf16[64,128]>", "dy_desc": "tensordesc<bf16[128,64]>",
+                                 "h_desc": "tensordesc<bf16[128,128]>", "used_ptr": "*i32"},
+         dict(GATED=True, ACT=0, BM=128, TMA=2, GATHER=False)),
+    ]
+    for kernel, types, extra in rows_cases:
+        for per_sm in (0, 1):
+            config = triton.Config(dict(BN=128, BK=64, PER_SM=per_sm), num_warps=8, num_stages=4)
+            ir = ttgir(kernel, {**types, **tables}, {**common, **extra}, config)
+            if "async_tma_copy_global_to_local" not in ir or "warp_group_dot" not in ir:
+                print(f"FAILED {kernel.fn.__name__} grouped rows PER_SM={per_sm}: no TMA loads or no wgmma")
+                failed = True
+        print(f"ok {kernel.fn.__name__} grouped rows")
     types = {"part_ptr": "*fp32", "dw_ptr": "*bf16", "blocks_ptr": "*i32", "slot_start_ptr": "*i32"}
     ttgir(fg._wgrad_reduce_kernel, types, dict(BLOCK=4096, ACC=tl.float32), triton.Config({}, num_warps=8, num_stages=1))
     print("ok _wgrad_reduce_kernel")

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import flexmoe
 from test_compile import check_compiled_matches_eager
 from flexmoe.ops.checks import check_finite
+from flexmoe.ops import permute, unpermute_sum
+from flexmoe.ops.epilogue_experts import epilogue_ffn
 from flexmoe.ops.fused_experts import fused_expert_ffn
 from flexmoe.ops.fused_gemm import row_blocks
 from flexmoe.plan import make_dispatch_plan
@@ -44,10 +46,11 @@ def _loop_reference(x, w_gu, w_down, expert_TK, weight_TK, keep_TK, activation):
     "case", ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
              "deep_widths"]
 )
-@pytest.mark.parametrize("grouped_backward", [False, True], ids=["fused_backward", "hybrid_backward"])
-def test_fused_op_and_gradients_match_float64_loop(case, grouped_backward):
+@pytest.mark.parametrize("path", ["fused", "hybrid", "epilogue"])
+def test_fused_op_and_gradients_match_float64_loop(case, path):
     """Forward and the gradients of x, both weights and the routing weights, with many rows per
-    expert (several row blocks, several weight-gradient blocks meeting by atomic adds)."""
+    expert (several row blocks, several weight-gradient blocks meeting by atomic adds), for the
+    fused op (fused or hybrid backward) and the epilogue op on grouped rows."""
     cases = ["skewed", "all_on_one_expert", "empty_experts", "one_token", "top_k_is_E", "drops", "odd_widths",
              "deep_widths"]
     torch.manual_seed(cases.index(case))
@@ -78,8 +81,13 @@ def test_fused_op_and_gradients_match_float64_loop(case, grouped_backward):
     w_down = (0.3 * torch.randn(E, D, Fd, dtype=torch.float64)).requires_grad_(True)
     weight_TK = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
     plan = make_dispatch_plan(expert_TK, weight_TK, keep_TK, E)
-    y = fused_expert_ffn(x, w_gu, w_down, plan.offsets_E, plan.row_token_N, plan.pair_row_TK, plan.row_weight_N, activation,
-                         grouped_backward)
+    if path == "epilogue":
+        x_ND = permute(x, plan.row_token_N, plan.pair_row_TK, True)
+        y_ND = epilogue_ffn(x_ND, w_gu, w_down, plan.offsets_E, plan.row_weight_N, activation)
+        y = unpermute_sum(y_ND, plan.pair_row_TK, plan.row_token_N, True)
+    else:
+        y = fused_expert_ffn(x, w_gu, w_down, plan.offsets_E, plan.row_token_N, plan.pair_row_TK, plan.row_weight_N,
+                             activation, path == "hybrid")
     probe = torch.randn(T, D, dtype=torch.float64)
     grads = torch.autograd.grad((y * probe).sum(), [x, w_gu, w_down, weight_TK])
 
@@ -94,7 +102,7 @@ def test_fused_op_and_gradients_match_float64_loop(case, grouped_backward):
         assert grads[1][3:].abs().max() == 0 and grads[2][3:].abs().max() == 0
 
 
-@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+@pytest.mark.parametrize("kernels", ["fused", "hybrid", "epilogue"])
 @pytest.mark.parametrize("seed", range(6))
 def test_fused_layer_matches_reference_on_random_configs(seed, kernels):
     """The whole layer with kernels="fused" / "hybrid" (gelu / relu / swiglu, capacity, shared
@@ -108,7 +116,7 @@ def test_fused_layer_matches_reference_on_random_configs(seed, kernels):
     check_against_reference(layer, x, tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
-@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+@pytest.mark.parametrize("kernels", ["fused", "hybrid", "epilogue"])
 def test_fused_layer_capacity_drops_match_reference(kernels):
     torch.manual_seed(5)
     cfg = flexmoe.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.5, init_std=1.0, kernels=kernels)
@@ -118,7 +126,7 @@ def test_fused_layer_capacity_drops_match_reference(kernels):
     assert layer.last_counts.sum() == 4 * cfg.capacity(20)
 
 
-@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+@pytest.mark.parametrize("kernels", ["fused", "hybrid", "epilogue"])
 def test_fused_layer_no_tokens(kernels):
     layer = flexmoe.MoELayer(flexmoe.MoEConfig(d_model=8, d_ff=6, num_experts=4, kernels=kernels)).double()
     x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
@@ -127,7 +135,7 @@ def test_fused_layer_no_tokens(kernels):
     assert y.shape == (0, 8) and layer.experts.gate_up_proj.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize("kernels", ["fused", "hybrid"])
+@pytest.mark.parametrize("kernels", ["fused", "hybrid", "epilogue"])
 def test_fused_compiles_fullgraph_and_matches_eager(kernels):
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -197,7 +205,7 @@ def test_fused_kernels_compile_for_hopper_with_tensor_cores():
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 8, done.stdout
+    assert done.stdout.count("ok ") == 10, done.stdout
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -226,6 +234,45 @@ def test_tma_weight_loads_match_pointer_loads(activation):
         runs[tma] = [t[:n] for t in (h, a, y, dh, dscale, dx)]
     for name, got, want in zip(["h", "a", "y", "dh", "dscale", "dx"], runs[True], runs[False]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("per_sm", [0, 1], ids=["tile_grid", "persistent"])
+@pytest.mark.parametrize("tma", [False, True])
+def test_grouped_row_operands_match_gathered_loads(tma, per_sm):
+    """gate_up, down dgrad and the expert GEMM on rows already grouped by expert (``row_token_N``
+    None; with TMA the row tiles go through descriptors too) against the gathered loads of the
+    one-program-per-tile grid: a row tile that runs into the next expert's rows and past the
+    buffer's end, an empty expert; gate_up and dgrad also on the persistent grid (programs walk
+    several tiles), gathered and on grouped rows."""
+    from flexmoe.ops import fused_gemm as fg
+
+    torch.manual_seed(8)
+    T, K, E, D, Fd = 41, 2, 3, 24, 40
+    x = torch.randn(T, D, dtype=torch.float64)
+    dy = torch.randn(T, D, dtype=torch.float64)
+    w_gu, w_down = torch.randn(E, 2 * Fd, D, dtype=torch.float64), torch.randn(E, D, Fd, dtype=torch.float64)
+    expert_TK = torch.stack([torch.randperm(2)[:K] for _ in range(T)]) * 2  # experts 0 and 2; 1 is empty
+    plan = make_dispatch_plan(expert_TK, torch.rand(T, K, dtype=torch.float64), None, E)
+    schedule = fg.Schedule(plan.offsets_E, plan.row_token_N.shape[0])
+    n = int(plan.offsets_E[-1])
+    scale = plan.row_weight_N.contiguous()
+    rows = plan.row_token_N.clamp_min(0)
+    x_ND, dy_ND = x[rows].contiguous(), dy[rows].contiguous()
+    h, a = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, "swiglu", tma=False)
+    h2, a2 = fg.gate_up(x_ND, None, w_gu, scale, schedule, "swiglu", tma=tma, per_sm=per_sm)
+    h3, a3 = fg.gate_up(x, plan.row_token_N, w_gu, scale, schedule, "swiglu", tma=tma, per_sm=per_sm)
+    dh, ds = fg.down_dgrad(dy, plan.row_token_N, w_down, h, scale, schedule, "swiglu", tma=False)
+    dh2, ds2 = fg.down_dgrad(dy_ND, None, w_down, h, scale, schedule, "swiglu", tma=tma, per_sm=per_sm)
+    dh3, ds3 = fg.down_dgrad(dy, plan.row_token_N, w_down, h, scale, schedule, "swiglu", tma=tma, per_sm=per_sm)
+    dh4, ds4 = fg.down_dgrad(dy_ND, None, w_down, h, scale, schedule, "swiglu", tma=tma, per_sm=per_sm, h_tma=True)
+    y = fg.expert_mm(a, w_down, True, schedule, tma=False)
+    y2 = fg.expert_mm(a, w_down, True, schedule, tma=tma, rows_tma=True)
+    for name, got, want in [("h", h2, h), ("a", a2, a), ("dh", dh2, dh), ("dscale", ds2, ds), ("y", y2, y),
+                            ("h gathered", h3, h), ("a gathered", a3, a), ("dh gathered", dh3, dh), ("dscale gathered", ds3, ds),
+                            ("dh, h through TMA", dh4, dh), ("dscale, h through TMA", ds4, ds)]:
+        torch.testing.assert_close(got[:n], want[:n], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    want_h = torch.cat([x_ND[plan.offsets_E[e - 1] if e else 0:plan.offsets_E[e]] @ w_gu[e].t() for e in range(E)])
+    torch.testing.assert_close(h2[:n], want_h, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_runs_fused_paths_only_where_measured():

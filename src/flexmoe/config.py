@@ -24,7 +24,7 @@ TauSchedule = Literal["linear", "exponential"]
 SparseGate = Literal["topk", "gumbel_top1"]
 DTSBalance = Literal["probs", "masked"]
 DTSEvalRouting = Literal["phase", "top1"]
-KernelChoice = Literal["auto", "triton", "torch", "fused", "hybrid", "per_expert"]
+KernelChoice = Literal["auto", "triton", "torch", "fused", "hybrid", "epilogue", "per_expert"]
 
 _ACTIVATIONS = ("swiglu", "swiglu_clamped", "gelu", "relu")
 _PRIORITIES = ("prob", "weight", "position")
@@ -35,7 +35,7 @@ _TAU_SCHEDULES = ("linear", "exponential")
 _SPARSE_GATES = ("topk", "gumbel_top1")
 _DTS_BALANCES = ("probs", "masked")
 _DTS_EVAL_ROUTINGS = ("phase", "top1")
-_KERNELS = ("auto", "triton", "torch", "fused", "hybrid", "per_expert")
+_KERNELS = ("auto", "triton", "torch", "fused", "hybrid", "epilogue", "per_expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +175,10 @@ class MoEConfig:
         in the operand load, activation in the epilogue); with expert parallelism it acts as
         "triton". "hybrid" is the fused forward with the backward in grouped GEMMs on re-gathered
         rows ("auto" picks it where docs/kernels.md says it measured faster; "triton" under expert
-        parallelism too). "fused" and "hybrid" do not take ``expert_biases`` or "swiglu_clamped" (a
-        ValueError at construction). "per_expert" is "auto" with one cuBLAS GEMM per expert instead
+        parallelism too). "epilogue" (opt-in) keeps the unfused path's grouped rows and grouped GEMMs
+        but runs the gate_up GEMM and the down dgrad as Triton GEMMs with the activation (forward,
+        backward) in their epilogues. "fused", "hybrid" and "epilogue" do not take
+        ``expert_biases`` or "swiglu_clamped" (a ValueError at construction). "per_expert" is "auto" with one cuBLAS GEMM per expert instead
         of the grouped GEMM (one host synchronisation per GEMM call, for few large experts).
     validate_inputs: check shape, dtype and finiteness of the input on every eager forward.
         On CPU a non-finite input raises ValueError; on GPU the check is an asynchronous device
@@ -284,7 +286,7 @@ class MoEConfig:
         for name in ("max_ranks_per_token", "max_nodes_per_token"):
             if getattr(self, name) is not None:
                 _require_int(self, name, minimum=1)
-        if self.kernels in ("fused", "hybrid") and (self.expert_biases or self.activation == "swiglu_clamped"):
+        if self.kernels in ("fused", "hybrid", "epilogue") and (self.expert_biases or self.activation == "swiglu_clamped"):
             option = "expert_biases=True" if self.expert_biases else "activation='swiglu_clamped'"
             raise ValueError(
                 f"MoEConfig.kernels={self.kernels!r} does not support {option} (the fused kernels have no expert "

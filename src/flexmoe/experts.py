@@ -17,6 +17,7 @@ from .ops import grouped_mm, permute, scaled_activation, unpermute_sum
 from .ops.activation import clamped_swiglu
 from .ops._backend import fused_path
 from .ops.expert_bias import add_expert_bias
+from .ops.epilogue_experts import epilogue_ffn
 from .ops.fused_experts import fused_expert_ffn
 from .ops.grouped_gemm import WgradRows, record_wgrad_rows
 
@@ -71,6 +72,10 @@ class GroupedExperts(nn.Module):
         """
         cfg = self.config
         per_expert = cfg.kernels == "per_expert"
+        if cfg.kernels == "epilogue" and wgrad_rows is None:  # no biases, no clamp: the config checked
+            dtype = x_ND.dtype
+            return epilogue_ffn(x_ND, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), offsets_E, scale_N,
+                                cfg.activation)
         if self.gate_up_proj_bias is None and wgrad_rows is None:
             return expert_ffn(x_ND, self.gate_up_proj, self.down_proj, offsets_E, scale_N, cfg.activation,
                               use_triton, per_expert, cfg.swiglu_alpha, cfg.swiglu_limit)

@@ -27,12 +27,12 @@ def fused_gemm() -> ModuleType:
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve a ``MoEConfig.kernels`` choice for tensors on ``device``.
 
-    "auto" and "per_expert": Triton on CUDA when installed. "triton", "fused", "hybrid": always (CPU
+    "auto" and "per_expert": Triton on CUDA when installed. "triton", "fused", "hybrid", "epilogue": always (CPU
     tensors need ``TRITON_INTERPRET=1``). "torch": never.
     """
     if kernels == "torch":
         return False
-    if kernels in ("triton", "fused", "hybrid"):
+    if kernels in ("triton", "fused", "hybrid", "epilogue"):
         if not _TRITON_INSTALLED:
             raise RuntimeError(f"MoEConfig.kernels={kernels!r} but triton is not installed")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -115,33 +115,31 @@ def _k_mask(k0, kk, K, EVEN_K: tl.constexpr):
     return k0 + kk < K
 
 
-@triton.jit
-def _grouped_tile(num_blocks, tiles_n, GROUP: tl.constexpr):
-    """(row block, column tile) of this program on a 1-D grid: GROUP consecutive row blocks sweep
-    all column tiles together, so their operand rows and the weight tiles they share stay in L2."""
-    pid = tl.program_id(0)
-    per_group = GROUP * tiles_n
-    first_q = (pid // per_group) * GROUP
-    size = tl.minimum(num_blocks - first_q, GROUP)
-    return first_q + (pid % per_group) % size, (pid % per_group) // size
-
-
 # ---------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
-    D, F,
+def _tile_of(tile, num_blocks, tiles_n, GROUP: tl.constexpr):
+    """(row block, column tile) of tile number ``tile``: GROUP consecutive row blocks sweep all
+    column tiles together, so their operand rows and the weight tiles they share stay in L2."""
+    per_group = GROUP * tiles_n
+    first_q = (tile // per_group) * GROUP
+    size = tl.minimum(num_blocks - first_q, GROUP)
+    return first_q + (tile % per_group) % size, (tile % per_group) // size
+
+
+@triton.jit
+def _gate_up_tile(
+    q, pid_n, x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, D, F,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
-    EVEN_K: tl.constexpr = False,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, x_desc, GATHER: tl.constexpr,
+    WS: tl.constexpr, USED: tl.constexpr,
 ):
-    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(F, BN), GROUP)
+    """One (row block, column tile) of the gate_up GEMM (``USED``: the block is known to hold rows)."""
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
-    if first < end:
-        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
+    if USED or first < end:
+        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, GATHER)
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < F
         H = 2 * F if GATED else F
@@ -152,9 +150,12 @@ def _gate_up_kernel(
         row_w = (expert * H + pid_n * BN).to(tl.int32)
         acc_g = tl.zeros([BM, BN], dtype=ACC)
         acc_u = tl.zeros([BM, BN], dtype=ACC)
-        for k0 in range(0, D, BK):
+        for k0 in tl.range(0, D, BK, warp_specialize=WS):
             k_ok = _k_mask(k0, kk, D, EVEN_K)
-            x = tl.load(x_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if x_desc is not None:
+                x = x_desc.load([first.to(tl.int32), k0])
+            else:
+                x = tl.load(x_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
             if TMA:
                 wg = tl.trans(w_desc.load([row_w, k0]))
             else:
@@ -180,17 +181,51 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _gate_up_kernel(
+    x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
+    D, F,
+    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
+    EVEN_K: tl.constexpr = False, x_desc=None, GATHER: tl.constexpr = True, WS: tl.constexpr = False,
+    used_ptr=None, PER_SM: tl.constexpr = 0,
+):
+    """``h = x[row_token] @ w_gu[e]^T`` and ``a = act(h) * scale`` per (row block, column tile).
+
+    ``x_desc`` (grouped rows only, ``GATHER`` False): the row tiles through a TMA descriptor of
+    ``x`` (rows past the block's end only meet masked outputs; past the buffer they are
+    zero-filled). ``PER_SM`` 0: one program per tile; else persistent: each program walks tiles
+    ``pid, pid + P, ...`` of the used row blocks (``used_ptr``) in one flattened loop, so the next
+    tile's loads are in flight during this tile's epilogue. ``WS``: warp-specialised loop."""
+    tiles_n = tl.cdiv(F, BN)
+    if PER_SM:
+        used = tl.load(used_ptr)
+        for tile in tl.range(tl.program_id(0), used * tiles_n, tl.num_programs(0), flatten=True, warp_specialize=WS):
+            q, pid_n = _tile_of(tile, used, tiles_n, GROUP)
+            _gate_up_tile(q, pid_n, x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr, block_expert_ptr,
+                          block_first_ptr, block_end_ptr, D, F, GATED, ACT, BM, BN, BK, ACC, PREC, TMA, EVEN_K, x_desc,
+                          GATHER, False, True)
+    else:
+        q, pid_n = _tile_of(tl.program_id(0), NUM_BLOCKS, tiles_n, GROUP)
+        _gate_up_tile(q, pid_n, x_ptr, row_token_ptr, w_ptr, w_desc, scale_ptr, h_ptr, a_ptr, block_expert_ptr,
+                      block_first_ptr, block_end_ptr, D, F, GATED, ACT, BM, BN, BK, ACC, PREC, TMA, EVEN_K, x_desc,
+                      GATHER, WS, False)
+
+
+@triton.jit
 def _expert_mm_kernel(
     a_ptr, w_ptr, w_desc, out_ptr,
     block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
     KDIM, NOUT, stride_we, stride_wk, stride_wn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8, EVEN_K: tl.constexpr = False,
+    TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8, EVEN_K: tl.constexpr = False, a_desc=None,
+    WS: tl.constexpr = False,
 ):
     """``out[r] = a[r] @ W_e`` with ``W_e[k, n] = w[e, k * stride_wk + n * stride_wn]``.
 
-    TMA 1: ``w_desc`` rows are (expert, n) (``w[e]^T`` use); TMA 2: they are (expert, k)."""
-    q, pid_n = _grouped_tile(NUM_BLOCKS, tl.cdiv(NOUT, BN), GROUP)
+    TMA 1: ``w_desc`` rows are (expert, n) (``w[e]^T`` use); TMA 2: they are (expert, k).
+    ``a_desc``: the row tiles of ``a`` through a TMA descriptor."""
+    q, pid_n = _tile_of(tl.program_id(0), NUM_BLOCKS, tl.cdiv(NOUT, BN), GROUP)
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
     if first < end:
         cols = pid_n * BN + tl.arange(0, BN)
@@ -199,9 +234,12 @@ def _expert_mm_kernel(
         a_ptrs = a_ptr + rows[:, None] * KDIM + kk[None, :]
         w_ptrs = w_ptr + expert * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn
         acc = tl.zeros([BM, BN], dtype=ACC)
-        for k0 in range(0, KDIM, BK):
+        for k0 in tl.range(0, KDIM, BK, warp_specialize=WS):
             k_ok = _k_mask(k0, kk, KDIM, EVEN_K)
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if a_desc is not None:
+                a = a_desc.load([first.to(tl.int32), k0])
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if TMA == 1:
                 w = tl.trans(w_desc.load([(expert * NOUT + pid_n * BN).to(tl.int32), k0]))
             elif TMA == 2:
@@ -216,30 +254,30 @@ def _expert_mm_kernel(
 
 
 @triton.jit
-def _down_dgrad_kernel(
-    dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
-    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
-    D, F, PARTS,
+def _down_dgrad_tile(
+    q, pid_n, dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, D, F, PARTS,
     GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
-    EVEN_K: tl.constexpr = False,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, dy_desc, GATHER: tl.constexpr,
+    WS: tl.constexpr, USED: tl.constexpr, h_desc,
 ):
-    """``da = dy[row_token] @ w_down[e]``, then ``dh = d act`` and per-tile ``dscale`` partials
-    (column ``pid_n`` of a ``[N, PARTS]`` buffer, PARTS >= the column tiles)."""
-    tiles_n = tl.cdiv(F, BN)
-    q, pid_n = _grouped_tile(NUM_BLOCKS, tiles_n, GROUP)
+    """One (row block, column tile) of the down dgrad (``USED``: the block is known to hold rows;
+    ``h_desc``: the epilogue's ``h`` tiles through a TMA descriptor)."""
     expert, first, end, rows, row_ok = _block_rows(block_expert_ptr, block_first_ptr, block_end_ptr, q, BM)
-    if first < end:
-        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, True)
+    if USED or first < end:
+        src, src_ok = _source_rows(row_token_ptr, rows, row_ok, GATHER)
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < F
         kk = tl.arange(0, BK)
         dy_ptrs = dy_ptr + src[:, None] * D + kk[None, :]
         w_ptrs = w_ptr + expert * D * F + kk[:, None] * F + cols[None, :]
         da = tl.zeros([BM, BN], dtype=ACC)
-        for k0 in range(0, D, BK):
+        for k0 in tl.range(0, D, BK, warp_specialize=WS):
             k_ok = _k_mask(k0, kk, D, EVEN_K)
-            dy = tl.load(dy_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if dy_desc is not None:
+                dy = dy_desc.load([first.to(tl.int32), k0])
+            else:
+                dy = tl.load(dy_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
             if TMA:
                 w = w_desc.load([(expert * D + k0).to(tl.int32), pid_n * BN])
             else:
@@ -249,11 +287,17 @@ def _down_dgrad_kernel(
             w_ptrs += BK * F
         H = 2 * F if GATED else F
         mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(h_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC)
+        if h_desc is not None:  # rows past the block's end read the next rows: masked below
+            g = h_desc.load([first.to(tl.int32), pid_n * BN]).to(ACC)
+        else:
+            g = tl.load(h_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC)
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         out_ty = dh_ptr.dtype.element_ty
         if GATED:
-            u = tl.load(h_ptr + rows[:, None] * H + F + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if h_desc is not None:
+                u = h_desc.load([first.to(tl.int32), F + pid_n * BN]).to(ACC)
+            else:
+                u = tl.load(h_ptr + rows[:, None] * H + F + cols[None, :], mask=mask, other=0.0).to(ACC)
             sig = 1.0 / (1.0 + tl.exp(-g))
             silu = g * sig
             act = silu * u
@@ -270,6 +314,34 @@ def _down_dgrad_kernel(
             tl.store(dh_ptr + rows[:, None] * H + cols[None, :], (da * scale * dact).to(out_ty), mask=mask)
         partial = tl.sum(tl.where(mask, act * da, 0.0), axis=1)
         tl.store(dscale_part_ptr + rows * PARTS + pid_n, partial, mask=row_ok)
+
+
+@triton.jit
+def _down_dgrad_kernel(
+    dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+    block_expert_ptr, block_first_ptr, block_end_ptr, NUM_BLOCKS,
+    D, F, PARTS,
+    GATED: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = 0, GROUP: tl.constexpr = 8,
+    EVEN_K: tl.constexpr = False, dy_desc=None, GATHER: tl.constexpr = True, WS: tl.constexpr = False,
+    used_ptr=None, PER_SM: tl.constexpr = 0, h_desc=None,
+):
+    """``da = dy[row_token] @ w_down[e]`` (``dy[rows]`` without ``GATHER``, through ``dy_desc``
+    when given), then ``dh = d act`` and per-tile ``dscale`` partials (column ``pid_n`` of a
+    ``[N, PARTS]`` buffer, PARTS >= the column tiles). ``PER_SM`` / ``WS``: as ``_gate_up_kernel``."""
+    tiles_n = tl.cdiv(F, BN)
+    if PER_SM:
+        used = tl.load(used_ptr)
+        for tile in tl.range(tl.program_id(0), used * tiles_n, tl.num_programs(0), flatten=True, warp_specialize=WS):
+            q, pid_n = _tile_of(tile, used, tiles_n, GROUP)
+            _down_dgrad_tile(q, pid_n, dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+                             block_expert_ptr, block_first_ptr, block_end_ptr, D, F, PARTS, GATED, ACT, BM, BN, BK, ACC,
+                             PREC, TMA, EVEN_K, dy_desc, GATHER, False, True, h_desc)
+    else:
+        q, pid_n = _tile_of(tl.program_id(0), NUM_BLOCKS, tiles_n, GROUP)
+        _down_dgrad_tile(q, pid_n, dy_ptr, row_token_ptr, w_ptr, w_desc, h_ptr, scale_ptr, dh_ptr, dscale_part_ptr,
+                         block_expert_ptr, block_first_ptr, block_end_ptr, D, F, PARTS, GATED, ACT, BM, BN, BK, ACC,
+                         PREC, TMA, EVEN_K, dy_desc, GATHER, WS, False, h_desc)
 
 
 @triton.jit
@@ -349,11 +421,19 @@ def _wgrad_reduce_kernel(part_ptr, dw_ptr, blocks_ptr, slot_start_ptr, OI, BLOCK
 # ---------------------------------------------------------------- launchers
 
 
-def _set_weight_block(nargs: dict) -> None:
-    """Autotune pre-hook: give the weight descriptor (if any) the tile of the config being run."""
+def _set_descriptor_tiles(nargs: dict) -> None:
+    """Autotune pre-hook: give the descriptors (if any) the tiles of the config being run."""
     desc = nargs.get("w_desc")
     if desc is not None:
         desc.block_shape = _weight_block(nargs["TMA"], nargs["BN"], nargs["BK"])
+    for name in _ROW_DESCS:
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [nargs["BM"], nargs["BK"]]
+    if nargs.get("h_desc") is not None:
+        nargs["h_desc"].block_shape = [nargs["BM"], nargs["BN"]]
+
+
+_ROW_DESCS = ("x_desc", "dy_desc", "a_desc")  # descriptors of grouped operand rows: [BM, BK] tiles
 
 
 def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
@@ -361,24 +441,27 @@ def _weight_block(mode: int, bn: int, bk: int) -> list[int]:
 
 
 def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
-    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_weight_block)
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_descriptor_tiles)
 
 
 # Autotune sets (CUDA), the two fastest of ``benchmarks/kernels.py --sweep`` per kernel on an H200
 # (2026-12-01; Qwen3-like, OLMoE-like and Mixtral-like shapes agree on them). BM is not tuned: it
 # follows the rows per expert (``row_block_size``). Weight gradients: one program per item
-# (PER_SM=0) beat the persistent grid (2 per SM) by up to 15%.
+# (PER_SM=0) beat the persistent grid (2 per SM) by up to 15%. dgrad, from the grouped-row sweep of
+# 2026-12-02 (``--rows --sweep``, BENCHMARKS.md): 64-column tiles (fastest there) and the persistent
+# grid (7-9% faster than one program per tile at 128 columns); the persistent gate_up took 30-31% longer.
 CONFIGS = {
     "gate_up": [_config(8, 3, BN=128, BK=64), _config(8, 4, BN=128, BK=64)],
     "mm": [_config(8, 3, BN=256, BK=64), _config(8, 4, BN=256, BK=64)],
-    "dgrad": [_config(8, 4, BN=128, BK=64), _config(8, 3, BN=128, BK=128)],
+    "dgrad": [_config(8, 4, BN=128, BK=64), _config(8, 3, BN=128, BK=128), _config(8, 4, BN=64, BK=64),
+              _config(8, 4, BN=128, BK=64, PER_SM=1)],
     "wgrad": [_config(8, 3, BM=128, BN=256, BK=64, PER_SM=0), _config(8, 3, BM=256, BN=128, BK=64, PER_SM=0)],
 }
 _DGRAD_MIN_BN = 64  # the routing-weight gradient has one partial per BN columns: sized for the narrowest
 _CPU_WGRAD = dict(BM=32, BN=32, BK=16)
 _KEYS = {
-    "gate_up": ["D", "F", "GATED", "BM", "TMA"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA"],
-    "dgrad": ["D", "F", "GATED", "BM", "TMA"], "wgrad": ["NUM_BLOCKS", "O", "I"],
+    "gate_up": ["D", "F", "GATED", "BM", "TMA", "GATHER", "WS"], "mm": ["NUM_BLOCKS", "KDIM", "NOUT", "BM", "TMA", "WS"],
+    "dgrad": ["D", "F", "GATED", "BM", "TMA", "GATHER", "WS"], "wgrad": ["NUM_BLOCKS", "O", "I"],
 }
 _DEPTH = {"gate_up": "D", "mm": "KDIM", "dgrad": "D"}  # the GEMM depth of each kernel (EVEN_K when BK divides it)
 
@@ -413,7 +496,17 @@ def _launch(name: str, device: torch.device, grid, *args, **constexprs) -> None:
         for arg in args:
             if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
                 arg.block_shape = _weight_block(constexprs["TMA"], tile["BN"], tile["BK"])
+        for key in _ROW_DESCS:
+            if constexprs.get(key) is not None:
+                constexprs[key].block_shape = [constexprs["BM"], tile["BK"]]
+        if constexprs.get("h_desc") is not None:
+            constexprs["h_desc"].block_shape = [constexprs["BM"], tile["BN"]]
         _plain[name][grid](*args, **constexprs, **tile)
+
+
+def _per_sm(per_sm: int | None) -> dict:
+    """The persistent-grid choice to pass a launch: none (tuned on CUDA, 0 on CPU) or the given one."""
+    return {} if per_sm is None else {"PER_SM": per_sm}
 
 
 def _acc(dtype: torch.dtype):
@@ -450,6 +543,13 @@ def _weight_desc(w_E: torch.Tensor, mode: int):
     return TensorDescriptor.from_tensor(w_E.reshape(-1, w_E.shape[-1]), _weight_block(mode, 64, 64))
 
 
+def _rows_desc(rows_NK: torch.Tensor, use: bool):
+    """A descriptor of grouped operand rows ``[N, K]`` (tile set at launch), or None."""
+    if not use:
+        return None
+    return TensorDescriptor.from_tensor(rows_NK, [64, 64])
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -467,6 +567,23 @@ class Schedule:
     @property
     def num_blocks(self) -> int:
         return self.tables[0].shape[0]
+
+    @functools.cached_property
+    def used_1(self) -> torch.Tensor:
+        """How many row blocks hold rows (they come first), int32 ``[1]`` on the device: the tile
+        count of the persistent kernels, read on the device (no host sync)."""
+        _, _, blocks_E = expert_blocks(self.offsets_E, self.block)
+        return blocks_E.sum().reshape(1).to(torch.int32)
+
+    def tile_grid(self, tiles_n: int, meta: dict, device: torch.device) -> tuple[int]:
+        """One program per (row block, column tile), or ``PER_SM`` programs per SM (persistent;
+        two on CPU tensors, so that each walks several tiles)."""
+        tiles = self.num_blocks * tiles_n
+        per_sm = meta.get("PER_SM", 0)
+        if not per_sm:
+            return (tiles,)
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 1
+        return (max(1, min(per_sm * sms * (1 if device.type == "cuda" else 2), tiles)),)
 
     @functools.cached_property
     def wgrad(self) -> WgradSchedule:
@@ -504,26 +621,36 @@ class WgradSchedule:
         return self.tables[0].shape[0]
 
 
-def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
+def gate_up(x_TD, row_token_N, w_EHD, scale_N, schedule: Schedule, activation: str, tma: bool | None = None,
+            ws: bool = False, per_sm: int | None = None):
     """``(h_NH, a_NF)``: the gate_up GEMM on gathered token rows and the scaled activation.
 
-    ``tma``: weight tiles through TMA descriptors (None: where ``hopper_tma`` allows)."""
+    ``row_token_N`` None: ``x_TD`` holds the grouped rows already (``x_ND``; their tiles go
+    through TMA too where the weights' do). ``tma``: weight tiles through TMA descriptors (None:
+    where ``hopper_tma`` allows). ``ws``: warp-specialised loop (Triton on sm90+). ``per_sm``: the
+    persistent grid's programs per SM (0: one program per tile; None: tuned on CUDA, 0 on CPU)."""
     N, (E, H, D) = schedule.num_rows, w_EHD.shape
     gated = activation == "swiglu"
     F = H // 2 if gated else H
     h_NH = x_TD.new_empty((N, H))
     a_NF = x_TD.new_empty((N, F))
     if N and F and x_TD.shape[0]:
-        grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
+        grid = lambda meta: schedule.tile_grid(triton.cdiv(F, meta["BN"]), meta, x_TD.device)  # noqa: E731
         mode = int(hopper_tma(w_EHD) if tma is None else tma)
-        _launch("gate_up", x_TD.device, grid, x_TD, row_token_N, w_EHD, _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF,
-                *schedule.tables, schedule.num_blocks, D, F, GATED=gated, ACT=ACTIVATION_CODES[activation],
-                BM=schedule.block, ACC=_acc(x_TD.dtype), PREC=_prec(x_TD.dtype), TMA=mode)
+        gather = row_token_N is not None
+        _launch("gate_up", x_TD.device, grid, x_TD, row_token_N if gather else schedule.tables[0], w_EHD,
+                _weight_desc(w_EHD, mode), scale_N, h_NH, a_NF, *schedule.tables, schedule.num_blocks, D, F,
+                GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(x_TD.dtype),
+                PREC=_prec(x_TD.dtype), TMA=mode, x_desc=_rows_desc(x_TD, bool(mode) and not gather), GATHER=gather,
+                WS=ws, used_ptr=schedule.used_1, **_per_sm(per_sm))
     return h_NH, a_NF
 
 
-def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None) -> torch.Tensor:
-    """``out[r] = a[r] @ w[e]^T`` (transpose) or ``a[r] @ w[e]`` for the expert e owning row r."""
+def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: Schedule, tma: bool | None = None,
+              rows_tma: bool = False, ws: bool = False) -> torch.Tensor:
+    """``out[r] = a[r] @ w[e]^T`` (transpose) or ``a[r] @ w[e]`` for the expert e owning row r.
+
+    ``rows_tma``: the row tiles of ``a`` through a TMA descriptor too (with TMA weights)."""
     K = a_NK.shape[1]
     n_out = w_E.shape[1] if transpose else w_E.shape[2]
     out = a_NK.new_empty((a_NK.shape[0], n_out))
@@ -533,16 +660,20 @@ def expert_mm(a_NK: torch.Tensor, w_E: torch.Tensor, transpose: bool, schedule: 
         mode = (1 if transpose else 2) if (hopper_tma(w_E) if tma is None else tma) else 0
         _launch("mm", a_NK.device, grid, a_NK, w_E, _weight_desc(w_E, mode), out, *schedule.tables, schedule.num_blocks, K,
                 n_out, w_E.stride(0), stride_k, stride_n, BM=schedule.block, ACC=_acc(a_NK.dtype), PREC=_prec(a_NK.dtype),
-                TMA=mode)
+                TMA=mode, a_desc=_rows_desc(a_NK, bool(mode) and rows_tma), WS=ws)
     elif K == 0:
         out.zero_()
     return out
 
 
-def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str, tma: bool | None = None):
-    """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load.
+def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, activation: str, tma: bool | None = None,
+               ws: bool = False, per_sm: int | None = None, h_tma: bool = False):
+    """``(dh_NH, dscale_N)`` from the token-order output gradient, gathered on load
+    (``row_token_N`` None: ``dy_TD`` holds the grouped rows, through TMA with TMA weights).
 
-    ``tma`` None means pointer loads: TMA weight loads measured 9-21% slower here on an H200."""
+    ``tma`` None means pointer loads: TMA weight loads measured 9-21% slower here on an H200.
+    ``ws``, ``per_sm``: as ``gate_up``. ``h_tma``: the epilogue reads ``h`` through a TMA descriptor
+    (``h`` 16-bit on sm90+, or CPU tensors under the interpreter)."""
     N, (E, D, F) = schedule.num_rows, w_EDF.shape
     gated = activation == "swiglu"
     dh_NH = torch.empty_like(h_NH)
@@ -550,11 +681,14 @@ def down_dgrad(dy_TD, row_token_N, w_EDF, h_NH, scale_N, schedule: Schedule, act
         return dh_NH.zero_(), torch.zeros_like(scale_N)
     parts = triton.cdiv(F, _DGRAD_MIN_BN if dy_TD.device.type == "cuda" else _CPU_TILE["BN"])
     part_NP = torch.zeros((N, parts), dtype=_acc_torch(dy_TD.dtype), device=dy_TD.device)
-    grid = lambda meta: (schedule.num_blocks * triton.cdiv(F, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: schedule.tile_grid(triton.cdiv(F, meta["BN"]), meta, dy_TD.device)  # noqa: E731
     mode = 2 if tma else 0
-    _launch("dgrad", dy_TD.device, grid, dy_TD, row_token_N, w_EDF, _weight_desc(w_EDF, mode),
-            h_NH, scale_N, dh_NH, part_NP, *schedule.tables, schedule.num_blocks, D, F, parts, GATED=gated,
-            ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(dy_TD.dtype), PREC=_prec(dy_TD.dtype), TMA=mode)
+    gather = row_token_N is not None
+    _launch("dgrad", dy_TD.device, grid, dy_TD, row_token_N if gather else schedule.tables[0], w_EDF,
+            _weight_desc(w_EDF, mode), h_NH, scale_N, dh_NH, part_NP, *schedule.tables, schedule.num_blocks, D, F, parts,
+            GATED=gated, ACT=ACTIVATION_CODES[activation], BM=schedule.block, ACC=_acc(dy_TD.dtype),
+            PREC=_prec(dy_TD.dtype), TMA=mode, dy_desc=_rows_desc(dy_TD, bool(mode) and not gather), GATHER=gather, WS=ws,
+            used_ptr=schedule.used_1, **_per_sm(per_sm), h_desc=_rows_desc(h_NH, h_tma))
     return dh_NH, part_NP.sum(1).to(scale_N.dtype)
 
 
