@@ -88,6 +88,28 @@ def test_triton_kernels_match_reference(seed):
     check_against_reference(layer, x, tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
+def test_triton_permute_zeroes_exactly_the_unowned_rows(monkeypatch):
+    """The Triton permute writes every owned row and zeroes the rows no pair maps to (dropped pairs
+    in the middle of the buffer and at its end, several zeroing programs, several column steps),
+    whatever the fresh buffer held: it is poisoned with NaN here."""
+    from flexmoe.ops import triton_kernels as tk
+
+    torch.manual_seed(3)
+    T, K, D = 70, 2, 300
+    x = torch.randn(T, D, dtype=torch.float64)
+    row_token = torch.arange(T * K) // K
+    row_token[[0, 5, 63, 64, 65, 100]] = -1
+    row_token[-9:] = -1
+    pair_row = torch.full((T, K), -1, dtype=torch.int64)
+    owned = (row_token >= 0).nonzero().squeeze(1)
+    pair_row.view(-1)[owned] = owned  # row i holds pair i
+    real_empty = torch.empty
+    monkeypatch.setattr(tk.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    out = tk.scatter_rows(x, pair_row, row_token)
+    want = torch.where((row_token >= 0)[:, None], x[row_token.clamp_min(0)], torch.zeros(()))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton", "fused"])
 @pytest.mark.parametrize(
     "case",

@@ -59,13 +59,22 @@ def _scatter_rows_kernel(src_ptr, pair_row_ptr, out_ptr, D, K, BLOCK: tl.constex
             tl.store(out_ptr + dst_row * D + cols, values, mask=in_row & (cols * 0 + dst_row >= 0))
 
 
+_ZERO_ROWS = 64  # rows per program of the unowned-row zeroing
+
+
 @triton.jit
-def _zero_unowned_rows_kernel(row_token_ptr, out_ptr, D, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    if tl.load(row_token_ptr + row) < 0:
+def _zero_unowned_rows_kernel(row_token_ptr, out_ptr, N, D, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero the rows no pair maps to, ``ROWS`` rows per program: a block without such rows (every
+    block under dropless routing) costs one load of its row map. One program per row cost
+    80 us per call at 131k rows on an H200, 2% of a Qwen3-like layer step."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_range = rows < N
+    unowned = in_range & (tl.load(row_token_ptr + rows, mask=in_range, other=0) < 0)
+    if tl.max(unowned.to(tl.int32), axis=0) > 0:
         for start in range(0, D, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            tl.store(out_ptr + row * D + cols, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=cols < D)
+            tl.store(out_ptr + rows[:, None] * D + cols[None, :], tl.zeros([ROWS, BLOCK], dtype=out_ptr.dtype.element_ty),
+                     mask=unowned[:, None] & (cols < D)[None, :])
 
 
 def scatter_rows(src_TD: torch.Tensor, pair_row_TK: torch.Tensor, row_token_N: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,8 @@ def scatter_rows(src_TD: torch.Tensor, pair_row_TK: torch.Tensor, row_token_N: t
     if N and D:
         if T:
             _scatter_rows_kernel[(T,)](src_TD, pair_row_TK.contiguous(), out_ND, D, K, BLOCK=_block(D))
-        _zero_unowned_rows_kernel[(N,)](row_token_N.contiguous(), out_ND, D, BLOCK=_block(D))
+        _zero_unowned_rows_kernel[(triton.cdiv(N, _ZERO_ROWS),)](row_token_N.contiguous(), out_ND, N, D, ROWS=_ZERO_ROWS,
+                                                                 BLOCK=min(_block(D), 128))
     return out_ND
 
 
