@@ -307,8 +307,8 @@ def _execute(prep: Prepared) -> dict:
     if info.is_main:
         try:
             trace = _write_run_folder(prep)
-        except OSError as err:
-            error = ckpt.write_failure(run_dir, err.filename or str(run_dir), err)
+        except Exception as err:  # raised here alone, it would leave the others waiting below
+            error = ckpt.write_failure(run_dir, getattr(err, "filename", None) or str(run_dir), err)
     error = main_rank_error(error, info)  # the others would wait for the main rank in the first collective
     if error is not None:
         raise ckpt.CheckpointWriteError(error)
