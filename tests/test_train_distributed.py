@@ -258,6 +258,8 @@ def _file_size_limit(limit: int):
 
 def _inject(case: str, stack: contextlib.ExitStack) -> None:
     """Rank 0's fault of ``case``, undone when ``stack`` closes (after the run)."""
+    import errno
+
     import flexmoe.train.checkpoint as ckpt_mod
     from flexmoe.sim.trace import TraceRecorder
     from flexmoe.train.metrics import MetricsLog
@@ -302,6 +304,13 @@ def _inject(case: str, stack: contextlib.ExitStack) -> None:
                 real(self, step, layer, counts_WE)
             return failing
         patch(TraceRecorder, "record", record)
+    elif case == "trace_close":  # the write error a network file system defers to close()
+        def close(real):
+            def failing(self):
+                real(self)
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(self.path))
+            return failing
+        patch(TraceRecorder, "close", close)
 
 
 def _real_fault_worker(rank: int, world: int, port: int, runs: list) -> None:
@@ -329,7 +338,7 @@ def _real_fault_worker(rank: int, world: int, port: int, runs: list) -> None:
         dist.destroy_process_group()
 
 
-REAL_FAULTS = ("metrics_partial", "checkpoint_weights", "tokenizer", "stderr", "trace_bug")
+REAL_FAULTS = ("metrics_partial", "checkpoint_weights", "tokenizer", "stderr", "trace_bug", "trace_close")
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +414,10 @@ def test_a_bug_in_a_write_of_rank_0_stops_every_rank_naming_it(real_fault_runs):
     assert codes == [2, 2]
     assert error.startswith(f"CheckpointWriteError: rank 0: cannot write {run / 'routing_trace.jsonl'}: "
                             "RuntimeError: injected bug; no earlier checkpoint exists"), error
+
+
+def test_a_failed_close_on_rank_0_after_the_last_step_stops_every_rank(real_fault_runs):
+    run, codes, error = real_fault_run(real_fault_runs, "trace_close")
+    assert codes == [2, 2]
+    assert error == (f"CheckpointWriteError: rank 0: cannot write {run / 'routing_trace.jsonl'}: Input/output error; "
+                     "the newest checkpoint is still step_0000006 (free space or fix the folder, then --resume)"), error

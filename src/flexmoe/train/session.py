@@ -324,8 +324,8 @@ def _execute(prep: Prepared) -> dict:
                 pass
         raise
     finally:
-        if trace is not None:
-            trace.close()
+        if trace is not None:  # a close can fail too (NFS reports deferred write errors there)
+            trainer.main_write(trace.close, trace.path)
     summary["run_dir"] = str(run_dir)
     if info.is_main:
         trainer.main_write(trainer.metrics.write, trainer.metrics.path, summary)
