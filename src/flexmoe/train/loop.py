@@ -193,8 +193,8 @@ class Trainer:
         weights = ckpt.unique_state_dict(self.model)
         path, error = None, self.write_error
         if self.info.is_main and error is None:
-            meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
             try:
+                meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
                 path = ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta,
                                             keep=self.cfg.keep_checkpoints)
             except ckpt.CheckpointError as err:
