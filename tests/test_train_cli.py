@@ -405,5 +405,5 @@ def test_every_rank_stops_on_a_nonfinite_step_or_a_failed_write(corpus, tmp_path
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"nan": 2, "disk": 2}
     assert read_metrics(tmp_path / "nan")[-1]["stopped"].startswith("step 3: the loss is non-finite")
     assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_0000002"]
-    assert read_metrics(tmp_path / "disk")[-1]["stopped"].startswith("cannot write checkpoint")
+    assert read_metrics(tmp_path / "disk")[-1]["stopped"].startswith("rank 0: cannot write checkpoint")
     assert [p.name for p in list_checkpoints(tmp_path / "disk")] == ["step_0000002"]

@@ -111,11 +111,27 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return final
 
 
-def write_failure(run_dir: Path, what: str, err: OSError, unfinished: Path | None = None) -> str:
-    """One line for a failed write into a run folder: what failed, why, and the checkpoint to resume."""
+def write_failure(run_dir: Path, what: str, err: Exception, unfinished: Path | None = None) -> str:
+    """One line for a failed write into a run folder: what failed, why, and the checkpoint to resume
+    (``err`` an OSError; any other exception is named by its type: a bug, not the disk)."""
     newest = [p.name for p in list_checkpoints(run_dir) if p != unfinished]
     kept = f"the newest checkpoint is still {newest[-1]}" if newest else "no earlier checkpoint exists"
+    if not isinstance(err, OSError):
+        return f"cannot write {what}: {type(err).__name__}: {err}; {kept} (a flexmoe bug: please report it)"
     return f"cannot write {what}: {err.strerror or err}; {kept} (free space or fix the folder, then --resume)"
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def library_os_error(err: Exception, path: Path) -> Exception:
+    """The ``OSError`` behind a Rust library's error (safetensors, tokenizers: "... (os error 28)"),
+    for ``path``; ``err`` itself when it names no OS error (then it is not a failed write)."""
+    found = _OS_ERROR.search(str(err))
+    if found is None:
+        return err
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _write_folder(tmp: Path, step: int, weights: dict[str, torch.Tensor], state: dict,
@@ -128,7 +144,10 @@ def _write_folder(tmp: Path, step: int, weights: dict[str, torch.Tensor], state:
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", **metadata})
+    try:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", **metadata})
+    except SafetensorError as err:  # its Rust writer reports a full disk as this, not as an OSError
+        raise library_os_error(err, tmp / WEIGHTS) from None
     os.chmod(tmp / WEIGHTS, (tmp / STATE).stat().st_mode & 0o777)  # safetensors writes 0600
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (WEIGHTS, STATE)}
     _atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))

@@ -155,6 +155,7 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import shown
     from .guard import DivergenceError
     from .session import execute, prepare, setup_distributed, summary_line
 
@@ -168,24 +169,24 @@ def run(args: argparse.Namespace) -> int:
             if dense is not None:
                 dense_summary = execute(prepare(dense, info))
                 if info.is_main:
-                    print(summary_line(dense_summary))
+                    shown(print, summary_line(dense_summary))
         prep = prepare(options, info)
     except (DataError, CheckpointError, ValueError) as err:
-        print(f"flexmoe train: error: {err}", file=sys.stderr)
+        shown(print, f"flexmoe train: error: {err}", file=sys.stderr)
         return 2
     if info.is_main and not args.quiet:
         total, active = prep.trainer.model.num_parameters()
         start = f"resuming {prep.resumed_from} at step {prep.trainer.step}" if prep.resumed_from else "new run"
-        print(f"flexmoe train: {start} -> {prep.run_dir} | {prep.corpus.root}: "
-              f"{len(prep.corpus.train_docs)} train / {len(prep.corpus.val_docs)} val files, "
-              f"{len(prep.train_tokens) / 1e6:.2f}M train tokens ({prep.train_cfg.tokenizer}) | "
-              f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active) on {prep.device}", file=sys.stderr)
+        shown(print, f"flexmoe train: {start} -> {prep.run_dir} | {prep.corpus.root}: "
+                     f"{len(prep.corpus.train_docs)} train / {len(prep.corpus.val_docs)} val files, "
+                     f"{len(prep.train_tokens) / 1e6:.2f}M train tokens ({prep.train_cfg.tokenizer}) | "
+                     f"{total / 1e6:.2f}M params ({active / 1e6:.2f}M active) on {prep.device}", file=sys.stderr)
     try:
         summary = execute(prep)
     except (DivergenceError, CheckpointError) as err:
         if info.is_main:
-            print(f"flexmoe train: error: {err}", file=sys.stderr)
+            shown(print, f"flexmoe train: error: {err}", file=sys.stderr)
         return 2
     if info.is_main:
-        print(summary_line(summary))
+        shown(print, summary_line(summary))
     return 0

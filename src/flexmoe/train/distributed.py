@@ -34,7 +34,21 @@ def main_rank_error(error: str | None, info: DistInfo) -> str | None:
     before they would wait for it in a collective it never joins."""
     if info.world_size > 1:
         error = collectives.broadcast_object(error if info.is_main else None, src=0, group=info.group)
+        if error is not None:
+            error = f"rank 0: {error}"
     return error
+
+
+def shown(show, *args, **kwargs) -> bool:
+    """``show(*args, **kwargs)``, terminal output of the main rank; False instead of an OSError
+    when the terminal is gone (a broken pipe, a full disk under a redirected log, EIO after its
+    session closed). Training goes on without it: output must never stop the main rank alone,
+    the other ranks would wait for it in their next collective."""
+    try:
+        show(*args, **kwargs)
+    except OSError:
+        return False
+    return True
 
 
 def clip_gradients(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:

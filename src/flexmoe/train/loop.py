@@ -27,7 +27,7 @@ from ..runtime import MoERuntime, PlacementScheduler
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import WindowStream
-from .distributed import DistInfo, clip_gradients, main_rank_error, rank_seed
+from .distributed import DistInfo, clip_gradients, main_rank_error, rank_seed, shown
 from .guard import MAX_SKIPS_IN_A_ROW, DivergenceError, reduce_losses
 from .metrics import MetricsLog, balance_ratio
 from .similarity import expert_similarity
@@ -50,6 +50,37 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Progress:
+    """The main rank's progress bar (None: not shown); the first failed output (the terminal is
+    gone: ``shown``) turns it off for the rest of the run instead of raising."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            shown(self._open, total, initial)
+
+    def _open(self, total: int, initial: int) -> None:
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+    def _show(self, show, *args, **kwargs) -> None:
+        if self._bar is not None and not shown(show, *args, **kwargs):
+            self._bar.disable = True  # tqdm writes nothing more, not even when closed
+            self._bar = None
+
+    def step(self, postfix: dict) -> None:
+        if self._bar is not None:
+            self._show(self._bar.set_postfix, postfix, refresh=False)
+            self._show(self._bar.update, 1)
+
+    def write(self, line: str) -> None:
+        if self._bar is not None:
+            self._show(self._bar.write, line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._show(self._bar.close)
 
 
 class Trainer:
@@ -162,28 +193,31 @@ class Trainer:
         weights = ckpt.unique_state_dict(self.model)
         path, error = None, self.write_error
         if self.info.is_main and error is None:
-            meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
             try:
+                meta = ckpt.metadata_json(model_config=self.model_cfg.to_dict(), step=self.step, **self.checkpoint_meta)
                 path = ckpt.save_checkpoint(self.run_dir, self.step, weights, state, meta,
                                             keep=self.cfg.keep_checkpoints)
             except ckpt.CheckpointError as err:
                 error = str(err)
+            except Exception as err:  # raised here alone, it would leave the others waiting below
+                error = ckpt.write_failure(self.run_dir, f"checkpoint step {self.step}", err)
         error = main_rank_error(error, self.info)
         if error is not None:
             raise ckpt.CheckpointWriteError(error)
         return path
 
     def main_write(self, write, what: Path, *args) -> None:
-        """``write(*args)`` on the main rank; an OSError (full disk, read-only file) is kept as
-        ``write_error`` instead of raised, later writes are dropped, and every rank raises it at
-        the next agreement point: the step's loss all-reduce, a checkpoint, the end of the run
-        (the other ranks would otherwise wait forever in the next collective)."""
+        """``write(*args)`` on the main rank; its failure (an OSError: full disk, read-only file;
+        or any other exception) is kept as ``write_error`` instead of raised, later writes are
+        dropped, and every rank raises it at the next agreement point: the step's loss
+        all-reduce, a checkpoint, the end of the run (the other ranks would otherwise wait
+        forever in the next collective)."""
         if not self.info.is_main or self.write_error is not None:
             return
         try:
             write(*args)
-        except OSError as err:
-            self.write_error = ckpt.write_failure(self.run_dir, err.filename or str(what), err)
+        except Exception as err:
+            self.write_error = ckpt.write_failure(self.run_dir, getattr(err, "filename", None) or str(what), err)
 
     # ---- steps -------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +307,8 @@ class Trainer:
         self.step = step
         self.tokens_seen += self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.seq_len * self.info.world_size
         if self.info.is_main:
-            tqdm.write(f"flexmoe train: step {step}: {reason}; step skipped (--on-nonfinite skip)", file=sys.stderr)
+            shown(tqdm.write, f"flexmoe train: step {step}: {reason}; step skipped (--on-nonfinite skip)",
+                  file=sys.stderr)
         return {"kind": "train", "step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
                 "tokens": self.tokens_seen, "skipped": reason}
 
@@ -307,16 +342,14 @@ class Trainer:
         self.val_history.append(record)
         if self.info.is_main:
             self.main_write(self.metrics.write, self.metrics.path, record)
-            if self.progress:
-                bar.write(f"step {self.step:>6}: val loss {val:.4f}  ppl {record['val_ppl']:.2f}")
+            bar.write(f"step {self.step:>6}: val loss {val:.4f}  ppl {record['val_ppl']:.2f}")
 
     # ---- run ---------------------------------------------------------------------------
     def run(self, stop_at: int | None = None) -> dict:
         """Train to ``cfg.steps`` (or stop after ``stop_at`` with a checkpoint, as a kill would)."""
         cfg = self.cfg
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc="train")
+        bar = Progress(cfg.steps, self.step, self.progress)
         if self.step == 0 and self.step < last:
             self._validate(bar)
         tic = time.perf_counter()
@@ -336,8 +369,7 @@ class Trainer:
                     postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                     if "balance" in record:
                         postfix["expert_bal"] = f"{record['balance']:.2f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
+                    bar.step(postfix)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     self._validate(bar)
                 if self.step % cfg.checkpoint_every == 0 or self.step == last:

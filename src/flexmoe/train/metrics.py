@@ -29,20 +29,39 @@ def balance_ratio(counts_LE: np.ndarray) -> np.ndarray:
 
 
 class MetricsLog:
-    """Appends records to RUN/metrics.jsonl, flushing each one."""
+    """Appends records to RUN/metrics.jsonl, each one whole or not at all.
+
+    A record goes to the file in unbuffered writes; when one fails (a full disk), the file is cut
+    back to its last complete record, so it never ends in a partial line that a later record
+    would follow, and no half-written record stays buffered to reach the file later."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / METRICS
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._file = open(self.path, "ab", buffering=0) if enabled else None
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            append_whole(self._file.fileno(), (json.dumps(record) + "\n").encode())
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the file open (for appending) at ``fd``, or raise the OSError with the
+    file cut back to its size before the call."""
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # the file keeps a partial last line, which read_metrics ignores
+        raise
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -307,8 +307,8 @@ def _execute(prep: Prepared) -> dict:
     if info.is_main:
         try:
             trace = _write_run_folder(prep)
-        except OSError as err:
-            error = ckpt.write_failure(run_dir, err.filename or str(run_dir), err)
+        except Exception as err:  # raised here alone, it would leave the others waiting below
+            error = ckpt.write_failure(run_dir, getattr(err, "filename", None) or str(run_dir), err)
     error = main_rank_error(error, info)  # the others would wait for the main rank in the first collective
     if error is not None:
         raise ckpt.CheckpointWriteError(error)
@@ -324,8 +324,8 @@ def _execute(prep: Prepared) -> dict:
                 pass
         raise
     finally:
-        if trace is not None:
-            trace.close()
+        if trace is not None:  # a close can fail too (NFS reports deferred write errors there)
+            trainer.main_write(trace.close, trace.path)
     summary["run_dir"] = str(run_dir)
     if info.is_main:
         trainer.main_write(trainer.metrics.write, trainer.metrics.path, summary)

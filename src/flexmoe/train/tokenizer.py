@@ -82,8 +82,14 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, path: Path) -> None:
+        from .checkpoint import library_os_error
+
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what a kill leaves is cleaned up
-        self._tok.save(str(tmp))
+        try:
+            self._tok.save(str(tmp))
+        except Exception as err:  # the tokenizers library raises plain Exceptions, a full disk too
+            tmp.unlink(missing_ok=True)
+            raise library_os_error(err, path) from None
         os.replace(tmp, path)
 
 
