@@ -261,8 +261,8 @@ def spare_search(table: PlacementTable, counts_WE: np.ndarray, score, adaptive: 
     one of the ``experts`` heaviest experts on the busiest rank (under the split, adaptive or not)
     to one of the ``targets`` least loaded ranks with a free spare slot, or the rank sending it
     most tokens; stops when nothing improves. Moves only fill spare slots, so the way back to
-    static EP moves nothing; with the adaptive split no step's busiest rank is busier than under
-    static EP. Returns [(table, score)] when it found a table other than static EP, else [].
+    static EP moves nothing; with the adaptive split no step's busiest rank gets more tokens than
+    under static EP. Returns [(table, score)] when it found a table other than static EP, else [].
     """
     static = table.static_like()
     spare_mask_WS = static.slot_expert_WS < 0
@@ -512,7 +512,11 @@ class GreedyPlanner(Planner):
       ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones. With
       ``refine_rounds`` > 0 the search's best is refined (``refine``: up to that many moves or
       swaps of single slots off the busiest rank); off by default: on the CPU aux 0.01 trace it
-      did not gain (1.025x vs 1.026x static) at about 7x the planning time.
+      did not gain (1.025x vs 1.026x static) at about 7x the planning time;
+    - with ``spare_replicas`` and the same balance condition as the share update: static EP plus
+      replicas of hot experts in its spare slots (``spare_search``); with the adaptive split such
+      a table never gives a step's busiest rank more tokens than static EP, and moving back to
+      static EP moves nothing.
 
     The best candidate replaces the table if its score beats keeping it by a relative
     ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),

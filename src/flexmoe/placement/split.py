@@ -13,8 +13,8 @@ the last boundary forced to ``n_e``: the table's shares decide, whatever the ste
 Adaptive (the default): the quotas of replicated experts are chosen from the step's counts to
 even out the rank loads, starting from the fixed-share quotas: sweeps over the replicated
 experts (heaviest first, ties by index) each re-split one expert's tokens over its ranks by
-integer water-filling against the rest of those ranks' loads, until a sweep changes nothing (at
-most ``MAX_SWEEPS``). A re-split never raises the largest load of the ranks it touches, so the
+integer water-filling against the rest of those ranks' loads, until a sweep no longer lowers the
+sum of squared rank loads (at most ``MAX_SWEEPS``). A re-split never raises the largest load of the ranks it touches, so the
 busiest rank never holds more than under fixed shares; the table's shares only seed the descent.
 
 Both are integer arithmetic after one float rounding per boundary, so every rank computes the
@@ -101,21 +101,21 @@ def _even_out(quota_R: np.ndarray, rank_R: np.ndarray, expert_R: np.ndarray, rep
             by_rank.setdefault(rank[j], []).append(j)
         if len(by_rank) > 1:
             groups.append((int(n_E[e]), list(by_rank.items())))
+    spread = sum(x * x for x in load_W)
     for _ in range(MAX_SWEEPS):
-        changed = False
         for n, bins in groups:
             held = [sum(quota[j] for j in js) for _, js in bins]
             base = [load_W[r] - h for (r, _), h in zip(bins, held)]
             new = water_fill_int(base, n)
             if new == held:
                 continue
-            changed = True
             for (r, js), b, a in zip(bins, base, new):
                 load_W[r] = b + a
                 quota[js[0]] = a
                 for j in js[1:]:
                     quota[j] = 0
-        if not changed:
+        before, spread = spread, sum(x * x for x in load_W)
+        if spread >= before:  # no re-split lowered the sum of squares: converged (or cycling on ties)
             break
     return np.array(quota, dtype=np.int64)
 
