@@ -71,7 +71,7 @@ def water_fill_int(base: list[int], amount: int) -> list[int]:
     """Integer split of ``amount`` over bins at integer levels ``base`` minimising the highest
     resulting level: the lowest bins rise to one level L, the remainder (< number of filled
     bins) adds 1 to the lowest-based of them (ties by position), so the result is deterministic."""
-    order = sorted(range(len(base)), key=lambda i: (base[i], i))
+    order = [i for _, i in sorted(zip(base, range(len(base))))]
     acc, m = 0, 0
     for m, i in enumerate(order, start=1):
         acc += base[i]
@@ -101,22 +101,28 @@ def _even_out(quota_R: np.ndarray, rank_R: np.ndarray, expert_R: np.ndarray, rep
             by_rank.setdefault(rank[j], []).append(j)
         if len(by_rank) > 1:
             groups.append((int(n_E[e]), list(by_rank.items())))
+    held = [[sum(quota[j] for j in js) for _, js in bins] for _, bins in groups]  # tokens per distinct rank
+    ranks = [[r for r, _ in bins] for _, bins in groups]
+    touched = [False] * len(groups)
     spread = sum(x * x for x in load_W)
     for _ in range(MAX_SWEEPS):
-        for n, bins in groups:
-            held = [sum(quota[j] for j in js) for _, js in bins]
-            base = [load_W[r] - h for (r, _), h in zip(bins, held)]
+        for g, (n, _) in enumerate(groups):
+            base = [load_W[r] - h for r, h in zip(ranks[g], held[g])]
             new = water_fill_int(base, n)
-            if new == held:
+            if new == held[g]:
                 continue
-            for (r, js), b, a in zip(bins, base, new):
+            for r, b, a in zip(ranks[g], base, new):
                 load_W[r] = b + a
-                quota[js[0]] = a
-                for j in js[1:]:
-                    quota[j] = 0
+            held[g], touched[g] = new, True
         before, spread = spread, sum(x * x for x in load_W)
         if spread >= before:  # no re-split lowered the sum of squares: converged (or cycling on ties)
             break
+    for g, (_, bins) in enumerate(groups):
+        if touched[g]:
+            for (_, js), a in zip(bins, held[g]):
+                quota[js[0]] = a
+                for j in js[1:]:
+                    quota[j] = 0
     return np.array(quota, dtype=np.int64)
 
 
