@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import math
 import time
 
@@ -30,7 +31,8 @@ from flexmoe.placement import (
     split_tokens,
 )
 from flexmoe.placement import PlanContext, ReplanPolicy
-from flexmoe.placement.planner import GreedyPlanner, balanced_shares, pack, refine
+from flexmoe.placement.planner import GreedyPlanner, _with_spares, balanced_shares, pack, refine, spare_search
+from flexmoe.placement.split import water_fill_int
 from flexmoe.runtime import measure_cost_model
 from flexmoe.sim.simulator import simulate_planner
 from helpers import free_port
@@ -104,10 +106,11 @@ def reference_split(table: PlacementTable, counts_WE: np.ndarray):
     return send
 
 
-def reference_local_split(table: PlacementTable, counts_WE: np.ndarray):
-    """Plain loops: each replica first takes its own rank's tokens up to its quota, in (rank, slot)
-    order; the remaining tokens, in source order, fill the remaining quotas in replica order."""
-    quota = reference_split(table, counts_WE).sum(0)
+def reference_local_split(table: PlacementTable, counts_WE: np.ndarray, quota=None):
+    """Plain loops: each replica first takes its own rank's tokens up to its quota (default: the
+    fixed-share quotas), in (rank, slot) order; the remaining tokens, in source order, fill the
+    remaining quotas in replica order."""
+    quota = reference_split(table, counts_WE).sum(0) if quota is None else quota
     send = np.zeros_like(reference_split(table, counts_WE))
     for e in range(table.num_experts):
         left_src = [int(c) for c in counts_WE[:, e]]
@@ -132,9 +135,9 @@ def test_split_matches_reference_and_sums():
     rng = np.random.default_rng(0)
     for _ in range(150):
         table, counts = random_case(rng)
-        send = split_tokens(table, counts, prefer_local=False)
+        send = split_tokens(table, counts, prefer_local=False, adaptive=False)
         np.testing.assert_array_equal(send, reference_split(table, counts))
-        quota = replica_quotas(table, counts.sum(0))
+        quota = replica_quotas(table, counts.sum(0), adaptive=False)
         np.testing.assert_array_equal(send.sum(0), quota)
         np.testing.assert_array_equal(send.sum((1, 2)), counts.sum(1))
         per_expert = np.bincount(table.slot_expert_WS[table.slot_expert_WS >= 0],
@@ -143,16 +146,18 @@ def test_split_matches_reference_and_sums():
         assert (quota[table.slot_expert_WS < 0] == 0).all()
         n_slot = counts.sum(0)[np.maximum(table.slot_expert_WS, 0)]
         assert (np.abs(quota - table.share_WS * n_slot) <= 1.0 + 1e-9).all()
-        np.testing.assert_array_equal(rank_loads(table, counts.sum(0)), quota.sum(1))
+        np.testing.assert_array_equal(rank_loads(table, counts.sum(0), adaptive=False), quota.sum(1))
 
 
 def test_local_first_split_keeps_quotas_and_maximises_local_tokens():
     rng = np.random.default_rng(1)
-    for _ in range(150):
+    for i in range(150):
         table, counts = random_case(rng)
-        local = split_tokens(table, counts)
-        plain = split_tokens(table, counts, prefer_local=False)
-        np.testing.assert_array_equal(local, reference_local_split(table, counts))
+        adaptive = i % 2 == 0
+        local = split_tokens(table, counts, adaptive=adaptive)
+        plain = split_tokens(table, counts, prefer_local=False, adaptive=adaptive)
+        quota = None if not adaptive else replica_quotas(table, counts.sum(0))
+        np.testing.assert_array_equal(local, reference_local_split(table, counts, quota))
         np.testing.assert_array_equal(local.sum(0), plain.sum(0))
         np.testing.assert_array_equal(local.sum(2).sum(1), counts.sum(1))
         for e in range(table.num_experts):
@@ -185,13 +190,101 @@ def test_balance_ratio():
     assert balance_ratio(table, np.zeros(4)) == 1.0
 
 
+def minmax_optimum(table: PlacementTable, n_E: np.ndarray) -> float:
+    """The fractional min-max rank load: max over rank subsets U of the tokens of the experts whose
+    replicas all lie in U, over |U| (max-flow min-cut; brute force over subsets)."""
+    W = table.world_size
+    ranks_E = [frozenset(r for r, _, _ in table.replicas(e)) for e in range(table.num_experts)]
+    best = 0.0
+    for bits in range(1, 2 ** W):
+        U = {r for r in range(W) if bits >> r & 1}
+        best = max(best, sum(int(n) for n, rs in zip(n_E, ranks_E) if rs <= U) / len(U))
+    return best
+
+
+def test_water_fill_int_is_exact_and_deterministic():
+    assert water_fill_int([5, 5], 3) == [2, 1]  # remainder to the first of equal bins
+    assert water_fill_int([0, 10, 3], 5) == [4, 0, 1]
+    assert water_fill_int([7], 4) == [4]
+    assert water_fill_int([2, 9], 0) == [0, 0]
+    # Against brute force: the sorted levels are the lexicographically smallest of all splits.
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        base = rng.integers(0, 8, size=int(rng.integers(1, 5))).tolist()
+        n = int(rng.integers(0, 12))
+        out = water_fill_int(base, n)
+        assert sum(out) == n and min(out) >= 0
+        levels = sorted((b + a for b, a in zip(base, out)), reverse=True)
+        for split in itertools.product(range(n + 1), repeat=len(base)):
+            if sum(split) == n:
+                assert levels <= sorted((b + a for b, a in zip(base, split)), reverse=True)
+
+
+def test_adaptive_split_sums_never_above_fixed_and_near_the_minmax_optimum():
+    """The adaptive quotas: every expert's tokens exactly once, 0 in empty slots, the same on
+    every call, the busiest rank never above fixed shares and within one token of the min-max."""
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        table, counts = random_case(rng)
+        n_E = counts.sum(0)
+        quota = replica_quotas(table, n_E)
+        valid = table.slot_expert_WS >= 0
+        np.testing.assert_array_equal(np.bincount(table.slot_expert_WS[valid], weights=quota[valid],
+                                                  minlength=table.num_experts), n_E)
+        assert (quota[~valid] == 0).all() and (quota >= 0).all()
+        np.testing.assert_array_equal(quota, replica_quotas(table.copy(), n_E.copy()))
+        fixed = replica_quotas(table, n_E, adaptive=False)
+        assert quota.sum(1).max() <= fixed.sum(1).max()
+        assert quota.sum(1).max() <= minmax_optimum(table, n_E) + 1
+        single = table.num_replicas_E()[np.maximum(table.slot_expert_WS, 0)] == 1
+        np.testing.assert_array_equal(quota[single & valid], fixed[single & valid])
+
+
+def test_adaptive_split_awkward_cases():
+    table = PlacementTable(3, np.array([[0, 1], [0, 2], [0, -1]]),
+                           np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
+    np.testing.assert_array_equal(replica_quotas(table, np.zeros(3)), np.zeros((3, 2)))
+    # All tokens on one expert with three replicas (shares 1, 0, 0): split evenly, not 9 / 0 / 0.
+    np.testing.assert_array_equal(replica_quotas(table, np.array([9, 0, 0])), [[3, 0], [3, 0], [3, 0]])
+    np.testing.assert_array_equal(replica_quotas(table, np.array([9, 0, 0]), adaptive=False), [[9, 0], [0, 0], [0, 0]])
+    # The replicas even out the other experts' load: rank 0 carries expert 1's 6 tokens.
+    np.testing.assert_array_equal(replica_quotas(table, np.array([9, 6, 0])), [[0, 6], [5, 0], [4, 0]])
+    # One replica per expert: the counts themselves.
+    static = PlacementTable.static(4, 2)
+    np.testing.assert_array_equal(replica_quotas(static, np.array([5, 0, 2, 7])), [[5, 0], [2, 7]])
+    # Replicas of one expert on one rank only: nothing to re-split, the fixed shares stand.
+    twice = PlacementTable(2, np.array([[0, 0], [1, -1]]), np.array([[0.5, 0.5], [1.0, 0.0]]))
+    np.testing.assert_array_equal(replica_quotas(twice, np.array([4, 1])), [[2, 2], [1, 0]])
+    # Re-split with two replicas on rank 0: rank 0's part goes to its first replica.
+    both = PlacementTable(2, np.array([[0, 0], [0, 1]]), np.array([[0.5, 0.5], [0.0, 1.0]]))
+    np.testing.assert_array_equal(replica_quotas(both, np.array([6, 2])), [[4, 0], [2, 2]])
+
+
+def test_spare_replicas_on_static_never_load_a_rank_above_static():
+    """Static EP plus replicas with share 0 in its spare slots: under the adaptive split no step's
+    busiest rank is busier than static EP's, whatever the counts."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        W, E = int(rng.integers(2, 6)), int(rng.integers(2, 16))
+        static = PlacementTable.static(E, W, math.ceil(E / W) + 2)
+        spare_WS = np.where(static.slot_expert_WS < 0, rng.integers(-1, E, size=static.slot_expert_WS.shape), -1)
+        for r in range(W):  # at most one replica of an expert per rank
+            row = np.where(static.slot_expert_WS[r] >= 0, static.slot_expert_WS[r], spare_WS[r])
+            _, first = np.unique(row, return_index=True)
+            spare_WS[r, [s for s in range(row.size) if s not in first]] = -1
+        table = _with_spares(static, spare_WS)
+        n_E = random_counts(rng, W, E).sum(0)
+        assert rank_loads(table, n_E).max() <= rank_loads(static, n_E).max()
+
+
 # ---- cost model --------------------------------------------------------------------------------
 
 
 def reference_step_time(cost: CostModel, table: PlacementTable, counts_WE: np.ndarray) -> float:
     W = table.world_size
     node = [r // (cost.ranks_per_node or W) for r in range(W)]
-    send = reference_local_split(table, counts_WE)
+    quota = replica_quotas(table, counts_WE.sum(0), cost.adaptive_split)  # its own tests check it
+    send = reference_local_split(table, counts_WE, quota)
     comp = max(send[:, r].sum() * cost.c_tok + (send[:, r].sum(0) > 0).sum() * cost.c_slot for r in range(W))
     worst = 0.0
     for r in range(W):
@@ -315,6 +408,9 @@ def test_static_planner_never_changes():
 
 
 def test_greedy_keeps_locations_when_load_unchanged():
+    """Without spare candidates, a second plan on the same counts keeps the first. With them, a
+    spare replica can open a second step (its home copy dropped, the replica kept), so a second
+    plan may change again, but never to a table that scores worse on those counts."""
     rng = np.random.default_rng(5)
     for _ in range(30):
         W = int(rng.integers(2, 7))
@@ -322,10 +418,13 @@ def test_greedy_keeps_locations_when_load_unchanged():
         S = math.ceil(E / W) + int(rng.integers(1, 4))
         counts = random_counts(rng, W, E)
         counts[0, 0] += 500
-        planner = GreedyPlanner()
+        planner = GreedyPlanner(spare_replicas=False)
         first = planner.plan(PlacementTable.static(E, W, S), counts, COST)
         second = planner.plan(first, counts, COST)
         assert second is first
+        first = GreedyPlanner().plan(PlacementTable.static(E, W, S), counts, COST)
+        second = GreedyPlanner().plan(first, counts, COST)
+        assert COST.step_time(second, counts).total <= COST.step_time(first, counts).total
         uniform = np.full((W, E), 100, dtype=np.int64)
         static = PlacementTable.static(E, W, S)
         if E % W == 0:
@@ -653,3 +752,26 @@ def _random_replicas(load_E, W, S, rng):
         if reps_E[e] < W:
             reps_E[e] += 1
     return reps_E
+
+
+def test_spare_search_replicates_the_hot_expert_into_spare_slots_only():
+    """4 experts on 2 ranks, one spare slot each; expert 0 takes 12 of 16 tokens. Static EP's
+    busiest rank has 13; a replica of expert 0 on rank 1 (share 0) evens it out under the adaptive
+    split. Only the spare slot moves, so the way back to static EP moves nothing; a replica that
+    stops paying (its sync costs time) is dropped; no spare slots, no candidate."""
+    cost = CostModel(c_tok=1.0, bytes_per_token=0, a2a_bw=1.0, grad_bytes=0.5, move_bytes=1.0)
+    static = PlacementTable.static(4, 2, 3)
+    hot_WE = np.array([[6, 1, 0, 1], [6, 0, 1, 1]])
+    score = lambda c_WE: (lambda t: cost.step_time(t, c_WE).total)
+    [(table, s)] = spare_search(static, hot_WE, score(hot_WE))
+    np.testing.assert_array_equal(table.slot_expert_WS, [[0, 1, -1], [2, 3, 0]])
+    np.testing.assert_array_equal(table.share_WS, static.share_WS)  # share 0: fixed shares are static's
+    np.testing.assert_array_equal(rank_loads(table, hot_WE.sum(0)), [8, 8])
+    assert s == score(hot_WE)(table) < score(hot_WE)(static)
+    assert cost.move_bytes_total(table, static) == 0 and cost.move_bytes_total(static, table) == 1.0
+    cold_WE = np.ones((2, 4), dtype=np.int64)
+    assert spare_search(table, cold_WE, score(cold_WE)) == []  # dropped: back to static EP
+    assert spare_search(PlacementTable.static(4, 2), hot_WE, score(hot_WE)) == []
+    planned = make_planner("greedy", min_gain=0.0).plan(static, hot_WE, cost)
+    assert cost.step_time(planned, hot_WE).total <= score(hot_WE)(table)
+    assert make_planner("greedy", spare_replicas=False, threshold=100.0).plan(static, hot_WE, cost) is static

@@ -63,6 +63,9 @@ class CostModel:
     move_bytes: bytes carried by one replica move (parameters + optimizer state).
     sync_bw, move_bw: bandwidth of replica gradient sync and of moves (None: the a2a bandwidth of the level).
     sync_overlap: fraction in [0, 1] of the backward compute that hides the replica gradient sync.
+    adaptive_split: model the runtime's split, quotas chosen per step from the counts (``split``
+        module doc); False models fixed-share quotas (a what-if, e.g. to measure what the
+        adaptive split gains; the runtime's host-side dispatch always splits adaptively).
     """
 
     c_tok: float
@@ -77,6 +80,7 @@ class CostModel:
     sync_bw: float | None = None
     move_bw: float | None = None
     sync_overlap: float = 0.0
+    adaptive_split: bool = True
 
     def __post_init__(self) -> None:
         _positive("c_tok", self.c_tok)
@@ -90,6 +94,8 @@ class CostModel:
         _positive("move_bw", self.move_bw)
         if not 0.0 <= self.sync_overlap <= 1.0:
             raise ValueError(f"sync_overlap must be in [0, 1], got {self.sync_overlap}")
+        if not isinstance(self.adaptive_split, bool):
+            raise ValueError(f"adaptive_split must be a bool, got {self.adaptive_split!r}")
         if not isinstance(self.a2a_passes, int) or self.a2a_passes < 0:
             raise ValueError(f"a2a_passes must be an int >= 0, got {self.a2a_passes}")
         if self.ranks_per_node is not None and (not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
@@ -152,11 +158,11 @@ class CostModel:
         counts_WE = np.rint(np.asarray(counts_WE, dtype=np.float64)).astype(np.int64)
         if counts_WE.shape != (table.world_size, table.num_experts):
             raise ValueError(f"counts_WE must have shape {(table.world_size, table.num_experts)}, got {counts_WE.shape}")
-        quota_WS = replica_quotas(table, counts_WE.sum(0))
+        quota_WS = replica_quotas(table, counts_WE.sum(0), self.adaptive_split)
         compute = float((quota_WS.sum(1) * self.c_tok + (quota_WS > 0).sum(1) * self.c_slot).max())
 
         bw_inter = self.a2a_bw_inter or self.a2a_bw
-        send_WW = split_tokens(table, counts_WE).sum(2).astype(np.float64) * self.bytes_per_token
+        send_WW = split_tokens(table, counts_WE, adaptive=self.adaptive_split).sum(2).astype(np.float64) * self.bytes_per_token
         a2a = self.a2a_passes * self._level_time(send_WW, self.a2a_bw, bw_inter)
 
         node_W = self._node_W(table.world_size)

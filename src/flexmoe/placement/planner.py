@@ -21,7 +21,7 @@ import numpy as np
 
 from .cost_model import CostModel
 from .predict import LoadPredictor
-from .split import balance_ratio
+from .split import balance_ratio, replica_quotas
 from .table import EMPTY, PlacementTable
 
 
@@ -239,6 +239,73 @@ def refine(table: PlacementTable, load_E: np.ndarray, score, rounds: int, partne
     return best, best_score
 
 
+def on_static_base(table: PlacementTable) -> bool:
+    """Every slot that static EP fills holds the same expert here (only spare slots differ)."""
+    home_WS = table.static_like().slot_expert_WS
+    return bool(np.array_equal(table.slot_expert_WS[home_WS >= 0], home_WS[home_WS >= 0]))
+
+
+def _with_spares(static: PlacementTable, spare_WS: np.ndarray) -> PlacementTable:
+    """Static EP plus the replicas ``spare_WS`` (-1: empty) in its empty slots, with share 0: the
+    fixed-share split is static EP's, so the adaptive split starts from it (``split``)."""
+    slot_WS = np.where(static.slot_expert_WS >= 0, static.slot_expert_WS, spare_WS)
+    return PlacementTable(static.num_experts, slot_WS, static.share_WS.copy())
+
+
+def spare_search(table: PlacementTable, counts_WE: np.ndarray, score, adaptive: bool = True,
+                 experts: int = 3, targets: int = 2):
+    """Static EP's layout plus replicas of hot experts in its spare slots, by local search.
+
+    Starts from ``table``'s spare replicas when it is on the static base (else none); each round
+    takes the best-scoring (lower is better) of: dropping one spare replica, or adding a replica of
+    one of the ``experts`` heaviest experts on the busiest rank (under the split, adaptive or not)
+    to one of the ``targets`` least loaded ranks with a free spare slot, or the rank sending it
+    most tokens; stops when nothing improves. Moves only fill spare slots, so the way back to
+    static EP moves nothing; with the adaptive split no step's busiest rank gets more tokens than
+    under static EP. Returns [(table, score)] when it found a table other than static EP, else [].
+    """
+    static = table.static_like()
+    spare_mask_WS = static.slot_expert_WS < 0
+    if not spare_mask_WS.any():
+        return []
+    load_E = counts_WE.sum(0)
+    spare_WS = np.where(spare_mask_WS & on_static_base(table), table.slot_expert_WS, EMPTY)
+    cur = _with_spares(static, spare_WS)
+    cur_score = score(cur)
+    for _ in range(2 * int(spare_mask_WS.sum())):
+        options = []
+        for f in np.flatnonzero(spare_WS >= 0):  # drop one spare replica
+            out = spare_WS.copy()
+            out.flat[f] = EMPTY
+            options.append(out)
+        quota_WS = replica_quotas(cur, load_E, adaptive)
+        load_W = quota_WS.sum(1)
+        hot = int(np.argmax(load_W))
+        on_hot = [(int(-quota_WS[hot, s]), int(cur.slot_expert_WS[hot, s])) for s in range(cur.slots_per_rank)
+                  if cur.slot_expert_WS[hot, s] >= 0 and quota_WS[hot, s] > 0]
+        free_WS = spare_mask_WS & (spare_WS == EMPTY)
+        for _, e in sorted(on_hot)[:experts]:
+            ok_W = free_WS.any(1) & ~(cur.slot_expert_WS == e).any(1)
+            ranks = [int(r) for r in np.argsort(load_W, kind="stable") if ok_W[r]][:targets]
+            src = int(np.argmax(np.where(ok_W, counts_WE[:, e], -1)))
+            if ok_W[src] and src not in ranks:
+                ranks.append(src)
+            for r in ranks:
+                out = spare_WS.copy()
+                out[r, int(np.argmax(free_WS[r]))] = e
+                options.append(out)
+        best, best_score = None, cur_score
+        for out in options:
+            cand = _with_spares(static, out)
+            s = score(cand)
+            if s < best_score:
+                best, best_score = (out, cand), s
+        if best is None:
+            break
+        (spare_WS, cur), cur_score = best, best_score
+    return [] if (spare_WS == EMPTY).all() else [(cur, cur_score)]
+
+
 def _normalise(slot_WS: np.ndarray, share_WS: np.ndarray, num_experts: int) -> np.ndarray:
     valid = slot_WS >= 0
     total_E = np.bincount(slot_WS[valid], weights=share_WS[valid], minlength=num_experts)
@@ -445,7 +512,11 @@ class GreedyPlanner(Planner):
       ``world_size``). Cold experts fall back to one replica, freeing slots for hot ones. With
       ``refine_rounds`` > 0 the search's best is refined (``refine``: up to that many moves or
       swaps of single slots off the busiest rank); off by default: on the CPU aux 0.01 trace it
-      did not gain (1.025x vs 1.026x static) at about 7x the planning time.
+      did not gain (1.025x vs 1.026x static) at about 7x the planning time;
+    - with ``spare_replicas`` and the same balance condition as the share update: static EP plus
+      replicas of hot experts in its spare slots (``spare_search``); with the adaptive split such
+      a table never gives a step's busiest rank more tokens than static EP, and moving back to
+      static EP moves nothing.
 
     The best candidate replaces the table if its score beats keeping it by a relative
     ``min_gain`` (0 for a change that moves nothing) plus the caller's ``margin`` (hysteresis),
@@ -468,6 +539,7 @@ class GreedyPlanner(Planner):
     return_weight: float = 0.0
     window_candidates: bool = True
     refine_rounds: int = 0
+    spare_replicas: bool = True
 
     def __post_init__(self):
         if isinstance(self.refine_rounds, bool) or not isinstance(self.refine_rounds, int) or self.refine_rounds < 0:
@@ -513,12 +585,14 @@ class GreedyPlanner(Planner):
     def _candidates(self, table, counts_WE, score, cost) -> list:
         """Share update and replica search for ``counts_WE`` (when its balance calls for them)."""
         load_E = counts_WE.sum(0)
-        if balance_ratio(table, load_E) <= self.rebalance_threshold:
+        if balance_ratio(table, load_E, cost.adaptive_split) <= self.rebalance_threshold:
             return []
         shares = balanced_shares(table.slot_expert_WS, load_E)
         rebalanced = PlacementTable(table.num_experts, table.slot_expert_WS, shares)
         out = [(rebalanced, score(rebalanced))]
-        if balance_ratio(rebalanced, load_E) > self.threshold:
+        if self.spare_replicas:
+            out += spare_search(table, counts_WE, score, cost.adaptive_split)
+        if balance_ratio(rebalanced, load_E, cost.adaptive_split) > self.threshold:
             out += self._search(table, counts_WE, load_E, score, cost.ranks_per_node)
         return out
 

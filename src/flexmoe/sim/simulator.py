@@ -134,7 +134,7 @@ def simulate_planner(
             step = cost.step_time(tables[layer], true_LWE[layer])
             terms_T4[t, :3] += (step.compute, step.a2a, step.sync)
             layer_TL[t, layer] += step.total
-            load_W = rank_loads(tables[layer], true_LWE[layer].sum(0))
+            load_W = rank_loads(tables[layer], true_LWE[layer].sum(0), cost.adaptive_split)
             balance_TL[t, layer] = load_W.max() / load_W.mean() if load_W.sum() > 0 else 1.0
         replanner.observe(true_LWE)
     name = planner.name + (" (perfect prediction)" if perfect_prediction else "")
