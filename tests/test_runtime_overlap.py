@@ -51,14 +51,16 @@ def replicated_table(world: int, layer: int, extra: int) -> PlacementTable:
 class Stack(nn.Module):
     """A dense layer, then three EP layers: replicas on layers 0 and 2, none on layer 1."""
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, solo: dist.ProcessGroup | None = None, ep_group: dist.ProcessGroup | None = None):
         super().__init__()
         torch.manual_seed(3)
         self.inp = nn.Linear(D, D).double()
         extras = (2 * world, 0, world + 1)
         self.moes = nn.ModuleList(
-            MoELayer(CONFIG, ep_group=dist.group.WORLD, placement=replicated_table(world, i, n)).double()
+            MoELayer(CONFIG, ep_group=ep_group or dist.group.WORLD, placement=replicated_table(world, i, n)).double()
             for i, n in enumerate(extras))
+        if solo is not None:  # an EP group of this rank alone, with local duplicates
+            self.moes.append(MoELayer(CONFIG, ep_group=solo, placement=replicated_table(1, 0, 2)).double())
 
     def forward(self, x):
         h = self.inp(x)
@@ -87,25 +89,26 @@ def assert_equal(got: dict, want: dict, what: str) -> None:
     assert not differing, f"{what}: overlapped != plain in {differing}"
 
 
-def plain_grads(world, rank, step=0, empty_rank=None, micro=1):
-    model = Stack(world)
+def plain_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
+    model = Stack(world, solo)
     for m in range(micro):
         loss_of(model, *batch(step + m, rank, empty_rank)).backward()
     sync_gradients(model)
     return model, grads(model)
 
 
-def overlapped_grads(world, rank, step=0, empty_rank=None, micro=1):
+def overlapped_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
     """Like ``plain_grads`` through MoERuntime(overlap_replica_sync=True); also checks that the
     hooks posted every replicated layer's phase 1 during the backward."""
-    model = Stack(world)
+    model = Stack(world, solo)
     moe = MoERuntime(model, overlap_replica_sync=True)
     for m in range(micro):
         loss = loss_of(model, *batch(step + m, rank, empty_rank))
         if m == micro - 1:
             moe.before_backward()
         loss.backward()
-    assert moe._pending is not None and moe._pending.posted == 2, "both replicated layers posted during backward"
+    posted = 2 if solo is None else 3
+    assert moe._pending is not None and moe._pending.posted == posted, "every replicated layer posted during backward"
     moe.after_backward()
     return model, grads(model)
 
@@ -124,6 +127,32 @@ def case_one_backward_equals_plain(rank, world):
         _, want = plain_grads(world, rank, empty_rank=empty_rank)
         _, got = overlapped_grads(world, rank, empty_rank=empty_rank)
         assert_equal(got, want, f"one backward, rank without tokens: {empty_rank}")
+
+
+def case_ep_group_of_one_rank_equals_plain(rank, world):
+    """A layer on an EP group of one rank: its local duplicates are summed as in the plain sync."""
+    solos = [dist.new_group([r]) for r in range(world)]
+    _, want = plain_grads(world, rank, solo=solos[rank])
+    _, got = overlapped_grads(world, rank, solo=solos[rank])
+    assert_equal(got, want, "EP group of one rank")
+
+
+def case_expert_dp_group_equals_plain(rank, world):
+    """4 ranks as 2 EP groups of 2 ({0, 1}, {2, 3}); expert gradients also summed across them."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    across = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    pair, other = pairs[rank // 2], across[rank % 2]
+    runs = []
+    for overlap in (False, True):
+        model = Stack(2, ep_group=pair)
+        moe = MoERuntime(model, expert_dp_group=other, overlap_replica_sync=overlap)
+        loss = loss_of(model, *batch(0, rank))
+        moe.before_backward()
+        loss.backward()
+        assert not overlap or moe._pending.posted == 2
+        moe.after_backward()
+        runs.append(grads(model))
+    assert_equal(runs[1], runs[0], "2 EP groups of 2 with expert_dp_group")
 
 
 def case_phase_2_skipped_is_detected(rank, world):
@@ -178,6 +207,7 @@ def case_rank_that_skipped_a_forward_raises_everywhere(rank, world):
 
 CASES = {
     "one_backward_equals_plain": case_one_backward_equals_plain,
+    "ep_group_of_one_rank_equals_plain": case_ep_group_of_one_rank_equals_plain,
     "phase_2_skipped_is_detected": case_phase_2_skipped_is_detected,
     "adam_steps_equal_plain": case_adam_steps_equal_plain,
     "accumulation_equals_plain": case_accumulation_equals_plain,
@@ -185,9 +215,14 @@ CASES = {
 }
 
 
+CASES_OF = {2: CASES, 4: {**CASES, "expert_dp_group_equals_plain": case_expert_dp_group_equals_plain}}
+# the agreement-error case leaves the group's checks out of step: it runs last
+CASES_OF[4]["rank_that_skipped_a_forward_raises_everywhere"] = CASES_OF[4].pop("rank_that_skipped_a_forward_raises_everywhere")
+
+
 def run_cases(rank: int, world: int, port: int) -> dict:
     """Entry point of every spawned process (helpers.run_cases_in_processes)."""
-    return run_case_table(CASES, rank, world, port, 60)
+    return run_case_table(CASES_OF[world], rank, world, port, 60)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +238,7 @@ def spawned(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("world, case", [(w, name) for w in (2, 4) for name in CASES])
+@pytest.mark.parametrize("world, case", [(w, name) for w in (2, 4) for name in CASES_OF[w]])
 def test_overlapped_replica_sync(spawned, world, case):
     for rank, results in enumerate(spawned(world)):
         assert results[case] == "ok", f"rank {rank} of {world}:\n{results[case]}"

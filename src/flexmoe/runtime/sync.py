@@ -148,17 +148,12 @@ def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group,
         g /= world
 
 
-def has_replicas(model: nn.Module) -> bool:
-    """Whether an EP layer of ``model`` holds some expert on two slots or more (then
-    ``sync_gradients`` sums replica gradients)."""
-    return bool(_replicated_stages(model))
-
-
 def _replicated_stages(model: nn.Module) -> list[ParallelExperts]:
-    """EP stages with trainable parameters and a replicated expert (the tables, hence this list,
-    are equal on every rank of an EP group)."""
+    """EP stages with trainable parameters and a replicated expert, i.e. every stage
+    ``_sum_replicas`` changes (an EP group of one rank too: its local duplicates are summed).
+    The tables, hence this list, are equal on every rank of an EP group."""
     return [stage for stage in ep_stages(model)
-            if stage.size > 1 and _trainable(stage) and int(stage.placement.num_replicas_E().max(initial=0)) > 1]
+            if _trainable(stage) and int(stage.placement.num_replicas_E().max(initial=0)) > 1]
 
 
 class OverlappedReplicaSync:
