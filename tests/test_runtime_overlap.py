@@ -191,6 +191,18 @@ def case_accumulation_equals_plain(rank, world):
     assert_equal(got, want, "two micro-batches")
 
 
+def case_before_backward_twice_raises(rank, world):
+    model = Stack(world)
+    moe = MoERuntime(model, overlap_replica_sync=True)
+    loss = loss_of(model, *batch(0, rank))
+    moe.before_backward()
+    with pytest.raises(RuntimeError, match="called again before after_backward"):
+        moe.before_backward()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()), "the hooks were removed"
+    loss.backward()
+    moe.after_backward()  # the plain sync
+
+
 def case_rank_that_skipped_a_forward_raises_everywhere(rank, world):
     model = Stack(world)
     moe = MoERuntime(model, overlap_replica_sync=True)
@@ -211,6 +223,7 @@ CASES = {
     "phase_2_skipped_is_detected": case_phase_2_skipped_is_detected,
     "adam_steps_equal_plain": case_adam_steps_equal_plain,
     "accumulation_equals_plain": case_accumulation_equals_plain,
+    "before_backward_twice_raises": case_before_backward_twice_raises,
     "rank_that_skipped_a_forward_raises_everywhere": case_rank_that_skipped_a_forward_raises_everywhere,
 }
 
