@@ -119,7 +119,10 @@ def sync_expert_gradients(
     _sync_expert_gradients(model, dp_group, expert_dp_group)
 
 
-def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group) -> None:
+def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group,
+                           replicas: "OverlappedReplicaSync | None" = None) -> None:
+    """The expert part of ``sync_gradients``; ``replicas``: the replica sum started during
+    backward, finished here instead of summing the replicas afresh."""
     stages = ep_stages(model)
     for stage in stages:
         for p in _trainable(stage):
@@ -127,7 +130,10 @@ def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group) -> None:
                 p.grad = torch.zeros_like(p)
             empty = torch.as_tensor(stage.placement.slot_expert_WS[stage.rank] < 0, device=p.device)
             p.grad[empty] = 0
-    _sum_replicas(stages)
+    if replicas is None:
+        _sum_replicas(stages)
+    else:
+        replicas.finish()
     grads = [p.grad for stage in stages for p in _trainable(stage)]
     # A shard's gradient already holds every rank's tokens (the exchanges sent them back).
     for p in (p for stage in sharded_stages(model) for p in _trainable(stage)):
@@ -140,6 +146,96 @@ def _sync_expert_gradients(model: nn.Module, dp_group, expert_dp_group) -> None:
     world = dist.get_world_size(dp_group) if dist.is_initialized() else 1
     for g in grads:
         g /= world
+
+
+def _replicated_stages(model: nn.Module) -> list[ParallelExperts]:
+    """EP stages with trainable parameters and a replicated expert, i.e. every stage
+    ``_sum_replicas`` changes (an EP group of one rank too: its local duplicates are summed).
+    The tables, hence this list, are equal on every rank of an EP group."""
+    return [stage for stage in ep_stages(model)
+            if _trainable(stage) and int(stage.placement.num_replicas_E().max(initial=0)) > 1]
+
+
+class OverlappedReplicaSync:
+    """The replica gradient sum of one backward, its phase 1 posted while backward still runs.
+
+    Armed (``start_overlapped_sync``) just before the backward of the last micro-batch: a one-shot
+    ``register_post_accumulate_grad_hook`` on each replicated EP stage's trainable parameters marks
+    the stage ready once all of them hold this backward's gradient. Stages are posted in one fixed
+    order (reverse module order, the order a stack of layers finishes its backward in), each
+    as soon as it and every stage before it is ready, so every rank posts the same p2p ops in the
+    same order whatever its hooks' timing: phase 1 (holders send their local sums to the lead)
+    without waiting. ``finish`` (in ``sync_gradients_after_overlap``) posts what is left in the
+    same order, then waits, runs phase 2 (the lead adds in rank order and sends back) and writes
+    the totals: the same additions in the same order as ``_sum_replicas``, so equal bits. No hook
+    ever waits on another rank, so backward never blocks on the sync.
+    """
+
+    def __init__(self, stages: list[ParallelExperts]):
+        self._stages = list(reversed(stages))
+        self._missing = [{id(p) for p in _trainable(stage)} for stage in self._stages]
+        self._sums: list[list[_ReplicaSum]] = []
+        self._works: list = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
+                         for i, stage in enumerate(self._stages) for p in _trainable(stage)]
+
+    @property
+    def posted(self) -> int:
+        """How many stages' phase 1 has been posted so far."""
+        return len(self._sums)
+
+    def _hook(self, index: int):
+        def on_grad(param: torch.Tensor) -> None:
+            self._missing[index].discard(id(param))
+            self._post_ready()
+        return on_grad
+
+    def _post_ready(self) -> None:
+        while self.posted < len(self._stages) and not self._missing[self.posted]:
+            sums = _collect_replicas(self._stages[self.posted])
+            self._works += _start(_to_lead(sums))
+            self._sums.append(sums)
+
+    def cancel(self) -> None:
+        """Remove the hooks that have not fired (the sync will not be finished)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def finish(self) -> None:
+        """After backward (gradients of every expert parameter present): post phase 1 of the
+        stages not posted yet, wait, run phase 2 and write the totals into the gradients."""
+        self.cancel()
+        for missing in self._missing:
+            missing.clear()
+        self._post_ready()
+        _wait(self._works)
+        self._works = []
+        sums = [item for stage_sums in self._sums for item in stage_sums]
+        _wait(_start(_from_lead(sums)))
+        _write_replicas(sums)
+
+
+def start_overlapped_sync(model: nn.Module) -> OverlappedReplicaSync | None:
+    """Before the last micro-batch's backward: check the sync point (``check_sync_point``, before
+    any p2p, so a rank that skipped a forward raises on every rank), then arm the hooks that post
+    the replica sum during backward. None (nothing armed) without torch.distributed or replicas;
+    finish with ``sync_gradients_after_overlap``."""
+    if not dist.is_initialized():
+        return None
+    check_sync_point(model)
+    stages = _replicated_stages(model)
+    return OverlappedReplicaSync(stages) if stages else None
+
+
+def sync_gradients_after_overlap(
+    model: nn.Module, replicas: OverlappedReplicaSync, dp_group: dist.ProcessGroup | None = None,
+    expert_dp_group: dist.ProcessGroup | None = None,
+) -> None:
+    """``sync_gradients`` after ``start_overlapped_sync``: the sync point was checked then and the
+    replica sum finishes here (no second sum); the rest is as ``sync_gradients``."""
+    sync_dense_gradients(model, dp_group)
+    _sync_expert_gradients(model, dp_group, expert_dp_group, replicas)
 
 
 def _check_same_tables(stages: list[ParallelExperts], group: dist.ProcessGroup, device: torch.device) -> None:
@@ -197,42 +293,63 @@ class _ReplicaSum:
 def _sum_replicas(stages: list[ParallelExperts]) -> None:
     """Local replicas are added up; the other holder ranks send their sums to the first holder,
     which adds them in rank order and sends the total back, so all replicas get equal bits."""
+    sums = [item for stage in stages for item in _collect_replicas(stage)]
+    _wait(_start(_to_lead(sums)))
+    _wait(_start(_from_lead(sums)))
+    _write_replicas(sums)
+
+
+def _collect_replicas(stage: ParallelExperts) -> list[_ReplicaSum]:
+    """This rank's replicated experts of ``stage``, each with the sum of its local slots' gradients."""
+    table, rank = stage.placement, stage.rank
+    grads = [p.grad for p in _trainable(stage)]
     sums: list[_ReplicaSum] = []
-    for stage in stages:
-        table, rank = stage.placement, stage.rank
-        grads = [p.grad for p in _trainable(stage)]
-        if not grads:
+    if not grads:
+        return sums
+    for e in range(table.num_experts):
+        replicas = table.replicas(e)
+        slots = [s for r, s, _ in replicas if r == rank]
+        if len(replicas) < 2 or not slots:
             continue
-        for e in range(table.num_experts):
-            replicas = table.replicas(e)
-            slots = [s for r, s, _ in replicas if r == rank]
-            if len(replicas) < 2 or not slots:
-                continue
-            holders = sorted({r for r, _, _ in replicas})
-            local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
-            sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], stage.ep_group.group))
-    to_lead = []
+        holders = sorted({r for r, _, _ in replicas})
+        local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
+        sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], stage.ep_group.group))
+    return sums
+
+
+def _to_lead(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
+    """Phase 1: every other holder sends its local sum to the lead holder."""
+    ops = []
     for item in sums:
         if not item.peers:
             continue
         if item.is_lead:
             item.received = [torch.empty_like(item.total) for _ in item.peers]
-            to_lead += [_p2p(dist.irecv, buf, peer, item.group) for buf, peer in zip(item.received, item.peers)]
+            ops += [_p2p(dist.irecv, buf, peer, item.group) for buf, peer in zip(item.received, item.peers)]
         else:
-            to_lead.append(_p2p(dist.isend, item.total, item.lead, item.group))
-    _run(to_lead)
-    from_lead = []
+            ops.append(_p2p(dist.isend, item.total, item.lead, item.group))
+    return ops
+
+
+def _from_lead(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
+    """Phase 2 (phase 1 finished): the lead adds the received sums in rank order and sends the
+    total back."""
+    ops = []
     for item in sums:
         if not item.peers:
             continue
         if item.is_lead:
             for buf in item.received:
                 item.total += buf
-            from_lead += [_p2p(dist.isend, item.total, peer, item.group) for peer in item.peers]
+            ops += [_p2p(dist.isend, item.total, peer, item.group) for peer in item.peers]
         else:
             item.total = torch.empty_like(item.total)
-            from_lead.append(_p2p(dist.irecv, item.total, item.lead, item.group))
-    _run(from_lead)
+            ops.append(_p2p(dist.irecv, item.total, item.lead, item.group))
+    return ops
+
+
+def _write_replicas(sums: list[_ReplicaSum]) -> None:
+    """Phase 2 finished: every local slot of a replicated expert gets the total."""
     for item in sums:
         offset = 0
         for g in item.grads:
@@ -252,10 +369,14 @@ def _p2p(op, tensor: torch.Tensor, peer: int, group) -> dist.P2POp:
     return dist.P2POp(op, tensor, group=group, group_peer=peer)
 
 
-def _run(ops: list) -> None:
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+def _start(ops: list[dist.P2POp]) -> list:
+    """Post ``ops`` without waiting; the works keep their tensors alive until ``_wait``."""
+    return list(dist.batch_isend_irecv(ops)) if ops else []
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 def sync_router_loads(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> None:
