@@ -201,3 +201,22 @@ def test_cli_generate_simulate_and_plot(tmp_path, capsys):
     assert main(["simulate", "--synthetic", "--planners", "static", "--steps", "5", *common]) == 0
     assert main(["simulate"]) == 2
     assert math.isfinite(rows[1]["step_ms"])
+
+
+def test_cli_cost_flags_reach_the_cost_model(monkeypatch, capsys):
+    """--sync-overlap and --fixed-split build the cost model the simulation runs with; an
+    out-of-range overlap is a one-line error (exit 2)."""
+    from flexmoe.sim import cli as sim_cli
+
+    seen = []
+    real = sim_cli._cost
+    common = ["--synthetic", "--planners", "static", "--steps", "3", "--num-steps", "5", "--trace-world-size", "2",
+              "--num-experts", "4", "--tokens-per-rank", "64", "--top-k", "2", "--d-model", "16", "--d-ff", "8"]
+    monkeypatch.setattr(sim_cli, "_cost", lambda args: seen.append(real(args)) or seen[-1])
+    assert main(["simulate", *common]) == 0
+    assert main(["simulate", *common, "--sync-overlap", "0.5", "--fixed-split"]) == 0
+    assert (seen[0].sync_overlap, seen[0].adaptive_split) == (0.0, True)
+    assert (seen[1].sync_overlap, seen[1].adaptive_split) == (0.5, False)
+    capsys.readouterr()
+    assert main(["simulate", *common, "--sync-overlap", "1.5"]) == 2
+    assert "sync_overlap must be in [0, 1]" in capsys.readouterr().err

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="all-to-all bytes/s per rank across nodes (default: same as --a2a-bw)")
     cost.add_argument("--ranks-per-node", type=int, default=None,
                       help="ranks per node, for --a2a-bw-inter (default: all ranks on one node)")
+    cost.add_argument("--sync-overlap", type=float, default=0.0,
+                      help="fraction in [0, 1] of backward that hides the replica gradient sync (default: "
+                           "%(default)s, flexmoe's plain sync after backward; MoERuntime(overlap_replica_sync=True) "
+                           "hides its first phase, about 0.5 at most)")
+    cost.add_argument("--fixed-split", action="store_true",
+                      help="model fixed-share token splits between replicas instead of the runtime's adaptive split")
     cost.add_argument("--measure", action="store_true",
                       help="time the expert FFN and a local copy on this machine instead of --flops/--mem-bw")
     syn = parser.add_argument_group("synthetic trace")
@@ -144,7 +150,8 @@ def _describe(policy: ReplanPolicy) -> str:
 
 
 def _cost(args) -> CostModel:
-    extra = {"a2a_bw_inter": args.a2a_bw_inter, "ranks_per_node": args.ranks_per_node}
+    extra = {"a2a_bw_inter": args.a2a_bw_inter, "ranks_per_node": args.ranks_per_node,
+             "sync_overlap": args.sync_overlap, "adaptive_split": not args.fixed_split}
     if args.measure:
         from ..runtime.measure import measure_cost_model
 
