@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--sweep-intervals", type=int, nargs="*", default=None, help="greedy at each interval instead")
     parser.add_argument("--sweep-policy", action="store_true",
                         help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust, drift gate) instead")
+    parser.add_argument("--sync-overlap", type=float, default=0.0,
+                        help="CostModel.sync_overlap (0: sync after backward; overlap_replica_sync=True: about 0.5 at most)")
     parser.add_argument("--fixed-split", action="store_true",
                         help="model fixed-share quotas instead of the runtime's adaptive split (CostModel.adaptive_split)")
     parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")
@@ -101,7 +103,7 @@ def main() -> None:
         args.tokens_per_rank, args.top_k = 2048, 4
 
     cost = CostModel.from_shape(2048, 768, flops=764e12, mem_bw=3.0e12, a2a_bw=args.a2a_bw,
-                                adaptive_split=not args.fixed_split)
+                                adaptive_split=not args.fixed_split, sync_overlap=args.sync_overlap)
     print(f"cost model: c_tok={cost.c_tok:.3e} s/row, c_slot={cost.c_slot:.2e} s, a2a/sync/move {args.a2a_bw:.3g} B/s, "
           f"grad {cost.grad_bytes / 1e6:.1f} MB and move {cost.move_bytes / 1e6:.1f} MB per expert, "
           f"{'fixed-share' if args.fixed_split else 'adaptive'} split")
