@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--sweep-policy", action="store_true",
                         help="greedy under the re-plan policy variants of issue 14 (window, noise z, trust, drift gate) instead")
     parser.add_argument("--sync-overlap", type=float, default=0.0,
-                        help="CostModel.sync_overlap (0: sync after backward; overlap_replica_sync=True: about 0.5 at most)")
+                        help="CostModel.sync_overlap: fraction of backward hiding the sync's first phase "
+                             "(overlap_replica_sync=True; 0: the plain sync after backward)")
     parser.add_argument("--fixed-split", action="store_true",
                         help="model fixed-share quotas instead of the runtime's adaptive split (CostModel.adaptive_split)")
     parser.add_argument("--plot", default=None, help="PNG of balance ratio and step time over steps")

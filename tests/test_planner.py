@@ -643,16 +643,25 @@ def test_new_replicas_go_where_the_tokens_come_from():
 
 
 def test_sync_overlap_hides_the_replica_sync_behind_backward():
+    """Only the overlappable share of the sync (default 0.5: the first phase, what the runtime's
+    overlap_replica_sync posts during backward) is hidden, by at most the backward's time."""
     rng = np.random.default_rng(25)
+    saw_partial = False
     for _ in range(30):
         table, counts = random_case(rng)
-        overlap = float(rng.uniform(0, 1))
+        overlap, share = float(rng.uniform(0, 1)), float(rng.choice([0.5, 1.0, float(rng.uniform(0, 1))]))
         base = COST.step_time(table, counts)
-        got = dataclasses.replace(COST, sync_overlap=overlap).step_time(table, counts)
+        got = dataclasses.replace(COST, sync_overlap=overlap, sync_overlap_share=share).step_time(table, counts)
         assert got.compute == base.compute and got.a2a == base.a2a
-        assert got.sync == pytest.approx(max(base.sync - overlap * 2.0 / 3.0 * base.compute, 0.0), abs=1e-18)
-    with pytest.raises(ValueError, match="sync_overlap"):
-        dataclasses.replace(COST, sync_overlap=1.5)
+        hidden = min(share * base.sync, overlap * 2.0 / 3.0 * base.compute)
+        assert got.sync == pytest.approx(base.sync - hidden, abs=1e-18)
+        default = dataclasses.replace(COST, sync_overlap=1.0).step_time(table, counts)
+        assert default.sync >= 0.5 * base.sync - 1e-18  # the second phase is never hidden
+        saw_partial |= base.sync > 0 and 0 < hidden < base.sync
+    assert saw_partial
+    for field in ("sync_overlap", "sync_overlap_share"):
+        with pytest.raises(ValueError, match=field):
+            dataclasses.replace(COST, **{field: 1.5})
 
 
 # ---- the same plan on every rank -------------------------------------------------------------
