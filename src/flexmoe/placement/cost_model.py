@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 
 from .moves import Transfer, diff_placement
-from .split import replica_quotas, split_tokens
+from .split import split_tokens
 from .table import PlacementTable
 
 
@@ -166,11 +166,13 @@ class CostModel:
         counts_WE = np.rint(np.asarray(counts_WE, dtype=np.float64)).astype(np.int64)
         if counts_WE.shape != (table.world_size, table.num_experts):
             raise ValueError(f"counts_WE must have shape {(table.world_size, table.num_experts)}, got {counts_WE.shape}")
-        quota_WS = replica_quotas(table, counts_WE.sum(0), self.adaptive_split)
+        # One split: every replica gets its quota from the sources, so the quotas are its column sums.
+        send_WWS = split_tokens(table, counts_WE, adaptive=self.adaptive_split)
+        quota_WS = send_WWS.sum(0)
         compute = float((quota_WS.sum(1) * self.c_tok + (quota_WS > 0).sum(1) * self.c_slot).max())
 
         bw_inter = self.a2a_bw_inter or self.a2a_bw
-        send_WW = split_tokens(table, counts_WE, adaptive=self.adaptive_split).sum(2).astype(np.float64) * self.bytes_per_token
+        send_WW = send_WWS.sum(2).astype(np.float64) * self.bytes_per_token
         a2a = self.a2a_passes * self._level_time(send_WW, self.a2a_bw, bw_inter)
 
         node_W = self._node_W(table.world_size)
