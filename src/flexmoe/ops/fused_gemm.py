@@ -62,6 +62,11 @@ def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torc
     ``num_rows`` (the grouped buffer's length, known on the host) bounds the count:
     Q = num_rows // block + E + 1; unused blocks have ``first_row == end_row``.
     """
+    return _row_blocks_and_used(offsets_E, num_rows, block)[0]
+
+
+def _row_blocks_and_used(offsets_E: torch.Tensor, num_rows: int, block: int):
+    """``row_blocks`` and the number of used blocks (they come first), int32 ``[1]`` on the device."""
     E = offsets_E.shape[0]
     starts_E, ends_E, blocks_E = expert_blocks(offsets_E, block)
     cum_E = torch.cumsum(blocks_E, 0)
@@ -72,7 +77,7 @@ def row_blocks(offsets_E: torch.Tensor, num_rows: int, block: int) -> tuple[torc
     used_Q = q_Q < cum_E[-1]
     end_Q = torch.where(used_Q, torch.minimum(first_Q + block, ends_E[expert_Q]), 0)
     first_Q = torch.where(used_Q, first_Q, 0)
-    return expert_Q.to(torch.int32), first_Q.to(torch.int32), end_Q.to(torch.int32)
+    return (expert_Q.to(torch.int32), first_Q.to(torch.int32), end_Q.to(torch.int32)), cum_E[-1:].to(torch.int32)
 
 
 # ---------------------------------------------------------------- device helpers
@@ -493,14 +498,8 @@ def _launch(name: str, device: torch.device, grid, *args, **constexprs) -> None:
         _tuned[name][grid](*args, **constexprs)
     else:
         tile = _CPU_WGRAD if name == "wgrad" else _CPU_TILE
-        for arg in args:
-            if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
-                arg.block_shape = _weight_block(constexprs["TMA"], tile["BN"], tile["BK"])
-        for key in _ROW_DESCS:
-            if constexprs.get(key) is not None:
-                constexprs[key].block_shape = [constexprs["BM"], tile["BK"]]
-        if constexprs.get("h_desc") is not None:
-            constexprs["h_desc"].block_shape = [constexprs["BM"], tile["BN"]]
+        weights = [a for a in args if TensorDescriptor is not None and isinstance(a, TensorDescriptor)]
+        _set_descriptor_tiles({**constexprs, **tile, "w_desc": weights[0] if weights else None})
         _plain[name][grid](*args, **constexprs, **tile)
 
 
@@ -561,19 +560,13 @@ class Schedule:
     def __init__(self, offsets_E: torch.Tensor, num_rows: int):
         self.num_rows = num_rows
         self.block = row_block_size(num_rows, offsets_E.shape[0], offsets_E.device)
-        self.tables = row_blocks(offsets_E, num_rows, self.block)
+        # used_1: how many row blocks hold rows, on the device: the persistent kernels' tile count.
+        self.tables, self.used_1 = _row_blocks_and_used(offsets_E, num_rows, self.block)
         self.offsets_E = offsets_E
 
     @property
     def num_blocks(self) -> int:
         return self.tables[0].shape[0]
-
-    @functools.cached_property
-    def used_1(self) -> torch.Tensor:
-        """How many row blocks hold rows (they come first), int32 ``[1]`` on the device: the tile
-        count of the persistent kernels, read on the device (no host sync)."""
-        _, _, blocks_E = expert_blocks(self.offsets_E, self.block)
-        return blocks_E.sum().reshape(1).to(torch.int32)
 
     def tile_grid(self, tiles_n: int, meta: dict, device: torch.device) -> tuple[int]:
         """One program per (row block, column tile), or ``PER_SM`` programs per SM (persistent;
