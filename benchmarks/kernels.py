@@ -73,12 +73,16 @@ def sweep_stages(st) -> None:
     """Run each fused stage once (autotuning it over ``SWEEP``) and print every config's time."""
     for name in STAGES:
         getattr(st, f"fused_{name}")()
-        torch.cuda.synchronize()
-        tuner = fg._tuned[TUNER[name]]
-        timings = getattr(tuner, "configs_timings", None) or {}
-        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items()),
-                        key=lambda item: item[0])
-        print(f"sweep {name}: " + "; ".join(f"{ms:.3f} ms {cfg}" for ms, cfg in ranked))
+        print_sweep(name, TUNER[name])
+
+
+def print_sweep(label: str, tuner: str, top: int | None = None) -> None:
+    """The last autotuning of kernel ``tuner``: every config's time, fastest first (``top`` of them)."""
+    torch.cuda.synchronize()
+    timings = getattr(fg._tuned[tuner], "configs_timings", None) or {}
+    ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, cfg) for cfg, t in timings.items()),
+                    key=lambda item: item[0])
+    print(f"sweep {label}: " + "; ".join(f"{ms:.3f} ms {cfg}" for ms, cfg in ranked[:top]))
 
 
 def wgrad_unfused(g_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -389,10 +393,7 @@ def run_hybrid_case(shape: str, D: int, F: int, E: int, k: int, routing: str, ar
     print_errors(errors)
     if args.sweep and device.type == "cuda":
         st.fused_gate_up()
-        torch.cuda.synchronize()
-        timings = getattr(fg._tuned["gate_up"], "configs_timings", None) or {}
-        ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()), key=lambda i: i[0])
-        print("sweep gate_up: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
+        print_sweep("gate_up", "gate_up", top=6)
     print("\n| stage | ms |\n|---|---|")
     rows = [("gate_up unfused (gather, grouped GEMM, act)", st.unfused_gate_up), ("gate_up fused", st.fused_gate_up),
             ("gather x_TD -> x_ND", lambda: permute(st.x_TD, p.row_token_N, p.pair_row_TK, True)),
@@ -495,11 +496,7 @@ def run_rows_case(shape: str, D: int, F: int, E: int, k: int, routing: str, args
             try:
                 fus(v)
                 if args.sweep and device.type == "cuda":
-                    torch.cuda.synchronize()
-                    timings = getattr(fg._tuned[tuner], "configs_timings", None) or {}
-                    ranked = sorted(((t[0] if isinstance(t, (list, tuple)) else t, c) for c, t in timings.items()),
-                                    key=lambda i: i[0])
-                    print(f"sweep {name} {v}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in ranked[:6]))
+                    print_sweep(f"{name} {v}", tuner, top=6)
                 t_v[v] = timed(lambda: fus(v), args.reps, device)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name} {v} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
