@@ -293,14 +293,20 @@ def reference_step_time(cost: CostModel, table: PlacementTable, counts_WE: np.nd
             out = sum(send[r, q].sum() for q in peers) * cost.bytes_per_token
             inn = sum(send[q, r].sum() for q in peers) * cost.bytes_per_token
             worst = max(worst, max(out, inn) / bw)
-    sync = 0.0
+    # The replica sum: a reduce-scatter and an all-gather among each expert's holders, each
+    # phase a chunk of 1/r of the gradient between every ordered pair of holders.
+    pair = np.zeros((W, W))
     for e in range(table.num_experts):
         ranks = sorted({r for r, _, _ in table.replicas(e)})
-        if len(ranks) > 1:
-            spans = len({node[r] for r in ranks}) > 1
-            bw = cost.sync_bw or ((cost.a2a_bw_inter or cost.a2a_bw) if spans else cost.a2a_bw)
-            sync += 2 * (len(ranks) - 1) / len(ranks) * cost.grad_bytes / bw
-    return comp + cost.a2a_passes * worst + sync
+        for a in ranks:
+            for b in ranks:
+                pair[a, b] += cost.grad_bytes / len(ranks) if a != b else 0.0
+    phase = 0.0
+    for r in range(W):
+        for inter, bw in ((False, cost.sync_bw or cost.a2a_bw), (True, cost.sync_bw or cost.a2a_bw_inter or cost.a2a_bw)):
+            peers = [q for q in range(W) if q != r and (node[q] != node[r]) == inter]
+            phase = max(phase, max(pair[r, peers].sum(), pair[peers, r].sum()) / bw)
+    return comp + cost.a2a_passes * worst + 2 * phase
 
 
 def test_step_time_matches_reference():
@@ -643,25 +649,41 @@ def test_new_replicas_go_where_the_tokens_come_from():
 
 
 def test_sync_overlap_hides_the_replica_sync_behind_backward():
-    """Only the overlappable share of the sync (default 0.5: the first phase, what the runtime's
-    overlap_replica_sync posts during backward) is hidden, by at most the backward's time."""
+    """The replica sum (posted during backward by the runtime's overlap_replica_sync) hides
+    behind at most ``sync_overlap`` of the backward's time."""
     rng = np.random.default_rng(25)
-    saw_partial = False
-    for _ in range(30):
+    saw_partial = saw_whole = False
+    for _ in range(40):
         table, counts = random_case(rng)
-        overlap, share = float(rng.uniform(0, 1)), float(rng.choice([0.5, 1.0, float(rng.uniform(0, 1))]))
+        overlap = float(rng.choice([1.0, float(rng.uniform(0, 1))]))
         base = COST.step_time(table, counts)
-        got = dataclasses.replace(COST, sync_overlap=overlap, sync_overlap_share=share).step_time(table, counts)
+        got = dataclasses.replace(COST, sync_overlap=overlap).step_time(table, counts)
         assert got.compute == base.compute and got.a2a == base.a2a
-        hidden = min(share * base.sync, overlap * 2.0 / 3.0 * base.compute)
+        hidden = min(base.sync, overlap * 2.0 / 3.0 * base.compute)
         assert got.sync == pytest.approx(base.sync - hidden, abs=1e-18)
-        default = dataclasses.replace(COST, sync_overlap=1.0).step_time(table, counts)
-        assert default.sync >= 0.5 * base.sync - 1e-18  # the second phase is never hidden
         saw_partial |= base.sync > 0 and 0 < hidden < base.sync
-    assert saw_partial
-    for field in ("sync_overlap", "sync_overlap_share"):
-        with pytest.raises(ValueError, match=field):
-            dataclasses.replace(COST, **{field: 1.5})
+        saw_whole |= base.sync > 0 and got.sync == 0
+    assert saw_partial and saw_whole
+    with pytest.raises(ValueError, match="sync_overlap"):
+        dataclasses.replace(COST, sync_overlap=1.5)
+
+
+def test_sync_time_is_the_busiest_rank_of_the_sum():
+    """Replicas on disjoint rank pairs are summed at once (one gradient's time each: half of it
+    each way in each of two phases); a rank holding two replicated experts sums both; an
+    expert on r ranks: 2 (r - 1) / r gradients per rank, as a ring all-reduce."""
+    cost = dataclasses.replace(COST, sync_bw=1e9, grad_bytes=1e6)
+    one = 1e6 / 1e9
+    disjoint = PlacementTable(4, np.array([[0, 2], [0, 3], [1, 2], [1, 3]]), np.full((4, 2), 0.5))
+    assert cost.sync_time(disjoint) == pytest.approx(2 * one)  # every rank holds two replicated experts
+    apart = PlacementTable(2, np.array([[0], [0], [1], [1]]), np.full((4, 1), 0.5))
+    assert cost.sync_time(apart) == pytest.approx(one)  # ranks 0, 1 and ranks 2, 3 exchange at once
+    pairs = PlacementTable(4, np.array([[0, -1], [0, 1], [2, 1], [2, 3]]),
+                           np.array([[0.5, 0], [0.5, 0.5], [0.5, 0.5], [0.5, 1]]))
+    assert cost.sync_time(pairs) == pytest.approx(2 * one)  # rank 1 holds expert 0 and 1, rank 2: 1 and 2
+    three = PlacementTable(2, np.array([[0, -1], [0, 1], [0, -1]]), np.array([[1 / 3, 0], [1 / 3, 1], [1 / 3, 0]]))
+    assert cost.sync_time(three) == pytest.approx(4 / 3 * one)
+    assert cost.sync_time(PlacementTable.static(4, 4, 1)) == 0.0
 
 
 # ---- the same plan on every rank -------------------------------------------------------------
@@ -697,7 +719,7 @@ def _plan_on_rank(rank: int, world: int, port: int) -> None:
 
 def _assert_bandwidths_measured_and_used(cost: CostModel) -> None:
     """All-to-all, replica sync and move bandwidths are measured apart (positive, finite) and each
-    sets its own term: a2a bytes / a2a_bw, ring all-reduce / sync_bw, one replica copy / move_bw."""
+    sets its own term: a2a bytes / a2a_bw, the replica exchange / sync_bw, one replica copy / move_bw."""
     for name in ("a2a_bw", "sync_bw", "move_bw"):
         value = getattr(cost, name)
         assert value is not None and np.isfinite(value) and value > 0, (name, value)

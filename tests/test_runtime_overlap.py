@@ -4,7 +4,8 @@ On 2 and 4 gloo processes, a model of a dense layer and three EP layers (replica
 two of them, local duplicates too, one layer without replicas) trained with the overlapped sync
 must give gradients EQUAL (torch.equal) to the plain ``sync_gradients``: after one backward (a
 rank without tokens included), after 3 Adam steps, and with two accumulated micro-batches. The
-hooks must have posted every replicated layer before ``after_backward``; skipping phase 2 must be
+hooks must have posted every replicated layer's reduce-scatter and all but the last layer's
+all-gather before ``after_backward``; skipping the sum must be
 detected; a rank that skipped a forward makes every rank raise the agreement error.
 """
 
@@ -99,7 +100,7 @@ def plain_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
 
 def overlapped_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
     """Like ``plain_grads`` through MoERuntime(overlap_replica_sync=True); also checks that the
-    hooks posted every replicated layer's phase 1 during the backward."""
+    hooks posted all of the sum but the last layer's all-gather during the backward."""
     model = Stack(world, solo)
     moe = MoERuntime(model, overlap_replica_sync=True)
     for m in range(micro):
@@ -109,7 +110,23 @@ def overlapped_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
         loss.backward()
     posted = 2 if solo is None else 3
     assert moe._pending is not None and moe._pending.posted == posted, "every replicated layer posted during backward"
-    moe.after_backward()
+    calls = {"_reduce_scatter": 0, "_all_gather": 0}
+    real = {name: getattr(sync_module, name) for name in calls}
+
+    def counting(name):
+        def call(sums):
+            calls[name] += 1
+            return real[name](sums)
+        return call
+
+    for name in calls:
+        setattr(sync_module, name, counting(name))
+    try:
+        moe.after_backward()
+    finally:
+        for name, fn in real.items():
+            setattr(sync_module, name, fn)
+    assert calls == {"_reduce_scatter": 0, "_all_gather": 1}, f"posted after backward: {calls}"
     return model, grads(model)
 
 
@@ -155,17 +172,59 @@ def case_expert_dp_group_equals_plain(rank, world):
     assert_equal(runs[1], runs[0], "2 EP groups of 2 with expert_dp_group")
 
 
-def case_phase_2_skipped_is_detected(rank, world):
-    """The check has teeth: without phase 2 (each holder keeps its own sum) some rank differs."""
+def case_sum_skipped_is_detected(rank, world):
+    """The check has teeth: when each holder keeps its own sum (the others' left out) some rank
+    differs."""
     _, want = plain_grads(world, rank)
-    real = sync_module._from_lead
-    sync_module._from_lead = lambda sums: []
+    real = sync_module._ReplicaSum.total
+    sync_module._ReplicaSum.total = lambda item: item.local.clone()
     try:
         _, got = overlapped_grads(world, rank)
     finally:
-        sync_module._from_lead = real
+        sync_module._ReplicaSum.total = real
     differs = any(not torch.equal(got[name], want[name]) for name in want)
-    assert _any_rank(differs), "skipping phase 2 went unnoticed"
+    assert _any_rank(differs), "skipping the sum went unnoticed"
+
+
+def case_plain_sum_equals_rank_order_reference(rank, world):
+    """The reduce-scatter + all-gather sum gives, on every holder, the bits of adding the holders'
+    local sums in rank order (what one lead adding them all would get), divided by the world."""
+    model = Stack(world)
+    loss_of(model, *batch(0, rank)).backward()
+    raw = [[p.grad.clone() for p in moe.experts.parameters()] for moe in model.moes]
+    everyone = []
+    for layer in raw:
+        flat = torch.cat([g.reshape(-1) for g in layer])
+        got = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(got, flat)
+        everyone.append([[t.view_as(g) for t, g in zip(torch.split(f, [g.numel() for g in layer]), layer)]
+                         for f in got])
+    sync_gradients(model)
+    widest = 0
+    for i, moe in enumerate(model.moes):
+        table = moe.experts.placement
+        for e in range(E):
+            replicas = table.replicas(e)
+            holders = sorted({r for r, _, _ in replicas})
+            mine = [s for r, s, _ in replicas if r == rank]
+            if len(replicas) < 2 or not mine:
+                continue
+            widest = max(widest, len(holders))
+            for k, p in enumerate(moe.experts.parameters()):
+                parts = []
+                for h in holders:
+                    slots = [s for r, s, _ in replicas if r == h]
+                    local = everyone[i][h][k][slots[0]].clone()
+                    for s in slots[1:]:
+                        local += everyone[i][h][k][s]
+                    parts.append(local)
+                want = parts[0].clone()
+                for part in parts[1:]:
+                    want += part
+                want /= world
+                for s in mine:
+                    assert torch.equal(p.grad[s], want), f"layer {i}, expert {e}, slot {s}"
+    assert world == 2 or _any_rank(widest >= 3), "no expert on three or more ranks was checked"
 
 
 def case_adam_steps_equal_plain(rank, world):
@@ -220,7 +279,8 @@ def case_rank_that_skipped_a_forward_raises_everywhere(rank, world):
 CASES = {
     "one_backward_equals_plain": case_one_backward_equals_plain,
     "ep_group_of_one_rank_equals_plain": case_ep_group_of_one_rank_equals_plain,
-    "phase_2_skipped_is_detected": case_phase_2_skipped_is_detected,
+    "sum_skipped_is_detected": case_sum_skipped_is_detected,
+    "plain_sum_equals_rank_order_reference": case_plain_sum_equals_rank_order_reference,
     "adam_steps_equal_plain": case_adam_steps_equal_plain,
     "accumulation_equals_plain": case_accumulation_equals_plain,
     "before_backward_twice_raises": case_before_backward_twice_raises,

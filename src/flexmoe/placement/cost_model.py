@@ -4,19 +4,19 @@ Legend: E logical experts, W ranks, S slots per rank.
 
     T_comp = max over ranks of (tokens * c_tok + active slots * c_slot)
     T_a2a  = a2a_passes * max over ranks and topology levels of (bytes sent or received / bandwidth)
-    T_sync = (1 - h) * S + max(0, h * S - sync_overlap * T_bwd),   h = sync_overlap_share,
-             S = sum over replicated experts of 2 (r - 1) / r * grad_bytes / sync bandwidth,
-             T_bwd = 2/3 T_comp (backward is 2 of the 3 GEMM passes)
+    T_sync = max(0, S - sync_overlap * T_bwd),   T_bwd = 2/3 T_comp (backward is 2 of the 3 GEMM passes),
+             S = 2 * max over ranks and topology levels of (bytes sent or received in one phase of
+             the replica sum / sync bandwidth): a reduce-scatter then an all-gather among each
+             expert's r holder ranks, (r - 1) / r of a gradient each way per phase
     T_move = max over ranks of (bytes sent or received by replica moves / move bandwidth)
     step   = T_comp + T_a2a + T_sync
 
 All-to-all, replica gradient sync and moves have their own bandwidths (``a2a_bw``, ``sync_bw``,
 ``move_bw``; the latter two fall back to the all-to-all's when not given). ``sync_overlap`` is
 the fraction of the backward pass that the replica gradient sync hides behind: 0 when it runs
-after backward (flexmoe's ``sync_gradients``), and ``sync_overlap_share`` the share of the sync
-that can be in flight during backward at all: 0.5 for ``MoERuntime(overlap_replica_sync=True)``,
-which posts the first of the sum's two phases (holders to the lead) during backward and the second
-after it; 1.0 would be a sync overlapped whole (``T_fwd + max(T_bwd, T_sync)`` at overlap 1). A level is
+after backward (flexmoe's ``sync_gradients``); ``MoERuntime(overlap_replica_sync=True)`` posts
+both phases of every layer but the last to finish backward during backward (``T_fwd + max(T_bwd,
+T_sync)`` at overlap 1; the model charges every layer alike). A level is
 "intra" when both ranks share a node (``rank // ranks_per_node``), "inter" otherwise. The constants
 come from ``flexmoe.runtime.measure_cost_model`` (timed on the running machine) or ``from_shape`` (stated hardware numbers);
 none is built in.
@@ -66,9 +66,8 @@ class CostModel:
     grad_bytes: gradient bytes all-reduced per replicated expert.
     move_bytes: bytes carried by one replica move (parameters + optimizer state).
     sync_bw, move_bw: bandwidth of replica gradient sync and of moves (None: the a2a bandwidth of the level).
-    sync_overlap: fraction in [0, 1] of the backward compute that hides the replica gradient sync.
-    sync_overlap_share: share in [0, 1] of the sync that can overlap backward (0.5: its first
-        phase, what ``MoERuntime(overlap_replica_sync=True)`` posts during backward).
+    sync_overlap: fraction in [0, 1] of the backward compute that hides the replica gradient sync
+        (0: the sync after backward; > 0 only with ``MoERuntime(overlap_replica_sync=True)``).
     adaptive_split: model the runtime's split, quotas chosen per step from the counts (``split``
         module doc); False models fixed-share quotas (a what-if, e.g. to measure what the
         adaptive split gains; the runtime's host-side dispatch always splits adaptively).
@@ -86,7 +85,6 @@ class CostModel:
     sync_bw: float | None = None
     move_bw: float | None = None
     sync_overlap: float = 0.0
-    sync_overlap_share: float = 0.5
     adaptive_split: bool = True
 
     def __post_init__(self) -> None:
@@ -99,9 +97,8 @@ class CostModel:
         _positive("move_bytes", self.move_bytes, allow_zero=True)
         _positive("sync_bw", self.sync_bw)
         _positive("move_bw", self.move_bw)
-        for name in ("sync_overlap", "sync_overlap_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.sync_overlap <= 1.0:
+            raise ValueError(f"sync_overlap must be in [0, 1], got {self.sync_overlap}")
         if not isinstance(self.adaptive_split, bool):
             raise ValueError(f"adaptive_split must be a bool, got {self.adaptive_split!r}")
         if not isinstance(self.a2a_passes, int) or self.a2a_passes < 0:
@@ -175,19 +172,27 @@ class CostModel:
         send_WW = send_WWS.sum(2).astype(np.float64) * self.bytes_per_token
         a2a = self.a2a_passes * self._level_time(send_WW, self.a2a_bw, bw_inter)
 
-        node_W = self._node_W(table.world_size)
-        sync = 0.0
-        for e in np.nonzero(table.num_replicas_E() > 1)[0]:
-            ranks = np.nonzero((table.slot_expert_WS == e).any(axis=1))[0]
-            r = ranks.size
-            if r < 2:
-                continue
-            spans = np.unique(node_W[ranks]).size > 1
-            bw = self.sync_bw or (bw_inter if spans else self.a2a_bw)
-            sync += 2 * (r - 1) / r * self.grad_bytes / bw
-        hideable = self.sync_overlap_share * sync
-        sync = sync - hideable + max(hideable - self.sync_overlap * compute * (2.0 / 3.0), 0.0)
+        sync = max(self.sync_time(table) - self.sync_overlap * compute * (2.0 / 3.0), 0.0)
         return StepCost(compute, a2a, sync)
+
+    def sync_time(self, table: PlacementTable) -> float:
+        """Seconds of the replica gradient sum (``flexmoe.runtime.sync``), none of it hidden: per
+        replicated expert on r ranks, a reduce-scatter (each holder sends chunk j of its sum to the
+        j-th holder) and an all-gather of the chunk totals, every expert's at once; each phase
+        moves grad_bytes / r between every ordered pair of holders, and the busiest rank and
+        level sets its time."""
+        holds_EW = np.zeros((table.num_experts, table.world_size), dtype=np.float64)
+        for w in range(table.world_size):
+            held = table.slot_expert_WS[w]
+            holds_EW[np.unique(held[held >= 0]), w] = 1.0
+        holds_EW = holds_EW[holds_EW.sum(1) > 1]
+        if not holds_EW.size:
+            return 0.0
+        chunk_E = self.grad_bytes / holds_EW.sum(1)
+        out_WW = (holds_EW * chunk_E[:, None]).T @ holds_EW
+        bw = self.sync_bw or self.a2a_bw
+        bw_inter = self.sync_bw or self.a2a_bw_inter or self.a2a_bw
+        return 2.0 * self._level_time(out_WW, bw, bw_inter)
 
     def moves(self, old: PlacementTable, new: PlacementTable) -> list[Transfer]:
         """The slot copies the migration runs (``diff_placement``), with this model's node layout."""

@@ -1,7 +1,7 @@
 """Measure the cost model's constants on the running machine (a collective over the EP group).
 
 The cost model itself (placement/cost_model.py) is pure arithmetic; this times a grouped expert
-FFN, an all-to-all, an all-reduce and a point-to-point send so that its constants describe the hardware at hand.
+FFN, an all-to-all, a pairwise exchange and a point-to-point send so that its constants describe the hardware at hand.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def measure_cost_model(
 
     c_tok and c_slot come from a line through two row counts (``rows`` and ``4 * rows``). Over
     ``group`` with more than one rank, the all-to-all (``a2a_bw``), replica gradient sync
-    (all-reduce, ``sync_bw``) and replica move (point-to-point, ``move_bw``) bandwidths are timed
+    (a pairwise exchange, ``sync_bw``) and replica move (point-to-point, ``move_bw``) bandwidths are timed
     separately; on one rank a device-local copy stands in for ``a2a_bw`` and sync and moves fall
     back to it (state ``a2a_bw`` etc. in ``overrides`` when the real fabric is known). Every rank
     of ``group`` must call this together; ranks agree on the constants through an all-reduce max.
@@ -82,9 +82,9 @@ def measure_cost_model(
 
 
 def _measure_bandwidths(dev, dtype, group, world: int, repeats: int, sync, nbytes: int = 1 << 24) -> list[float]:
-    """Bytes per second per rank of an all-to-all, a ring all-reduce and a point-to-point send,
-    each counted as the cost model charges it (bytes a rank sends or receives; all-reduce
-    ``2 (W - 1) / W * bytes``). One rank has no fabric: a device-local copy stands in for the
+    """Bytes per second per rank of an all-to-all, a pairwise exchange (ranks 2i and 2i + 1 send
+    each other a gradient's bytes at once, as the replica sum does) and a point-to-point send
+    around a ring, each counted as the cost model charges it (bytes a rank sends or receives). One rank has no fabric: a device-local copy stands in for the
     all-to-all and the other two are left to fall back to it (None)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     n = nbytes // elem
@@ -100,14 +100,18 @@ def _measure_bandwidths(dev, dtype, group, world: int, repeats: int, sync, nbyte
     # default group) and every rank takes part in the same call.
     to_W = [n if w == (rank + 1) % world else 0 for w in range(world)]
     from_W = [n if w == (rank - 1) % world else 0 for w in range(world)]
+    pair_W = [n if w == rank ^ 1 else 0 for w in range(world)]  # the last of an odd world idles
 
     def ring_send():
         dist.all_to_all_single(recv[:n], send[:n], output_split_sizes=from_W, input_split_sizes=to_W, group=group)
 
     t_a2a = _best_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group, world, repeats, sync)
-    t_sync = _best_seconds(lambda: dist.all_reduce(recv[:n], group=group), group, world, repeats, sync)
+    def exchange():
+        dist.all_to_all_single(recv[:n], send[:n], output_split_sizes=pair_W, input_split_sizes=pair_W, group=group)
+
+    t_sync = _best_seconds(exchange, group, world, repeats, sync)
     t_move = _best_seconds(ring_send, group, world, repeats, sync)
-    return [nbytes * (world - 1) / t_a2a, 2 * (world - 1) / world * nbytes / t_sync, nbytes / t_move]
+    return [nbytes * (world - 1) / t_a2a, nbytes / t_sync, nbytes / t_move]
 
 
 def _best_seconds(fn, group, world: int, repeats: int, sync) -> float:

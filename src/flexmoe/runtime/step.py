@@ -45,9 +45,9 @@ class MoERuntime:
     expert_dp_group: with EP groups smaller than the data-parallel group, the ranks that hold
         the same slots in different EP groups (see ``flexmoe.runtime.sync_gradients``).
     placement: a ``PlacementScheduler`` for dynamic expert placement, or None (static).
-    overlap_replica_sync: post the replica gradient sum (phase 1: holders send their sums to the
-        lead holder) during backward, per EP layer as soon as its expert gradients are final,
-        instead of after it; needs ``before_backward()`` before the last backward. Gradients are
+    overlap_replica_sync: post the replica gradient sum (a reduce-scatter and an all-gather
+        among each replicated expert's holders) during backward, per EP layer as soon as its
+        expert gradients are final, instead of after it; needs ``before_backward()`` before the last backward. Gradients are
         bit-identical to the plain sync. What ``CostModel.sync_overlap > 0`` models. Default off.
     """
 

@@ -7,7 +7,7 @@ Every rank computes the loss of its own batch and backpropagates it. Then:
   data-parallel group, as DDP does;
 * an expert slot's gradient already holds the contributions of the tokens every rank sent to it.
   Replicas of one expert saw disjoint tokens, so their gradients are SUMMED (point-to-point,
-  only between the ranks holding that expert), then every expert gradient is divided by the
+  only between the ranks holding that expert: a reduce-scatter and an all-gather), then every expert gradient is divided by the
   data-parallel size, exactly like an averaged dense gradient. Empty slots get zero gradients.
 
 The result is the gradient of the mean of the per-rank losses, i.e. of the single-process model
@@ -157,31 +157,33 @@ def _replicated_stages(model: nn.Module) -> list[ParallelExperts]:
 
 
 class OverlappedReplicaSync:
-    """The replica gradient sum of one backward, its phase 1 posted while backward still runs.
+    """The replica gradient sum of one backward, posted while backward still runs.
 
     Armed (``start_overlapped_sync``) just before the backward of the last micro-batch: a one-shot
     ``register_post_accumulate_grad_hook`` on each replicated EP stage's trainable parameters marks
     the stage ready once all of them hold this backward's gradient. Stages are posted in one fixed
     order (reverse module order, the order a stack of layers finishes its backward in), each
-    as soon as it and every stage before it is ready, so every rank posts the same p2p ops in the
-    same order whatever its hooks' timing: phase 1 (holders send their local sums to the lead)
-    without waiting. ``finish`` (in ``sync_gradients_after_overlap``) posts what is left in the
-    same order, then waits, runs phase 2 (the lead adds in rank order and sends back) and writes
-    the totals: the same additions in the same order as ``_sum_replicas``, so equal bits. No hook
-    ever waits on another rank, so backward never blocks on the sync.
+    as soon as it and every stage before it is ready: its reduce-scatter without waiting, then
+    the previous stage's all-gather (once that stage's reduce-scatter has arrived: the one wait,
+    a layer of backward after it was posted). So every rank posts the same p2p ops in the same
+    order whatever its hooks' timing, and only the last stage's all-gather is left for after
+    backward. ``finish`` (in ``sync_gradients_after_overlap``) posts what is left in the same
+    order, waits, and writes the totals: the same additions in the same order as
+    ``_sum_replicas``, so equal bits.
     """
 
     def __init__(self, stages: list[ParallelExperts]):
         self._stages = list(reversed(stages))
         self._missing = [{id(p) for p in _trainable(stage)} for stage in self._stages]
         self._sums: list[list[_ReplicaSum]] = []
-        self._works: list = []
+        self._scatters: list[list] = []
+        self._gathers: list = []
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
                          for i, stage in enumerate(self._stages) for p in _trainable(stage)]
 
     @property
     def posted(self) -> int:
-        """How many stages' phase 1 has been posted so far."""
+        """How many stages' reduce-scatter has been posted so far."""
         return len(self._sums)
 
     def _hook(self, index: int):
@@ -193,8 +195,15 @@ class OverlappedReplicaSync:
     def _post_ready(self) -> None:
         while self.posted < len(self._stages) and not self._missing[self.posted]:
             sums = _collect_replicas(self._stages[self.posted])
-            self._works += _start(_to_lead(sums))
+            self._scatters.append(_start(_reduce_scatter(sums)))
             self._sums.append(sums)
+            if self.posted >= 2:
+                self._post_gather(self.posted - 2)
+
+    def _post_gather(self, index: int) -> None:
+        _wait(self._scatters[index])
+        self._scatters[index] = []
+        self._gathers += _start(_all_gather(self._sums[index]))
 
     def cancel(self) -> None:
         """Remove the hooks that have not fired (the sync will not be finished)."""
@@ -203,17 +212,17 @@ class OverlappedReplicaSync:
         self._handles = []
 
     def finish(self) -> None:
-        """After backward (gradients of every expert parameter present): post phase 1 of the
-        stages not posted yet, wait, run phase 2 and write the totals into the gradients."""
+        """After backward (gradients of every expert parameter present): post what is left in the
+        same order, wait, and write the totals into the gradients."""
         self.cancel()
         for missing in self._missing:
             missing.clear()
         self._post_ready()
-        _wait(self._works)
-        self._works = []
-        sums = [item for stage_sums in self._sums for item in stage_sums]
-        _wait(_start(_from_lead(sums)))
-        _write_replicas(sums)
+        if self.posted:
+            self._post_gather(self.posted - 1)
+        _wait(self._gathers)
+        self._gathers = []
+        _write_replicas([item for stage_sums in self._sums for item in stage_sums])
 
 
 def start_overlapped_sync(model: nn.Module) -> OverlappedReplicaSync | None:
@@ -278,24 +287,49 @@ def _all_reduce(tensors: list[torch.Tensor], group, average: bool) -> None:
 
 @dataclasses.dataclass
 class _ReplicaSum:
-    """One replicated expert on this rank: its slots here and the flat sum of their gradients."""
+    """One replicated expert on this rank: its slots here, the flat sum of their gradients
+    (``local``) cut into one chunk per holder rank (``holders``, ascending), the local chunks the
+    other holders sent for the chunk this rank owns, and the totals of the other chunks."""
 
     grads: list[torch.Tensor]
     slots: list[int]
-    total: torch.Tensor
-    lead: int
-    peers: list[int]
-    is_lead: bool
+    local: torch.Tensor
+    holders: list[int]
+    rank: int
     group: dist.ProcessGroup | None
-    received: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    scattered: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    gathered: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    owned: torch.Tensor | None = None
+
+    def chunks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.tensor_split(tensor, len(self.holders)))
+
+    @property
+    def index(self) -> int:
+        return self.holders.index(self.rank)
+
+    def reduce_owned(self) -> torch.Tensor:
+        """The owned chunk's total: the holders' chunks added in rank order, as one lead adding
+        every holder's sum in rank order would (equal bits, whichever rank owns the chunk)."""
+        mine = self.chunks(self.local)[self.index]
+        parts = [mine if h == self.rank else self.scattered[h] for h in self.holders]
+        self.owned = parts[0].clone()
+        for part in parts[1:]:
+            self.owned += part
+        return self.owned
+
+    def total(self) -> torch.Tensor:
+        """Every chunk's total, in holder order (after the all-gather)."""
+        return torch.cat([self.owned if h == self.rank else self.gathered[h] for h in self.holders])
 
 
 def _sum_replicas(stages: list[ParallelExperts]) -> None:
-    """Local replicas are added up; the other holder ranks send their sums to the first holder,
-    which adds them in rank order and sends the total back, so all replicas get equal bits."""
+    """Local replicas are added up; the holder ranks of an expert then sum their local sums by a
+    reduce-scatter (each holder adds up one chunk, in rank order) and an all-gather of the chunk
+    totals, so all replicas get equal bits."""
     sums = [item for stage in stages for item in _collect_replicas(stage)]
-    _wait(_start(_to_lead(sums)))
-    _wait(_start(_from_lead(sums)))
+    _wait(_start(_reduce_scatter(sums)))
+    _wait(_start(_all_gather(sums)))
     _write_replicas(sums)
 
 
@@ -313,48 +347,49 @@ def _collect_replicas(stage: ParallelExperts) -> list[_ReplicaSum]:
             continue
         holders = sorted({r for r, _, _ in replicas})
         local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
-        sums.append(_ReplicaSum(grads, slots, local, holders[0], holders[1:], rank == holders[0], stage.ep_group.group))
+        sums.append(_ReplicaSum(grads, slots, local, holders, rank, stage.ep_group.group))
     return sums
 
 
-def _to_lead(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
-    """Phase 1: every other holder sends its local sum to the lead holder."""
+def _reduce_scatter(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
+    """Phase 1: every holder sends chunk j of its local sum to the j-th holder and receives the
+    others' chunks of its own: (r - 1) / r of a gradient each way per replicated expert on r ranks
+    (what ``CostModel.sync_time`` charges, twice with the all-gather)."""
     ops = []
     for item in sums:
-        if not item.peers:
-            continue
-        if item.is_lead:
-            item.received = [torch.empty_like(item.total) for _ in item.peers]
-            ops += [_p2p(dist.irecv, buf, peer, item.group) for buf, peer in zip(item.received, item.peers)]
-        else:
-            ops.append(_p2p(dist.isend, item.total, item.lead, item.group))
+        mine = item.chunks(item.local)
+        for j, peer in enumerate(item.holders):
+            if peer == item.rank:
+                continue
+            item.scattered[peer] = torch.empty_like(mine[item.index])
+            ops.append(_p2p(dist.isend, mine[j], peer, item.group))
+            ops.append(_p2p(dist.irecv, item.scattered[peer], peer, item.group))
     return ops
 
 
-def _from_lead(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
-    """Phase 2 (phase 1 finished): the lead adds the received sums in rank order and sends the
-    total back."""
+def _all_gather(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
+    """Phase 2 (this rank's phase 1 arrived): each holder adds up the chunk it owns and sends the
+    total to the other holders, receiving theirs."""
     ops = []
     for item in sums:
-        if not item.peers:
-            continue
-        if item.is_lead:
-            for buf in item.received:
-                item.total += buf
-            ops += [_p2p(dist.isend, item.total, peer, item.group) for peer in item.peers]
-        else:
-            item.total = torch.empty_like(item.total)
-            ops.append(_p2p(dist.irecv, item.total, item.lead, item.group))
+        owned = item.reduce_owned()
+        shapes = item.chunks(item.local)
+        for j, peer in enumerate(item.holders):
+            if peer == item.rank:
+                continue
+            item.gathered[peer] = torch.empty_like(shapes[j])
+            ops.append(_p2p(dist.isend, owned, peer, item.group))
+            ops.append(_p2p(dist.irecv, item.gathered[peer], peer, item.group))
     return ops
 
 
 def _write_replicas(sums: list[_ReplicaSum]) -> None:
-    """Phase 2 finished: every local slot of a replicated expert gets the total."""
+    """The sum finished: every local slot of a replicated expert gets the total."""
     for item in sums:
-        offset = 0
+        offset, total = 0, item.total()
         for g in item.grads:
             width = g[0].numel()
-            g[item.slots] = item.total[offset:offset + width].view_as(g[0])
+            g[item.slots] = total[offset:offset + width].view_as(g[0])
             offset += width
 
 

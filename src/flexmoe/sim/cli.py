@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--ranks-per-node", type=int, default=None,
                       help="ranks per node, for --a2a-bw-inter (default: all ranks on one node)")
     cost.add_argument("--sync-overlap", type=float, default=0.0,
-                      help="fraction in [0, 1] of backward that can hide the replica gradient sync's first phase "
-                           "(what MoERuntime(overlap_replica_sync=True) posts during backward; the second phase "
-                           "always runs after it) (default: %(default)s, the plain sync after backward)")
+                      help="fraction in [0, 1] of backward that can hide the replica gradient sum "
+                           "(what MoERuntime(overlap_replica_sync=True) posts during backward) "
+                           "(default: %(default)s, the plain sync after backward)")
     cost.add_argument("--fixed-split", action="store_true",
                       help="model fixed-share token splits between replicas instead of the runtime's adaptive split")
     cost.add_argument("--measure", action="store_true",
