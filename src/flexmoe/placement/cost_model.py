@@ -181,10 +181,10 @@ class CostModel:
         j-th holder) and an all-gather of the chunk totals, every expert's at once; each phase
         moves grad_bytes / r between every ordered pair of holders, and the busiest rank and
         level sets its time."""
+        slot_WS = table.slot_expert_WS
+        rank_W, _ = np.nonzero(slot_WS >= 0)
         holds_EW = np.zeros((table.num_experts, table.world_size), dtype=np.float64)
-        for w in range(table.world_size):
-            held = table.slot_expert_WS[w]
-            holds_EW[np.unique(held[held >= 0]), w] = 1.0
+        holds_EW[slot_WS[slot_WS >= 0], rank_W] = 1.0
         holds_EW = holds_EW[holds_EW.sum(1) > 1]
         if not holds_EW.size:
             return 0.0

@@ -1,7 +1,8 @@
 """Measure the cost model's constants on the running machine (a collective over the EP group).
 
 The cost model itself (placement/cost_model.py) is pure arithmetic; this times a grouped expert
-FFN, an all-to-all, a pairwise exchange and a point-to-point send so that its constants describe the hardware at hand.
+FFN, an all-to-all, a pairwise exchange and a point-to-point send so that its constants describe
+the hardware at hand.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def measure_cost_model(
 def _measure_bandwidths(dev, dtype, group, world: int, repeats: int, sync, nbytes: int = 1 << 24) -> list[float]:
     """Bytes per second per rank of an all-to-all, a pairwise exchange (ranks 2i and 2i + 1 send
     each other a gradient's bytes at once, as the replica sum does) and a point-to-point send
-    around a ring, each counted as the cost model charges it (bytes a rank sends or receives). One rank has no fabric: a device-local copy stands in for the
-    all-to-all and the other two are left to fall back to it (None)."""
+    around a ring, each counted as the cost model charges it (bytes a rank sends or receives).
+    One rank has no fabric: a device-local copy stands in for the all-to-all and the other two
+    are left to fall back to it (None)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     n = nbytes // elem
     if world == 1:
@@ -105,10 +107,10 @@ def _measure_bandwidths(dev, dtype, group, world: int, repeats: int, sync, nbyte
     def ring_send():
         dist.all_to_all_single(recv[:n], send[:n], output_split_sizes=from_W, input_split_sizes=to_W, group=group)
 
-    t_a2a = _best_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group, world, repeats, sync)
     def exchange():
         dist.all_to_all_single(recv[:n], send[:n], output_split_sizes=pair_W, input_split_sizes=pair_W, group=group)
 
+    t_a2a = _best_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group, world, repeats, sync)
     t_sync = _best_seconds(exchange, group, world, repeats, sync)
     t_move = _best_seconds(ring_send, group, world, repeats, sync)
     return [nbytes * (world - 1) / t_a2a, nbytes / t_sync, nbytes / t_move]

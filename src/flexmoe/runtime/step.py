@@ -47,8 +47,8 @@ class MoERuntime:
     placement: a ``PlacementScheduler`` for dynamic expert placement, or None (static).
     overlap_replica_sync: post the replica gradient sum (a reduce-scatter and an all-gather
         among each replicated expert's holders) during backward, per EP layer as soon as its
-        expert gradients are final, instead of after it; needs ``before_backward()`` before the last backward. Gradients are
-        bit-identical to the plain sync. What ``CostModel.sync_overlap > 0`` models. Default off.
+        expert gradients are final, instead of after it; needs ``before_backward()`` before the
+        last backward. Gradients are bit-identical to the plain sync. What ``CostModel.sync_overlap > 0`` models. Default off.
     """
 
     def __init__(

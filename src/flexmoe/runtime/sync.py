@@ -7,8 +7,8 @@ Every rank computes the loss of its own batch and backpropagates it. Then:
   data-parallel group, as DDP does;
 * an expert slot's gradient already holds the contributions of the tokens every rank sent to it.
   Replicas of one expert saw disjoint tokens, so their gradients are SUMMED (point-to-point,
-  only between the ranks holding that expert: a reduce-scatter and an all-gather), then every expert gradient is divided by the
-  data-parallel size, exactly like an averaged dense gradient. Empty slots get zero gradients.
+  only between the ranks holding that expert: a reduce-scatter and an all-gather), then every
+  expert gradient is divided by the data-parallel size, exactly like an averaged dense gradient. Empty slots get zero gradients.
 
 The result is the gradient of the mean of the per-rank losses, i.e. of the single-process model
 on the global batch when every rank's loss is a mean over equally many tokens.
@@ -301,18 +301,14 @@ class _ReplicaSum:
     gathered: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     owned: torch.Tensor | None = None
 
-    def chunks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.tensor_split(tensor, len(self.holders)))
-
-    @property
-    def index(self) -> int:
-        return self.holders.index(self.rank)
+    def __post_init__(self) -> None:
+        self.chunks = list(torch.tensor_split(self.local, len(self.holders)))  # views, one per holder
+        self.index = self.holders.index(self.rank)
 
     def reduce_owned(self) -> torch.Tensor:
         """The owned chunk's total: the holders' chunks added in rank order, as one lead adding
         every holder's sum in rank order would (equal bits, whichever rank owns the chunk)."""
-        mine = self.chunks(self.local)[self.index]
-        parts = [mine if h == self.rank else self.scattered[h] for h in self.holders]
+        parts = [self.chunks[self.index] if h == self.rank else self.scattered[h] for h in self.holders]
         self.owned = parts[0].clone()
         for part in parts[1:]:
             self.owned += part
@@ -357,12 +353,11 @@ def _reduce_scatter(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
     (what ``CostModel.sync_time`` charges, twice with the all-gather)."""
     ops = []
     for item in sums:
-        mine = item.chunks(item.local)
         for j, peer in enumerate(item.holders):
             if peer == item.rank:
                 continue
-            item.scattered[peer] = torch.empty_like(mine[item.index])
-            ops.append(_p2p(dist.isend, mine[j], peer, item.group))
+            item.scattered[peer] = torch.empty_like(item.chunks[item.index])
+            ops.append(_p2p(dist.isend, item.chunks[j], peer, item.group))
             ops.append(_p2p(dist.irecv, item.scattered[peer], peer, item.group))
     return ops
 
@@ -373,11 +368,10 @@ def _all_gather(sums: list[_ReplicaSum]) -> list[dist.P2POp]:
     ops = []
     for item in sums:
         owned = item.reduce_owned()
-        shapes = item.chunks(item.local)
         for j, peer in enumerate(item.holders):
             if peer == item.rank:
                 continue
-            item.gathered[peer] = torch.empty_like(shapes[j])
+            item.gathered[peer] = torch.empty_like(item.chunks[j])
             ops.append(_p2p(dist.isend, owned, peer, item.group))
             ops.append(_p2p(dist.irecv, item.gathered[peer], peer, item.group))
     return ops
