@@ -1,4 +1,8 @@
-"""Exploration (issue 14), not a flexmoe feature: shed replicas between plans.
+"""Exploration (issue 14): shed replicas between plans, patched into the simulator.
+
+Since built into the policy as ``ReplanPolicy(shed_window=K)`` (off by default;
+``benchmarks/placement_matrix.py`` replays it); this script keeps the exploration's figures
+reproducible (its accounting differs: see below).
 
 Replays a trace like ``placement_sim.py`` (same cost constants, default ``ReplanPolicy()``, 8
 ranks, 10 slots per rank) with one addition patched into the simulator's ``Replanner``: after the
@@ -23,37 +27,23 @@ import time
 import numpy as np
 
 import flexmoe.sim.simulator as simulator
-from flexmoe.placement import CostModel, ReplanPolicy, make_planner, replica_quotas, shrink_replica
+from flexmoe.placement import CostModel, ReplanPolicy, make_planner
 from flexmoe.placement.planner import on_static_base
-from flexmoe.placement.policy import LayerPlan, Replanner, _finish_as
+from flexmoe.placement.policy import LayerPlan, Replanner, _finish_as, shed_replicas
 from flexmoe.sim import RoutingTrace, SyntheticTraceConfig, generate_trace, read_trace, simulate
 
 
 def shed(table, steps_NWE, cost, only_static: bool):
-    """``table`` less the replicas that did not pay on ``steps_NWE`` (mean modelled time)."""
+    """``table`` less the replicas that did not pay on ``steps_NWE`` (mean modelled time): the
+    policy's ``shed_replicas``, or (``only_static``) static EP alone, for a table on its base."""
+    if not only_static:
+        return shed_replicas(table, steps_NWE, cost)
+    if not on_static_base(table):
+        return table
     def mean_time(tb) -> float:
         return float(np.mean([cost.step_time(tb, c_WE).total for c_WE in steps_NWE]))
-
-    cur, cur_t = table, mean_time(table)
-    static = _finish_as(table, table.static_like()) if on_static_base(table) else None
-    home_WS = table.static_like().slot_expert_WS
-    load_E = steps_NWE.sum(axis=(0, 1))
-    while not only_static and (cur.num_replicas_E() > 1).any():
-        quota_WS = replica_quotas(cur, load_E, cost.adaptive_split)
-        best = None
-        for e in np.flatnonzero(cur.num_replicas_E() > 1):
-            copies = [(r, s) for r, s, _ in cur.replicas(int(e))]
-            copies = [c for c in copies if home_WS[c] != e] or copies  # never the static home
-            cand = shrink_replica(cur, min(copies, key=lambda c: quota_WS[c]))
-            cand_t = mean_time(cand)
-            if best is None or cand_t < best[1]:
-                best = (cand, cand_t)
-        if not best[1] < cur_t:
-            break
-        cur, cur_t = best
-    if static is not None and mean_time(static) < cur_t:
-        return static
-    return cur if cur is table else _finish_as(table, cur)
+    static = table.static_like()
+    return _finish_as(table, static) if mean_time(static) < mean_time(table) else table
 
 
 def shedding_replanner(args):

@@ -147,7 +147,8 @@ def main() -> None:
     results = simulate(trace, planners, cost, world_size=W, slots_per_rank=S, policy=policy)
     if any(p.name == "greedy" for p in planners):
         results += simulate(trace, [make_planner("greedy")], cost, world_size=W, slots_per_rank=S,
-                            policy=dataclasses.replace(policy, guard=False, noise_z=0.0), perfect_prediction=True)
+                            policy=dataclasses.replace(policy, guard=False, noise_z=0.0, shed_window=None),
+                            perfect_prediction=True)
     print(head + f" ({time.perf_counter() - t0:.0f} s)")
     print(format_table(results))
     by = {r.name: r.time_T.mean() for r in results}

@@ -307,6 +307,8 @@ def random_changes(move_optimizer_state=True, async_moves=False):
 SCHEDULED_COST = CostModel(c_tok=1e-6, bytes_per_token=8 * D, a2a_bw=1e9, grad_bytes=8 * 3 * D * F,
                            move_bytes=24 * 3 * D * F)
 SCHEDULED_POLICY = ReplanPolicy(interval=2, warmup=1, guard=False)
+# with the guard, and sheds between plans (ReplanPolicy.shed_window): plans every 4 steps
+SHED_POLICY = ReplanPolicy(interval=4, warmup=1, trust=0, noise_z=0.0, score_window=2, shed_window=1)
 
 
 def SCHEDULED_PLANNER():
@@ -323,7 +325,7 @@ class ListRecorder:
         self.records[(int(step), int(layer))] = np.asarray(counts_WE).tolist()
 
 
-def scheduled(rank, topo, resume_after=None, async_moves=True):
+def scheduled(rank, topo, resume_after=None, async_moves=True, policy=SCHEDULED_POLICY):
     """A PlacementScheduler with the greedy planner, every 2 steps. With ``resume_after``, the
     model, optimizer and scheduler are checkpointed after that step (with the plan's moves still in
     flight: ``pending_at_save``) and training goes on with fresh objects loaded from the checkpoint
@@ -331,7 +333,7 @@ def scheduled(rank, topo, resume_after=None, async_moves=True):
     holder = {"metrics": [], "tables": [], "trace": ListRecorder()}
 
     def make(layer, opt):
-        return PlacementScheduler(layer, opt, SCHEDULED_PLANNER(), SCHEDULED_COST, policy=SCHEDULED_POLICY,
+        return PlacementScheduler(layer, opt, SCHEDULED_PLANNER(), SCHEDULED_COST, policy=policy,
                                   expert_dp_group=topo.expert_dp_group, trace=holder["trace"],
                                   async_moves=async_moves)
 
@@ -388,6 +390,12 @@ def invariance_scenarios(rank, world):
     views, _ = train(rank, topo, on_step)
     out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].planned_tables[0].state_dict(),
                       "pending_at_save": resumed["pending_at_save"], "resume_after": resume_after}
+    on_step, shed = scheduled(rank, topo, policy=SHED_POLICY)
+    views, diffs = train(rank, topo, on_step)
+    records = shed["trace"].records
+    out["scheduler_shed"] = {"errors": errors(views), "replica_diff": max(diffs), "plans": shed["tables"],
+                             "kinds": [m["kind"] for m in shed["metrics"]],
+                             "trace": [records[(t, 0)] for t in range(len(records))]}
     return out, errors, scheduler_views
 
 
@@ -503,23 +511,46 @@ def test_blocking_moves_make_the_same_plans_and_stay_invariant(results):
     assert r["final_table"] == results["training"]["scheduler"]["final_table"]
 
 
-def test_simulated_and_real_runs_make_the_same_plans(results):
+def replayed_plans(trace, policy: ReplanPolicy) -> dict:
     """The scheduler's recorded counts replayed through the policy object the simulator runs
-    (same planner, cost model and policy) give the same table at every plan."""
-    r = results["training"]["scheduler"]
-    counts_TWE = np.array(r["trace"], dtype=np.int64)
-    replanner = Replanner(SCHEDULED_POLICY, SCHEDULED_PLANNER(), 1)
+    (same planner and cost model): the table after every plan, and after every shed that dropped
+    something (what the scheduler reports), by step."""
+    replanner = Replanner(policy, SCHEDULED_PLANNER(), 1)
     table, plans = initial_table(), {}
-    for t, counts_WE in enumerate(counts_TWE):
+    for t, counts_WE in enumerate(np.array(trace, dtype=np.int64)):
         replanner.observe(counts_WE[None])
         if replanner.due():
-            table = replanner.plan([table], SCHEDULED_COST)[0].table
-            plans[t + 1] = table.state_dict()
-    assert len(r["plans"]) == len(plans) > 0
-    for step, real in r["plans"]:
+            new = replanner.plan([table], SCHEDULED_COST)[0].table
+            if policy.due(t + 1) or new.num_replicas_E().sum() < table.num_replicas_E().sum():
+                plans[t + 1] = new.state_dict()
+            table = new
+    return plans
+
+
+def check_same_plans(real_plans, plans):
+    assert len(real_plans) == len(plans) > 0
+    for step, real in real_plans:
         assert plans[step]["slot_expert"] == real["slot_expert"], step
         np.testing.assert_allclose(plans[step]["share"], real["share"], rtol=0, atol=0)
     assert any(p["slot_expert"] != initial_table().state_dict()["slot_expert"] for p in plans.values())
+
+
+def test_simulated_and_real_runs_make_the_same_plans(results):
+    """Replayed through the simulator's policy object, the scheduler's recorded counts give the
+    same table at every plan."""
+    r = results["training"]["scheduler"]
+    check_same_plans(r["plans"], replayed_plans(r["trace"], SCHEDULED_POLICY))
+
+
+def test_sheds_between_plans_stay_invariant_and_replay_alike(results):
+    """With ``shed_window`` the scheduler drops replicas between plans (counts gathered after
+    every step while replicas are held): training is unchanged, and the simulator's policy object
+    makes the same plans and sheds on the recorded counts."""
+    r = results["training"]["scheduler_shed"]
+    assert "shed" in r["kinds"] and "plan" in r["kinds"], r["kinds"]
+    assert max(r["errors"]) < TOL, r["errors"]
+    assert r["replica_diff"] == 0.0
+    check_same_plans(r["plans"], replayed_plans(r["trace"], SHED_POLICY))
 
 
 def check_resumed(training):

@@ -6,6 +6,7 @@ Legend: T steps, L layers, W ranks, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,8 +14,9 @@ import pytest
 
 from flexmoe.placement import (
     CostModel, PlacementTable, PredictorConfig, ReplanPolicy, Replanner, StaticPlanner, WindowPredictor,
-    make_planner,
+    expand_replica, make_planner,
 )
+from flexmoe.placement.policy import shed_replicas
 from flexmoe.sim import SyntheticTraceConfig, generate_trace
 from flexmoe.sim.simulator import simulate_planner, split_ranks
 
@@ -204,10 +206,12 @@ def test_guard_returns_a_layer_that_is_behind_static():
     assert again.margin == pytest.approx(ReplanPolicy().guard_gain)
 
 
-@pytest.mark.parametrize("drift_gate", [None, -0.5])
-def test_replanner_resume_makes_the_same_plans(drift_gate):
+@pytest.mark.parametrize("drift_gate,shed_window", [(None, None), (-0.5, None), (None, 1)])
+def test_replanner_resume_makes_the_same_plans(drift_gate, shed_window):
+    """Checkpointed mid-interval (after a shed, with ``shed_window``), the replanner resumes into the same plans."""
     counts = _trace(3, layers=2, steps=24)
-    policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0), drift_gate=drift_gate)
+    policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0), drift_gate=drift_gate,
+                          shed_window=shed_window)
 
     def run(split_at: int | None):
         replanner = Replanner(policy, make_planner("greedy"), 2)
@@ -219,12 +223,18 @@ def test_replanner_resume_makes_the_same_plans(drift_gate):
                 replanner = Replanner(policy, make_planner("greedy"), 2)
                 replanner.load_state_dict(state)
             if replanner.due():
-                tables = [p.table for p in replanner.plan(tables, COST)]
+                new = [p.table for p in replanner.plan(tables, COST)]
+                if not policy.due(t) and any(n is not o for n, o in zip(new, tables)):
+                    sheds.append(t)
+                tables = new
             history.append([(t_.slot_expert_WS.copy(), t_.share_WS.copy()) for t_ in tables])
             replanner.observe(counts[t])
         return history
 
-    a, b = run(None), run(13)
+    sheds: list[int] = []
+    a = run(None)
+    assert (len(sheds) > 0) == (shed_window is not None) and all(t < 13 for t in sheds[:1]), sheds
+    b = run(13)
     assert any(not np.array_equal(a[0][0][0], h[0][0]) for h in a)
     for step_a, step_b in zip(a, b):
         for (sa, ha), (sb, hb) in zip(step_a, step_b):
@@ -317,3 +327,132 @@ def test_default_policy_on_layers_without_tokens():
     static = simulate_planner(make_planner("static"), counts, COST, 3)
     greedy = simulate_planner(make_planner("greedy"), counts, COST, 3, ReplanPolicy(interval=4))
     assert greedy.time_T.sum() <= static.time_T.sum() * (1 + 1e-12)
+
+
+def test_shed_window_validation_and_when_it_applies():
+    assert ReplanPolicy(shed_window=2).shed_window == 2
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="shed_window"):
+            ReplanPolicy(shed_window=bad)
+    assert ReplanPolicy(shed_window=2).sheds
+    assert not ReplanPolicy(shed_window=2, guard=False).sheds and not ReplanPolicy(shed_window=2, score_window=0).sheds
+    assert not ReplanPolicy(shed_window=None).sheds
+
+
+def _random_replicated(rng, E: int, W: int, S: int, adds: int) -> PlacementTable:
+    """Static EP (or a greedy plan) plus ``adds`` replicas of random experts in random free slots."""
+    table = PlacementTable.static(E, W, S)
+    for _ in range(adds):
+        free = np.argwhere(table.slot_expert_WS == -1)
+        if not len(free):
+            break
+        r, s_ = free[rng.integers(len(free))]
+        e = int(rng.integers(E))
+        if e not in table.slot_expert_WS[r]:
+            table = expand_replica(table, e, (int(r), int(s_)))
+    return table
+
+
+def test_shed_never_raises_the_modelled_time_on_its_window():
+    """On random replicated tables and random windows (skewed, uniform, one token, an empty
+    expert, everything on one expert): the shed table is valid, keeps every expert and every
+    static home it held, holds no more replicas, and its mean modelled time on the window is
+    never above the table's; a table without useful replicas under uniform load goes to static."""
+    rng = np.random.default_rng(11)
+    cost = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10, grad_bytes=2e5)
+    shed_any = 0
+    for trial in range(60):
+        E, W = int(rng.choice([4, 6, 8, 12])), int(rng.choice([2, 3, 4]))
+        S = -(-E // W) + int(rng.integers(1, 3))
+        table = _random_replicated(rng, E, W, S, int(rng.integers(1, 6)))
+        N = int(rng.integers(1, 4))
+        kind = trial % 5
+        if kind == 0:
+            steps = rng.integers(0, 400, size=(N, W, E))
+        elif kind == 1:
+            steps = np.full((N, W, E), 50)
+        elif kind == 2:
+            steps = np.zeros((N, W, E), dtype=np.int64)
+            steps[:, 0, int(rng.integers(E))] = 1
+        elif kind == 3:
+            steps = rng.integers(0, 400, size=(N, W, E))
+            steps[:, :, int(rng.integers(E))] = 0
+        else:
+            steps = np.zeros((N, W, E), dtype=np.int64)
+            steps[:, :, int(rng.integers(E))] = 500
+        new = shed_replicas(table, steps, cost)
+        new.validate()
+        assert (new.num_replicas_E() >= 1).all() and (new.num_replicas_E() <= table.num_replicas_E()).all()
+        home = table.static_like().slot_expert_WS
+        held = (table.slot_expert_WS == home) & (home >= 0)
+        np.testing.assert_array_equal(new.slot_expert_WS[held], home[held])
+        before = np.mean([cost.step_time(table, c).total for c in steps])
+        after = np.mean([cost.step_time(new, c).total for c in steps])
+        assert after <= before * (1 + 1e-12), (trial, before, after)
+        if new is not table:
+            shed_any += 1
+            assert new.version == table.version + 1
+    assert shed_any > 10
+    uniform = shed_replicas(_random_replicated(rng, 8, 4, 3, 4), np.full((2, 4, 8), 50), cost)
+    np.testing.assert_array_equal(uniform.slot_expert_WS, PlacementTable.static(8, 4, 3).slot_expert_WS)
+
+
+def _hot_then_uniform() -> np.ndarray:
+    """4 ranks, 8 experts: expert 0 hot for 14 steps (the plan at step 10 replicates it), then uniform."""
+    counts = np.full((30, 1, 4, 8), 100, dtype=np.int64)
+    counts[:14, 0, :, 0] = 1500
+    return counts
+
+
+def test_replicas_that_stop_paying_are_shed_the_step_after():
+    """The plan at step 10 replicates the hot expert; routing turns uniform at step 14. Without
+    shedding the replicas stay (and cost their gradient sync) until a plan drops them; with
+    ``shed_window=1`` they go at step 15, after one uniform step, with 2 at step 16; the modelled
+    time falls."""
+    counts = _hot_then_uniform()
+
+    def run(policy):
+        extra = []
+        result = simulate_planner(make_planner("greedy"), counts, COST, 3, policy,
+                                  on_step=lambda t, tables, c: extra.append(int(tables[0].num_replicas_E().sum()) - 8))
+        return result, extra
+
+    kept, kept_extra = run(ReplanPolicy())
+    assert kept_extra[10] > 0 and min(kept_extra[10:20]) == kept_extra[10]
+    for window, first_shed in ((1, 15), (2, 16)):
+        shed, shed_extra = run(ReplanPolicy(shed_window=window))
+        assert shed_extra[:first_shed] == kept_extra[:first_shed]
+        assert shed_extra[first_shed:] == [0] * (30 - first_shed), shed_extra
+        assert shed.time_T.sum() < kept.time_T.sum()
+        np.testing.assert_array_equal(shed.time_T[:first_shed], kept.time_T[:first_shed])
+
+
+def test_shed_cache_over_sliding_windows_changes_nothing():
+    """The replanner's cache of (table, step) times, reused as the shed's window slides, gives
+    the tables the uncached shed gives, with fewer cost-model evaluations."""
+    rng = np.random.default_rng(5)
+    cost = CostModel.from_shape(64, 32, flops=1e12, mem_bw=1e11, a2a_bw=1e10, grad_bytes=2e5)
+    calls = {"n": 0}
+
+    class Counting(CostModel):
+        def step_time(self, table, counts_WE):
+            calls["n"] += 1
+            return super().step_time(table, counts_WE)
+
+    counting = Counting(**{f.name: getattr(cost, f.name) for f in dataclasses.fields(CostModel)})
+    steps_TWE = rng.integers(0, 300, size=(30, 4, 8))
+    memo: dict = {}
+    cached = uncached = 0
+    for trial in range(6):
+        table = _random_replicated(rng, 8, 4, 3, 4)
+        for t in range(4, 30):
+            window = steps_TWE[t - 4:t]
+            calls["n"] = 0
+            a = shed_replicas(table, window, counting, (range(100 * trial + t - 4, 100 * trial + t), memo))
+            cached += calls["n"]
+            calls["n"] = 0
+            b = shed_replicas(table, window, counting)
+            uncached += calls["n"]
+            np.testing.assert_array_equal(a.slot_expert_WS, b.slot_expert_WS)
+            np.testing.assert_array_equal(a.share_WS, b.share_WS)
+    assert cached < uncached / 2

@@ -41,6 +41,14 @@ Static EP is the reference, not the current table, which was fitted to that wind
 skew persists the new table wins there too; where routing drifts it does not. The first plan has
 no earlier window: no change is made.
 
+Shed (``shed_window``, with the guard): between plans, after every observed step, a layer that
+holds replicas drops those that did not pay on the last ``shed_window`` observed steps of the
+scoring window (their mean modelled time): single copies greedily (an expert's lowest-quota copy, never its static home), or,
+for a table on the static base, all of them at once (static EP). Dropping moves nothing, so a
+replica that stopped paying costs its gradient sync for a few steps, not for the rest of the
+interval. ``due()`` is then also true on those steps while replicas are held, and ``plan()`` off
+the cadence sheds. The guard counts the time of every step under the table it ran with.
+
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
 what is left (a share-only update always fits).
@@ -51,12 +59,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+from collections.abc import Sequence
 
 import numpy as np
 
 from .cost_model import CostModel
-from .planner import PlanContext, Planner
+from .edits import shrink_replica
+from .planner import PlanContext, Planner, on_static_base
 from .predict import LoadPredictor, PredictorConfig
+from .split import replica_quotas
 from .table import PlacementTable
 
 MAX_MISSES = 6
@@ -73,7 +84,9 @@ class ReplanPolicy:
     0: the prediction alone). noise_z: standard errors of its gain over that window a change must
     clear (``PlanContext.noise_z``). trust: out-of-sample results whose mean gain must be > 0 for a
     change (0: off). drift_gate: the net relative gain over static EP a change must also show on
-    the window one interval earlier (module doc; None: off).
+    the window one interval earlier (module doc; None: off). shed_window: observed steps a
+    shed between plans is judged on (module doc; at most the scoring window; with the guard;
+    None: no shedding).
     """
 
     interval: int = 10
@@ -86,10 +99,12 @@ class ReplanPolicy:
     noise_z: float = 2.0
     trust: int = 3
     drift_gate: float | None = None
+    shed_window: int | None = None
 
     def __post_init__(self) -> None:
         for name, value, low in (("interval", self.interval, 1), ("warmup", self.warmup, 0),
-                                 ("score_window", self.score_window, 0), ("trust", self.trust, 0)):
+                                 ("score_window", self.score_window, 0), ("trust", self.trust, 0),
+                                 ("shed_window", self.shed_window, 1)):
             if value is None and name != "interval":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -111,6 +126,11 @@ class ReplanPolicy:
             raise ValueError("ReplanPolicy.drift_gate needs the scoring window (score_window=0 turns it off)")
 
     @property
+    def sheds(self) -> bool:
+        """Whether replicas are shed between plans (``shed_window`` set, with the guard and a window)."""
+        return self.shed_window is not None and self.guard and self.window > 0
+
+    @property
     def window(self) -> int:
         """Steps a plan is scored on (``score_window``, None: ``interval``)."""
         return self.interval if self.score_window is None else self.score_window
@@ -120,7 +140,7 @@ class ReplanPolicy:
         return max(self.interval if self.warmup is None else self.warmup, 1)
 
     def due(self, steps_done: int) -> bool:
-        """Whether to plan after ``steps_done`` observed steps."""
+        """Whether a (full) plan is due after ``steps_done`` observed steps."""
         warmup = self.interval if self.warmup is None else self.warmup
         return steps_done >= self.first_plan and (steps_done - warmup) % self.interval == 0
 
@@ -169,6 +189,12 @@ class Replanner:
         self._proposals: list[_Change | None] = [None] * num_layers
         self.track_L: list[list[float]] = [[] for _ in range(num_layers)]
         self._earlier: np.ndarray | None = None  # the window at the previous plan, (N, L, W, E)
+        self._used_L: list[list[float]] = [[] for _ in range(num_layers)]  # time of each step in _recent, as run
+        self._replicated = False  # a table of the last plan or shed holds replicas
+        # per layer, (table contents, observed step) -> modelled time: the shed's window slides one
+        # step at a time, so most of its evaluations repeat (a cache: not saved, same results)
+        self._shed_memo: list[dict] = [{} for _ in range(num_layers)]
+        self._shed_memo_cost = None
 
     def observe(self, counts_LWE: np.ndarray) -> None:
         """One step's all-gathered counts of every layer."""
@@ -183,9 +209,15 @@ class Replanner:
             self._window.append(counts_LWE.copy())
         self.steps_done += 1
 
-    def due(self) -> bool:
-        """A plan is due now (the planner plans on the true counts: before every step)."""
-        return self._truth or self.policy.due(self.steps_done)
+    def due(self, steps_done: int | None = None) -> bool:
+        """A plan or a shed is due after ``steps_done`` observed steps (None: those observed so
+        far; the scheduler passes its own count, it observes at plans only). The planner that
+        plans on the true counts: before every step."""
+        n = self.steps_done if steps_done is None else steps_done
+        return self._truth or self.policy.due(n) or self._shed_due(n)
+
+    def _shed_due(self, steps_done: int) -> bool:
+        return self.policy.sheds and self._replicated and steps_done > self.policy.first_plan
 
     @property
     def _truth(self) -> bool:
@@ -214,6 +246,10 @@ class Replanner:
         needs_cost = (self.policy.guard or self.policy.drift_gate is not None) and not truth or self.policy.bytes_budget is not None
         if needs_cost and not isinstance(cost, CostModel):
             raise ValueError(f"ReplanPolicy.guard, drift_gate and bytes_budget need a CostModel, got {cost!r}")
+        if not truth and self.policy.guard:
+            self._account(tables, cost)
+        if self.policy.sheds and not truth and future_NLWE is None and not self.policy.due(self.steps_done):
+            return self._shed(tables, cost)
         horizon = 1.0 if truth else float(self.policy.interval)
         if future_NLWE is not None and not truth:
             future_NLWE = np.asarray(future_NLWE, dtype=np.float64)
@@ -244,6 +280,8 @@ class Replanner:
         if self.policy.bytes_budget is not None and sum(p.bytes_moved for p in plans) > self.policy.bytes_budget:
             plans = self._fit_budget(tables, seen, windows, used_L, plans, cost, horizon)
         self._recent = []
+        self._used_L = [[] for _ in range(self.num_layers)]
+        self._replicated = any(bool((p.table.num_replicas_E() > 1).any()) for p in plans)
         if self.policy.drift_gate is not None and self._window and not truth:
             self._earlier = np.stack(self._window)
         for i, (table, p) in enumerate(zip(tables, plans)):
@@ -251,6 +289,35 @@ class Replanner:
                 move = cost.move_time(table, p.table)
                 self._changes[i] = _Change(table, p.table, move, i in reverts)
                 self.spent_L[i] += move
+        return plans
+
+    def _account(self, tables: list[PlacementTable], cost: CostModel) -> None:
+        """Charge the steps observed since the last plan or shed to the tables that ran them: each
+        step's modelled time under ``tables`` (``_used_L``), and the account against static EP."""
+        start = len(self._used_L[0])
+        for c_LWE in self._recent[start:]:
+            for i, table in enumerate(tables):
+                used = cost.step_time(table, c_LWE[i]).total
+                self._used_L[i].append(used)
+                self.spent_L[i] += used
+                self.static_L[i] += cost.step_time(table.static_like(), c_LWE[i]).total
+
+    def _shed(self, tables: list[PlacementTable], cost: CostModel) -> list[LayerPlan]:
+        """Between plans: every layer drops the replicas that did not pay on the last
+        ``shed_window`` observed steps (module doc)."""
+        steps_NLWE = np.stack(list(self._window)[-self.policy.shed_window:])
+        first = self.steps_done - steps_NLWE.shape[0]  # the window's steps, by observed index
+        if self._shed_memo_cost is not cost:
+            self._shed_memo, self._shed_memo_cost = [{} for _ in range(self.num_layers)], cost
+        plans = []
+        for i, table in enumerate(tables):
+            memo = self._shed_memo[i]
+            for key in [k for k in memo if k[1] < first]:
+                del memo[key]
+            new = table if (table.num_replicas_E() <= 1).all() else shed_replicas(
+                table, steps_NLWE[:, i], cost, (range(first, self.steps_done), memo))
+            plans.append(LayerPlan(new, _bytes(cost, table, new), 0.0))
+        self._replicated = any(bool((p.table.num_replicas_E() > 1).any()) for p in plans)
         return plans
 
     def _gated(self, i: int, table: PlacementTable, new: PlacementTable, used: list[float], cost,
@@ -318,13 +385,11 @@ class Replanner:
         return saved / len(used) * horizon > cost.move_time(table, new)
 
     def _judge(self, layer: int, table: PlacementTable, cost: CostModel) -> tuple[float, bool, list[float]]:
-        """Replay the steps since the last plan: update the layer's misses and its account against
-        static EP; return the margin that applies now, whether the layer is behind static, and the
-        modelled time of each of those steps under ``table``."""
+        """Judge the steps since the last plan (charged by ``_account``): update the layer's misses;
+        return the margin that applies now, whether the layer is behind static EP, and the modelled
+        time of each of those steps under the tables that ran them."""
         static = table.static_like()
-        used = [cost.step_time(table, c_LWE[layer]).total for c_LWE in self._recent]
-        self.spent_L[layer] += sum(used)
-        self.static_L[layer] += sum(cost.step_time(static, c_LWE[layer]).total for c_LWE in self._recent)
+        used = list(self._used_L[layer])
         change = self._changes[layer]
         if change is not None and self._recent:
             before = sum(cost.step_time(change.old, c_LWE[layer]).total for c_LWE in self._recent)
@@ -359,6 +424,8 @@ class Replanner:
             "proposals": [_change_state(c) for c in self._proposals],
             "track": [list(t) for t in self.track_L],
             "earlier": None if self._earlier is None else self._earlier.tolist(),
+            "used": [list(u) for u in self._used_L],
+            "replicated": self._replicated,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -378,6 +445,8 @@ class Replanner:
         self.track_L = [[float(x) for x in t] for t in state.get("track", [[] for _ in range(self.num_layers)])]
         earlier = state.get("earlier")
         self._earlier = None if earlier is None else np.array(earlier, dtype=np.float64)
+        self._used_L = [[float(x) for x in u] for u in state.get("used", [[] for _ in range(self.num_layers)])]
+        self._replicated = bool(state.get("replicated", False))
 
     def _fit_budget(self, tables, seen, windows, used_L, plans, cost, horizon) -> list[LayerPlan]:
         gain = []
@@ -402,6 +471,47 @@ class Replanner:
             left -= moved
             out[i] = LayerPlan(new, moved, plans[i].margin)
         return out
+
+
+def shed_replicas(table: PlacementTable, steps_NWE: np.ndarray, cost: CostModel,
+                  memo: tuple[Sequence[int], dict] | None = None) -> PlacementTable:
+    """``table`` less the replicas that did not pay on ``steps_NWE`` (their mean modelled time):
+    one copy at a time, the drop that saves most first (an expert's lowest-quota copy, never its
+    static home), while a drop saves time; then static EP, when ``table`` is on its base and that
+    is faster still. Returns ``table`` itself when nothing is dropped. ``memo``: (an id per step,
+    a dict) caching each (table, step) time across calls on overlapping windows."""
+    step_ids, times = memo if memo is not None else (None, None)
+
+    def step_time(tb: PlacementTable, n: int) -> float:
+        if times is None:
+            return cost.step_time(tb, steps_NWE[n]).total
+        key = (tb.slot_expert_WS.tobytes() + tb.share_WS.tobytes(), step_ids[n])
+        if key not in times:
+            times[key] = cost.step_time(tb, steps_NWE[n]).total
+        return times[key]
+
+    def mean_time(tb: PlacementTable) -> float:
+        return float(np.mean([step_time(tb, n) for n in range(len(steps_NWE))]))
+
+    home_WS = table.static_like().slot_expert_WS
+    load_E = steps_NWE.sum(axis=(0, 1))
+    cur, cur_t = table, mean_time(table)
+    while (cur.num_replicas_E() > 1).any():
+        quota_WS = replica_quotas(cur, load_E, cost.adaptive_split)
+        best = None
+        for e in np.flatnonzero(cur.num_replicas_E() > 1):
+            copies = [(r, s) for r, s, _ in cur.replicas(int(e))]
+            copies = [c for c in copies if home_WS[c] != e] or copies
+            cand = shrink_replica(cur, min(copies, key=lambda c: quota_WS[c]))
+            cand_t = mean_time(cand)
+            if best is None or cand_t < best[1]:
+                best = (cand, cand_t)
+        if not best[1] < cur_t:
+            break
+        cur, cur_t = best
+    if on_static_base(table) and mean_time(table.static_like()) < cur_t:
+        return _finish_as(table, table.static_like())
+    return cur if cur is table else _finish_as(table, cur)
 
 
 def _change_state(c: _Change | None) -> dict | None:

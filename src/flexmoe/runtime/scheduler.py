@@ -87,7 +87,8 @@ class PlacementScheduler:
         move that finds them changed raises). False: ``step()`` waits for every move.
         ``pending`` names the layers with a move in flight, ``finish_moves()`` lands them now.
 
-    After each plan, ``last_metrics`` holds ``{"step", "bytes_moved", "layers": [...]}`` with, per
+    After each plan, ``last_metrics`` holds ``{"step", "kind", "bytes_moved", "layers": [...]}``
+    (kind "plan", or "shed" for a shed between plans that dropped replicas: only those layers) with, per
     layer: the balance ratio (max / mean rank load) observed since the last plan under the old table
     (``balance_observed``) and, on the predicted counts, under the old and new tables
     (``balance_predicted_old`` / ``_new``), replica counts, the primitives applied (expands, shrinks,
@@ -196,17 +197,18 @@ class PlacementScheduler:
         self._accum = counts if self._accum is None else self._accum + counts
 
     def step(self) -> dict | None:
-        """Record this step's counts; every ``interval`` steps plan and migrate. Returns the new
-        ``last_metrics`` when it planned, else None."""
+        """Record this step's counts; every ``interval`` steps plan and migrate (and, with
+        ``ReplanPolicy.shed_window``, after every step while replicas are held, drop those that
+        stopped paying). Returns the new ``last_metrics`` when it planned or shed, else None."""
         self.finish_moves()  # only when no forward ran since the last plan
         counts = self._accum if self._accum is not None else self._local_counts()
         self._accum = None
         self._pending.append(counts)
         self.num_steps += 1
-        if not self.policy.due(self.num_steps):
+        if not self.replanner.due(self.num_steps):
             return None
         self._check_replan_point()
-        return self._plan_and_apply(self._gather_pending())
+        return self._plan_and_apply(self._gather_pending(), shed=not self.policy.due(self.num_steps))
 
     def _check_replan_point(self) -> None:
         """Raise ``AgreementError`` on every rank of the EP group unless all are at this re-plan
@@ -279,7 +281,7 @@ class PlacementScheduler:
                     self.recorder.record(first_step + h, i, counts_WLE[:, i])
         return all_HWLE
 
-    def _plan_and_apply(self, observed_HWLE: np.ndarray) -> dict:
+    def _plan_and_apply(self, observed_HWLE: np.ndarray, shed: bool = False) -> dict | None:
         ranks_per_node = getattr(self.cost_model, "ranks_per_node", None)
         layer_metrics = []
         predicted_LWE = [p.predict() for p in self._predictors]
@@ -312,8 +314,13 @@ class PlacementScheduler:
         check_same_tables(self.planned_tables, self.group, self.timeout_s)
         if self.expert_dp_group is not None:
             check_same_tables(self.planned_tables, self.expert_dp_group, self.timeout_s)
+        if shed:  # between plans: report (and log) only the layers that dropped replicas
+            layer_metrics = [m for m in layer_metrics if m["shrinks"]]
+            if not layer_metrics:
+                return None
         self.last_metrics = {
             "step": self.num_steps,
+            "kind": "shed" if shed else "plan",
             "bytes_moved": sum(m["bytes_moved"] for m in layer_metrics),
             "layers": layer_metrics,
         }
