@@ -153,7 +153,8 @@ def test_simulate_one_rank_trace_over_virtual_ranks(one_rank_trace, capsys, tmp_
     (["--interval", "2", "--predictor", "ema", "--predictor-decay", "0.5", "--bytes-budget", "1e6"],
      dict(interval=2, predictor=dict(kind="ema", decay=0.5), bytes_budget=1e6)),
     (["--interval", "2", "--drift-gate", "0"], dict(interval=2, drift_gate=0.0)),
-], ids=["no-guard", "window-max", "ema-budget", "drift-gate"])
+    (["--interval", "3", "--shed-window", "1"], dict(interval=3, shed_window=1)),
+], ids=["no-guard", "window-max", "ema-budget", "drift-gate", "shed"])
 def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_path, capsys, argv, policy):
     from flexmoe.placement import CostModel, PredictorConfig, ReplanPolicy, make_planner
     from flexmoe.sim import read_trace, simulate
@@ -173,6 +174,9 @@ def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_pat
     default = [r.summary() for r in simulate(trace, planners, cost, 4, 4)]
     assert json.loads(summary.read_text()) == pytest.approx(want)
     assert want != default  # the flags change the replay, so ignoring them would fail here
+    if "shed_window" in policy:  # and the shed itself does, not only the interval
+        unshed = dict(policy, shed_window=None)
+        assert want != [r.summary() for r in simulate(trace, planners, cost, 4, 4, ReplanPolicy(**unshed))]
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -182,6 +186,7 @@ def test_simulate_policy_flags_replay_that_replan_policy(one_rank_trace, tmp_pat
     (["--guard-gain", "1.5"], "guard_gain"),
     (["--bytes-budget", "-1"], "bytes_budget"),
     (["--drift-gate", "1"], "drift_gate"),
+    (["--shed-window", "0"], "shed_window"),
 ])
 def test_simulate_bad_policy_flags(one_rank_trace, capsys, argv, match):
     assert_one_line_error(capsys, one_rank_trace.parent, ["simulate", str(one_rank_trace), "--json", "s.json",

@@ -120,6 +120,9 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     pol.add_argument("--drift-gate", type=float, default=base.drift_gate,
                      help="net relative gain over static EP a change must also show on the window one interval "
                           "earlier (default: off)")
+    pol.add_argument("--shed-window", type=int, default=base.shed_window,
+                     help="between plans, after every step, drop replicas that did not pay on the last "
+                          "SHED_WINDOW steps (with the guard; default: off)")
 
 
 def _policy(args) -> ReplanPolicy:
@@ -134,7 +137,8 @@ def _policy(args) -> ReplanPolicy:
                                     z=args.predictor_z, lead=args.predictor_lead)
     return ReplanPolicy(interval=args.interval, warmup=args.warmup, predictor=predictor, guard=args.guard,
                         guard_gain=args.guard_gain, bytes_budget=args.bytes_budget, score_window=args.score_window,
-                        noise_z=args.noise_z, trust=args.trust, drift_gate=args.drift_gate)
+                        noise_z=args.noise_z, trust=args.trust, drift_gate=args.drift_gate,
+                        shed_window=args.shed_window)
 
 
 def _describe(policy: ReplanPolicy) -> str:
@@ -146,7 +150,8 @@ def _describe(policy: ReplanPolicy) -> str:
     return (f"re-plan every {policy.interval} steps from step {policy.first_plan}, predictor {predictor}, "
             f"guard {'on (gain ' + str(policy.guard_gain) + ', trust ' + str(policy.trust) + ')' if policy.guard else 'off'}"
             f"{budget}, scored on the last {policy.window} steps (noise z {policy.noise_z})"
-            f"{'' if policy.drift_gate is None else f', drift gate {policy.drift_gate}'}")
+            f"{'' if policy.drift_gate is None else f', drift gate {policy.drift_gate}'}"
+            f"{f', shedding on the last {policy.shed_window} steps' if policy.sheds else ''}")
 
 
 def _cost(args) -> CostModel:
