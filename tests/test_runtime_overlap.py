@@ -110,6 +110,11 @@ def overlapped_grads(world, rank, step=0, empty_rank=None, micro=1, solo=None):
         loss.backward()
     posted = 2 if solo is None else 3
     assert moe._pending is not None and moe._pending.posted == posted, "every replicated layer posted during backward"
+    ep_groups = {id(s.ep_group.group) for s in sync_module.ep_stages(model)}
+    for stage_sums in moe._pending._sums:  # on a twin of the EP group: its own communicator
+        for item in (i for i in stage_sums if len(i.holders) > 1):  # (an EP group of one rank sends nothing)
+            assert id(item.group) not in ep_groups, "the overlapped sum runs on the EP group's communicator"
+            assert set(item.holders) <= set(dist.get_process_group_ranks(item.group)), item.holders
     calls = {"_reduce_scatter": 0, "_all_gather": 0}
     real = {name: getattr(sync_module, name) for name in calls}
 

@@ -27,7 +27,8 @@ from torch import nn
 from ..layer import aux_loss, moe_layers
 from ..routing import set_gate_step
 from .scheduler import PlacementScheduler
-from .sync import OverlappedReplicaSync, start_overlapped_sync, sync_gradients, sync_gradients_after_overlap, sync_router_loads
+from .sync import (OverlappedReplicaSync, ReplicaSyncGroups, start_overlapped_sync, sync_gradients,
+                   sync_gradients_after_overlap, sync_router_loads)
 
 
 def update_router_bias(model: nn.Module) -> None:
@@ -69,6 +70,7 @@ class MoERuntime:
         self.model = model
         self.overlap_replica_sync = overlap_replica_sync
         self._pending: OverlappedReplicaSync | None = None
+        self._sync_groups = ReplicaSyncGroups()  # the overlapped sum's own communicators
         self.dp_group = dp_group
         self.expert_dp_group = expert_dp_group
         self.placement = placement
@@ -101,7 +103,7 @@ class MoERuntime:
             raise RuntimeError(
                 "MoERuntime.before_backward: called again before after_backward(); call it once, before the "
                 "last micro-batch's backward only, and after_backward() after that backward")
-        self._pending = start_overlapped_sync(self.model)
+        self._pending = start_overlapped_sync(self.model, self._sync_groups)
 
     def after_backward(self) -> None:
         """Average dense gradients over the ranks and synchronise expert gradients (finishing the

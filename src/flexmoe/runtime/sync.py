@@ -172,8 +172,9 @@ class OverlappedReplicaSync:
     ``_sum_replicas``, so equal bits.
     """
 
-    def __init__(self, stages: list[ParallelExperts]):
+    def __init__(self, stages: list[ParallelExperts], groups: "ReplicaSyncGroups | None" = None):
         self._stages = list(reversed(stages))
+        self._groups = groups
         self._missing = [{id(p) for p in _trainable(stage)} for stage in self._stages]
         self._sums: list[list[_ReplicaSum]] = []
         self._scatters: list[list] = []
@@ -194,7 +195,8 @@ class OverlappedReplicaSync:
 
     def _post_ready(self) -> None:
         while self.posted < len(self._stages) and not self._missing[self.posted]:
-            sums = _collect_replicas(self._stages[self.posted])
+            stage = self._stages[self.posted]
+            sums = _collect_replicas(stage, None if self._groups is None else self._groups.of(stage))
             self._scatters.append(_start(_reduce_scatter(sums)))
             self._sums.append(sums)
             if self.posted >= 2:
@@ -225,16 +227,40 @@ class OverlappedReplicaSync:
         _write_replicas([item for stage_sums in self._sums for item in stage_sums])
 
 
-def start_overlapped_sync(model: nn.Module) -> OverlappedReplicaSync | None:
+class ReplicaSyncGroups:
+    """Per EP group, a second process group over the same ranks for the replica sum posted
+    during backward: on NCCL the ops of one communicator run in order on one stream, so a sum
+    posted on the EP group would hold up the backward all-to-alls issued after it instead of
+    running beside them. Made on first use by the group's ranks alone (``new_group`` with local
+    synchronisation), at the same point of the same step on each (the tables are equal)."""
+
+    def __init__(self):
+        self._twins: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+    def of(self, stage: ParallelExperts) -> dist.ProcessGroup | None:
+        group = stage.ep_group.group
+        if group is None or stage.size == 1:
+            return group
+        if id(group) not in self._twins:
+            twin = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+            self._twins[id(group)] = (group, twin)  # the EP group is held so its id stays its own
+        return self._twins[id(group)][1]
+
+
+def start_overlapped_sync(model: nn.Module, groups: ReplicaSyncGroups | None = None) -> OverlappedReplicaSync | None:
     """Before the last micro-batch's backward: check the sync point (``check_sync_point``, before
     any p2p, so a rank that skipped a forward raises on every rank), then arm the hooks that post
-    the replica sum during backward. None (nothing armed) without torch.distributed or replicas;
-    finish with ``sync_gradients_after_overlap``."""
+    the replica sum during backward (on ``groups``' twin of each EP group; None: the EP group
+    itself). None (nothing armed) without torch.distributed or replicas; finish with
+    ``sync_gradients_after_overlap``."""
     if not dist.is_initialized():
         return None
     check_sync_point(model)
     stages = _replicated_stages(model)
-    return OverlappedReplicaSync(stages) if stages else None
+    if groups is not None:
+        for stage in stages:  # made here, not in a hook during backward
+            groups.of(stage)
+    return OverlappedReplicaSync(stages, groups) if stages else None
 
 
 def sync_gradients_after_overlap(
@@ -329,8 +355,10 @@ def _sum_replicas(stages: list[ParallelExperts]) -> None:
     _write_replicas(sums)
 
 
-def _collect_replicas(stage: ParallelExperts) -> list[_ReplicaSum]:
-    """This rank's replicated experts of ``stage``, each with the sum of its local slots' gradients."""
+def _collect_replicas(stage: ParallelExperts, group: dist.ProcessGroup | None = None) -> list[_ReplicaSum]:
+    """This rank's replicated experts of ``stage``, each with the sum of its local slots'
+    gradients, to be summed over ``group`` (default: the stage's EP group; same ranks)."""
+    group = stage.ep_group.group if group is None else group
     table, rank = stage.placement, stage.rank
     grads = [p.grad for p in _trainable(stage)]
     sums: list[_ReplicaSum] = []
@@ -343,7 +371,7 @@ def _collect_replicas(stage: ParallelExperts) -> list[_ReplicaSum]:
             continue
         holders = sorted({r for r, _, _ in replicas})
         local = torch.cat([_add_rows(g, slots).reshape(-1) for g in grads])
-        sums.append(_ReplicaSum(grads, slots, local, holders, rank, stage.ep_group.group))
+        sums.append(_ReplicaSum(grads, slots, local, holders, rank, group))
     return sums
 
 
