@@ -12,7 +12,8 @@ the layers are independent, so a layer's task gives the times a full run gives t
     python benchmarks/placement_matrix.py --check          # per-layer tasks == full multi-layer runs
 
 Variants: static; greedy (default policy); shedK (greedy with ``ReplanPolicy(shed_window=K)``,
-e.g. shed2); perfect (greedy planned on the true counts of the interval it is kept, guard off,
+e.g. shed2); greedy@field=value;field=value (other ``ReplanPolicy`` fields, e.g.
+"greedy@warmup=20;shed_window=9"); perfect (greedy planned on the true counts of the interval it is kept, guard off,
 noise z 0); oracle. Tasks run longest first (oracle first). ``--out`` gets one JSON line per task
 as it finishes (a run cut short keeps what it did); ``--report FILE...`` prints the tables from
 such files (several runs together).
@@ -82,13 +83,26 @@ def shed_window(variant: str) -> int | None:
     return int(variant[4:]) if variant.startswith("shed") and variant[4:].isdigit() else None
 
 
+def policy_changes(variant: str) -> dict | None:
+    """The ``ReplanPolicy`` fields of a variant "greedy@field=value;field=value" (None for the others)."""
+    if not variant.startswith("greedy@"):
+        return None
+    changes = {}
+    for item in variant[len("greedy@"):].split(";"):
+        name, _, value = item.partition("=")
+        changes[name] = None if value == "None" else float(value) if "." in value else int(value)
+    return changes
+
+
 def known(variant: str) -> bool:
-    return variant in VARIANTS or shed_window(variant) is not None
+    return variant in VARIANTS or shed_window(variant) is not None or policy_changes(variant) is not None
 
 
 def run_variant(variant: str, counts_TLWE: np.ndarray) -> SimResult:
     policy, planner, perfect = ReplanPolicy(), make_planner("greedy"), False
-    if variant in ("static", "oracle"):
+    if policy_changes(variant) is not None:
+        policy = dataclasses.replace(policy, **policy_changes(variant))
+    elif variant in ("static", "oracle"):
         planner = make_planner(variant)
     elif shed_window(variant) is not None:
         policy = dataclasses.replace(policy, shed_window=shed_window(variant))
@@ -217,12 +231,14 @@ def main() -> None:
     bad = [t for t in traces if t not in TRACES] + [v for v in variants if not known(v)]
     if bad:
         parser.error(f"unknown {bad}: traces are {list(TRACES)}, variants {VARIANTS} or shedK")
-    for v in variants:  # a bad shed window fails here, not in every worker
-        if shed_window(v) is not None:
-            try:
+    for v in variants:  # a bad policy fails here, not in every worker
+        try:
+            if shed_window(v) is not None:
                 ReplanPolicy(shed_window=shed_window(v))
-            except ValueError as e:
-                parser.error(str(e))
+            if policy_changes(v) is not None:
+                ReplanPolicy(**policy_changes(v))
+        except (ValueError, TypeError) as e:
+            parser.error(f"{v}: {e}")
     steps = 40 if args.tiny else args.steps
     t0 = time.perf_counter()
     if args.counts:
