@@ -10,6 +10,10 @@ the layers are independent, so a layer's task gives the times a full run gives t
     python benchmarks/placement_matrix.py --traces cpu_aux001 --variants static,greedy
     python benchmarks/placement_matrix.py --tiny --jobs 2 --json /tmp/m.json   # 40 steps: a smoke check
     python benchmarks/placement_matrix.py --check          # per-layer tasks == full multi-layer runs
+    python benchmarks/placement_matrix.py --save-counts c.npz   # here; then elsewhere: --counts c.npz
+
+The synthetic trace and the rank split draw from numpy's generators, whose streams differ between
+numpy versions: to compare with figures made here, replay the counts saved here (``--counts``).
 
 Variants: static; greedy (default policy); shedK (greedy with ``ReplanPolicy(shed_window=K)``,
 e.g. shed2); greedy@field=value;field=value (other ``ReplanPolicy`` fields, e.g.

@@ -43,11 +43,12 @@ no earlier window: no change is made.
 
 Shed (``shed_window``, with the guard): between plans, after every observed step, a layer that
 holds replicas drops those that did not pay on the last ``shed_window`` observed steps of the
-scoring window (their mean modelled time): single copies greedily (an expert's lowest-quota copy, never its static home), or,
-for a table on the static base, all of them at once (static EP). Dropping moves nothing, so a
-replica that stopped paying costs its gradient sync for a few steps, not for the rest of the
-interval. ``due()`` is then also true on those steps while replicas are held, and ``plan()`` off
-the cadence sheds. The guard counts the time of every step under the table it ran with.
+scoring window (their mean modelled time): single copies greedily (an expert's lowest-quota copy,
+never its static home), or, for a table on the static base, all of them at once (static EP).
+Dropping moves nothing, so a replica that stopped paying costs its gradient sync for a few steps,
+not for the rest of the interval. ``due()`` is then also true on those steps while replicas are
+held, and ``plan()`` off the cadence sheds. The guard counts the time of every step under the
+table it ran with.
 
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
@@ -189,7 +190,7 @@ class Replanner:
         self._proposals: list[_Change | None] = [None] * num_layers
         self.track_L: list[list[float]] = [[] for _ in range(num_layers)]
         self._earlier: np.ndarray | None = None  # the window at the previous plan, (N, L, W, E)
-        self._used_L: list[list[float]] = [[] for _ in range(num_layers)]  # time of each step in _recent, as run
+        self._used_L: list[list[float]] = [[] for _ in range(num_layers)]  # each step of _recent, as it ran
         self._replicated = False  # a table of the last plan or shed holds replicas
         # per layer, (table contents, observed step) -> modelled time: the shed's window slides one
         # step at a time, so most of its evaluations repeat (a cache: not saved, same results)

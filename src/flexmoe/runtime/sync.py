@@ -247,7 +247,8 @@ class ReplicaSyncGroups:
         return self._twins[id(group)][1]
 
 
-def start_overlapped_sync(model: nn.Module, groups: ReplicaSyncGroups | None = None) -> OverlappedReplicaSync | None:
+def start_overlapped_sync(model: nn.Module,
+                          groups: ReplicaSyncGroups | None = None) -> OverlappedReplicaSync | None:
     """Before the last micro-batch's backward: check the sync point (``check_sync_point``, before
     any p2p, so a rank that skipped a forward raises on every rank), then arm the hooks that post
     the replica sum during backward (on ``groups``' twin of each EP group; None: the EP group
