@@ -308,7 +308,14 @@ SCHEDULED_COST = CostModel(c_tok=1e-6, bytes_per_token=8 * D, a2a_bw=1e9, grad_b
                            move_bytes=24 * 3 * D * F)
 SCHEDULED_POLICY = ReplanPolicy(interval=2, warmup=1, guard=False)
 # with the guard, and sheds between plans (ReplanPolicy.shed_window): plans every 4 steps
-SHED_POLICY = ReplanPolicy(interval=4, warmup=1, trust=0, noise_z=0.0, score_window=2, shed_window=1)
+SHED_POLICY = ReplanPolicy(interval=4, warmup=1, trust=1, noise_z=0.0, score_window=2, shed_window=1)
+
+
+def distrust(replanner, tables) -> None:
+    """After a plan that left replicas: the planner's out-of-sample record set to a loss on every
+    layer (as if its proposals had not paid), which lets the shed run until the next plan."""
+    if any((t.num_replicas_E() > 1).any() for t in tables):
+        replanner.track_L = [[-1.0] for _ in replanner.track_L]
 
 
 def SCHEDULED_PLANNER():
@@ -325,7 +332,7 @@ class ListRecorder:
         self.records[(int(step), int(layer))] = np.asarray(counts_WE).tolist()
 
 
-def scheduled(rank, topo, resume_after=None, async_moves=True, policy=SCHEDULED_POLICY):
+def scheduled(rank, topo, resume_after=None, async_moves=True, policy=SCHEDULED_POLICY, after_plan=None):
     """A PlacementScheduler with the greedy planner, every 2 steps. With ``resume_after``, the
     model, optimizer and scheduler are checkpointed after that step (with the plan's moves still in
     flight: ``pending_at_save``) and training goes on with fresh objects loaded from the checkpoint
@@ -341,6 +348,8 @@ def scheduled(rank, topo, resume_after=None, async_moves=True, policy=SCHEDULED_
         if "s" not in holder:
             holder["s"] = make(layer, opt)
         metrics = holder["s"].step()
+        if metrics and metrics["kind"] == "plan" and after_plan is not None:
+            after_plan(holder["s"].replanner, holder["s"].planned_tables)
         if metrics:
             holder["metrics"].append(metrics)
             holder["tables"].append((step + 1, holder["s"].planned_tables[0].state_dict()))
@@ -390,7 +399,7 @@ def invariance_scenarios(rank, world):
     views, _ = train(rank, topo, on_step)
     out["resumed"] = {"errors": errors(views), "final_table": resumed["s"].planned_tables[0].state_dict(),
                       "pending_at_save": resumed["pending_at_save"], "resume_after": resume_after}
-    on_step, shed = scheduled(rank, topo, policy=SHED_POLICY)
+    on_step, shed = scheduled(rank, topo, policy=SHED_POLICY, after_plan=distrust)
     views, diffs = train(rank, topo, on_step)
     records = shed["trace"].records
     out["scheduler_shed"] = {"errors": errors(views), "replica_diff": max(diffs), "plans": shed["tables"],
@@ -511,7 +520,7 @@ def test_blocking_moves_make_the_same_plans_and_stay_invariant(results):
     assert r["final_table"] == results["training"]["scheduler"]["final_table"]
 
 
-def replayed_plans(trace, policy: ReplanPolicy) -> dict:
+def replayed_plans(trace, policy: ReplanPolicy, after_plan=None) -> dict:
     """The scheduler's recorded counts replayed through the policy object the simulator runs
     (same planner and cost model): the table after every plan, and after every shed that dropped
     something (what the scheduler reports), by step."""
@@ -523,6 +532,8 @@ def replayed_plans(trace, policy: ReplanPolicy) -> dict:
             new = replanner.plan([table], SCHEDULED_COST)[0].table
             if policy.due(t + 1) or new.num_replicas_E().sum() < table.num_replicas_E().sum():
                 plans[t + 1] = new.state_dict()
+            if policy.due(t + 1) and after_plan is not None:
+                after_plan(replanner, [new])
             table = new
     return plans
 
@@ -544,13 +555,14 @@ def test_simulated_and_real_runs_make_the_same_plans(results):
 
 def test_sheds_between_plans_stay_invariant_and_replay_alike(results):
     """With ``shed_window`` the scheduler drops replicas between plans (counts gathered after
-    every step while replicas are held): training is unchanged, and the simulator's policy object
-    makes the same plans and sheds on the recorded counts."""
+    every step while a layer may shed; the planner's record set to a loss after each plan that
+    leaves replicas, ``distrust``): training is unchanged, and the simulator's policy object makes
+    the same plans and sheds on the recorded counts."""
     r = results["training"]["scheduler_shed"]
     assert "shed" in r["kinds"] and "plan" in r["kinds"], r["kinds"]
     assert max(r["errors"]) < TOL, r["errors"]
     assert r["replica_diff"] == 0.0
-    check_same_plans(r["plans"], replayed_plans(r["trace"], SHED_POLICY))
+    check_same_plans(r["plans"], replayed_plans(r["trace"], SHED_POLICY, distrust))
 
 
 def check_resumed(training):

@@ -206,12 +206,13 @@ def test_guard_returns_a_layer_that_is_behind_static():
     assert again.margin == pytest.approx(ReplanPolicy().guard_gain)
 
 
-@pytest.mark.parametrize("drift_gate,shed_window", [(None, None), (-0.5, None), (None, 1)])
-def test_replanner_resume_makes_the_same_plans(drift_gate, shed_window):
+@pytest.mark.parametrize("drift_gate,shed_window,seed,steps,trust,split",
+                         [(None, None, 3, 24, 3, 13), (-0.5, None, 3, 24, 3, 13), (None, 1, 11, 30, 1, 11)])
+def test_replanner_resume_makes_the_same_plans(drift_gate, shed_window, seed, steps, trust, split):
     """Checkpointed mid-interval (after a shed, with ``shed_window``), the replanner resumes into the same plans."""
-    counts = _trace(3, layers=2, steps=24)
+    counts = _trace(seed, layers=2, steps=steps)
     policy = ReplanPolicy(interval=3, predictor=PredictorConfig("mean_std", window=4, z=1.0), drift_gate=drift_gate,
-                          shed_window=shed_window)
+                          shed_window=shed_window, trust=trust)
 
     def run(split_at: int | None):
         replanner = Replanner(policy, make_planner("greedy"), 2)
@@ -233,8 +234,9 @@ def test_replanner_resume_makes_the_same_plans(drift_gate, shed_window):
 
     sheds: list[int] = []
     a = run(None)
-    assert (len(sheds) > 0) == (shed_window is not None) and all(t < 13 for t in sheds[:1]), sheds
-    b = run(13)
+    assert (len(sheds) > 0) == (shed_window is not None) and all(t < split for t in sheds[:1]), sheds
+    assert split % policy.interval, "the checkpoint is taken between plans"
+    b = run(split)
     assert any(not np.array_equal(a[0][0][0], h[0][0]) for h in a)
     for step_a, step_b in zip(a, b):
         for (sa, ha), (sb, hb) in zip(step_a, step_b):
@@ -404,27 +406,54 @@ def _hot_then_uniform() -> np.ndarray:
     return counts
 
 
-def test_replicas_that_stop_paying_are_shed_the_step_after():
-    """The plan at step 10 replicates the hot expert; routing turns uniform at step 14. Without
-    shedding the replicas stay (and cost their gradient sync) until a plan drops them; with
-    ``shed_window=1`` they go at step 15, after one uniform step, with 2 at step 16; the modelled
-    time falls."""
+def _replay(counts: np.ndarray, policy: ReplanPolicy, record: list[float] | None = None):
+    """Greedy under ``policy`` on one layer (3 slots per rank): extra replicas and modelled time
+    per step. ``record``: the planner's out-of-sample record set to it after the first plan."""
+    replanner = Replanner(policy, make_planner("greedy"), 1)
+    table = PlacementTable.static(counts.shape[3], counts.shape[2], 3)
+    extra, time_T = [], []
+    for t, c_LWE in enumerate(counts):
+        if replanner.due():
+            table = replanner.plan([table], COST)[0].table
+            if record is not None and t == policy.first_plan:
+                replanner.track_L[0] = list(record)
+        extra.append(int(table.num_replicas_E().sum()) - counts.shape[3])
+        time_T.append(COST.step_time(table, c_LWE[0]).total)
+        replanner.observe(c_LWE)
+    return extra, np.array(time_T)
+
+
+def test_replicas_that_stop_paying_are_shed_where_the_planner_does_not_pay():
+    """The plan at step 10 replicates the hot expert; routing turns uniform at step 14. Where the
+    planner's out-of-sample record is not positive, ``shed_window=1`` drops the replicas at step
+    15, after one uniform step (window 2: step 16) and the modelled time falls; without shedding
+    they stay. Where the record is positive (here as it comes: the replicas paid) shedding changes
+    nothing at all."""
     counts = _hot_then_uniform()
-
-    def run(policy):
-        extra = []
-        result = simulate_planner(make_planner("greedy"), counts, COST, 3, policy,
-                                  on_step=lambda t, tables, c: extra.append(int(tables[0].num_replicas_E().sum()) - 8))
-        return result, extra
-
-    kept, kept_extra = run(ReplanPolicy())
-    assert kept_extra[10] > 0 and min(kept_extra[10:20]) == kept_extra[10]
+    kept, kept_T = _replay(counts, ReplanPolicy())
+    assert kept[10] > 0 and min(kept[10:]) == kept[10]
+    same, same_T = _replay(counts, ReplanPolicy(shed_window=1))
+    assert same == kept
+    np.testing.assert_array_equal(same_T, kept_T)
     for window, first_shed in ((1, 15), (2, 16)):
-        shed, shed_extra = run(ReplanPolicy(shed_window=window))
-        assert shed_extra[:first_shed] == kept_extra[:first_shed]
-        assert shed_extra[first_shed:] == [0] * (30 - first_shed), shed_extra
-        assert shed.time_T.sum() < kept.time_T.sum()
-        np.testing.assert_array_equal(shed.time_T[:first_shed], kept.time_T[:first_shed])
+        unshed, unshed_T = _replay(counts, ReplanPolicy(), record=[-0.01])
+        shed, shed_T = _replay(counts, ReplanPolicy(shed_window=window), record=[-0.01])
+        assert unshed[10] > 0 and min(unshed[10:20]) == unshed[10]
+        assert shed[:first_shed] == unshed[:first_shed] and shed[first_shed:20] == [0] * (20 - first_shed), shed
+        np.testing.assert_array_equal(shed_T[:first_shed], unshed_T[:first_shed])
+        assert shed_T[:20].sum() < unshed_T[:20].sum()
+
+
+def test_shed_gate_follows_the_record_and_needs_trust():
+    policy = ReplanPolicy(shed_window=2)
+    assert policy.sheds and not ReplanPolicy(shed_window=2, trust=0).sheds
+    replanner = Replanner(policy, make_planner("greedy"), 2)
+    for _ in range(12):
+        replanner.observe(np.full((2, 4, 8), 10))
+    replanner._replicated_L = [True, False]
+    for record, due in (([], False), ([0.02], False), ([-0.01, 0.005], True), ([0.0], True)):
+        replanner.track_L = [list(record), [-1.0]]  # layer 1 holds no replicas: never a reason
+        assert replanner.due() == due, record
 
 
 def test_shed_cache_over_sliding_windows_changes_nothing():

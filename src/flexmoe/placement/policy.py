@@ -41,14 +41,16 @@ Static EP is the reference, not the current table, which was fitted to that wind
 skew persists the new table wins there too; where routing drifts it does not. The first plan has
 no earlier window: no change is made.
 
-Shed (``shed_window``, with the guard): between plans, after every observed step, a layer that
-holds replicas drops those that did not pay on the last ``shed_window`` observed steps of the
-scoring window (their mean modelled time): single copies greedily (an expert's lowest-quota copy,
-never its static home), or, for a table on the static base, all of them at once (static EP).
-Dropping moves nothing, so a replica that stopped paying costs its gradient sync for a few steps,
-not for the rest of the interval. ``due()`` is then also true on those steps while replicas are
-held, and ``plan()`` off the cadence sheds. The guard counts the time of every step under the
-table it ran with.
+Shed (``shed_window``, with the guard and ``trust``): between plans, after every observed step, a
+layer that holds replicas, and where the planner's out-of-sample record (trust) is not positive,
+drops those that did not pay on the last ``shed_window`` observed steps of the scoring window
+(their mean modelled time): single copies greedily (an expert's lowest-quota copy, never its
+static home), or, for a table on the static base, all of them at once (static EP). Dropping moves
+nothing, so a replica that stopped paying costs its gradient sync for a few steps, not for the
+rest of the interval. ``due()`` is then also true on those steps while replicas are held, and
+``plan()`` off the cadence sheds. A layer whose record is positive (the planner's tables pay
+there) never sheds: its plans are those of the policy without shedding. The guard counts the time
+of every step under the table it ran with.
 
 Budget: when the layers' plans together move more than ``bytes_budget`` network bytes, layers keep
 their plans in order of modelled gain per byte while the budget lasts; the others re-plan under
@@ -86,8 +88,8 @@ class ReplanPolicy:
     clear (``PlanContext.noise_z``). trust: out-of-sample results whose mean gain must be > 0 for a
     change (0: off). drift_gate: the net relative gain over static EP a change must also show on
     the window one interval earlier (module doc; None: off). shed_window: observed steps a
-    shed between plans is judged on (module doc; at most the scoring window; with the guard;
-    None: no shedding).
+    shed between plans is judged on (module doc; at most the scoring window; with the guard and
+    trust > 0; None: no shedding).
     """
 
     interval: int = 10
@@ -128,8 +130,9 @@ class ReplanPolicy:
 
     @property
     def sheds(self) -> bool:
-        """Whether replicas are shed between plans (``shed_window`` set, with the guard and a window)."""
-        return self.shed_window is not None and self.guard and self.window > 0
+        """Whether replicas are shed between plans (``shed_window`` set, with the guard, a window
+        and the trust record)."""
+        return self.shed_window is not None and self.guard and self.window > 0 and self.trust > 0
 
     @property
     def window(self) -> int:
@@ -191,7 +194,7 @@ class Replanner:
         self.track_L: list[list[float]] = [[] for _ in range(num_layers)]
         self._earlier: np.ndarray | None = None  # the window at the previous plan, (N, L, W, E)
         self._used_L: list[list[float]] = [[] for _ in range(num_layers)]  # each step of _recent, as it ran
-        self._replicated = False  # a table of the last plan or shed holds replicas
+        self._replicated_L = [False] * num_layers  # the layer's table of the last plan or shed holds replicas
         # per layer, (table contents, observed step) -> modelled time: the shed's window slides one
         # step at a time, so most of its evaluations repeat (a cache: not saved, same results)
         self._shed_memo: list[dict] = [{} for _ in range(num_layers)]
@@ -218,7 +221,13 @@ class Replanner:
         return self._truth or self.policy.due(n) or self._shed_due(n)
 
     def _shed_due(self, steps_done: int) -> bool:
-        return self.policy.sheds and self._replicated and steps_done > self.policy.first_plan
+        return (self.policy.sheds and steps_done > self.policy.first_plan
+                and any(self._sheddable(i) for i in range(self.num_layers)))
+
+    def _sheddable(self, layer: int) -> bool:
+        """The layer holds replicas and the planner's out-of-sample record there is not positive."""
+        track = self.track_L[layer]
+        return self._replicated_L[layer] and bool(track) and float(np.mean(track)) <= 0
 
     @property
     def _truth(self) -> bool:
@@ -282,7 +291,7 @@ class Replanner:
             plans = self._fit_budget(tables, seen, windows, used_L, plans, cost, horizon)
         self._recent = []
         self._used_L = [[] for _ in range(self.num_layers)]
-        self._replicated = any(bool((p.table.num_replicas_E() > 1).any()) for p in plans)
+        self._replicated_L = [bool((p.table.num_replicas_E() > 1).any()) for p in plans]
         if self.policy.drift_gate is not None and self._window and not truth:
             self._earlier = np.stack(self._window)
         for i, (table, p) in enumerate(zip(tables, plans)):
@@ -315,10 +324,10 @@ class Replanner:
             memo = self._shed_memo[i]
             for key in [k for k in memo if k[1] < first]:
                 del memo[key]
-            new = table if (table.num_replicas_E() <= 1).all() else shed_replicas(
+            new = table if not self._sheddable(i) else shed_replicas(
                 table, steps_NLWE[:, i], cost, (range(first, self.steps_done), memo))
             plans.append(LayerPlan(new, _bytes(cost, table, new), 0.0))
-        self._replicated = any(bool((p.table.num_replicas_E() > 1).any()) for p in plans)
+        self._replicated_L = [bool((p.table.num_replicas_E() > 1).any()) for p in plans]
         return plans
 
     def _gated(self, i: int, table: PlacementTable, new: PlacementTable, used: list[float], cost,
@@ -426,7 +435,7 @@ class Replanner:
             "track": [list(t) for t in self.track_L],
             "earlier": None if self._earlier is None else self._earlier.tolist(),
             "used": [list(u) for u in self._used_L],
-            "replicated": self._replicated,
+            "replicated": list(self._replicated_L),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -447,7 +456,7 @@ class Replanner:
         earlier = state.get("earlier")
         self._earlier = None if earlier is None else np.array(earlier, dtype=np.float64)
         self._used_L = [[float(x) for x in u] for u in state.get("used", [[] for _ in range(self.num_layers)])]
-        self._replicated = bool(state.get("replicated", False))
+        self._replicated_L = [bool(r) for r in state.get("replicated", [False] * self.num_layers)]
 
     def _fit_budget(self, tables, seen, windows, used_L, plans, cost, horizon) -> list[LayerPlan]:
         gain = []

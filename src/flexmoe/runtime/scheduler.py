@@ -198,7 +198,7 @@ class PlacementScheduler:
 
     def step(self) -> dict | None:
         """Record this step's counts; every ``interval`` steps plan and migrate (and, with
-        ``ReplanPolicy.shed_window``, after every step while replicas are held, drop those that
+        ``ReplanPolicy.shed_window``, after every step while a layer may shed, drop replicas that
         stopped paying). Returns the new ``last_metrics`` when it planned or shed, else None."""
         self.finish_moves()  # only when no forward ran since the last plan
         counts = self._accum if self._accum is not None else self._local_counts()
