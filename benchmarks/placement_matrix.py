@@ -82,13 +82,11 @@ def load_counts(name: str, steps: int | None = None) -> np.ndarray:
     return counts_TLWE
 
 
-def shed_window(variant: str) -> int | None:
-    """K of a variant "shedK" (None for the others)."""
-    return int(variant[4:]) if variant.startswith("shed") and variant[4:].isdigit() else None
-
-
 def policy_changes(variant: str) -> dict | None:
-    """The ``ReplanPolicy`` fields of a variant "greedy@field=value;field=value" (None for the others)."""
+    """The ``ReplanPolicy`` fields of a greedy variant: "shedK" is shed_window=K, and
+    "greedy@field=value;field=value" sets those fields (None for the other variants)."""
+    if variant.startswith("shed") and variant[4:].isdigit():
+        return {"shed_window": int(variant[4:])}
     if not variant.startswith("greedy@"):
         return None
     changes = {}
@@ -99,7 +97,7 @@ def policy_changes(variant: str) -> dict | None:
 
 
 def known(variant: str) -> bool:
-    return variant in VARIANTS or shed_window(variant) is not None or policy_changes(variant) is not None
+    return variant in VARIANTS or policy_changes(variant) is not None
 
 
 def run_variant(variant: str, counts_TLWE: np.ndarray) -> SimResult:
@@ -108,8 +106,6 @@ def run_variant(variant: str, counts_TLWE: np.ndarray) -> SimResult:
         policy = dataclasses.replace(policy, **policy_changes(variant))
     elif variant in ("static", "oracle"):
         planner = make_planner(variant)
-    elif shed_window(variant) is not None:
-        policy = dataclasses.replace(policy, shed_window=shed_window(variant))
     elif variant == "perfect":
         policy, perfect = dataclasses.replace(policy, guard=False, noise_z=0.0, shed_window=None), True
     elif variant != "greedy":
@@ -175,7 +171,7 @@ def report(rows: list[dict]) -> None:
     """Per trace: variants against static (overall, worst layer, balance, bytes, re-plans) and per
     layer; then one summary table."""
     results = collect(rows)
-    order = lambda v: (VARIANTS.index(v) if v in VARIANTS else 2, shed_window(v) or 0)
+    order = lambda v: (VARIANTS.index(v) if v in VARIANTS else 2, (policy_changes(v) or {}).get("shed_window") or 0)
     shown = sorted({v for by in results.values() for v in by}, key=order)
     planners = [v for v in shown if v != "static"]
     summary = ["| trace | static balance | " + " | ".join(planners) + " | "
@@ -235,12 +231,9 @@ def main() -> None:
     bad = [t for t in traces if t not in TRACES] + [v for v in variants if not known(v)]
     if bad:
         parser.error(f"unknown {bad}: traces are {list(TRACES)}, variants {VARIANTS} or shedK")
-    for v in variants:  # a bad policy fails here, not in every worker
+    for v in (v for v in variants if policy_changes(v) is not None):  # a bad policy fails here, not in every worker
         try:
-            if shed_window(v) is not None:
-                ReplanPolicy(shed_window=shed_window(v))
-            if policy_changes(v) is not None:
-                ReplanPolicy(**policy_changes(v))
+            ReplanPolicy(**policy_changes(v))
         except (ValueError, TypeError) as e:
             parser.error(f"{v}: {e}")
     steps = 40 if args.tiny else args.steps

@@ -291,7 +291,7 @@ class Replanner:
             plans = self._fit_budget(tables, seen, windows, used_L, plans, cost, horizon)
         self._recent = []
         self._used_L = [[] for _ in range(self.num_layers)]
-        self._replicated_L = [bool((p.table.num_replicas_E() > 1).any()) for p in plans]
+        self._replicated_L = _holding_replicas(plans)
         if self.policy.drift_gate is not None and self._window and not truth:
             self._earlier = np.stack(self._window)
         for i, (table, p) in enumerate(zip(tables, plans)):
@@ -305,12 +305,13 @@ class Replanner:
         """Charge the steps observed since the last plan or shed to the tables that ran them: each
         step's modelled time under ``tables`` (``_used_L``), and the account against static EP."""
         start = len(self._used_L[0])
+        statics = [table.static_like() for table in tables] if len(self._recent) > start else []
         for c_LWE in self._recent[start:]:
-            for i, table in enumerate(tables):
+            for i, (table, static) in enumerate(zip(tables, statics)):
                 used = cost.step_time(table, c_LWE[i]).total
                 self._used_L[i].append(used)
                 self.spent_L[i] += used
-                self.static_L[i] += cost.step_time(table.static_like(), c_LWE[i]).total
+                self.static_L[i] += cost.step_time(static, c_LWE[i]).total
 
     def _shed(self, tables: list[PlacementTable], cost: CostModel) -> list[LayerPlan]:
         """Between plans: every layer drops the replicas that did not pay on the last
@@ -327,7 +328,7 @@ class Replanner:
             new = table if not self._sheddable(i) else shed_replicas(
                 table, steps_NLWE[:, i], cost, (range(first, self.steps_done), memo))
             plans.append(LayerPlan(new, _bytes(cost, table, new), 0.0))
-        self._replicated_L = [bool((p.table.num_replicas_E() > 1).any()) for p in plans]
+        self._replicated_L = _holding_replicas(plans)
         return plans
 
     def _gated(self, i: int, table: PlacementTable, new: PlacementTable, used: list[float], cost,
@@ -535,6 +536,10 @@ def _change_from(c: dict | None) -> _Change | None:
         return None
     return _Change(PlacementTable.from_state_dict(c["old"]), PlacementTable.from_state_dict(c["new"]),
                    float(c["move_time"]), bool(c.get("revert", False)))
+
+
+def _holding_replicas(plans: list[LayerPlan]) -> list[bool]:
+    return [bool((p.table.num_replicas_E() > 1).any()) for p in plans]
 
 
 def _bytes(cost, old: PlacementTable, new: PlacementTable) -> float:

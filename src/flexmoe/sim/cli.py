@@ -122,7 +122,8 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                           "earlier (default: off)")
     pol.add_argument("--shed-window", type=int, default=base.shed_window,
                      help="between plans, after every step, drop replicas that did not pay on the last "
-                          "SHED_WINDOW steps (with the guard; default: off)")
+                          "SHED_WINDOW steps, on layers where the planner's record is not positive (with the guard and "
+                          "--trust > 0; default: off)")
 
 
 def _policy(args) -> ReplanPolicy:
